@@ -1,0 +1,145 @@
+//! LoRA: a frozen projection W plus a trainable low-rank update, y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ.
+//!
+//! A is (r × in), B is (out × r), s = lora_alpha / r, or lora_alpha / √r with rsLoRA (Kalajdzievski 2023).
+//! Initialisation as in PEFT: `init_lora_weights: true` draws A from kaiming-uniform with a = √5
+//! (U(−1/√in, 1/√in)) and sets B = 0, so a fresh adapter leaves the model unchanged; `gaussian` draws A from
+//! N(0, 1/r²); `false` draws B like A too (PEFT's testing option). Reference: Hu et al. 2021, "LoRA: Low-Rank
+//! Adaptation of Large Language Models"; PEFT `tuners/lora/layer.py`.
+
+use super::target::TargetModules;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+
+/// How fresh LoRA weights are drawn.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LoraInit {
+    /// A kaiming-uniform, B zero (PEFT's `true`).
+    Kaiming,
+    /// A ~ N(0, 1/r²), B zero (PEFT's `"gaussian"`).
+    Gaussian,
+    /// A and B both random (PEFT's `false`): the adapter changes the output from the start.
+    Random,
+}
+
+/// The LoRA hyperparameters of an adapter (PEFT's `LoraConfig`, the parts peftkit implements).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub target_modules: TargetModules,
+    pub use_rslora: bool,
+    pub init: LoraInit,
+    pub layers_to_transform: Option<Vec<usize>>,
+    /// Per-module rank overrides (PEFT's `rank_pattern`: key = module name or path suffix).
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides (PEFT's `alpha_pattern`).
+    pub alpha_pattern: BTreeMap<String, f64>,
+}
+
+impl LoraConfig {
+    /// The rank and alpha that apply to `path`, honouring `rank_pattern` / `alpha_pattern`.
+    pub fn rank_alpha(&self, path: &str) -> (usize, f64) {
+        let find = |key: &String| path == key || path.ends_with(&format!(".{key}"));
+        let r = self.rank_pattern.iter().find(|(k, _)| find(k)).map(|(_, &v)| v).unwrap_or(self.r);
+        let a = self.alpha_pattern.iter().find(|(k, _)| find(k)).map(|(_, &v)| v).unwrap_or(self.lora_alpha);
+        (r, a)
+    }
+
+    /// The output scale s for a module of rank `r` and alpha `alpha`.
+    pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+}
+
+/// The trainable part of one LoRA-adapted projection.
+#[derive(Debug, Clone)]
+pub struct LoraLayer {
+    /// (r, in)
+    pub a: Var,
+    /// (out, r)
+    pub b: Var,
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+impl LoraLayer {
+    /// Fresh weights for a projection `in_features → out_features`, drawn from `rng`.
+    pub fn init(
+        in_features: usize,
+        out_features: usize,
+        r: usize,
+        scaling: f64,
+        dropout: f64,
+        init: LoraInit,
+        rng: &mut rand_chacha::ChaCha8Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let uniform = |rng: &mut rand_chacha::ChaCha8Rng, n: usize, bound: f64| -> Vec<f32> {
+            (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect()
+        };
+        let a: Vec<f32> = match init {
+            LoraInit::Kaiming | LoraInit::Random => uniform(rng, r * in_features, bound),
+            LoraInit::Gaussian => {
+                let std = 1.0 / r as f64;
+                (0..r * in_features).map(|_| (normal(rng) * std) as f32).collect()
+            }
+        };
+        let b: Vec<f32> = match init {
+            LoraInit::Random => uniform(rng, out_features * r, 1.0 / (r as f64).sqrt()),
+            _ => vec![0.0; out_features * r],
+        };
+        Ok(Self {
+            a: Var::from_tensor(&Tensor::from_vec(a, (r, in_features), device)?)?,
+            b: Var::from_tensor(&Tensor::from_vec(b, (out_features, r), device)?)?,
+            scaling,
+            dropout,
+        })
+    }
+
+    /// Wraps loaded weights (f32 copies become the trainable variables).
+    pub fn from_weights(a: Tensor, b: Tensor, scaling: f64, dropout: f64) -> Result<Self> {
+        Ok(Self {
+            a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
+            b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
+            scaling,
+            dropout,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// s·(x·Aᵀ)·Bᵀ for x (m, in) → (m, out). `x` already has dropout applied.
+    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let a = self.a.as_tensor().to_dtype(x.dtype())?;
+        let b = self.b.as_tensor().to_dtype(x.dtype())?;
+        // (m, in)·(in, r) → (m, r); (m, r)·(r, out) → (m, out)
+        let h = x.matmul(&a.t()?)?;
+        h.matmul(&b.t()?)? * self.scaling
+    }
+
+    /// The dense update s·B·A (out, in), for merging into W.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling
+    }
+}
+
+/// One standard-normal draw (Box–Muller).
+pub(crate) fn normal(rng: &mut rand_chacha::ChaCha8Rng) -> f64 {
+    let u1: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+    let u2: f64 = rng.random_range(0.0..1.0);
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// A seeded generator for adapter initialisation.
+pub fn init_rng(seed: u64) -> rand_chacha::ChaCha8Rng {
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed)
+}

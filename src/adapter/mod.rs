@@ -1,0 +1,101 @@
+//! Adapters: the trainable parts attached to a frozen model, and PEFT's on-disk format for them.
+//!
+//! The set is closed: [`AdapterConfig`] is an enum and `match` is the registry.
+
+pub mod lora;
+pub mod peft_format;
+pub mod target;
+
+pub use lora::{LoraConfig, LoraInit, LoraLayer};
+pub use target::TargetModules;
+
+use crate::linear::LayerAdapter;
+use crate::model::Llama;
+use candle_core::Var;
+
+/// Errors attaching, loading or saving adapters.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("target_modules: invalid regex: {0}")]
+    Regex(#[from] regex::Error),
+    #[error("target_modules matched no projection of the model (its projections are named like `{example}`)")]
+    NoTargets { example: String },
+    #[error("{path}: {msg}")]
+    Format { path: std::path::PathBuf, msg: String },
+    #[error("{path}: {source}")]
+    Io { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The adapter kinds peftkit trains and loads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdapterConfig {
+    Lora(LoraConfig),
+}
+
+impl AdapterConfig {
+    /// PEFT's `peft_type`.
+    pub fn peft_type(&self) -> &'static str {
+        match self {
+            AdapterConfig::Lora(_) => "LORA",
+        }
+    }
+}
+
+/// Attaches fresh adapters to every targeted projection of `model`; returns the number of adapted projections.
+pub fn attach(model: &mut Llama, config: &AdapterConfig, seed: u64) -> Result<usize, AdapterError> {
+    let mut rng = lora::init_rng(seed);
+    let mut count = 0;
+    match config {
+        AdapterConfig::Lora(cfg) => {
+            let matcher = cfg.target_modules.matcher(cfg.layers_to_transform.as_deref())?;
+            let device = model.device.clone();
+            for lin in model.linears_mut() {
+                if !matcher.matches(&lin.path) {
+                    continue;
+                }
+                let (r, alpha) = cfg.rank_alpha(&lin.path);
+                let layer = LoraLayer::init(
+                    lin.in_features,
+                    lin.out_features,
+                    r,
+                    cfg.scaling(r, alpha),
+                    cfg.lora_dropout,
+                    cfg.init,
+                    &mut rng,
+                    &device,
+                )?;
+                lin.adapter = Some(LayerAdapter::Lora(layer));
+                count += 1;
+            }
+        }
+    }
+    if count == 0 {
+        let example = model.linears().next().map(|l| l.path.clone()).unwrap_or_default();
+        return Err(AdapterError::NoTargets { example });
+    }
+    Ok(count)
+}
+
+/// The trainable variables of the attached adapters, with their PEFT tensor names, in a stable order.
+pub fn trainable(model: &Llama) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    for lin in model.linears() {
+        match &lin.adapter {
+            Some(LayerAdapter::Lora(l)) => {
+                out.push((format!("base_model.model.{}.lora_A.weight", lin.path), l.a.clone()));
+                out.push((format!("base_model.model.{}.lora_B.weight", lin.path), l.b.clone()));
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+/// Removes every adapter from `model`.
+pub fn detach_all(model: &mut Llama) {
+    for lin in model.linears_mut() {
+        lin.adapter = None;
+    }
+}

@@ -1,0 +1,285 @@
+//! PEFT's on-disk adapter format, read and written: `adapter_config.json` + `adapter_model.safetensors`.
+//!
+//! Tensor keys are `base_model.model.<module path>.lora_A.weight` (r × in) and `.lora_B.weight` (out × r), f32,
+//! with safetensors metadata `{"format": "pt"}`. The config is written with the long-standing keys only, so that
+//! older PEFT versions (which reject unknown keys) load it; on reading, every key PEFT writes is accepted and the
+//! ones that do not change the math are ignored. Options peftkit does not implement (DoRA, `fan_in_fan_out`,
+//! `modules_to_save`, a LoRA bias) are refused with a clear error rather than silently dropped.
+//! Reference: PEFT `config.py`, `utils/save_and_load.py` (`get_peft_model_state_dict`).
+
+use super::lora::{LoraConfig, LoraInit, LoraLayer};
+use super::target::TargetModules;
+use super::{AdapterConfig, AdapterError};
+use crate::linear::LayerAdapter;
+use crate::model::Llama;
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const PREFIX: &str = "base_model.model.";
+
+fn format_err(path: &Path, msg: impl Into<String>) -> AdapterError {
+    AdapterError::Format { path: path.to_path_buf(), msg: msg.into() }
+}
+
+/// An adapter config as read from `adapter_config.json`, with the facts peftkit keeps.
+#[derive(Debug, Clone)]
+pub struct PeftConfig {
+    pub adapter: AdapterConfig,
+    pub base_model_name_or_path: Option<String>,
+    pub revision: Option<String>,
+}
+
+fn target_from_json(v: &Value, path: &Path, key: &str) -> Result<TargetModules, AdapterError> {
+    match v {
+        Value::String(s) if s == "all-linear" => Ok(TargetModules::AllLinear),
+        Value::String(s) => Ok(TargetModules::Regex(s.clone())),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_string).ok_or_else(|| format_err(path, format!("{key}: expected strings"))))
+            .collect::<Result<Vec<_>, _>>()
+            .map(TargetModules::List),
+        _ => Err(format_err(path, format!("{key}: expected a list of module names or a regex string"))),
+    }
+}
+
+fn target_to_json(t: &TargetModules) -> Value {
+    match t {
+        TargetModules::AllLinear => json!("all-linear"),
+        TargetModules::Regex(r) => json!(r),
+        TargetModules::List(l) => json!(l),
+    }
+}
+
+/// Reads `dir/adapter_config.json`.
+pub fn read_config(dir: &Path) -> Result<PeftConfig, AdapterError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| AdapterError::Io { path: path.clone(), source })?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| format_err(&path, format!("line {}: {e}", e.line())))?;
+    let obj = v.as_object().ok_or_else(|| format_err(&path, "expected a JSON object"))?;
+    let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+    let str_of = |k: &str| get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let peft_type = str_of("peft_type").ok_or_else(|| format_err(&path, "peft_type is missing"))?;
+    let refuse = |key: &str, why: &str| Err(format_err(&path, format!("{key}: {why} is not supported by peftkit")));
+    if get("fan_in_fan_out").and_then(|v| v.as_bool()) == Some(true) {
+        return refuse("fan_in_fan_out", "true (Conv1D-style weights)");
+    }
+    if get("modules_to_save").and_then(|v| v.as_array()).is_some_and(|a| !a.is_empty()) {
+        return refuse("modules_to_save", "fully trained extra modules");
+    }
+    let adapter = match peft_type.as_str() {
+        "LORA" => {
+            if get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+                return refuse("use_dora", "DoRA");
+            }
+            if let Some(b) = str_of("bias") {
+                if b != "none" {
+                    return refuse("bias", &format!("`{b}`"));
+                }
+            }
+            let num = |k: &str| get(k).and_then(|v| v.as_f64());
+            let r = num("r").unwrap_or(8.0) as usize;
+            if r == 0 {
+                return Err(format_err(&path, "r must be positive"));
+            }
+            let init = match get("init_lora_weights") {
+                None | Some(Value::Bool(true)) => LoraInit::Kaiming,
+                Some(Value::Bool(false)) => LoraInit::Random,
+                Some(Value::String(s)) if s == "gaussian" => LoraInit::Gaussian,
+                // Other schemes (pissa, olora, loftq…) only differ at initialisation: loaded weights are what count.
+                Some(_) => LoraInit::Kaiming,
+            };
+            let pattern = |k: &str| -> BTreeMap<String, f64> {
+                get(k)
+                    .and_then(|v| v.as_object())
+                    .map(|m| m.iter().filter_map(|(k, v)| v.as_f64().map(|f| (k.clone(), f))).collect())
+                    .unwrap_or_default()
+            };
+            let layers_to_transform = match get("layers_to_transform") {
+                Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as usize]),
+                Some(Value::Array(a)) => Some(a.iter().filter_map(|v| v.as_u64().map(|n| n as usize)).collect()),
+                _ => None,
+            };
+            AdapterConfig::Lora(LoraConfig {
+                r,
+                lora_alpha: num("lora_alpha").unwrap_or(8.0),
+                lora_dropout: num("lora_dropout").unwrap_or(0.0),
+                target_modules: match get("target_modules") {
+                    Some(v) => target_from_json(v, &path, "target_modules")?,
+                    None => TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
+                },
+                use_rslora: get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
+                init,
+                layers_to_transform,
+                rank_pattern: pattern("rank_pattern").into_iter().map(|(k, v)| (k, v as usize)).collect(),
+                alpha_pattern: pattern("alpha_pattern"),
+            })
+        }
+        other => return Err(format_err(&path, format!("peft_type `{other}` is not supported (supported: LORA)"))),
+    };
+    Ok(PeftConfig { adapter, base_model_name_or_path: str_of("base_model_name_or_path"), revision: str_of("revision") })
+}
+
+/// Loads a PEFT adapter folder onto `model` (replacing any attached adapter). Returns its config.
+pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<PeftConfig, AdapterError> {
+    let cfg = read_config(dir)?;
+    let wpath = dir.join(WEIGHTS_FILE);
+    if !wpath.is_file() {
+        let hint = if dir.join("adapter_model.bin").is_file() {
+            " (adapter_model.bin, a pickle, is not read: re-save it with safe_serialization=True)"
+        } else {
+            ""
+        };
+        return Err(format_err(&wpath, format!("missing{hint}")));
+    }
+    let mut tensors = candle_core::safetensors::load(&wpath, &Device::Cpu)
+        .map_err(|e| format_err(&wpath, format!("cannot read: {e}")))?;
+    super::detach_all(model);
+    let device = model.device.clone();
+    match &cfg.adapter {
+        AdapterConfig::Lora(lcfg) => {
+            let mut used = 0;
+            for lin in model.linears_mut() {
+                let a_key = format!("{PREFIX}{}.lora_A.weight", lin.path);
+                let b_key = format!("{PREFIX}{}.lora_B.weight", lin.path);
+                let (a, b) = match (tensors.remove(&a_key), tensors.remove(&b_key)) {
+                    (Some(a), Some(b)) => (a, b),
+                    (None, None) => continue,
+                    _ => return Err(format_err(&wpath, format!("{} has only one of lora_A / lora_B", lin.path))),
+                };
+                let r = a.dims()[0];
+                if a.dims() != [r, lin.in_features] || b.dims() != [lin.out_features, r] {
+                    return Err(format_err(
+                        &wpath,
+                        format!(
+                            "{a_key}: shapes {:?} / {:?} do not fit the model's {} ({}→{})",
+                            a.dims(),
+                            b.dims(),
+                            lin.path,
+                            lin.in_features,
+                            lin.out_features
+                        ),
+                    ));
+                }
+                let (_, alpha) = lcfg.rank_alpha(&lin.path);
+                let layer = LoraLayer::from_weights(
+                    a.to_device(&device)?,
+                    b.to_device(&device)?,
+                    lcfg.scaling(r, alpha),
+                    lcfg.lora_dropout,
+                )?;
+                lin.adapter = Some(LayerAdapter::Lora(layer));
+                used += 1;
+            }
+            if used == 0 {
+                return Err(format_err(&wpath, "no tensor matches a projection of this model (is it for another model?)"));
+            }
+            if let Some(k) = tensors.keys().next() {
+                return Err(format_err(&wpath, format!("tensor `{k}` does not match any projection of this model")));
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+/// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` for the adapters attached to `model`.
+/// Each file is written to a temporary name and renamed into place.
+pub fn save_adapter(
+    model: &Llama,
+    config: &AdapterConfig,
+    base_model_name_or_path: &str,
+    revision: Option<&str>,
+    dir: &Path,
+) -> Result<(), AdapterError> {
+    std::fs::create_dir_all(dir).map_err(|source| AdapterError::Io { path: dir.into(), source })?;
+    let mut cfg = Map::new();
+    match config {
+        AdapterConfig::Lora(l) => {
+            // Long-standing LoraConfig keys only (PEFT ≥ 0.7 reads all of them).
+            let targets = match &l.target_modules {
+                // Like PEFT, save the resolved module names rather than the `all-linear` shorthand.
+                TargetModules::AllLinear => {
+                    let mut names: Vec<String> = model
+                        .linears()
+                        .filter(|lin| lin.adapter.is_some())
+                        .filter_map(|lin| lin.path.rsplit('.').next().map(str::to_string))
+                        .collect();
+                    names.sort();
+                    names.dedup();
+                    json!(names)
+                }
+                t => target_to_json(t),
+            };
+            cfg.insert("alpha_pattern".into(), json!(l.alpha_pattern));
+            cfg.insert("auto_mapping".into(), Value::Null);
+            cfg.insert("base_model_name_or_path".into(), json!(base_model_name_or_path));
+            cfg.insert("bias".into(), json!("none"));
+            cfg.insert("fan_in_fan_out".into(), json!(false));
+            cfg.insert("inference_mode".into(), json!(true));
+            cfg.insert(
+                "init_lora_weights".into(),
+                match l.init {
+                    LoraInit::Kaiming => json!(true),
+                    LoraInit::Gaussian => json!("gaussian"),
+                    LoraInit::Random => json!(false),
+                },
+            );
+            cfg.insert("layers_pattern".into(), Value::Null);
+            cfg.insert("layers_to_transform".into(), json!(l.layers_to_transform));
+            cfg.insert("lora_alpha".into(), json!(l.lora_alpha));
+            cfg.insert("lora_dropout".into(), json!(l.lora_dropout));
+            cfg.insert("modules_to_save".into(), Value::Null);
+            cfg.insert("peft_type".into(), json!("LORA"));
+            cfg.insert("r".into(), json!(l.r));
+            cfg.insert("rank_pattern".into(), json!(l.rank_pattern));
+            cfg.insert("revision".into(), json!(revision));
+            cfg.insert("target_modules".into(), targets);
+            cfg.insert("task_type".into(), json!("CAUSAL_LM"));
+            cfg.insert("use_rslora".into(), json!(l.use_rslora));
+        }
+    }
+    let text = serde_json::to_string_pretty(&Value::Object(cfg)).map_err(|e| format_err(dir, e.to_string()))?;
+    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
+
+    let tensors: Vec<(String, Tensor)> =
+        super::trainable(model).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+    save_safetensors(&dir.join(WEIGHTS_FILE), &tensors)
+}
+
+/// Writes f32 tensors with `{"format": "pt"}` metadata, atomically.
+pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), AdapterError> {
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        data.push((name.clone(), t.dims().to_vec(), bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| format_err(path, e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    let meta: std::collections::HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| format_err(path, e.to_string()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
+    let tmp = tmp_name(path);
+    let io = |source| AdapterError::Io { path: path.to_path_buf(), source };
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// `dir/.name.tmp-<pid>`: the temporary name used before a rename into place.
+pub fn tmp_name(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}

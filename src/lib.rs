@@ -1,0 +1,14 @@
+//! peftkit: parameter-efficient fine-tuning (LoRA, QLoRA, IA3) of Llama-family models on candle.
+//!
+//! Data flow: `recipe` (validated YAML) → `hub` (resolve the base model files) → `model` (Llama-family
+//! forward whose projections are `linear::AdaptedLinear`) + `adapter` (LoRA / IA3, PEFT format) ← `data`
+//! (datasets → tokens + label masks → batches) → `train` (the loop) → adapters/<run>/ in PEFT's format.
+
+pub mod adapter;
+pub mod data;
+pub mod hub;
+pub mod linear;
+pub mod model;
+pub mod ops;
+pub mod recipe;
+pub mod train;

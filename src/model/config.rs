@@ -1,0 +1,285 @@
+//! `config.json` of a Llama-family decoder, as transformers writes it (Llama 2/3, Mistral, Qwen2, SmolLM).
+//!
+//! Reads both the transformers ≤ 4 spelling (`rope_theta`, `rope_scaling` at the top level) and the transformers 5
+//! one (`rope_parameters: {rope_theta, rope_type, …}`). Unknown keys are ignored: configs carry many that do not
+//! change the forward pass.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Errors reading a model's `config.json`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: {msg}")]
+    Parse { path: PathBuf, line: usize, msg: String },
+    #[error("{path}: {key}: {msg}")]
+    Unsupported { path: PathBuf, key: String, msg: String },
+}
+
+/// How positions are rescaled in the rotary embedding.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+/// The architecture facts the forward pass needs.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (Qwen2 always; Llama when `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (Llama's `attention_bias` covers it too).
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    /// The raw JSON, kept to write a merged model's config and the model card.
+    pub raw: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    architectures: Option<Vec<String>>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
+    bos_token_id: Option<OneOrMany>,
+    eos_token_id: Option<OneOrMany>,
+    pad_token_id: Option<OneOrMany>,
+}
+
+fn first(v: Option<OneOrMany>) -> Option<u32> {
+    match v {
+        Some(OneOrMany::One(x)) => Some(x),
+        Some(OneOrMany::Many(xs)) => xs.first().copied(),
+        None => None,
+    }
+}
+
+impl ModelConfig {
+    /// Reads and checks `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses the text of a `config.json`; `path` is only used in messages.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let parse_err = |e: serde_json::Error| ConfigError::Parse { path: path.into(), line: e.line(), msg: e.to_string() };
+        let raw_value: serde_json::Value = serde_json::from_str(text).map_err(parse_err)?;
+        let raw: RawConfig = serde_json::from_str(text).map_err(parse_err)?;
+        let unsupported =
+            |key: &str, msg: String| ConfigError::Unsupported { path: path.into(), key: key.into(), msg };
+
+        let model_type = raw.model_type.clone().unwrap_or_else(|| "llama".into());
+        const SUPPORTED: [&str; 4] = ["llama", "mistral", "qwen2", "smollm"];
+        if !SUPPORTED.contains(&model_type.as_str()) {
+            let arch = raw.architectures.as_ref().and_then(|a| a.first().cloned()).unwrap_or_default();
+            return Err(unsupported(
+                "model_type",
+                format!("`{model_type}` ({arch}) is not a supported architecture (supported: {})", SUPPORTED.join(", ")),
+            ));
+        }
+        if let Some(act) = &raw.hidden_act {
+            if act != "silu" {
+                return Err(unsupported("hidden_act", format!("`{act}` is not supported (only silu)")));
+            }
+        }
+        if raw.num_attention_heads == 0 || raw.hidden_size == 0 || raw.num_hidden_layers == 0 {
+            return Err(unsupported("num_attention_heads", "sizes must be positive".into()));
+        }
+        let kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+        if kv_heads == 0 || raw.num_attention_heads % kv_heads != 0 {
+            return Err(unsupported(
+                "num_key_value_heads",
+                format!("{kv_heads} does not divide num_attention_heads {}", raw.num_attention_heads),
+            ));
+        }
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        if head_dim % 2 != 0 {
+            return Err(unsupported("head_dim", format!("{head_dim} must be even for rotary embeddings")));
+        }
+
+        // rope_theta: top level (transformers ≤ 4) or inside rope_parameters (transformers 5).
+        let params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
+        let theta_in_params = raw.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64());
+        let rope_theta = raw.rope_theta.or(theta_in_params).unwrap_or(10_000.0);
+        let rope_scaling = parse_rope_scaling(params).map_err(|msg| unsupported("rope_scaling", msg))?;
+
+        let qwen2 = model_type == "qwen2";
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let eos_token_ids = match raw.eos_token_id {
+            Some(OneOrMany::One(x)) => vec![x],
+            Some(OneOrMany::Many(xs)) => xs,
+            None => vec![],
+        };
+        Ok(ModelConfig {
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: qwen2 || attention_bias,
+            o_bias: !qwen2 && attention_bias,
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            model_type,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: raw.num_attention_heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            bos_token_id: first(raw.bos_token_id),
+            eos_token_ids,
+            pad_token_id: first(raw.pad_token_id),
+            raw: raw_value,
+        })
+    }
+
+    /// The inverse frequencies of the rotary embedding (head_dim / 2 values), scaling applied.
+    pub fn rope_inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim;
+        (0..d / 2)
+            .map(|i| {
+                let f = 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64);
+                match self.rope_scaling {
+                    RopeScaling::None => f,
+                    RopeScaling::Linear { factor } => f / factor,
+                    RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                        let low_wavelen = original_max_position_embeddings / low_freq_factor;
+                        let high_wavelen = original_max_position_embeddings / high_freq_factor;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+fn parse_rope_scaling(v: Option<&serde_json::Value>) -> Result<RopeScaling, String> {
+    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(RopeScaling::None) };
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+    let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| format!("`{kind}` scaling needs `{k}`"));
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => Err(format!("rope type `{other}` is not supported (supported: default, linear, llama3)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<ModelConfig, ConfigError> {
+        ModelConfig::from_json_str(s, Path::new("config.json"))
+    }
+
+    const BASE: &str = r#""vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2"#;
+
+    #[test]
+    fn rope_theta_top_level_and_in_rope_parameters() {
+        let a = parse(&format!(r#"{{ {BASE}, "rope_theta": 500000.0 }}"#)).unwrap();
+        assert_eq!(a.rope_theta, 500000.0);
+        let b = parse(&format!(r#"{{ {BASE}, "rope_parameters": {{"rope_theta": 1e6, "rope_type": "default"}} }}"#)).unwrap();
+        assert_eq!(b.rope_theta, 1e6);
+        assert_eq!(b.rope_scaling, RopeScaling::None);
+        assert_eq!(b.num_key_value_heads, 2);
+        assert_eq!(b.head_dim, 4);
+    }
+
+    #[test]
+    fn llama3_scaling_matches_closed_form() {
+        // Llama 3.1 8B's values; inv_freq of transformers' _compute_llama3_parameters for i = 0 (unchanged),
+        // the last (divided by factor) and a middle one in the smooth band.
+        let c = parse(&format!(
+            r#"{{ "vocab_size": 10, "hidden_size": 4096, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 32, "rope_theta": 500000.0, "rope_scaling": {{"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}} }}"#
+        ))
+        .unwrap();
+        let f = c.rope_inv_freq();
+        assert_eq!(f.len(), 64);
+        assert!((f[0] - 1.0).abs() < 1e-12);
+        let plain_last = 1.0 / 500000f64.powf(126.0 / 128.0);
+        assert!((f[63] - plain_last / 8.0).abs() < 1e-15);
+        // i = 30: wavelen = 2π·500000^(60/128) ≈ 3.0e3, between 2048 and 8192 → smoothed.
+        let plain = 1.0 / 500000f64.powf(60.0 / 128.0);
+        let wavelen = 2.0 * std::f64::consts::PI / plain;
+        assert!(wavelen > 2048.0 && wavelen < 8192.0);
+        let smooth = (8192.0 / wavelen - 1.0) / 3.0;
+        assert!((f[30] - ((1.0 - smooth) * plain / 8.0 + smooth * plain)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_unknown_types_are_rejected() {
+        let q = parse(&format!(r#"{{ {BASE}, "model_type": "qwen2" }}"#)).unwrap();
+        assert!(q.qkv_bias && !q.o_bias);
+        let e = parse(&format!(r#"{{ {BASE}, "model_type": "gpt2" }}"#)).unwrap_err().to_string();
+        assert!(e.contains("model_type") && e.contains("gpt2"), "{e}");
+        let e = parse(&format!(r#"{{ {BASE}, "rope_scaling": {{"rope_type": "yarn", "factor": 4.0}} }}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("yarn"), "{e}");
+        let e = parse("{ \"vocab_size\": 1,\n \"hidden_size\": \"x\" }").unwrap_err().to_string();
+        assert!(e.contains("config.json:2"), "{e}");
+    }
+}

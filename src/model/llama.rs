@@ -1,0 +1,211 @@
+//! The Llama-family decoder forward pass (Llama 2/3, Mistral, Qwen2, SmolLM), written for training.
+//!
+//! Per layer: h += o_proj(attn(rope(q_proj(n₁)), rope(k_proj(n₁)), v_proj(n₁))), n₁ = rmsnorm(h);
+//! h += down_proj(silu(gate_proj(n₂)) ⊙ up_proj(n₂)), n₂ = rmsnorm(h). Attention is causal and grouped-query
+//! (each of the `num_key_value_heads` K/V heads serves num_heads / kv_heads query heads). Every projection is an
+//! [`AdaptedLinear`]; every non-linear op is a [`crate::ops`] op with a checked backward. Reference: transformers'
+//! `modeling_llama.py` / `modeling_qwen2.py`.
+
+use super::config::ModelConfig;
+use crate::linear::{AdaptedLinear, ForwardCtx};
+use crate::ops;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: Tensor,
+    pub q_proj: AdaptedLinear,
+    pub k_proj: AdaptedLinear,
+    pub v_proj: AdaptedLinear,
+    pub o_proj: AdaptedLinear,
+    pub post_attention_layernorm: Tensor,
+    pub gate_proj: AdaptedLinear,
+    pub up_proj: AdaptedLinear,
+    pub down_proj: AdaptedLinear,
+}
+
+impl Block {
+    /// The seven projections, in PEFT's module order.
+    pub fn linears(&self) -> [&AdaptedLinear; 7] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj, &self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+    pub fn linears_mut(&mut self) -> [&mut AdaptedLinear; 7] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
+}
+
+/// Keys and values of the positions already processed, per layer (for generation).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// Per layer: k, v of shape (b, kv_heads, s, d).
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers] }
+    }
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A Llama-family causal language model with adaptable projections.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub config: ModelConfig,
+    /// (vocab, hidden)
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: Tensor,
+    /// (vocab, hidden); shares storage with `embed_tokens` when the embeddings are tied.
+    pub lm_head: Tensor,
+    /// (head_dim / 2) inverse frequencies.
+    inv_freq: Vec<f32>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Llama {
+    pub fn new(
+        config: ModelConfig,
+        embed_tokens: Tensor,
+        layers: Vec<Block>,
+        norm: Tensor,
+        lm_head: Tensor,
+    ) -> Self {
+        let inv_freq = config.rope_inv_freq().into_iter().map(|f| f as f32).collect();
+        let (device, dtype) = (embed_tokens.device().clone(), embed_tokens.dtype());
+        Self { config, embed_tokens, layers, norm, lm_head, inv_freq, device, dtype }
+    }
+
+    /// Every projection, layer by layer.
+    pub fn linears(&self) -> impl Iterator<Item = &AdaptedLinear> {
+        self.layers.iter().flat_map(|b| b.linears())
+    }
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut AdaptedLinear> {
+        self.layers.iter_mut().flat_map(|b| b.linears_mut())
+    }
+
+    /// cos, sin of shape (t, head_dim/2) for positions offset..offset+t.
+    fn rope_tables(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in offset..offset + t {
+            for &f in &self.inv_freq {
+                // position × inv_freq in f32, as transformers computes it
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, half), &Device::Cpu)?.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (t, half), &Device::Cpu)?.to_device(&self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Final-norm hidden states (b, t, hidden) for token ids (b, t). With a cache, the ids continue the cached
+    /// positions and the cache is extended.
+    pub fn forward_hidden(&self, ids: &Tensor, ctx: &ForwardCtx, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let (cos, sin) = self.rope_tables(offset, t)?;
+        let cfg = &self.config;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let eps = cfg.rms_norm_eps;
+        // The embedding is frozen: no gradient flows into it.
+        let mut h = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?.detach();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let x = ops::rms_norm(&h, &layer.input_layernorm, eps)?;
+            // (b, t, nh·hd) → (b, nh, t, hd)
+            let q = layer.q_proj.forward(&x, ctx)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+            let k = layer.k_proj.forward(&x, ctx)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+            let v = layer.v_proj.forward(&x, ctx)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = ops::rope(&q, &cos, &sin)?;
+            let k = ops::rope(&k, &cos, &sin)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => {
+                    let (k, v) = match c.layers[li].take() {
+                        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                        None => (k, v),
+                    };
+                    c.layers[li] = Some((k.clone(), v.clone()));
+                    (k, v)
+                }
+                None => (k, v),
+            };
+            let s = k.dims()[2];
+            // Grouped-query attention: (b, nkv, s, hd) → (b, nh, s, hd)
+            let (k, v) = if nh != nkv {
+                let rep = nh / nkv;
+                let k = k.unsqueeze(2)?.broadcast_as((b, nkv, rep, s, hd))?.reshape((b, nh, s, hd))?;
+                let v = v.unsqueeze(2)?.broadcast_as((b, nkv, rep, s, hd))?.reshape((b, nh, s, hd))?;
+                (k, v)
+            } else {
+                (k, v)
+            };
+            // (b, nh, t, hd)·(b, nh, hd, s) → (b, nh, t, s)
+            let scores = q.matmul(&k.t()?)?;
+            let probs = ops::causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?;
+            // (b, nh, t, s)·(b, nh, s, hd) → (b, nh, t, hd) → (b, t, nh·hd)
+            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            h = (h + layer.o_proj.forward(&attn, ctx)?)?;
+
+            let x = ops::rms_norm(&h, &layer.post_attention_layernorm, eps)?;
+            let gate = layer.gate_proj.forward(&x, ctx)?;
+            let up = layer.up_proj.forward(&x, ctx)?;
+            h = (h + layer.down_proj.forward(&ops::swiglu(&gate, &up)?, ctx)?)?;
+        }
+        ops::rms_norm(&h, &self.norm, eps)
+    }
+
+    /// Logits (b, t, vocab) from final hidden states (b, t, hidden).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        ops::frozen_matmul(hidden, &self.lm_head)
+    }
+
+    /// Logits (b, t, vocab) for every position of `ids` (b, t).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, &ForwardCtx::default(), None)?;
+        self.logits(&h)
+    }
+
+    /// Next-token cross-entropy summed over supervised positions and divided by `denom`. `labels` is (b·t),
+    /// aligned with the inputs as in transformers (−100 = not supervised); the shift happens here.
+    pub fn loss(&self, hidden: &Tensor, labels: &[i32], denom: f64) -> Result<Tensor> {
+        let (b, t, d) = hidden.dims3()?;
+        // Position j predicts token j+1: target[j] = labels[j+1], nothing for the last position of a row.
+        let mut targets = vec![-100i64; b * t];
+        for r in 0..b {
+            for j in 0..t.saturating_sub(1) {
+                targets[r * t + j] = labels[r * t + j + 1] as i64;
+            }
+        }
+        ops::linear_cross_entropy(&hidden.reshape((b * t, d))?, &self.lm_head, &targets, denom)
+    }
+
+    /// Number of supervised next-token targets in a label row set (b, t).
+    pub fn count_targets(labels: &[i32], b: usize, t: usize) -> usize {
+        (0..b).map(|r| (1..t).filter(|&j| labels[r * t + j] >= 0).count()).sum()
+    }
+
+    /// Argmax over the vocabulary of the last position's logits, for each row.
+    pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let t = hidden.dim(1)?;
+        self.logits(&hidden.narrow(1, t - 1, 1)?)?.squeeze(1)?.to_dtype(DType::F32)
+    }
+}

@@ -1,0 +1,128 @@
+//! Llama-family models: configuration, weight loading and the forward pass.
+//!
+//! Weights come from safetensors files (one file or the shards of `model.safetensors.index.json`), read through a
+//! memory map one tensor at a time and converted to the compute dtype (f32 on CPU).
+
+pub mod config;
+pub mod llama;
+
+pub use config::{ConfigError, ModelConfig};
+pub use llama::{Block, KvCache, Llama};
+
+use crate::linear::AdaptedLinear;
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+/// Errors loading a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{file}: cannot open safetensors file: {source}")]
+    Open { file: PathBuf, source: candle_core::Error },
+    #[error("tensor `{name}` is missing from {files}")]
+    MissingTensor { name: String, files: String },
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?} from config.json")]
+    Shape { name: String, got: Vec<usize>, expected: Vec<usize> },
+    #[error("{0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Reads tensors by name from one or more safetensors files.
+pub struct WeightSource {
+    st: candle_core::safetensors::MmapedSafetensors,
+    files: Vec<PathBuf>,
+}
+
+impl WeightSource {
+    pub fn open(files: &[PathBuf]) -> Result<Self, ModelError> {
+        for f in files {
+            if !f.is_file() {
+                return Err(ModelError::Open {
+                    file: f.clone(),
+                    source: candle_core::Error::Msg("no such file".into()),
+                });
+            }
+        }
+        // SAFETY: the files are memory-mapped read-only; modifying them while peftkit runs is undefined, as for
+        // every memory-mapped safetensors reader.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+            .map_err(|source| ModelError::Open { file: files.first().cloned().unwrap_or_default(), source })?;
+        Ok(Self { st, files: files.to_vec() })
+    }
+
+    fn files_str(&self) -> String {
+        self.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.st.get(name).is_ok()
+    }
+
+    /// Loads `name` with the expected shape, converted to `dtype` on `device`.
+    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, ModelError> {
+        let t = self.st.load(name, &Device::Cpu).map_err(|_| ModelError::MissingTensor {
+            name: name.to_string(),
+            files: self.files_str(),
+        })?;
+        if t.dims() != shape {
+            return Err(ModelError::Shape { name: name.into(), got: t.dims().to_vec(), expected: shape.to_vec() });
+        }
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    pub fn get_opt(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Option<Tensor>, ModelError> {
+        if self.contains(name) {
+            self.get(name, shape, dtype, device).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Loads a Llama-family model from `config.json` and its safetensors weights.
+pub fn load_llama(config_path: &Path, weights: &[PathBuf], device: &Device, dtype: DType) -> Result<Llama, ModelError> {
+    let cfg = ModelConfig::from_file(config_path)?;
+    let src = WeightSource::open(weights)?;
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (q_out, kv_out) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let embed = src.get("model.embed_tokens.weight", &[v, h], dtype, device)?;
+    let mut id = 0u64;
+    let mut linear = |path: String, out: usize, inp: usize, bias: bool| -> Result<AdaptedLinear, ModelError> {
+        let w = src.get(&format!("{path}.weight"), &[out, inp], dtype, device)?;
+        let b = if bias { Some(src.get(&format!("{path}.bias"), &[out], dtype, device)?) } else { None };
+        id += 1;
+        Ok(AdaptedLinear::new(path, w, b, id)?)
+    };
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let (a, m) = (format!("{p}.self_attn"), format!("{p}.mlp"));
+        layers.push(Block {
+            q_proj: linear(format!("{a}.q_proj"), q_out, h, cfg.qkv_bias)?,
+            k_proj: linear(format!("{a}.k_proj"), kv_out, h, cfg.qkv_bias)?,
+            v_proj: linear(format!("{a}.v_proj"), kv_out, h, cfg.qkv_bias)?,
+            o_proj: linear(format!("{a}.o_proj"), h, q_out, cfg.o_bias)?,
+            gate_proj: linear(format!("{m}.gate_proj"), i, h, cfg.mlp_bias)?,
+            up_proj: linear(format!("{m}.up_proj"), i, h, cfg.mlp_bias)?,
+            down_proj: linear(format!("{m}.down_proj"), h, i, cfg.mlp_bias)?,
+            input_layernorm: src.get(&format!("{p}.input_layernorm.weight"), &[h], dtype, device)?,
+            post_attention_layernorm: src.get(&format!("{p}.post_attention_layernorm.weight"), &[h], dtype, device)?,
+        });
+    }
+    let norm = src.get("model.norm.weight", &[h], dtype, device)?;
+    let lm_head = if cfg.tie_word_embeddings {
+        embed.clone()
+    } else {
+        match src.get_opt("lm_head.weight", &[v, h], dtype, device)? {
+            Some(w) => w,
+            None => {
+                return Err(ModelError::MissingTensor {
+                    name: "lm_head.weight (tie_word_embeddings is false)".into(),
+                    files: src.files_str(),
+                })
+            }
+        }
+    };
+    Ok(Llama::new(cfg, embed, layers, norm, lm_head))
+}

@@ -1,0 +1,55 @@
+//! The forward pass against transformers + PEFT (fixtures made by the Python stack, see tests/fixtures/README.md).
+
+use candle_core::{DType, Device, Tensor};
+use peftkit::adapter::peft_format;
+use peftkit::model::{load_llama, Llama};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn load(name: &str) -> (Llama, HashMap<String, Tensor>) {
+    let dir = fixture(name);
+    let model = load_llama(&dir.join("config.json"), &[dir.join("model.safetensors")], &Device::Cpu, DType::F32).unwrap();
+    let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    (model, expected)
+}
+
+/// max |a − b| / max |b|
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let m = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    d / m
+}
+
+fn logits(model: &Llama, expected: &HashMap<String, Tensor>) -> Tensor {
+    let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
+    model.forward(&ids).unwrap()
+}
+
+#[test]
+fn base_logits_match_transformers() {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let (model, expected) = load(name);
+        let d = rel_diff(&logits(&model, &expected), &expected["logits_base"]);
+        println!("{name}: base logits max rel diff {d:e}");
+        assert!(d <= 1e-4, "{name}: {d}");
+    }
+}
+
+#[test]
+fn peft_lora_fixture_matches_unmerged_logits() {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let (mut model, expected) = load(name);
+        let cfg = peft_format::load_adapter(&mut model, &fixture(name).join("peft-lora")).unwrap();
+        assert_eq!(cfg.adapter.peft_type(), "LORA");
+        assert_eq!(model.linears().filter(|l| l.adapter.is_some()).count(), 14);
+        let d = rel_diff(&logits(&model, &expected), &expected["logits_lora"]);
+        println!("{name}: LoRA logits max rel diff {d:e}");
+        assert!(d <= 1e-4, "{name}: {d}");
+        // The adapter really changes the output.
+        assert!(rel_diff(&expected["logits_base"], &expected["logits_lora"]) > 1e-2);
+    }
+}
