@@ -35,6 +35,8 @@ pub enum LayerAdapter {
 pub struct ForwardCtx {
     /// `Some(seed)` in training: dropout is active, with masks drawn from this seed and the layer's id.
     pub dropout_seed: Option<u64>,
+    /// Inference: adapter weights are used as constants, so no autograd graph is recorded.
+    pub no_grad: bool,
 }
 
 /// A frozen projection with an optional adapter.
@@ -79,7 +81,8 @@ impl AdaptedLinear {
                 if let Some(last) = out_dims.last_mut() {
                     *last = self.out_features;
                 }
-                y + lora.delta(&x2)?.reshape(out_dims)?
+                let delta = if ctx.no_grad { lora.delta_detached(&x2)? } else { lora.delta(&x2)? };
+                y + delta.reshape(out_dims)?
             }
         }
     }

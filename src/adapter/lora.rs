@@ -119,8 +119,17 @@ impl LoraLayer {
 
     /// s·(x·Aᵀ)·Bᵀ for x (m, in) → (m, out). `x` already has dropout applied.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let a = self.a.as_tensor().to_dtype(x.dtype())?;
-        let b = self.b.as_tensor().to_dtype(x.dtype())?;
+        self.delta_with(x, self.a.as_tensor(), self.b.as_tensor())
+    }
+
+    /// The same product with A and B as constants (inference: no autograd graph).
+    pub fn delta_detached(&self, x: &Tensor) -> Result<Tensor> {
+        self.delta_with(&x.detach(), &self.a.as_tensor().detach(), &self.b.as_tensor().detach())
+    }
+
+    fn delta_with(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let a = a.to_dtype(x.dtype())?;
+        let b = b.to_dtype(x.dtype())?;
         // (m, in)·(in, r) → (m, r); (m, r)·(r, out) → (m, out)
         let h = x.matmul(&a.t()?)?;
         h.matmul(&b.t()?)? * self.scaling

@@ -83,6 +83,9 @@ pub fn alpaca_prompt(instruction: &str, input: Option<&str>) -> String {
     }
 }
 
+/// Token ids and their byte offsets `(start, end)` into the tokenized text; both length t.
+type Tokenized = (Vec<u32>, Vec<(usize, usize)>);
+
 /// Turns validated records into untruncated examples. Shared read-only across rayon workers.
 pub(crate) struct Encoder<'a> {
     /// The caller's tokenizer, or a copy of it with truncation and padding turned off (as
@@ -121,28 +124,46 @@ impl<'a> Encoder<'a> {
             .map(|token| token.content)
             .collect();
         end_markers.extend(
-            [eos_token, template.map(|t| t.eos_token())].into_iter().flatten().filter(|t| !t.is_empty()).map(String::from),
+            [eos_token, template.map(|t| t.eos_token())]
+                .into_iter()
+                .flatten()
+                .filter(|t| !t.is_empty())
+                .map(String::from),
         );
         end_markers.sort();
         end_markers.dedup();
-        Self { tokenizer, template, eos_id, end_markers, train_on_inputs }
+        Self {
+            tokenizer,
+            template,
+            eos_id,
+            end_markers,
+            train_on_inputs,
+        }
     }
 
     /// Encodes one record (no truncation). Errors are messages; the caller adds file:line.
     pub fn encode(&self, record: &Record) -> Result<Example, String> {
         match record {
             Record::Chat(messages) => self.encode_chat(messages),
-            Record::Alpaca { instruction, input, output } => {
-                self.encode_alpaca(&alpaca_prompt(instruction, input.as_deref()), output)
-            }
+            Record::Alpaca {
+                instruction,
+                input,
+                output,
+            } => self.encode_alpaca(&alpaca_prompt(instruction, input.as_deref()), output),
             Record::Completion { prompt: None, text } => {
                 let (ids, _) = self.tokenize(text, true)?;
-                Ok(Example { labels: all_labels(&ids), input_ids: ids })
+                Ok(Example {
+                    labels: all_labels(&ids),
+                    input_ids: ids,
+                })
             }
-            Record::Completion { prompt: Some(prompt), text } => {
+            Record::Completion {
+                prompt: Some(prompt),
+                text,
+            } => {
                 let full = format!("{prompt}{text}");
                 let (ids, offsets) = self.tokenize(&full, true)?;
-                let labels = self.labels(&ids, &offsets, &[prompt.len()..full.len()]);
+                let labels = self.labels(&ids, &offsets, prompt.len()..full.len());
                 Ok(Example { input_ids: ids, labels })
             }
         }
@@ -166,7 +187,7 @@ impl<'a> Encoder<'a> {
         let eos = self.eos_id.ok_or("alpaca records need an eos token")?;
         let full = format!("{prompt}{output}");
         let (mut ids, offsets) = self.tokenize(&full, true)?;
-        let mut labels = self.labels(&ids, &offsets, &[prompt.len()..full.len()]);
+        let mut labels = self.labels(&ids, &offsets, prompt.len()..full.len());
         if ids.last() == Some(&eos) {
             // The tokenizer's post-processor already appends eos: supervise that one.
             if let Some(last) = labels.last_mut() {
@@ -179,18 +200,21 @@ impl<'a> Encoder<'a> {
         Ok(Example { input_ids: ids, labels })
     }
 
-    /// Labels: everything with `train_on_inputs`, else the tokens overlapping `spans`.
-    fn labels(&self, ids: &[u32], offsets: &[(usize, usize)], spans: &[Range<usize>]) -> Vec<i32> {
+    /// Labels: everything with `train_on_inputs`, else the tokens overlapping the `response` bytes.
+    fn labels(&self, ids: &[u32], offsets: &[(usize, usize)], response: Range<usize>) -> Vec<i32> {
         if self.train_on_inputs {
             all_labels(ids)
         } else {
-            mask(ids, offsets, spans)
+            mask(ids, offsets, std::slice::from_ref(&response))
         }
     }
 
     /// Token ids and their byte offsets into `text`.
-    fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>), String> {
-        let encoding = self.tokenizer.encode(text, add_special_tokens).map_err(|err| format!("tokenizer: {err}"))?;
+    fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Tokenized, String> {
+        let encoding = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|err| format!("tokenizer: {err}"))?;
         Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
 }
@@ -254,15 +278,21 @@ pub(crate) fn assistant_spans(
         let before = if index == 0 {
             String::new()
         } else {
-            template.render(&messages[..index], true).map_err(|err| err.to_string())?
+            template
+                .render(&messages[..index], true)
+                .map_err(|err| err.to_string())?
         };
-        let through = template.render(&messages[..=index], false).map_err(|err| err.to_string())?;
+        let through = template
+            .render(&messages[..=index], false)
+            .map_err(|err| err.to_string())?;
         let turn = if through.starts_with(&before) && full.starts_with(&through) && before.len() >= cursor {
             before.len()..through.len()
         } else {
             let added = &through[common_prefix_len(&before, &through)..];
             if added.trim().is_empty() {
-                return Err(format!("the chat template renders nothing for messages[{index}] (assistant)"));
+                return Err(format!(
+                    "the chat template renders nothing for messages[{index}] (assistant)"
+                ));
             }
             let start = full
                 .get(cursor..)
@@ -344,7 +374,9 @@ fn common_prefix_len(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::testutil::{fixture_template, fixture_tokenizer, tokenizer_with_specials, LLAMA3, MISTRAL, MISTRAL_V03, QWEN25, SMOLLM2};
+    use crate::data::testutil::{
+        fixture_template, fixture_tokenizer, tokenizer_with_specials, LLAMA3, MISTRAL, MISTRAL_V03, QWEN25, SMOLLM2,
+    };
     use tokenizers::Tokenizer;
 
     fn m(role: &str, content: &str) -> Message {
@@ -388,12 +420,20 @@ mod tests {
         let template = fixture_template();
         let encoder = Encoder::new(&tokenizer, Some(&template), None, None, false);
         let example = encoder.encode(&Record::Chat(conversation())).unwrap();
-        assert_eq!(supervised_runs(&tokenizer, &example), vec!["It is 4.<|im_end|>", "Six, of course.<|im_end|>"]);
+        assert_eq!(
+            supervised_runs(&tokenizer, &example),
+            vec!["It is 4.<|im_end|>", "Six, of course.<|im_end|>"]
+        );
         // The ids are exactly the rendered text tokenized without added special tokens.
         let text = template.render(&conversation(), false).unwrap();
-        assert_eq!(example.input_ids, tokenizer.encode(text.as_str(), false).unwrap().get_ids());
+        assert_eq!(
+            example.input_ids,
+            tokenizer.encode(text.as_str(), false).unwrap().get_ids()
+        );
 
-        let all = Encoder::new(&tokenizer, Some(&template), None, None, true).encode(&Record::Chat(conversation())).unwrap();
+        let all = Encoder::new(&tokenizer, Some(&template), None, None, true)
+            .encode(&Record::Chat(conversation()))
+            .unwrap();
         assert_eq!(all.supervised(), all.len());
     }
 
@@ -403,24 +443,48 @@ mod tests {
         for source in [SMOLLM2, QWEN25] {
             let template = ChatTemplate::new(source.into(), String::new(), "<|im_end|>".into()).unwrap();
             let encoder = Encoder::new(&tokenizer, Some(&template), None, None, false);
-            let messages = vec![m("user", "Hi"), m("assistant", "Hello!"), m("user", "Bye"), m("assistant", " Bye. ")];
+            let messages = vec![
+                m("user", "Hi"),
+                m("assistant", "Hello!"),
+                m("user", "Bye"),
+                m("assistant", " Bye. "),
+            ];
             let example = encoder.encode(&Record::Chat(messages.clone())).unwrap();
-            assert_eq!(supervised_runs(&tokenizer, &example), vec!["Hello!<|im_end|>", " Bye. <|im_end|>"]);
+            assert_eq!(
+                supervised_runs(&tokenizer, &example),
+                vec!["Hello!<|im_end|>", " Bye. <|im_end|>"]
+            );
             // Also with the system message given, and with an assistant turn first.
             let mut with_system = vec![m("system", "S")];
             with_system.extend(messages);
             let example = encoder.encode(&Record::Chat(with_system)).unwrap();
-            assert_eq!(supervised_runs(&tokenizer, &example), vec!["Hello!<|im_end|>", " Bye. <|im_end|>"]);
-            let example = encoder.encode(&Record::Chat(vec![m("assistant", "First."), m("user", "ok")])).unwrap();
+            assert_eq!(
+                supervised_runs(&tokenizer, &example),
+                vec!["Hello!<|im_end|>", " Bye. <|im_end|>"]
+            );
+            let example = encoder
+                .encode(&Record::Chat(vec![m("assistant", "First."), m("user", "ok")]))
+                .unwrap();
             assert_eq!(supervised_runs(&tokenizer, &example), vec!["First.<|im_end|>"]);
         }
     }
 
     #[test]
     fn llama3_masks_content_plus_eot() {
-        let tokenizer = tokenizer_with_specials(&["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]);
+        let tokenizer = tokenizer_with_specials(&[
+            "<|begin_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ]);
         let template = ChatTemplate::new(LLAMA3.into(), "<|begin_of_text|>".into(), "<|eot_id|>".into()).unwrap();
-        let messages = vec![m("system", "Sys."), m("user", "Hi"), m("assistant", "  Hello there.\n"), m("user", "x"), m("assistant", "Bye.")];
+        let messages = vec![
+            m("system", "Sys."),
+            m("user", "Hi"),
+            m("assistant", "  Hello there.\n"),
+            m("user", "x"),
+            m("assistant", "Bye."),
+        ];
         let text = template.render(&messages, false).unwrap();
         assert_eq!(
             text,
@@ -432,12 +496,20 @@ mod tests {
         );
         let encoder = Encoder::new(&tokenizer, Some(&template), None, None, false);
         let example = encoder.encode(&Record::Chat(messages)).unwrap();
-        assert_eq!(supervised_runs(&tokenizer, &example), vec!["Hello there.<|eot_id|>", "Bye.<|eot_id|>"]);
+        assert_eq!(
+            supervised_runs(&tokenizer, &example),
+            vec!["Hello there.<|eot_id|>", "Bye.<|eot_id|>"]
+        );
         // bos is a single token at the start, placed by the template.
-        assert_eq!(example.input_ids[0], tokenizer.token_to_id("<|begin_of_text|>").unwrap());
+        assert_eq!(
+            example.input_ids[0],
+            tokenizer.token_to_id("<|begin_of_text|>").unwrap()
+        );
 
         // Assistant first: the prefix rendering differs (no bos without messages), the fallback finds it.
-        let example = encoder.encode(&Record::Chat(vec![m("assistant", "a"), m("user", "u")])).unwrap();
+        let example = encoder
+            .encode(&Record::Chat(vec![m("assistant", "a"), m("user", "u")]))
+            .unwrap();
         assert_eq!(supervised_runs(&tokenizer, &example), vec!["a<|eot_id|>"]);
     }
 
@@ -446,13 +518,25 @@ mod tests {
         let tokenizer = tokenizer_with_specials(&["<s>", "</s>", "[INST]", "[/INST]"]);
         let template = ChatTemplate::new(MISTRAL.into(), "<s>".into(), "</s>".into()).unwrap();
         let encoder = Encoder::new(&tokenizer, Some(&template), None, Some("</s>"), false);
-        let messages = vec![m("user", "Hi"), m("assistant", "Hello."), m("user", "More"), m("assistant", "Sure.")];
+        let messages = vec![
+            m("user", "Hi"),
+            m("assistant", "Hello."),
+            m("user", "More"),
+            m("assistant", "Sure."),
+        ];
         let example = encoder.encode(&Record::Chat(messages)).unwrap();
         assert_eq!(supervised_runs(&tokenizer, &example), vec!["Hello.</s>", "Sure.</s>"]);
 
-        let err = encoder.encode(&Record::Chat(vec![m("user", "a"), m("user", "b")])).unwrap_err();
-        assert!(err.contains("Conversation roles must alternate user/assistant/user/assistant/..."), "{err}");
-        let err = encoder.encode(&Record::Chat(vec![m("system", "s"), m("user", "b")])).unwrap_err();
+        let err = encoder
+            .encode(&Record::Chat(vec![m("user", "a"), m("user", "b")]))
+            .unwrap_err();
+        assert!(
+            err.contains("Conversation roles must alternate user/assistant/user/assistant/..."),
+            "{err}"
+        );
+        let err = encoder
+            .encode(&Record::Chat(vec![m("system", "s"), m("user", "b")]))
+            .unwrap_err();
         assert!(err.contains("Conversation roles must alternate"), "{err}");
     }
 
@@ -461,32 +545,55 @@ mod tests {
         let tokenizer = tokenizer_with_specials(&["<s>", "</s>", "[INST]", "[/INST]"]);
         let template = ChatTemplate::new(MISTRAL_V03.into(), "<s>".into(), "</s>".into()).unwrap();
         let encoder = Encoder::new(&tokenizer, Some(&template), None, Some("</s>"), false);
-        let messages = vec![m("system", "Sys"), m("user", "Hi"), m("assistant", "Hello."), m("user", "More"), m("assistant", " Sure. ")];
+        let messages = vec![
+            m("system", "Sys"),
+            m("user", "Hi"),
+            m("assistant", "Hello."),
+            m("user", "More"),
+            m("assistant", " Sure. "),
+        ];
         let text = template.render(&messages, false).unwrap();
         assert_eq!(text, "<s>[INST] Hi[/INST] Hello.</s>[INST] More[/INST] Sure.</s>");
         let example = encoder.encode(&Record::Chat(messages)).unwrap();
         let runs = supervised_runs(&tokenizer, &example);
         assert_eq!(runs.len(), 2, "{runs:?}");
-        assert!(runs[0].trim_start() == "Hello.</s>" && runs[1].trim_start() == "Sure.</s>", "{runs:?}");
+        assert!(
+            runs[0].trim_start() == "Hello.</s>" && runs[1].trim_start() == "Sure.</s>",
+            "{runs:?}"
+        );
     }
 
     #[test]
     fn alpaca_masks_prompt() {
         let tokenizer = fixture_tokenizer();
         let eos = tokenizer.token_to_id("<|im_end|>").unwrap();
-        let record = Record::Alpaca { instruction: "Add.".into(), input: Some("2 and 2".into()), output: "4".into() };
-        let example = Encoder::new(&tokenizer, None, Some(eos), None, false).encode(&record).unwrap();
+        let record = Record::Alpaca {
+            instruction: "Add.".into(),
+            input: Some("2 and 2".into()),
+            output: "4".into(),
+        };
+        let example = Encoder::new(&tokenizer, None, Some(eos), None, false)
+            .encode(&record)
+            .unwrap();
         let prompt = alpaca_prompt("Add.", Some("2 and 2"));
         assert!(prompt.ends_with("### Input:\n2 and 2\n\n### Response:\n"));
-        let expected: Vec<u32> = tokenizer.encode(format!("{prompt}4").as_str(), true).unwrap().get_ids().to_vec();
+        let expected: Vec<u32> = tokenizer
+            .encode(format!("{prompt}4").as_str(), true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         assert_eq!(&example.input_ids[..expected.len()], &expected[..]);
         assert_eq!(example.input_ids.len(), expected.len() + 1);
         assert_eq!(*example.input_ids.last().unwrap(), eos);
         assert_eq!(supervised_runs(&tokenizer, &example), vec!["4<|im_end|>"]);
-        let all = Encoder::new(&tokenizer, None, Some(eos), None, true).encode(&record).unwrap();
+        let all = Encoder::new(&tokenizer, None, Some(eos), None, true)
+            .encode(&record)
+            .unwrap();
         assert_eq!(all.supervised(), all.len());
         assert_eq!(all.input_ids, example.input_ids);
-        assert!(alpaca_prompt("I", None).contains("Write a response that appropriately completes the request.\n\n### Instruction:\nI\n\n### Response:\n"));
+        assert!(alpaca_prompt("I", None).contains(
+            "Write a response that appropriately completes the request.\n\n### Instruction:\nI\n\n### Response:\n"
+        ));
     }
 
     #[test]
@@ -494,17 +601,26 @@ mod tests {
         let tokenizer = fixture_tokenizer();
         let text = "The quick brown fox<|im_end|> jumps.";
         let example = Encoder::new(&tokenizer, None, None, None, false)
-            .encode(&Record::Completion { prompt: None, text: text.into() })
+            .encode(&Record::Completion {
+                prompt: None,
+                text: text.into(),
+            })
             .unwrap();
         assert_eq!(example.input_ids, tokenizer.encode(text, true).unwrap().get_ids());
         assert_eq!(example.supervised(), example.len());
 
-        let record = Record::Completion { prompt: Some("Q: hi\nA:".into()), text: " hello".into() };
-        let example = Encoder::new(&tokenizer, None, None, None, false).encode(&record).unwrap();
+        let record = Record::Completion {
+            prompt: Some("Q: hi\nA:".into()),
+            text: " hello".into(),
+        };
+        let example = Encoder::new(&tokenizer, None, None, None, false)
+            .encode(&record)
+            .unwrap();
         assert_eq!(supervised_runs(&tokenizer, &example), vec![" hello"]);
     }
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)]
     fn mask_overlap_rules() {
         let ids = [10, 11, 12, 13];
         let offsets = [(0, 0), (0, 3), (3, 5), (5, 9)];
@@ -515,9 +631,18 @@ mod tests {
 
     #[test]
     fn truncation_keeps_head() {
-        let mut example = Example { input_ids: vec![1, 2, 3], labels: vec![-100, 2, 3] };
+        let mut example = Example {
+            input_ids: vec![1, 2, 3],
+            labels: vec![-100, 2, 3],
+        };
         assert!(!example.truncate(3));
         assert!(example.truncate(2));
-        assert_eq!(example, Example { input_ids: vec![1, 2], labels: vec![-100, 2] });
+        assert_eq!(
+            example,
+            Example {
+                input_ids: vec![1, 2],
+                labels: vec![-100, 2]
+            }
+        );
     }
 }

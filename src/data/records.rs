@@ -32,7 +32,11 @@ pub(crate) struct RawRecord {
 impl RawRecord {
     /// This record's location in `path`, for errors.
     pub fn location<'a>(&self, path: &'a Path) -> Location<'a> {
-        Location { path, line: self.line, element: self.element }
+        Location {
+            path,
+            line: self.line,
+            element: self.element,
+        }
     }
 }
 
@@ -42,7 +46,11 @@ pub(crate) enum Record {
     /// A conversation (roles checked, at least one message).
     Chat(Vec<Message>),
     /// An instruction; `input` is `None` when absent, null or empty.
-    Alpaca { instruction: String, input: Option<String>, output: String },
+    Alpaca {
+        instruction: String,
+        input: Option<String>,
+        output: String,
+    },
     /// Raw text; with `prompt` set, the prompt precedes `text` and is not supervised.
     Completion { prompt: Option<String>, text: String },
 }
@@ -72,7 +80,11 @@ fn read_jsonl(path: &Path, text: &str) -> Result<Vec<RawRecord>, DataError> {
             element: None,
             message: describe_json_error(&err),
         })?;
-        records.push(RawRecord { line: line_no, element: None, value });
+        records.push(RawRecord {
+            line: line_no,
+            element: None,
+            value,
+        });
     }
     Ok(records)
 }
@@ -196,9 +208,7 @@ pub(crate) fn detect_format(path: &Path, record: &RawRecord) -> Result<Format, D
         Ok(Format::Chat)
     } else if object.contains_key("instruction") {
         Ok(Format::Alpaca)
-    } else if object.contains_key("text")
-        || (object.contains_key("prompt") && object.contains_key("completion"))
-    {
+    } else if object.contains_key("text") || (object.contains_key("prompt") && object.contains_key("completion")) {
         Ok(Format::Completion)
     } else {
         Err(DataError::UnknownLayout {
@@ -223,7 +233,10 @@ pub(crate) fn parse_record(path: &Path, record: &RawRecord, format: Format) -> R
         }),
         Format::Completion => {
             if object.contains_key("text") || !object.contains_key("prompt") {
-                Ok(Record::Completion { prompt: None, text: required_str(object, "text", "text", &loc)? })
+                Ok(Record::Completion {
+                    prompt: None,
+                    text: required_str(object, "text", "text", &loc)?,
+                })
             } else {
                 Ok(Record::Completion {
                     prompt: Some(required_str(object, "prompt", "prompt", &loc)?),
@@ -239,7 +252,10 @@ fn parse_chat(object: &Map<String, Value>, loc: &Location) -> Result<Record, Dat
         None => return Err(loc.field("messages", "missing")),
         Some(Value::Array(items)) => items,
         Some(other) => {
-            return Err(loc.field("messages", format!("expected an array of messages, found {}", kind(other))))
+            return Err(loc.field(
+                "messages",
+                format!("expected an array of messages, found {}", kind(other)),
+            ))
         }
     };
     if messages.is_empty() {
@@ -322,7 +338,17 @@ mod tests {
     fn malformed_jsonl_line_names_file_and_line() {
         let text = "{\"text\": \"a\"}\n{\"text\": \"b\"\n";
         let err = read_records(p(), text).unwrap_err();
-        assert!(matches!(err, DataError::Json { line: 2, element: None, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                DataError::Json {
+                    line: 2,
+                    element: None,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert!(err.to_string().starts_with("d.jsonl:2: malformed JSON"), "{err}");
     }
 
@@ -343,7 +369,10 @@ mod tests {
             matches!(&err, DataError::Field { line: 3, element: Some(1), key, .. } if key == "text"),
             "{err:?}"
         );
-        assert_eq!(err.to_string(), "d.jsonl:3 (element 1): `text`: expected a string, found a number");
+        assert_eq!(
+            err.to_string(),
+            "d.jsonl:3 (element 1): `text`: expected a string, found a number"
+        );
     }
 
     #[test]
@@ -359,9 +388,15 @@ mod tests {
             detect_format(p(), &records[0])
         };
         assert_eq!(detect(r#"{"messages": []}"#).unwrap(), Format::Chat);
-        assert_eq!(detect(r#"{"instruction": "x", "output": "y"}"#).unwrap(), Format::Alpaca);
+        assert_eq!(
+            detect(r#"{"instruction": "x", "output": "y"}"#).unwrap(),
+            Format::Alpaca
+        );
         assert_eq!(detect(r#"{"text": "x"}"#).unwrap(), Format::Completion);
-        assert_eq!(detect(r#"{"prompt": "x", "completion": "y"}"#).unwrap(), Format::Completion);
+        assert_eq!(
+            detect(r#"{"prompt": "x", "completion": "y"}"#).unwrap(),
+            Format::Completion
+        );
         let err = detect("\n{\"question\": \"x\", \"answer\": \"y\"}").unwrap_err();
         assert!(matches!(&err, DataError::UnknownLayout { line: 2, keys, .. } if keys == &["answer", "question"]));
         assert!(err.to_string().contains("d.jsonl:2"), "{err}");
@@ -384,7 +419,11 @@ mod tests {
             "messages[1].content",
             "expected a string, found a number",
         );
-        check(r#"{"messages": [{"role": "bot", "content": "hi"}]}"#, "messages[0].role", "unknown role \"bot\"");
+        check(
+            r#"{"messages": [{"role": "bot", "content": "hi"}]}"#,
+            "messages[0].role",
+            "unknown role \"bot\"",
+        );
         check(r#"{"messages": [{"content": "hi"}]}"#, "messages[0].role", "missing");
         check(r#"{"messages": "hi"}"#, "messages", "expected an array");
         check(r#"{"messages": []}"#, "messages", "empty");
@@ -395,7 +434,14 @@ mod tests {
     fn alpaca_input_is_optional() {
         let records = read_records(p(), r#"{"instruction": "i", "input": "", "output": "o"}"#).unwrap();
         let record = parse_record(p(), &records[0], Format::Alpaca).unwrap();
-        assert_eq!(record, Record::Alpaca { instruction: "i".into(), input: None, output: "o".into() });
+        assert_eq!(
+            record,
+            Record::Alpaca {
+                instruction: "i".into(),
+                input: None,
+                output: "o".into()
+            }
+        );
         let records = read_records(p(), r#"{"instruction": "i", "output": 1}"#).unwrap();
         let err = parse_record(p(), &records[0], Format::Alpaca).unwrap_err();
         assert!(matches!(&err, DataError::Field { key, .. } if key == "output"));

@@ -180,7 +180,7 @@ impl Llama {
 
     /// Logits (b, t, vocab) for every position of `ids` (b, t).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let h = self.forward_hidden(ids, &ForwardCtx::default(), None)?;
+        let h = self.forward_hidden(ids, &ForwardCtx { dropout_seed: None, no_grad: true }, None)?;
         self.logits(&h)
     }
 

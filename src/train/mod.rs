@@ -1,1 +1,460 @@
-//! (being written)
+//! The training loop: forward, loss, backward (adapter variables only), accumulation, clipping, AdamW, schedule,
+//! evaluation, checkpoints and resume — one function, [`train`], readable top to bottom.
+//!
+//! Determinism: the data order is a pure function of (seed, epoch), dropout masks of (seed, step, micro-batch,
+//! layer), adapter initialisation of the seed. A checkpoint holds the adapter, the optimizer moments and the step,
+//! which is all the state there is, so a run stopped and resumed writes the same adapter bytes as an
+//! uninterrupted one.
+//!
+//! Loss normalisation: each optimizer step's loss is the mean over the supervised tokens of all its micro-batches
+//! (every micro-batch's summed loss is divided by the step's token count), so accumulation gives the same gradient
+//! as one large batch, as transformers ≥ 4.46 does.
+
+pub mod optim;
+pub mod schedule;
+
+use crate::adapter::{self, peft_format, AdapterConfig, AdapterError};
+use crate::data::{epoch_order, make_batch, Example};
+use crate::linear::ForwardCtx;
+use crate::model::Llama;
+use crate::ops;
+use crate::recipe::LrScheduler;
+use candle_core::{Device, Tensor};
+use optim::AdamW;
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Errors of a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("the training set is empty")]
+    EmptyDataset,
+    #[error("step {step}: the loss is {value} (not finite); stopping. The last good checkpoint is kept{}", .checkpoint.as_ref().map(|c| format!(" at {}", c.display())).unwrap_or_default())]
+    NonFinite { step: usize, value: f32, checkpoint: Option<PathBuf> },
+    #[error("--resume: {0}")]
+    Resume(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    #[error("{0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io { path: path.to_path_buf(), source }
+}
+
+/// The settings of a run (from the recipe's `training` section).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    pub micro_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    /// `Some(n)`: stop after n optimizer steps (wrapping over epochs); `None`: run `epochs` epochs.
+    pub max_steps: Option<usize>,
+    pub epochs: usize,
+    pub learning_rate: f64,
+    pub lr_scheduler: LrScheduler,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub shuffle: bool,
+    pub eval_every: Option<usize>,
+    pub save_every: Option<usize>,
+    pub logging_every: usize,
+    pub pad_id: u32,
+}
+
+impl TrainConfig {
+    /// Micro-batches in one pass over `n` examples.
+    pub fn micro_per_epoch(&self, n: usize) -> usize {
+        n.div_ceil(self.micro_batch_size)
+    }
+    /// Optimizer steps in one epoch (the last one may accumulate fewer micro-batches).
+    pub fn steps_per_epoch(&self, n: usize) -> usize {
+        self.micro_per_epoch(n).div_ceil(self.gradient_accumulation_steps)
+    }
+    pub fn total_steps(&self, n: usize) -> usize {
+        self.max_steps.unwrap_or(self.epochs * self.steps_per_epoch(n))
+    }
+}
+
+/// How a run is driven from outside.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue from the newest checkpoint in `<output>/checkpoints/`.
+    pub resume: bool,
+    /// Set (e.g. by Ctrl-C) to stop after the current step with a checkpoint.
+    pub interrupt: Arc<AtomicBool>,
+    /// Stop with a checkpoint once this many steps are done (as an interrupt would; used by tests).
+    pub stop_after_step: Option<usize>,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Number of checkpoints to keep (older ones are deleted); 0 keeps all.
+    pub keep_checkpoints: usize,
+}
+
+/// What the run left behind.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub total_steps: usize,
+    /// Mean loss of the last optimizer step.
+    pub last_train_loss: Option<f64>,
+    /// Validation loss at the end (mean NLL per supervised token).
+    pub final_eval: Option<EvalResult>,
+    /// Validation loss before training, when a validation set is given and the run started fresh.
+    pub initial_eval: Option<EvalResult>,
+    /// Input tokens processed (padding excluded).
+    pub tokens: usize,
+    pub wall_s: f64,
+    /// Set when the run stopped early (interrupt): the checkpoint to resume from.
+    pub interrupted_at: Option<PathBuf>,
+}
+
+/// Mean negative log-likelihood over supervised tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub perplexity: f64,
+    pub tokens: usize,
+}
+
+/// Evaluates `model` on `examples`: mean next-token NLL over supervised positions.
+pub fn evaluate(model: &Llama, examples: &[Example], micro_batch: usize, pad_id: u32) -> candle_core::Result<EvalResult> {
+    let ctx = ForwardCtx { dropout_seed: None, no_grad: true };
+    let (mut sum, mut count) = (0f64, 0usize);
+    let refs: Vec<&Example> = examples.iter().collect();
+    for chunk in refs.chunks(micro_batch.max(1)) {
+        let batch = make_batch(chunk, pad_id);
+        let n = Llama::count_targets(&batch.labels, batch.batch, batch.seq);
+        if n == 0 {
+            continue;
+        }
+        let ids = Tensor::from_vec(batch.input_ids.clone(), (batch.batch, batch.seq), &model.device)?;
+        let hidden = model.forward_hidden(&ids, &ctx, None)?;
+        let loss = model.loss(&hidden, &batch.labels, 1.0)?.to_scalar::<f32>()? as f64;
+        sum += loss;
+        count += n;
+    }
+    let loss = if count > 0 { sum / count as f64 } else { f64::NAN };
+    Ok(EvalResult { loss, perplexity: loss.exp(), tokens: count })
+}
+
+const CHECKPOINTS: &str = "checkpoints";
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// The newest checkpoint folder under `out/checkpoints/`, if any.
+pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
+    let dir = out.join(CHECKPOINTS);
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            e.path().join(STATE_FILE).is_file().then_some((step, e.path()))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, p)| p)
+}
+
+/// A short fingerprint of everything that determines the adapter bytes, stored in checkpoints so that `--resume`
+/// refuses to continue a run with different settings or data.
+fn fingerprint(cfg: &TrainConfig, adapter: &AdapterConfig, train: &[Example]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(format!("{cfg:?}|{adapter:?}").as_bytes());
+    for ex in train {
+        h.update((ex.input_ids.len() as u64).to_le_bytes());
+        for &id in &ex.input_ids {
+            h.update(id.to_le_bytes());
+        }
+        for &l in &ex.labels {
+            h.update(l.to_le_bytes());
+        }
+    }
+    format!("{:x}", h.finalize())[..16].to_string()
+}
+
+/// Writes a checkpoint for the state after `step` steps: `<out>/checkpoints/step-NNNNNN/`.
+fn save_checkpoint(
+    model: &Llama,
+    adapter: &AdapterConfig,
+    opt: &AdamW,
+    names: &[String],
+    step: usize,
+    fp: &str,
+    base: &str,
+    out: &Path,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    let root = out.join(CHECKPOINTS);
+    let final_dir = root.join(format!("step-{step:06}"));
+    let tmp = root.join(format!(".step-{step:06}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    peft_format::save_adapter(model, adapter, base, None, &tmp)?;
+    let mut moments = Vec::with_capacity(names.len() * 2);
+    for (i, n) in names.iter().enumerate() {
+        moments.push((format!("m.{n}"), opt.m[i].clone()));
+        moments.push((format!("v.{n}"), opt.v[i].clone()));
+    }
+    peft_format::save_safetensors(&tmp.join(OPTIMIZER_FILE), &moments)?;
+    let state = json!({"step": step, "optimizer_t": opt.t, "fingerprint": fp, "peftkit_version": env!("CARGO_PKG_VERSION")});
+    std::fs::write(tmp.join(STATE_FILE), state.to_string()).map_err(io_err(&tmp))?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
+    if keep > 0 {
+        let mut all: Vec<PathBuf> = std::fs::read_dir(&root)
+            .map_err(io_err(&root))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
+            .collect();
+        all.sort();
+        while all.len() > keep {
+            let old = all.remove(0);
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    Ok(final_dir)
+}
+
+/// Restores adapter weights and optimizer moments from a checkpoint; returns the step it was taken after.
+fn load_checkpoint(dir: &Path, opt: &mut AdamW, names: &[String], fp: &str) -> Result<usize, TrainError> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+    let state: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| TrainError::Resume(format!("{}: {e}", state_path.display())))?;
+    if state["fingerprint"].as_str() != Some(fp) {
+        return Err(TrainError::Resume(format!(
+            "{} was written by a run with other settings or data; start a fresh run (without --resume) or restore them",
+            dir.display()
+        )));
+    }
+    let step = state["step"].as_u64().ok_or_else(|| TrainError::Resume(format!("{}: no step", state_path.display())))?;
+    let weights = candle_core::safetensors::load(dir.join(peft_format::WEIGHTS_FILE), &Device::Cpu)?;
+    let moments = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &Device::Cpu)?;
+    for (i, n) in names.iter().enumerate() {
+        let missing = |k: &str| TrainError::Resume(format!("{}: tensor {k} is missing", dir.display()));
+        let w = weights.get(n).ok_or_else(|| missing(n))?;
+        let dev = opt.vars[i].device().clone();
+        opt.vars[i].set(&w.to_device(&dev)?)?;
+        opt.m[i] = moments.get(&format!("m.{n}")).ok_or_else(|| missing(n))?.to_device(&dev)?;
+        opt.v[i] = moments.get(&format!("v.{n}")).ok_or_else(|| missing(n))?.to_device(&dev)?;
+    }
+    opt.t = state["optimizer_t"].as_u64().unwrap_or(step) as usize;
+    Ok(step as usize)
+}
+
+/// Keeps the lines of `metrics.jsonl` up to `step` (used on resume, so the file reads as one run).
+fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    peft_format::write_atomic(path, kept.as_bytes())?;
+    Ok(())
+}
+
+/// Trains the adapters attached to `model` on `train_set`, writing checkpoints and `metrics.jsonl` into `out`.
+/// The final adapter is left attached to `model` (the caller saves it).
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    model: &mut Llama,
+    adapter: &AdapterConfig,
+    train_set: &[Example],
+    valid_set: Option<&[Example]>,
+    cfg: &TrainConfig,
+    base_model: &str,
+    out: &Path,
+    opts: &TrainOptions,
+) -> Result<TrainSummary, TrainError> {
+    if train_set.is_empty() {
+        return Err(TrainError::EmptyDataset);
+    }
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let started = Instant::now();
+    let n = train_set.len();
+    let micro_per_epoch = cfg.micro_per_epoch(n);
+    let steps_per_epoch = cfg.steps_per_epoch(n);
+    let total_steps = cfg.total_steps(n);
+    let fp = fingerprint(cfg, adapter, train_set);
+
+    // The trainable variables, in a fixed order, with their PEFT names.
+    let (names, vars): (Vec<String>, Vec<_>) = adapter::trainable(model).into_iter().unzip();
+    let mut opt = AdamW::new(vars.clone(), cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay)?;
+
+    let metrics_path = out.join(METRICS_FILE);
+    let mut start_step = 0;
+    let mut last_checkpoint = None;
+    if opts.resume {
+        let ckpt = latest_checkpoint(out)
+            .ok_or_else(|| TrainError::Resume(format!("no checkpoint in {}", out.join(CHECKPOINTS).display())))?;
+        start_step = load_checkpoint(&ckpt, &mut opt, &names, &fp)?;
+        truncate_metrics(&metrics_path, start_step)?;
+        tracing::info!("resuming from {} (step {start_step} of {total_steps})", ckpt.display());
+        last_checkpoint = Some(ckpt);
+    } else {
+        // A fresh run starts a fresh log and forgets older checkpoints of this folder.
+        let _ = std::fs::remove_file(&metrics_path);
+        let _ = std::fs::remove_dir_all(out.join(CHECKPOINTS));
+    }
+    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io_err(&metrics_path))?;
+    let mut log = |v: serde_json::Value| -> Result<(), TrainError> {
+        writeln!(metrics, "{v}").map_err(io_err(&metrics_path))
+    };
+
+    let eval_batch = cfg.micro_batch_size;
+    let initial_eval = match valid_set {
+        Some(v) if start_step == 0 && !v.is_empty() => {
+            let r = evaluate(model, v, eval_batch, cfg.pad_id)?;
+            log(json!({"step": 0, "eval_loss": r.loss, "eval_perplexity": r.perplexity, "eval_tokens": r.tokens}))?;
+            Some(r)
+        }
+        _ => None,
+    };
+
+    let bar = if opts.progress {
+        let pb = indicatif::ProgressBar::new(total_steps as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.set_position(start_step as u64);
+        Some(pb)
+    } else {
+        None
+    };
+
+    let mut tokens_total = 0usize;
+    let mut last_loss = None;
+    let mut interrupted_at = None;
+    let mut step = start_step;
+    while step < total_steps {
+        let step_started = Instant::now();
+        // The micro-batches of this step: a window of this epoch's order.
+        let epoch = step / steps_per_epoch;
+        let order = epoch_order(n, cfg.seed, epoch, cfg.shuffle);
+        let first_micro = (step % steps_per_epoch) * cfg.gradient_accumulation_steps;
+        let last_micro = (first_micro + cfg.gradient_accumulation_steps).min(micro_per_epoch);
+        let batches: Vec<_> = (first_micro..last_micro)
+            .map(|mi| {
+                let idx = &order[mi * cfg.micro_batch_size..((mi + 1) * cfg.micro_batch_size).min(n)];
+                let exs: Vec<&Example> = idx.iter().map(|&i| &train_set[i]).collect();
+                make_batch(&exs, cfg.pad_id)
+            })
+            .collect();
+        let denom = batches.iter().map(|b| Llama::count_targets(&b.labels, b.batch, b.seq)).sum::<usize>().max(1) as f64;
+
+        // Forward + backward over the micro-batches, summing gradients.
+        let mut grads: Vec<Tensor> = Vec::new();
+        let mut step_loss = 0f64;
+        let mut step_tokens = 0usize;
+        for (mi, batch) in batches.iter().enumerate() {
+            let ctx = ForwardCtx { dropout_seed: Some(ops::seed_of(&[cfg.seed, step as u64, mi as u64])), no_grad: false };
+            let ids = Tensor::from_vec(batch.input_ids.clone(), (batch.batch, batch.seq), &model.device)?;
+            let hidden = model.forward_hidden(&ids, &ctx, None)?;
+            let loss = model.loss(&hidden, &batch.labels, denom)?;
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite { step: step + 1, value, checkpoint: last_checkpoint });
+            }
+            step_loss += value as f64;
+            step_tokens += batch.lengths.iter().sum::<usize>();
+            let store = loss.backward()?;
+            for (i, var) in vars.iter().enumerate() {
+                let g = match store.get(var.as_tensor()) {
+                    Some(g) => g.clone(),
+                    None => var.zeros_like()?,
+                };
+                if grads.len() <= i {
+                    grads.push(g);
+                } else {
+                    grads[i] = (&grads[i] + g)?;
+                }
+            }
+        }
+        let grad_norm = optim::clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFinite { step: step + 1, value: grad_norm as f32, checkpoint: last_checkpoint });
+        }
+        let lr = schedule::lr_at(cfg.lr_scheduler, cfg.learning_rate, cfg.warmup_steps, total_steps, step);
+        opt.step(&grads, lr)?;
+        step += 1;
+
+        let dt = step_started.elapsed().as_secs_f64();
+        tokens_total += step_tokens;
+        last_loss = Some(step_loss);
+        let tps = step_tokens as f64 / dt.max(1e-9);
+        if step % cfg.logging_every.max(1) == 0 || step == total_steps {
+            log(json!({
+                "step": step, "epoch": step as f64 / steps_per_epoch as f64, "loss": step_loss, "lr": lr,
+                "grad_norm": grad_norm, "tokens": step_tokens, "tokens_per_s": tps, "step_s": dt,
+                "elapsed_s": started.elapsed().as_secs_f64(),
+            }))?;
+        }
+        if let Some(pb) = &bar {
+            pb.set_message(format!("loss {step_loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+            pb.set_position(step as u64);
+        } else if step % cfg.logging_every.max(1) == 0 {
+            tracing::info!("step {step}/{total_steps} loss {step_loss:.4} lr {lr:.2e} {tps:.0} tok/s");
+        }
+
+        if let (Some(every), Some(v)) = (cfg.eval_every, valid_set) {
+            if step % every == 0 && step < total_steps && !v.is_empty() {
+                let r = evaluate(model, v, eval_batch, cfg.pad_id)?;
+                log(json!({"step": step, "eval_loss": r.loss, "eval_perplexity": r.perplexity, "eval_tokens": r.tokens}))?;
+                if let Some(pb) = &bar {
+                    pb.println(format!("step {step}: eval loss {:.4} (perplexity {:.2})", r.loss, r.perplexity));
+                }
+            }
+        }
+        let stop = opts.interrupt.load(Ordering::SeqCst) || opts.stop_after_step == Some(step);
+        let scheduled = cfg.save_every.is_some_and(|e| step % e == 0) && step < total_steps;
+        if stop || scheduled {
+            let dir = save_checkpoint(model, adapter, &opt, &names, step, &fp, base_model, out, opts.keep_checkpoints)?;
+            last_checkpoint = Some(dir.clone());
+            if stop {
+                interrupted_at = Some(dir);
+                break;
+            }
+        }
+    }
+    if let Some(pb) = &bar {
+        pb.finish_and_clear();
+    }
+    let final_eval = match valid_set {
+        Some(v) if interrupted_at.is_none() && !v.is_empty() => {
+            let r = evaluate(model, v, eval_batch, cfg.pad_id)?;
+            log(json!({"step": step, "eval_loss": r.loss, "eval_perplexity": r.perplexity, "eval_tokens": r.tokens}))?;
+            Some(r)
+        }
+        _ => None,
+    };
+    Ok(TrainSummary {
+        steps: step,
+        total_steps,
+        last_train_loss: last_loss,
+        final_eval,
+        initial_eval,
+        tokens: tokens_total,
+        wall_s: started.elapsed().as_secs_f64(),
+        interrupted_at,
+    })
+}
