@@ -20,7 +20,9 @@
 //! ```
 //!
 //! Offline mode (`HF_HUB_OFFLINE`, which hf-hub itself ignores) reads this layout directly and never
-//! touches the network. An HF token is only handed to hf-hub, which sends it as an
+//! touches the network. Online, every file after `config.json` is fetched at the commit sha that
+//! `config.json` resolved to, and freshly downloaded LFS blobs (the weights) are checked against
+//! their sha256 ETag, since hf-hub 1.0 does not check the status of the GET it caches. An HF token is only handed to hf-hub, which sends it as an
 //! `Authorization: Bearer …` header; it is never printed, logged, or put into an error message.
 
 use std::collections::BTreeSet;
@@ -347,6 +349,22 @@ pub enum HubError {
         file: String,
         /// What went wrong (token-free text).
         source: UpstreamError,
+    },
+    /// A freshly downloaded file does not match the sha256 the Hub announced for it (its ETag); the
+    /// bad copy was removed from the cache.
+    #[error(
+        "the downloaded {file} of {repo} does not match its sha256 checksum {expected} (got {actual}); \
+         the bad copy was removed from the cache: run again to retry the download"
+    )]
+    Corrupted {
+        /// The repo id.
+        repo: String,
+        /// The file.
+        file: String,
+        /// The sha256 the Hub announced (the blob's ETag).
+        expected: String,
+        /// The sha256 of what arrived.
+        actual: String,
     },
     /// The endpoint URL or the HTTP client could not be set up.
     #[error("cannot set up the Hub client for endpoint {endpoint}")]
@@ -912,6 +930,43 @@ impl OnlineFetcher {
         })
     }
 
+    /// hf-hub 1.0 writes the body of its GET into the blob without checking the status (it only
+    /// checks the HEAD before it), so an error page from a CDN could become a cached "file" that is
+    /// never fetched again. A blob named by a sha256 ETag (LFS files: the weights) that this call
+    /// created is therefore hashed once; on a mismatch it and its snapshot entry are removed.
+    fn verify_fresh_blob(
+        &self,
+        snapshot_file: &Path,
+        file: &str,
+        blobs_before: &BTreeSet<String>,
+    ) -> Result<(), HubError> {
+        let Ok(blob) = std::fs::canonicalize(snapshot_file) else {
+            return Ok(());
+        };
+        let Some(expected) = blob.file_name().and_then(|n| n.to_str()).map(str::to_ascii_lowercase) else {
+            return Ok(());
+        };
+        let is_sha256 = expected.len() == 64 && expected.bytes().all(|b| b.is_ascii_hexdigit());
+        if !is_sha256 || blobs_before.contains(&expected) {
+            return Ok(());
+        }
+        let actual = sha256_file(&blob).map_err(|source| HubError::Io {
+            path: blob.clone(),
+            source,
+        })?;
+        if actual == expected {
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(snapshot_file);
+        let _ = std::fs::remove_file(&blob);
+        Err(HubError::Corrupted {
+            repo: self.repo.clone(),
+            file: file.to_string(),
+            expected,
+            actual,
+        })
+    }
+
     fn map(&self, err: HFError, file: &str, revision: &str) -> Mapped {
         let repo = self.repo.clone();
         let upstream = |e: &HFError| UpstreamError::from_hf(e, self.token.as_deref());
@@ -974,6 +1029,7 @@ impl Fetcher for OnlineFetcher {
         if is_commit_sha(revision) && self.repo_dir.join(".no_exist").join(revision).join(file).exists() {
             return Ok(Fetched::Absent);
         }
+        let blobs_before = blob_names(&self.repo_dir.join("blobs"));
         let progress = self.progress.then(|| Progress::new(DownloadBar::new(file)));
         let result = self
             .handle
@@ -983,7 +1039,10 @@ impl Fetcher for OnlineFetcher {
             .maybe_progress(progress)
             .send();
         match result {
-            Ok(path) => Ok(Fetched::Found(path)),
+            Ok(path) => {
+                self.verify_fresh_blob(&path, file, &blobs_before)?;
+                Ok(Fetched::Found(path))
+            }
             Err(e) => match self.map(e, file, revision) {
                 Mapped::EntryNotFound => Ok(Fetched::Absent),
                 Mapped::Error(e) => Err(e),
@@ -1029,6 +1088,35 @@ impl Fetcher for OnlineFetcher {
             Err(_) => format!("neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}"),
         }
     }
+}
+
+/// The names in a cache's `blobs/` folder (empty when it does not exist yet).
+fn blob_names(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_ascii_lowercase))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Lower-case hex sha256 of a file, streamed.
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// An indicatif bar for one file download, fed by hf-hub's progress events.

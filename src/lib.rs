@@ -5,6 +5,8 @@
 //! (datasets → tokens + label masks → batches) → `train` (the loop) → adapters/<run>/ in PEFT's format.
 
 pub mod adapter;
+pub mod base;
+pub mod card;
 pub mod data;
 pub mod hub;
 pub mod linear;
@@ -12,3 +14,4 @@ pub mod model;
 pub mod ops;
 pub mod recipe;
 pub mod train;
+pub mod util;

@@ -533,38 +533,9 @@ impl Default for Ia3Spec {
     }
 }
 
-/// Which modules an adapter attaches to, as in HF PEFT's `target_modules`.
-///
-/// In YAML: the string `all-linear`, a list of names, or any other string (a regex).
-#[derive(Debug, Clone, PartialEq)]
-pub enum TargetModules {
-    /// Every linear layer except the output head (`lm_head`).
-    AllLinear,
-    /// Module names (`q_proj`) or dotted path suffixes (`model.layers.0.self_attn.q_proj`): a module
-    /// matches when its full path equals an entry or ends with `.` + the entry.
-    List(Vec<String>),
-    /// A regular expression that must match the whole module path.
-    Regex(String),
-}
-
-impl TargetModules {
-    /// Whether the linear layer at `full_path` (e.g. `model.layers.3.mlp.down_proj`) is a target.
-    /// The caller only asks about linear layers; an invalid regex matches nothing (validation
-    /// rejects those anyway).
-    pub fn matches(&self, full_path: &str) -> bool {
-        match self {
-            TargetModules::AllLinear => full_path != "lm_head" && !full_path.ends_with(".lm_head"),
-            TargetModules::List(names) => names.iter().any(|name| {
-                full_path == name
-                    || (full_path.ends_with(name.as_str())
-                        && full_path[..full_path.len() - name.len()].ends_with('.'))
-            }),
-            TargetModules::Regex(pattern) => Regex::new(&format!("^(?:{pattern})$"))
-                .map(|re| re.is_match(full_path))
-                .unwrap_or(false),
-        }
-    }
-}
+/// Which modules an adapter attaches to (PEFT's `target_modules`; the matching rules live in
+/// [`crate::adapter::target`]). In YAML: the string `all-linear`, a list of names, or any other string (a regex).
+pub use crate::adapter::target::TargetModules;
 
 impl Serialize for TargetModules {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {

@@ -25,6 +25,8 @@ const TINY: &str = "peftkit-test/tiny-llama";
 const SHARDED: &str = "peftkit-test/tiny-llama-sharded";
 const PICKLE: &str = "peftkit-test/pickle-only";
 const GATED: &str = "peftkit-test/gated";
+/// HEAD of model.safetensors succeeds, its GET answers 403 (an expired CDN link, say).
+const BROKEN_CDN: &str = "peftkit-test/broken-cdn";
 const FIXTURE_FILES: &[&str] = &[
     "config.json",
     "model.safetensors",
@@ -139,6 +141,9 @@ fn route(repos: &Repos, req: &Request) -> Response {
     match rest {
         ["resolve", rev, file @ ..] if rev_ok(rev) => {
             let file = file.join("/");
+            if repo == BROKEN_CDN && req.method == "GET" && file == "model.safetensors" {
+                return Response::error(403, "Forbidden", "Request has expired");
+            }
             match files.get(&file) {
                 Some(bytes) => {
                     let mut r = Response::new(200)
@@ -276,6 +281,7 @@ fn repos() -> Repos {
     let mut repos = Repos::new();
     let tiny: BTreeMap<String, Vec<u8>> = FIXTURE_FILES.iter().map(|f| (f.to_string(), fixture(f))).collect();
     repos.insert(TINY.to_string(), tiny.clone());
+    repos.insert(BROKEN_CDN.to_string(), tiny.clone());
 
     let mut sharded = tiny.clone();
     sharded.remove("model.safetensors");
@@ -532,4 +538,31 @@ fn unreachable_endpoint_is_a_network_error() {
         other => panic!("expected Network, got {other:?}"),
     }
     assert!(!format!("{err:?}").contains(TOKEN));
+}
+
+#[test]
+fn an_error_page_in_place_of_weights_is_caught_and_removed() {
+    let hub = FakeHub::start(repos());
+    let cache = tempfile::tempdir().expect("tmp");
+    let err = resolve_model(BROKEN_CDN, None, &online(&hub, cache.path(), Some(TOKEN))).expect_err("corrupt");
+    let want = etag(&fixture("model.safetensors"));
+    match &err {
+        HubError::Corrupted {
+            repo,
+            file,
+            expected,
+            actual,
+        } => {
+            assert_eq!((repo.as_str(), file.as_str()), (BROKEN_CDN, "model.safetensors"));
+            assert_eq!(expected, &want);
+            assert_ne!(actual, &want);
+        }
+        other => panic!("expected Corrupted, got {other:?}"),
+    }
+    let repo_dir = cache.path().join("models--peftkit-test--broken-cdn");
+    assert!(!repo_dir.join("blobs").join(&want).exists(), "bad blob kept");
+    let pointer = repo_dir.join("snapshots").join(COMMIT).join("model.safetensors");
+    assert!(std::fs::symlink_metadata(pointer).is_err(), "bad snapshot entry kept");
+    // The config and tokenizer files (fine) stay cached.
+    assert!(repo_dir.join("snapshots").join(COMMIT).join("config.json").is_file());
 }

@@ -24,6 +24,8 @@ pub enum AdapterError {
     Format { path: std::path::PathBuf, msg: String },
     #[error("{path}: {source}")]
     Io { path: std::path::PathBuf, source: std::io::Error },
+    #[error("adapter.type: `{0}` adapters cannot be trained by this version of peftkit (available: lora)")]
+    UnsupportedType(String),
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -35,6 +37,29 @@ pub enum AdapterConfig {
 }
 
 impl AdapterConfig {
+    /// The adapter described by a recipe's `adapter` section.
+    pub fn from_spec(spec: &crate::recipe::AdapterSpec) -> Result<Self, AdapterError> {
+        use crate::recipe::{AdapterSpec, InitLoraWeights};
+        match spec {
+            AdapterSpec::Lora(l) => Ok(AdapterConfig::Lora(LoraConfig {
+                r: l.r,
+                lora_alpha: l.lora_alpha,
+                lora_dropout: l.lora_dropout,
+                target_modules: l.target_modules.clone(),
+                use_rslora: l.use_rslora,
+                init: match l.init_lora_weights {
+                    InitLoraWeights::Default => LoraInit::Kaiming,
+                    InitLoraWeights::Gaussian => LoraInit::Gaussian,
+                    InitLoraWeights::Random => LoraInit::Random,
+                },
+                layers_to_transform: l.layers_to_transform.clone(),
+                rank_pattern: Default::default(),
+                alpha_pattern: Default::default(),
+            })),
+            other => Err(AdapterError::UnsupportedType(other.type_name().to_string())),
+        }
+    }
+
     /// PEFT's `peft_type`.
     pub fn peft_type(&self) -> &'static str {
         match self {

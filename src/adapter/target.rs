@@ -19,6 +19,11 @@ pub enum TargetModules {
 }
 
 impl TargetModules {
+    /// Whether the projection at `path` is targeted (no layer restriction); an invalid regex matches nothing.
+    pub fn matches(&self, path: &str) -> bool {
+        self.matcher(None).is_ok_and(|m| m.matches(path))
+    }
+
     /// Builds a matcher; fails only on an invalid regex.
     pub fn matcher(&self, layers_to_transform: Option<&[usize]>) -> Result<TargetMatcher, regex::Error> {
         let regex = match self {
@@ -52,7 +57,8 @@ impl TargetMatcher {
     /// True when `path` (a linear module inside a decoder layer) is targeted.
     pub fn matches(&self, path: &str) -> bool {
         let hit = match &self.targets {
-            TargetModules::AllLinear => true,
+            // The output head is never a target of all-linear (PEFT excludes it).
+            TargetModules::AllLinear => path != "lm_head" && !path.ends_with(".lm_head"),
             TargetModules::List(names) => {
                 names.iter().any(|n| path == n || path.ends_with(&format!(".{n}")))
             }

@@ -375,7 +375,8 @@ fn common_prefix_len(a: &str, b: &str) -> usize {
 mod tests {
     use super::*;
     use crate::data::testutil::{
-        fixture_template, fixture_tokenizer, tokenizer_with_specials, LLAMA3, MISTRAL, MISTRAL_V03, QWEN25, SMOLLM2,
+        fixture_template, fixture_tokenizer, tokenizer_with_specials, LLAMA3, LLAMA31, MISTRAL, MISTRAL_V03, QWEN25,
+        SMOLLM2,
     };
     use tokenizers::Tokenizer;
 
@@ -511,6 +512,35 @@ mod tests {
             .encode(&Record::Chat(vec![m("assistant", "a"), m("user", "u")]))
             .unwrap();
         assert_eq!(supervised_runs(&tokenizer, &example), vec!["a<|eot_id|>"]);
+    }
+
+    #[test]
+    fn llama31_system_header_with_date_is_masked() {
+        let tokenizer = tokenizer_with_specials(&[
+            "<|begin_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ]);
+        let template = ChatTemplate::new(LLAMA31.into(), "<|begin_of_text|>".into(), "<|eot_id|>".into()).unwrap();
+        let messages = vec![
+            m("system", " Sys. "),
+            m("user", "Hi"),
+            m("assistant", "Hello."),
+            m("user", "x"),
+            m("assistant", "Bye."),
+        ];
+        let text = template.render(&messages, false).unwrap();
+        assert!(text.starts_with("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: "), "{text}");
+        assert!(text.ends_with("\n\nSys.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nx<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nBye.<|eot_id|>"), "{text}");
+        let encoder = Encoder::new(&tokenizer, Some(&template), None, None, false);
+        for messages in [messages.clone(), messages[1..].to_vec()] {
+            let example = encoder.encode(&Record::Chat(messages)).unwrap();
+            assert_eq!(
+                supervised_runs(&tokenizer, &example),
+                vec!["Hello.<|eot_id|>", "Bye.<|eot_id|>"]
+            );
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
@@ -37,7 +37,7 @@ use encode::Encoder;
 use records::{detect_format, line_of_offset, parse_record, read_records, Record};
 
 /// The layout of a dataset's records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// `{"messages": [{"role", "content"}, …]}`, rendered with the chat template; assistant turns supervised.

@@ -126,3 +126,43 @@ pub fn load_llama(config_path: &Path, weights: &[PathBuf], device: &Device, dtyp
     };
     Ok(Llama::new(cfg, embed, layers, norm, lm_head))
 }
+
+/// A model of `config`'s shape with random weights (N(0, 0.02²) projections and embeddings, unit norms), for
+/// benchmarks: speed and memory do not depend on the values.
+pub fn random_llama(config: ModelConfig, seed: u64, device: &Device, dtype: DType) -> Result<Llama, ModelError> {
+    use rand::SeedableRng;
+    let mut id = 0u64;
+    let mut next = |shape: &[usize]| -> Result<Tensor, ModelError> {
+        id += 1;
+        let n: usize = shape.iter().product();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let v: Vec<f32> = (0..n).map(|_| (crate::adapter::lora::normal(&mut rng) * 0.02) as f32).collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+    };
+    let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+    let (q_out, kv_out) = (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
+    let ones = |n: usize| Tensor::ones(n, dtype, device);
+    let embed = next(&[v, h])?;
+    let mut layers = Vec::with_capacity(config.num_hidden_layers);
+    let mut lid = 0u64;
+    for l in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let mut lin = |name: &str, out: usize, inp: usize| -> Result<AdaptedLinear, ModelError> {
+            lid += 1;
+            Ok(AdaptedLinear::new(format!("{p}.{name}"), next(&[out, inp])?, None, lid)?)
+        };
+        layers.push(Block {
+            q_proj: lin("self_attn.q_proj", q_out, h)?,
+            k_proj: lin("self_attn.k_proj", kv_out, h)?,
+            v_proj: lin("self_attn.v_proj", kv_out, h)?,
+            o_proj: lin("self_attn.o_proj", h, q_out)?,
+            gate_proj: lin("mlp.gate_proj", i, h)?,
+            up_proj: lin("mlp.up_proj", i, h)?,
+            down_proj: lin("mlp.down_proj", h, i)?,
+            input_layernorm: ones(h)?,
+            post_attention_layernorm: ones(h)?,
+        });
+    }
+    let lm_head = if config.tie_word_embeddings { embed.clone() } else { next(&[v, h])? };
+    Ok(Llama::new(config, embed, layers, ones(h)?, lm_head))
+}

@@ -74,6 +74,34 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The settings of a recipe's `training` section for a training set of `n_examples` sequences.
+    pub fn from_recipe(recipe: &crate::recipe::Recipe, pad_id: u32, n_examples: usize) -> Self {
+        let t = &recipe.training;
+        let mut cfg = TrainConfig {
+            micro_batch_size: t.micro_batch_size.max(1),
+            gradient_accumulation_steps: t.gradient_accumulation_steps.max(1),
+            max_steps: t.max_steps,
+            epochs: t.epochs.unwrap_or(1),
+            learning_rate: t.learning_rate(&recipe.adapter),
+            lr_scheduler: t.lr_scheduler,
+            warmup_steps: t.warmup_steps,
+            weight_decay: t.weight_decay,
+            adam_beta1: t.adam_beta1,
+            adam_beta2: t.adam_beta2,
+            adam_epsilon: t.adam_epsilon,
+            max_grad_norm: t.max_grad_norm,
+            seed: t.seed,
+            shuffle: recipe.data.shuffle,
+            eval_every: t.eval_every,
+            save_every: t.save_every,
+            logging_every: t.logging_every.max(1),
+            pad_id,
+        };
+        cfg.warmup_steps = t.warmup_steps_for(cfg.total_steps(n_examples));
+        cfg
+    }
+
+
     /// Micro-batches in one pass over `n` examples.
     pub fn micro_per_epoch(&self, n: usize) -> usize {
         n.div_ceil(self.micro_batch_size)

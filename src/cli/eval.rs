@@ -1,0 +1,70 @@
+//! `peftkit eval --base M [--adapter DIR] --data FILE [--format F] [--json]`
+
+use super::{hub_options, user};
+use anyhow::Result;
+use candle_core::Device;
+use peftkit::adapter::peft_format;
+use peftkit::base::load_base;
+use peftkit::data::{self, EncodeOptions, Format};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Base model: a Hub id (owner/name) or a local folder.
+    #[arg(long)]
+    pub base: String,
+    /// Hub revision (branch, tag or commit) of the base model.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// A PEFT adapter folder to apply (unmerged).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The dataset (JSONL or JSON array).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// chat, alpaca or completion (default: detected from the first record).
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Longer examples are truncated to this many tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub sequence_len: usize,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Print one JSON line: {"loss": …, "perplexity": …, "tokens": …}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let format: Option<Format> = a.format.as_deref().map(str::parse).transpose().map_err(user)?;
+    if a.sequence_len == 0 || a.batch_size == 0 {
+        return Err(user(anyhow::anyhow!("--sequence-len and --batch-size must be positive")));
+    }
+    let mut base = load_base(&a.base, a.revision.as_deref(), &hub_options(), &Device::Cpu).map_err(user)?;
+    if let Some(dir) = &a.adapter {
+        peft_format::load_adapter(&mut base.model, dir).map_err(user)?;
+    }
+    // Every token of the file is evaluated as in training: loss on supervised tokens only.
+    let opts = EncodeOptions { sequence_len: a.sequence_len, train_on_inputs: false };
+    let ds = data::load_dataset(&a.data, format, &base.tokenizer, base.template.as_ref(), base.eos_token.as_deref(), &opts)
+        .map_err(user)?;
+    let r = peftkit::train::evaluate(&base.model, &ds.examples, a.batch_size, base.pad_id)?;
+    if a.json {
+        println!("{}", serde_json::json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}));
+    } else {
+        println!(
+            "{}: {} examples ({} format), {} predicted tokens: loss {:.4}, perplexity {:.3}",
+            a.data.display(),
+            ds.stats.examples,
+            ds.format,
+            r.tokens,
+            r.loss,
+            r.perplexity
+        );
+        if ds.stats.truncated > 0 {
+            println!("note: {} examples were truncated to {} tokens", ds.stats.truncated, a.sequence_len);
+        }
+    }
+    Ok(())
+}

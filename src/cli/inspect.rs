@@ -1,0 +1,55 @@
+//! `peftkit inspect PATH`: what an adapter folder, a model folder or a recipe holds.
+
+use super::user;
+use anyhow::Result;
+use peftkit::adapter::{peft_format, AdapterConfig};
+use peftkit::model::ModelConfig;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// An adapter folder (adapter_config.json), a model folder (config.json) or a recipe (.yaml).
+    pub path: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let p = &a.path;
+    if p.is_dir() && p.join(peft_format::CONFIG_FILE).is_file() {
+        let cfg = peft_format::read_config(p).map_err(user)?;
+        let tensors = candle_core::safetensors::load(p.join(peft_format::WEIGHTS_FILE), &candle_core::Device::Cpu)
+            .map_err(|e| user(anyhow::anyhow!("{}: {e}", p.join(peft_format::WEIGHTS_FILE).display())))?;
+        let params: usize = tensors.values().map(|t| t.elem_count()).sum();
+        println!("adapter: {}", p.display());
+        println!("  type: {}", cfg.adapter.peft_type());
+        println!("  base model: {}", cfg.base_model_name_or_path.as_deref().unwrap_or("(not recorded)"));
+        match &cfg.adapter {
+            AdapterConfig::Lora(l) => {
+                println!("  r: {}, lora_alpha: {}, dropout: {}, rslora: {}", l.r, l.lora_alpha, l.lora_dropout, l.use_rslora);
+                println!("  target_modules: {:?}", l.target_modules);
+            }
+        }
+        println!("  tensors: {}, parameters: {params}", tensors.len());
+    } else if p.is_dir() && p.join("config.json").is_file() {
+        let c = ModelConfig::from_file(&p.join("config.json")).map_err(user)?;
+        println!("model: {}", p.display());
+        println!(
+            "  {}: {} layers, hidden {}, intermediate {}, heads {} (kv {}), head_dim {}, vocab {}, tied embeddings: {}",
+            c.model_type,
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.vocab_size,
+            c.tie_word_embeddings
+        );
+        println!("  rope_theta {}, scaling {:?}, rms_norm_eps {}", c.rope_theta, c.rope_scaling, c.rms_norm_eps);
+    } else if p.is_file() {
+        let r = peftkit::recipe::Recipe::load(p, &[]).map_err(user)?;
+        println!("recipe {} is valid; resolved:\n{}", p.display(), r.to_yaml());
+    } else {
+        return Err(user(anyhow::anyhow!("{}: not an adapter folder, a model folder or a recipe file", p.display())));
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! `peftkit train RECIPE.yaml [--set key=value]… [--resume]`
+
+use super::{hub_options, user};
+use anyhow::{Context, Result};
+use candle_core::Device;
+use peftkit::adapter::{self, peft_format, AdapterConfig};
+use peftkit::base::load_base;
+use peftkit::card::{adapter_card, AdapterCardFacts, DataFacts};
+use peftkit::data::{self, Dataset, EncodeOptions, Format};
+use peftkit::recipe::{DataFormat, Recipe};
+use peftkit::train::{self, TrainConfig, TrainOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The recipe (YAML).
+    pub recipe: PathBuf,
+    /// Override a recipe key, e.g. `--set training.learning_rate=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue from the newest checkpoint in the output folder.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// A recipe's data format as the data module's (None = detect).
+pub fn data_format(f: DataFormat) -> Option<Format> {
+    match f {
+        DataFormat::Auto => None,
+        DataFormat::Chat => Some(Format::Chat),
+        DataFormat::Alpaca => Some(Format::Alpaca),
+        DataFormat::Completion => Some(Format::Completion),
+    }
+}
+
+fn facts(d: &Dataset) -> DataFacts {
+    DataFacts {
+        path: d.path.display().to_string(),
+        sha256: d.stats.sha256.clone(),
+        format: d.format.to_string(),
+        examples: d.stats.examples,
+        tokens: d.stats.tokens,
+        supervised_tokens: d.stats.supervised_tokens,
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    // Everything about the recipe is checked before any download or computation.
+    let recipe = Recipe::load(&args.recipe, &args.set).map_err(user)?;
+    let adapter_cfg = AdapterConfig::from_spec(&recipe.adapter).map_err(user)?;
+    let out = recipe.output.dir.clone();
+    if args.resume && train::latest_checkpoint(&out).is_none() {
+        return Err(user(anyhow::anyhow!("--resume: no checkpoint in {}", out.join("checkpoints").display())));
+    }
+
+    let device = Device::Cpu;
+    tracing::info!("loading base model {}", recipe.base_model);
+    let mut base = load_base(&recipe.base_model, recipe.revision.as_deref(), &hub_options(), &device).map_err(user)?;
+    let opts = EncodeOptions { sequence_len: recipe.data.sequence_len, train_on_inputs: recipe.data.train_on_inputs };
+    let format = data_format(recipe.data.format);
+    let load = |p: &Path| {
+        data::load_dataset(p, format, &base.tokenizer, base.template.as_ref(), base.eos_token.as_deref(), &opts)
+    };
+    let train_set = load(&recipe.data.train).map_err(user)?;
+    let valid_set = recipe.data.validation.as_deref().map(load).transpose().map_err(user)?;
+    for d in std::iter::once(&train_set).chain(valid_set.as_ref()) {
+        let s = &d.stats;
+        tracing::info!(
+            "{}: {} examples ({} format), {} tokens, {} supervised{}{}",
+            d.path.display(),
+            s.examples,
+            d.format,
+            s.tokens,
+            s.supervised_tokens,
+            if s.truncated > 0 { format!(", {} truncated to {}", s.truncated, opts.sequence_len) } else { String::new() },
+            if s.dropped > 0 { format!(", {} dropped (nothing to learn after truncation)", s.dropped) } else { String::new() },
+        );
+    }
+
+    let n_adapted = adapter::attach(&mut base.model, &adapter_cfg, recipe.training.seed).map_err(user)?;
+    let trainable: usize = adapter::trainable(&base.model).iter().map(|(_, v)| v.elem_count()).sum();
+    tracing::info!("{} adapter on {n_adapted} projections: {trainable} trainable parameters", recipe.adapter.type_name());
+
+    let cfg = TrainConfig::from_recipe(&recipe, base.pad_id, train_set.examples.len());
+    let interrupt = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupt.clone();
+        let _ = ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!("\nCtrl-C: finishing this step and writing a checkpoint (press again to quit at once)");
+        });
+    }
+    let options = TrainOptions {
+        resume: args.resume,
+        interrupt,
+        stop_after_step: None,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        keep_checkpoints: 2,
+    };
+    let valid_examples = valid_set.as_ref().map(|d| d.examples.as_slice());
+    let summary =
+        train::train(&mut base.model, &adapter_cfg, &train_set.examples, valid_examples, &cfg, &base.name, &out, &options)
+            .map_err(|e| match e {
+                train::TrainError::Resume(_) | train::TrainError::EmptyDataset => user(e),
+                other => anyhow::Error::new(other),
+            })?;
+    if let Some(ckpt) = &summary.interrupted_at {
+        eprintln!(
+            "stopped after step {} of {}; checkpoint: {}\nresume with: peftkit train {} --resume",
+            summary.steps,
+            summary.total_steps,
+            ckpt.display(),
+            args.recipe.display()
+        );
+        std::process::exit(130);
+    }
+
+    // The adapter, the resolved recipe and the card, each written to a temporary name and renamed into place.
+    let revision = match &base.files.source {
+        peftkit::hub::ModelSource::Hub { revision, .. } => Some(revision.as_str()),
+        _ => None,
+    };
+    peft_format::save_adapter(&base.model, &adapter_cfg, &base.name, revision, &out)?;
+    let recipe_yaml = recipe.to_yaml();
+    peft_format::write_atomic(&out.join("peftkit_recipe.yaml"), recipe_yaml.as_bytes())?;
+    let license = base.model.config.raw.get("license").and_then(|l| l.as_str()).map(str::to_string);
+    let card = adapter_card(&AdapterCardFacts {
+        base_model: &base.name,
+        base_is_hub: matches!(base.files.source, peftkit::hub::ModelSource::Hub { .. }),
+        revision,
+        license,
+        method: recipe.adapter.type_name(),
+        adapter_dir: &out.display().to_string(),
+        recipe_yaml: &recipe_yaml,
+        train: facts(&train_set),
+        validation: valid_set.as_ref().map(facts),
+        summary: &summary,
+        trainable_params: trainable,
+        peak_rss_mb: peftkit::util::peak_rss_mb(),
+        device: format!("CPU ({} threads)", candle_core::utils::get_num_threads()),
+    });
+    peft_format::write_atomic(&out.join("README.md"), card.as_bytes()).context("writing the model card")?;
+
+    let eval_line = |name: &str, r: &Option<train::EvalResult>| {
+        if let Some(r) = r {
+            println!("{name}: loss {:.4}, perplexity {:.2} ({} tokens)", r.loss, r.perplexity, r.tokens);
+        }
+    };
+    eval_line("validation before", &summary.initial_eval);
+    eval_line("validation after ", &summary.final_eval);
+    println!(
+        "trained {} steps in {:.1} s ({:.0} tokens/s); adapter written to {}",
+        summary.steps,
+        summary.wall_s,
+        summary.tokens as f64 / summary.wall_s.max(1e-9),
+        out.display()
+    );
+    Ok(())
+}
