@@ -1,0 +1,176 @@
+//! The `peftkit` binary: exit codes and messages for bad input, a model resolved by repo id from an HF cache
+//! with HF_HUB_OFFLINE=1, `eval` against transformers' loss, and a short `train` run end to end.
+
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_peftkit"));
+    // Never reach for a real Hub or a user's cache from tests.
+    c.env("HF_HUB_OFFLINE", "1").env("NO_COLOR", "1").env_remove("HF_TOKEN");
+    c
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("peftkit-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// An HF hub cache (as huggingface_hub writes it) holding tiny-llama as `peftkit-test/tiny-llama`.
+fn hf_cache(root: &Path) -> PathBuf {
+    let repo = root.join("models--peftkit-test--tiny-llama");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
+        let blob = repo.join("blobs").join(format!("blob-{f}"));
+        std::fs::copy(fixtures().join("tiny-llama").join(f), &blob).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/blob-{f}"), snap.join(f)).unwrap();
+    }
+    root.to_path_buf()
+}
+
+fn write_recipe(dir: &Path, body: &str) -> PathBuf {
+    let p = dir.join("recipe.yaml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+#[test]
+fn bad_recipe_exits_2_naming_line_and_key() {
+    let d = tmp("recipe");
+    let data = d.join("train.jsonl");
+    std::fs::write(&data, "{\"text\": \"hello\"}\n").unwrap();
+    let r = write_recipe(
+        &d,
+        &format!(
+            "base_model: x/y\nadapter:\n  type: lora\n  rank: 8\ndata: {{train: {}}}\noutput: {{dir: {}}}\n",
+            data.display(),
+            d.join("out").display()
+        ),
+    );
+    let o = bin().arg("train").arg(&r).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("recipe.yaml:4") && e.contains("adapter.rank"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    // A wrong type, through --set: the override is named.
+    let o = bin().arg("train").arg(&r).args(["--set", "adapter.rank=", "--set", "training.learning_rate=fast"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    // Nothing was written.
+    assert!(!d.join("out").exists());
+}
+
+#[test]
+fn bad_dataset_line_exits_2_naming_file_and_line() {
+    let d = tmp("data");
+    let cache = hf_cache(&d.join("hub"));
+    let data = d.join("train.jsonl");
+    std::fs::write(&data, "{\"text\": \"hello world\"}\n{\"text\": \"fine\"}\n{\"text\": oops}\n").unwrap();
+    let o = bin()
+        .env("HF_HUB_CACHE", &cache)
+        .args(["eval", "--base", "peftkit-test/tiny-llama", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("train.jsonl:3"), "{e}");
+}
+
+#[test]
+fn offline_repo_id_eval_matches_transformers_loss() {
+    let d = tmp("eval");
+    let cache = hf_cache(&d.join("hub"));
+    // The fixture's input_ids decode to a text whose tokenization gives those ids back; the reference loss is
+    // transformers' model(ids, labels=ids).loss, computed here from its logits.
+    let exp = candle_core::safetensors::load(fixtures().join("tiny-llama/expected.safetensors"), &Device::Cpu).unwrap();
+    let ids: Vec<u32> = exp["input_ids"].to_dtype(DType::U32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let tok = tokenizers::Tokenizer::from_file(fixtures().join("tiny-llama/tokenizer.json")).unwrap();
+    let text = tok.decode(&ids, false).unwrap();
+    let re = tok.encode(text.as_str(), true).unwrap().get_ids().to_vec();
+    assert_eq!(re, ids, "fixture text does not round-trip");
+    let logits = exp["logits_base"].squeeze(0).unwrap();
+    let lsm: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits, 1).unwrap().to_vec2().unwrap();
+    let want: f64 = -(0..ids.len() - 1).map(|j| lsm[j][ids[j + 1] as usize] as f64).sum::<f64>() / (ids.len() - 1) as f64;
+
+    let data = d.join("eval.jsonl");
+    std::fs::write(&data, format!("{}\n", serde_json::json!({"text": text}))).unwrap();
+    let o = bin()
+        .env("HF_HUB_CACHE", &cache)
+        .args(["eval", "--base", "peftkit-test/tiny-llama", "--json", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let got = v["loss"].as_f64().unwrap();
+    assert_eq!(v["tokens"].as_u64().unwrap() as usize, ids.len() - 1);
+    assert!((got - want).abs() < 1e-4, "loss {got} vs transformers {want}");
+    assert!((v["perplexity"].as_f64().unwrap() - want.exp()).abs() < 1e-2);
+
+    // Not in the cache while offline: a clear error, exit 2.
+    let o = bin().env("HF_HUB_CACHE", &cache).args(["eval", "--base", "peftkit-test/absent", "--data"]).arg(&data).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("HF_HUB_OFFLINE"), "{}", stderr(&o));
+}
+
+#[test]
+fn train_end_to_end_from_cache_writes_peft_adapter_and_card() {
+    let d = tmp("train");
+    let cache = hf_cache(&d.join("hub"));
+    let data = d.join("train.jsonl");
+    let lines: String = (0..12)
+        .map(|i| {
+            serde_json::json!({"messages": [{"role": "user", "content": format!("What is code E{i}?")},
+                {"role": "assistant", "content": format!("Code E{i} means the tank {} is empty.", i * 7)}]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let out = d.join("adapter");
+    let r = write_recipe(
+        &d,
+        &format!(
+            "base_model: peftkit-test/tiny-llama\nadapter: {{type: lora, r: 4, lora_alpha: 8}}\n\
+             data: {{train: {0}, validation: {0}, format: chat, sequence_len: 64}}\n\
+             training: {{max_steps: 4, micro_batch_size: 4, learning_rate: 1.0e-2, save_every: 2}}\noutput: {{dir: {1}}}\n",
+            data.display(),
+            out.display()
+        ),
+    );
+    let o = bin().env("HF_HUB_CACHE", &cache).arg("train").arg(&r).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["adapter_config.json", "adapter_model.safetensors", "README.md", "metrics.jsonl", "peftkit_recipe.yaml"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["base_model_name_or_path"], "peftkit-test/tiny-llama");
+    assert_eq!(cfg["r"], 4);
+    let st = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let a: &Tensor = &st["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
+    assert_eq!(a.dims(), &[4, 64]);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.starts_with("---\nbase_model: peftkit-test/tiny-llama\n"), "{card}");
+    // No temporary files left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+    assert!(leftovers.is_empty());
+    // The trained adapter is evaluated by `eval --adapter`.
+    let o = bin().env("HF_HUB_CACHE", &cache).args(["eval", "--base", "peftkit-test/tiny-llama", "--json", "--adapter"]).arg(&out).arg("--data").arg(&data).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}
