@@ -60,7 +60,17 @@ const MAX_REPO_PART_LEN: usize = 96;
 
 /// Weight formats other than safetensors, listed (never downloaded) when a repo has no safetensors.
 const OTHER_WEIGHT_SUFFIXES: &[&str] = &[
-    ".bin", ".pth", ".pt", ".ckpt", ".gguf", ".onnx", ".onnx_data", ".h5", ".msgpack", ".ot", ".tflite",
+    ".bin",
+    ".pth",
+    ".pt",
+    ".ckpt",
+    ".gguf",
+    ".onnx",
+    ".onnx_data",
+    ".h5",
+    ".msgpack",
+    ".ot",
+    ".tflite",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -121,7 +131,10 @@ impl HubOptions {
             .or_else(|| nonempty("HF_TOKEN_PATH").and_then(|p| read_token_file(Path::new(&p))))
             .or_else(|| read_token_file(&home.join("token")));
         let offline = nonempty("HF_HUB_OFFLINE").is_some_and(|v| {
-            matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
         });
         let endpoint = nonempty("HF_ENDPOINT").map(|e| e.trim().trim_end_matches('/').to_string());
         HubOptions {
@@ -296,7 +309,9 @@ pub enum HubError {
         repo: String,
     },
     /// The repo exists but the branch/tag/commit does not.
-    #[error("revision \"{revision}\" not found in {repo}; use an existing branch, tag or commit sha")]
+    #[error(
+        "revision \"{revision}\" not found in {repo}; use an existing branch, tag or commit sha"
+    )]
     RevisionNotFound {
         /// The repo id.
         repo: String,
@@ -460,9 +475,9 @@ fn http_status(err: &HFError) -> Option<u16> {
         | HFError::Forbidden { context }
         | HFError::Conflict { context }
         | HFError::RateLimited { context, .. } => Some(context.status.as_u16()),
-        HFError::RepoNotFound { .. } | HFError::RevisionNotFound { .. } | HFError::EntryNotFound { .. } => {
-            Some(404)
-        }
+        HFError::RepoNotFound { .. }
+        | HFError::RevisionNotFound { .. }
+        | HFError::EntryNotFound { .. } => Some(404),
         _ => None,
     }
 }
@@ -489,12 +504,18 @@ fn valid_repo_id(s: &str) -> bool {
                 part.len() <= MAX_REPO_PART_LEN
                     && first.is_ascii_alphanumeric()
                     && (last.is_ascii_alphanumeric() || *last == b'_')
-                    && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+                    && bytes
+                        .iter()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
             }
             _ => false,
         }
     };
-    part_ok(owner) && part_ok(name) && !s.contains("..") && !s.contains("--") && !name.ends_with(".git")
+    part_ok(owner)
+        && part_ok(name)
+        && !s.contains("..")
+        && !s.contains("--")
+        && !name.ends_with(".git")
 }
 
 /// Starts like a filesystem path rather than a repo id.
@@ -516,7 +537,9 @@ fn is_safe_relative(name: &str) -> bool {
     !name.is_empty()
         && !name.contains('\\')
         && !name.chars().any(char::is_control)
-        && Path::new(name).components().all(|c| matches!(c, Component::Normal(_)))
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
 }
 
 fn valid_revision(rev: &str) -> bool {
@@ -543,7 +566,11 @@ fn repo_folder(repo: &str) -> String {
 /// - A path-like value (`/…`, `./…`, `../…`, `~…`) that does not exist → [`HubError::LocalNotFound`].
 /// - A Hub id `owner/name` is fetched into (or, offline, read from) the Hub cache at `revision`
 ///   (branch, tag or commit sha; default `main`). Only the needed files are fetched.
-pub fn resolve_model(base_model: &str, revision: Option<&str>, opts: &HubOptions) -> Result<ModelFiles, HubError> {
+pub fn resolve_model(
+    base_model: &str,
+    revision: Option<&str>,
+    opts: &HubOptions,
+) -> Result<ModelFiles, HubError> {
     let as_path = expand_tilde_with(base_model, &|key: &str| std::env::var(key).ok());
     if as_path.exists() {
         if !as_path.is_dir() {
@@ -648,7 +675,8 @@ fn describe_other_weights(names: impl IntoIterator<Item = String>) -> String {
         .into_iter()
         .filter(|n| {
             let lower = n.to_ascii_lowercase();
-            OTHER_WEIGHT_SUFFIXES.iter().any(|s| lower.ends_with(s)) || lower.ends_with(".safetensors")
+            OTHER_WEIGHT_SUFFIXES.iter().any(|s| lower.ends_with(s))
+                || lower.ends_with(".safetensors")
         })
         .collect();
     if found.is_empty() {
@@ -672,7 +700,8 @@ fn read_index(path: &Path) -> Result<Vec<String>, HubError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(format!("not JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| invalid(format!("not JSON: {e}")))?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -716,7 +745,11 @@ trait Fetcher {
     fn other_weights(&mut self, revision: &str) -> String;
 }
 
-fn resolve_hub(fetcher: &mut dyn Fetcher, repo: &str, revision: &str) -> Result<ModelFiles, HubError> {
+fn resolve_hub(
+    fetcher: &mut dyn Fetcher,
+    repo: &str,
+    revision: &str,
+) -> Result<ModelFiles, HubError> {
     let config = match fetcher.fetch(CONFIG_FILE, revision)? {
         Fetched::Found(p) => p,
         Fetched::Absent => return Err(fetcher.missing_config(revision)),
@@ -732,7 +765,11 @@ fn resolve_hub(fetcher: &mut dyn Fetcher, repo: &str, revision: &str) -> Result<
             Ok(Fetched::Found(p)) => Ok(Some(p)),
             Ok(Fetched::Absent) => Ok(None),
             Err(HubError::NotCached { .. }) => {
-                tracing::debug!(repo, file, "optional file not in the cache; skipped (offline)");
+                tracing::debug!(
+                    repo,
+                    file,
+                    "optional file not in the cache; skipped (offline)"
+                );
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -749,7 +786,9 @@ fn resolve_hub(fetcher: &mut dyn Fetcher, repo: &str, revision: &str) -> Result<
         Ok(Fetched::Absent) => sharded_weights(fetcher, repo, &location, &pinned, None)?,
         // Offline, a sharded model has no model.safetensors in its snapshot (and usually no
         // `.no_exist` marker for it): try the index before reporting anything.
-        Err(e @ HubError::NotCached { .. }) => sharded_weights(fetcher, repo, &location, &pinned, Some(e))?,
+        Err(e @ HubError::NotCached { .. }) => {
+            sharded_weights(fetcher, repo, &location, &pinned, Some(e))?
+        }
         Err(e) => return Err(e),
     };
     Ok(ModelFiles {
@@ -780,9 +819,8 @@ fn sharded_weights(
 ) -> Result<Vec<PathBuf>, HubError> {
     let index = match (fetcher.fetch(WEIGHTS_INDEX_FILE, pinned), single_not_cached) {
         (Ok(Fetched::Found(index)), _) => index,
-        (Ok(Fetched::Absent), Some(not_cached)) | (Err(HubError::NotCached { .. }), Some(not_cached)) => {
-            return Err(not_cached)
-        }
+        (Ok(Fetched::Absent), Some(not_cached))
+        | (Err(HubError::NotCached { .. }), Some(not_cached)) => return Err(not_cached),
         (Ok(Fetched::Absent), None) => {
             return Err(HubError::NoSafetensors {
                 repo: repo.to_string(),
@@ -857,13 +895,21 @@ impl CacheFetcher {
 
 impl Fetcher for CacheFetcher {
     fn fetch(&mut self, file: &str, revision: &str) -> Result<Fetched, HubError> {
-        let commit = self.commit_for(revision).ok_or_else(|| self.not_cached(file))?;
+        let commit = self
+            .commit_for(revision)
+            .ok_or_else(|| self.not_cached(file))?;
         // `is_file` follows the symlink into blobs/: a dangling link counts as not cached.
         let snapshot = self.repo_dir.join("snapshots").join(&commit).join(file);
         if snapshot.is_file() {
             return Ok(Fetched::Found(snapshot));
         }
-        if self.repo_dir.join(".no_exist").join(&commit).join(file).exists() {
+        if self
+            .repo_dir
+            .join(".no_exist")
+            .join(&commit)
+            .join(file)
+            .exists()
+        {
             return Ok(Fetched::Absent);
         }
         Err(self.not_cached(file))
@@ -906,13 +952,27 @@ enum Mapped {
 }
 
 impl OnlineFetcher {
-    fn new(repo: &str, _revision: &str, cache_dir: &Path, opts: &HubOptions) -> Result<Self, HubError> {
-        let token = opts.token.as_deref().map(str::trim).filter(|t| !t.is_empty()).map(str::to_string);
+    fn new(
+        repo: &str,
+        _revision: &str,
+        cache_dir: &Path,
+        opts: &HubOptions,
+    ) -> Result<Self, HubError> {
+        let token = opts
+            .token
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string);
         let mut builder = hf_hub::HFClient::builder().cache_dir(cache_dir);
         if let Some(t) = &token {
             builder = builder.token(t.as_str());
         }
-        let endpoint = opts.endpoint.as_deref().map(str::trim).filter(|e| !e.is_empty());
+        let endpoint = opts
+            .endpoint
+            .as_deref()
+            .map(str::trim)
+            .filter(|e| !e.is_empty());
         if let Some(e) = endpoint {
             builder = builder.endpoint(e.trim_end_matches('/'));
         }
@@ -943,7 +1003,11 @@ impl OnlineFetcher {
         let Ok(blob) = std::fs::canonicalize(snapshot_file) else {
             return Ok(());
         };
-        let Some(expected) = blob.file_name().and_then(|n| n.to_str()).map(str::to_ascii_lowercase) else {
+        let Some(expected) = blob
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_ascii_lowercase)
+        else {
             return Ok(());
         };
         let is_sha256 = expected.len() == 64 && expected.bytes().all(|b| b.is_ascii_hexdigit());
@@ -998,11 +1062,13 @@ impl OnlineFetcher {
                 file: file.to_string(),
                 source: upstream(&err),
             }),
-            HFError::Http { context } if context.status.is_server_error() => Mapped::Error(HubError::Network {
-                repo,
-                file: file.to_string(),
-                source: upstream(&err),
-            }),
+            HFError::Http { context } if context.status.is_server_error() => {
+                Mapped::Error(HubError::Network {
+                    repo,
+                    file: file.to_string(),
+                    source: upstream(&err),
+                })
+            }
             HFError::Http { context } if context.status.as_u16() == 404 => Mapped::EntryNotFound,
             _ => Mapped::Error(HubError::Hub {
                 repo,
@@ -1026,7 +1092,14 @@ impl Fetcher for OnlineFetcher {
             });
         }
         // A commit's content never changes: a `.no_exist` marker under a sha is final.
-        if is_commit_sha(revision) && self.repo_dir.join(".no_exist").join(revision).join(file).exists() {
+        if is_commit_sha(revision)
+            && self
+                .repo_dir
+                .join(".no_exist")
+                .join(revision)
+                .join(file)
+                .exists()
+        {
             return Ok(Fetched::Absent);
         }
         let blobs_before = blob_names(&self.repo_dir.join("blobs"));
@@ -1057,11 +1130,17 @@ impl Fetcher for OnlineFetcher {
             file: CONFIG_FILE.to_string(),
         };
         match self.handle.exists().send() {
-            Ok(false) => return HubError::RepoNotFound { repo: self.repo.clone() },
+            Ok(false) => {
+                return HubError::RepoNotFound {
+                    repo: self.repo.clone(),
+                }
+            }
             Ok(true) => {}
             Err(e) => {
                 return match self.map(e, CONFIG_FILE, revision) {
-                    Mapped::EntryNotFound => HubError::RepoNotFound { repo: self.repo.clone() },
+                    Mapped::EntryNotFound => HubError::RepoNotFound {
+                        repo: self.repo.clone(),
+                    },
                     Mapped::Error(e) => e,
                 }
             }
@@ -1225,7 +1304,12 @@ mod tests {
     fn fixtures() -> Vec<(String, Vec<u8>)> {
         FIXTURE_FILES
             .iter()
-            .map(|f| (f.to_string(), fs::read(fixture_dir().join(f)).expect("read fixture")))
+            .map(|f| {
+                (
+                    f.to_string(),
+                    fs::read(fixture_dir().join(f)).expect("read fixture"),
+                )
+            })
             .collect()
     }
 
@@ -1253,7 +1337,8 @@ mod tests {
             }
             if symlinks {
                 #[cfg(unix)]
-                std::os::unix::fs::symlink(Path::new("../../blobs").join(&etag), &pointer).expect("symlink");
+                std::os::unix::fs::symlink(Path::new("../../blobs").join(&etag), &pointer)
+                    .expect("symlink");
                 #[cfg(not(unix))]
                 fs::write(&pointer, bytes).expect("copy");
             } else {
@@ -1294,11 +1379,23 @@ mod tests {
         assert_eq!(files.dir, snap);
         assert_eq!(files.config, snap.join(CONFIG_FILE));
         assert_same_bytes(&files.config, CONFIG_FILE);
-        assert_same_bytes(files.tokenizer.as_deref().expect("tokenizer"), TOKENIZER_FILE);
-        assert_same_bytes(files.tokenizer_config.as_deref().expect("tokenizer_config"), TOKENIZER_CONFIG_FILE);
-        assert_same_bytes(files.chat_template.as_deref().expect("chat template"), CHAT_TEMPLATE_FILE);
         assert_same_bytes(
-            files.generation_config.as_deref().expect("generation config"),
+            files.tokenizer.as_deref().expect("tokenizer"),
+            TOKENIZER_FILE,
+        );
+        assert_same_bytes(
+            files.tokenizer_config.as_deref().expect("tokenizer_config"),
+            TOKENIZER_CONFIG_FILE,
+        );
+        assert_same_bytes(
+            files.chat_template.as_deref().expect("chat template"),
+            CHAT_TEMPLATE_FILE,
+        );
+        assert_same_bytes(
+            files
+                .generation_config
+                .as_deref()
+                .expect("generation config"),
             GENERATION_CONFIG_FILE,
         );
         assert_eq!(files.special_tokens_map, None);
@@ -1325,8 +1422,10 @@ mod tests {
     #[test]
     fn offline_sharded_model() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let mut files: Vec<(String, Vec<u8>)> =
-            fixtures().into_iter().filter(|(n, _)| n != WEIGHTS_FILE).collect();
+        let mut files: Vec<(String, Vec<u8>)> = fixtures()
+            .into_iter()
+            .filter(|(n, _)| n != WEIGHTS_FILE)
+            .collect();
         let index = serde_json::json!({
             "metadata": {"total_size": 12},
             "weight_map": {
@@ -1336,8 +1435,14 @@ mod tests {
             }
         });
         files.push((WEIGHTS_INDEX_FILE.into(), index.to_string().into_bytes()));
-        files.push(("model-00001-of-00002.safetensors".into(), b"shard one".to_vec()));
-        files.push(("model-00002-of-00002.safetensors".into(), b"shard two".to_vec()));
+        files.push((
+            "model-00001-of-00002.safetensors".into(),
+            b"shard one".to_vec(),
+        ));
+        files.push((
+            "model-00002-of-00002.safetensors".into(),
+            b"shard two".to_vec(),
+        ));
         let snap = write_cached(tmp.path(), REPO, SHA, &["main"], &files, true);
         let got = resolve_model(REPO, None, &offline(tmp.path())).expect("resolve");
         assert_eq!(
@@ -1356,12 +1461,20 @@ mod tests {
         let index = serde_json::json!({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}});
         let files = vec![
             (CONFIG_FILE.to_string(), b"{}".to_vec()),
-            (WEIGHTS_INDEX_FILE.to_string(), index.to_string().into_bytes()),
-            ("model-00001-of-00002.safetensors".to_string(), b"x".to_vec()),
+            (
+                WEIGHTS_INDEX_FILE.to_string(),
+                index.to_string().into_bytes(),
+            ),
+            (
+                "model-00001-of-00002.safetensors".to_string(),
+                b"x".to_vec(),
+            ),
         ];
         write_cached(tmp.path(), REPO, SHA, &["main"], &files, true);
         match resolve_model(REPO, None, &offline(tmp.path())) {
-            Err(HubError::NotCached { file, .. }) => assert_eq!(file, "model-00002-of-00002.safetensors"),
+            Err(HubError::NotCached { file, .. }) => {
+                assert_eq!(file, "model-00002-of-00002.safetensors")
+            }
             other => panic!("expected NotCached, got {other:?}"),
         }
     }
@@ -1372,7 +1485,10 @@ mod tests {
         let index = serde_json::json!({"weight_map": {"a": "../../../etc/passwd.safetensors"}});
         let files = vec![
             (CONFIG_FILE.to_string(), b"{}".to_vec()),
-            (WEIGHTS_INDEX_FILE.to_string(), index.to_string().into_bytes()),
+            (
+                WEIGHTS_INDEX_FILE.to_string(),
+                index.to_string().into_bytes(),
+            ),
         ];
         write_cached(tmp.path(), REPO, SHA, &["main"], &files, true);
         let err = resolve_model(REPO, None, &offline(tmp.path())).expect_err("must fail");
@@ -1383,8 +1499,22 @@ mod tests {
     fn revision_as_commit_sha_and_as_ref_names() {
         let tmp = tempfile::tempdir().expect("tmp");
         // main → SHA2 (an older snapshot with only a config), v1.0 and a branch → SHA (the full model).
-        write_cached(tmp.path(), REPO, SHA2, &["main"], &[(CONFIG_FILE.into(), b"{}".to_vec())], true);
-        let snap = write_cached(tmp.path(), REPO, SHA, &["v1.0", "refs/pr/1"], &fixtures(), true);
+        write_cached(
+            tmp.path(),
+            REPO,
+            SHA2,
+            &["main"],
+            &[(CONFIG_FILE.into(), b"{}".to_vec())],
+            true,
+        );
+        let snap = write_cached(
+            tmp.path(),
+            REPO,
+            SHA,
+            &["v1.0", "refs/pr/1"],
+            &fixtures(),
+            true,
+        );
         let opts = offline(tmp.path());
 
         let by_sha = resolve_model(REPO, Some(SHA), &opts).expect("by sha");
@@ -1412,7 +1542,11 @@ mod tests {
             ("pytorch_model.bin".to_string(), b"pickle".to_vec()),
         ];
         write_cached(tmp.path(), REPO, SHA, &["main"], &files, true);
-        let no_exist = tmp.path().join(repo_folder(REPO)).join(".no_exist").join(SHA);
+        let no_exist = tmp
+            .path()
+            .join(repo_folder(REPO))
+            .join(".no_exist")
+            .join(SHA);
         fs::create_dir_all(&no_exist).expect("mkdir");
         fs::write(no_exist.join(WEIGHTS_FILE), b"").expect("marker");
         fs::write(no_exist.join(WEIGHTS_INDEX_FILE), b"").expect("marker");
@@ -1424,7 +1558,9 @@ mod tests {
             }
             other => panic!("expected NoSafetensors, got {other:?}"),
         }
-        assert!(err.to_string().contains("only safetensors weights are supported"));
+        assert!(err
+            .to_string()
+            .contains("only safetensors weights are supported"));
     }
 
     #[test]
@@ -1432,13 +1568,23 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let err = resolve_model(REPO, None, &offline(tmp.path())).expect_err("empty cache");
         match &err {
-            HubError::NotCached { repo, revision, file } => {
-                assert_eq!((repo.as_str(), revision.as_str(), file.as_str()), (REPO, "main", CONFIG_FILE));
+            HubError::NotCached {
+                repo,
+                revision,
+                file,
+            } => {
+                assert_eq!(
+                    (repo.as_str(), revision.as_str(), file.as_str()),
+                    (REPO, "main", CONFIG_FILE)
+                );
             }
             other => panic!("expected NotCached, got {other:?}"),
         }
         let msg = err.to_string();
-        assert!(msg.contains("HF_HUB_OFFLINE") && msg.contains("pre-download"), "{msg}");
+        assert!(
+            msg.contains("HF_HUB_OFFLINE") && msg.contains("pre-download"),
+            "{msg}"
+        );
 
         // A sha whose snapshot is absent, and a dangling snapshot symlink, are not cached either.
         assert!(matches!(
@@ -1457,14 +1603,21 @@ mod tests {
     #[test]
     fn local_folder() {
         let dir = fixture_dir();
-        let files = resolve_model(dir.to_str().expect("utf-8"), None, &HubOptions::default()).expect("local");
+        let files = resolve_model(dir.to_str().expect("utf-8"), None, &HubOptions::default())
+            .expect("local");
         assert_eq!(files.source, ModelSource::Local(dir.clone()));
         assert_eq!(files.dir, dir);
         assert_eq!(files.config, dir.join(CONFIG_FILE));
         assert_eq!(files.tokenizer, Some(dir.join(TOKENIZER_FILE)));
-        assert_eq!(files.tokenizer_config, Some(dir.join(TOKENIZER_CONFIG_FILE)));
+        assert_eq!(
+            files.tokenizer_config,
+            Some(dir.join(TOKENIZER_CONFIG_FILE))
+        );
         assert_eq!(files.chat_template, Some(dir.join(CHAT_TEMPLATE_FILE)));
-        assert_eq!(files.generation_config, Some(dir.join(GENERATION_CONFIG_FILE)));
+        assert_eq!(
+            files.generation_config,
+            Some(dir.join(GENERATION_CONFIG_FILE))
+        );
         assert_eq!(files.special_tokens_map, None);
         assert_eq!(files.weights, vec![dir.join(WEIGHTS_FILE)]);
     }
@@ -1487,7 +1640,9 @@ mod tests {
         fs::write(dir.join(CONFIG_FILE), b"{}").expect("config");
         fs::write(dir.join("pytorch_model.bin"), b"pickle").expect("bin");
         match resolve_model(&as_str, None, &opts) {
-            Err(HubError::NoSafetensors { found, .. }) => assert!(found.contains("pytorch_model.bin"), "{found}"),
+            Err(HubError::NoSafetensors { found, .. }) => {
+                assert!(found.contains("pytorch_model.bin"), "{found}")
+            }
             other => panic!("expected NoSafetensors, got {other:?}"),
         }
         let index = serde_json::json!({"weight_map": {"x": "b.safetensors", "y": "a.safetensors", "z": "b.safetensors"}});
@@ -1502,19 +1657,33 @@ mod tests {
         }
         fs::write(dir.join("b.safetensors"), b"b").expect("b");
         let files = resolve_model(&as_str, Some("ignored"), &opts).expect("sharded local");
-        assert_eq!(files.weights, vec![dir.join("a.safetensors"), dir.join("b.safetensors")]);
+        assert_eq!(
+            files.weights,
+            vec![dir.join("a.safetensors"), dir.join("b.safetensors")]
+        );
         assert_eq!(files.tokenizer, None);
 
         fs::write(dir.join(WEIGHTS_INDEX_FILE), "{\"weight_map\": {}}").expect("index");
-        assert!(matches!(resolve_model(&as_str, None, &opts), Err(HubError::InvalidIndex { .. })));
+        assert!(matches!(
+            resolve_model(&as_str, None, &opts),
+            Err(HubError::InvalidIndex { .. })
+        ));
         fs::write(dir.join(WEIGHTS_INDEX_FILE), "not json").expect("index");
-        assert!(matches!(resolve_model(&as_str, None, &opts), Err(HubError::InvalidIndex { .. })));
+        assert!(matches!(
+            resolve_model(&as_str, None, &opts),
+            Err(HubError::InvalidIndex { .. })
+        ));
     }
 
     #[test]
     fn local_missing_path_and_bad_ids() {
         let opts = HubOptions::default();
-        for p in ["/definitely/not/here/peftkit", "./no-such-model-dir", "../no-such-model-dir", "~/no-such-peftkit-model"] {
+        for p in [
+            "/definitely/not/here/peftkit",
+            "./no-such-model-dir",
+            "../no-such-model-dir",
+            "~/no-such-peftkit-model",
+        ] {
             match resolve_model(p, None, &opts) {
                 Err(HubError::LocalNotFound(path)) => assert!(!path.exists(), "{p}"),
                 other => panic!("{p}: expected LocalNotFound, got {other:?}"),
@@ -1526,12 +1695,21 @@ mod tests {
             Err(HubError::NotADirectory(_))
         ));
         for id in ["gpt2", "a/b/c", "", "owner/na..me", "-x/y"] {
-            assert!(matches!(resolve_model(id, None, &opts), Err(HubError::InvalidModelId(_))), "{id}");
+            assert!(
+                matches!(
+                    resolve_model(id, None, &opts),
+                    Err(HubError::InvalidModelId(_))
+                ),
+                "{id}"
+            );
         }
         let tmp = tempfile::tempdir().expect("tmp");
         for rev in ["", "../../etc", "/abs", " main"] {
             assert!(
-                matches!(resolve_model(REPO, Some(rev), &offline(tmp.path())), Err(HubError::InvalidRevision { .. })),
+                matches!(
+                    resolve_model(REPO, Some(rev), &offline(tmp.path())),
+                    Err(HubError::InvalidRevision { .. })
+                ),
                 "{rev:?}"
             );
         }
@@ -1552,8 +1730,14 @@ mod tests {
 
     #[test]
     fn redact_removes_tokens() {
-        let out = redact("bad header Bearer my-token-123 and hf_abcdefghijkl", Some("my-token-123"));
-        assert!(!out.contains("my-token-123") && !out.contains("abcdefghijkl"), "{out}");
+        let out = redact(
+            "bad header Bearer my-token-123 and hf_abcdefghijkl",
+            Some("my-token-123"),
+        );
+        assert!(
+            !out.contains("my-token-123") && !out.contains("abcdefghijkl"),
+            "{out}"
+        );
     }
 
     #[test]
@@ -1564,7 +1748,10 @@ mod tests {
             token_sent: false,
         }
         .to_string();
-        assert!(msg.contains("HF_TOKEN") && msg.contains("huggingface-cli login") && msg.contains(REPO), "{msg}");
+        assert!(
+            msg.contains("HF_TOKEN") && msg.contains("huggingface-cli login") && msg.contains(REPO),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -1618,7 +1805,10 @@ mod tests {
         let home_s = home.to_str().expect("utf-8").to_string();
 
         let vars = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
         };
         let from = |m: HashMap<String, String>| HubOptions::from_lookup(move |k| m.get(k).cloned());
 
@@ -1639,22 +1829,43 @@ mod tests {
         assert!(o.offline);
         assert_eq!(o.endpoint.as_deref(), Some("https://mirror.example"));
 
-        for (v, want) in [("1", true), ("yes", true), ("on", true), ("0", false), ("false", false), ("", false)] {
+        for (v, want) in [
+            ("1", true),
+            ("yes", true),
+            ("on", true),
+            ("0", false),
+            ("false", false),
+            ("", false),
+        ] {
             let o = from(vars(&[("HF_HOME", &home_s), ("HF_HUB_OFFLINE", v)]));
             assert_eq!(o.offline, want, "HF_HUB_OFFLINE={v:?}");
         }
 
         let o = from(vars(&[("HOME", "/home/someone")]));
-        assert_eq!(o.cache_dir, Some(PathBuf::from("/home/someone/.cache/huggingface/hub")));
+        assert_eq!(
+            o.cache_dir,
+            Some(PathBuf::from("/home/someone/.cache/huggingface/hub"))
+        );
         assert_eq!(o.token, None);
-        let o = from(vars(&[("HOME", "/home/someone"), ("XDG_CACHE_HOME", "/xdg")]));
+        let o = from(vars(&[
+            ("HOME", "/home/someone"),
+            ("XDG_CACHE_HOME", "/xdg"),
+        ]));
         assert_eq!(o.cache_dir, Some(PathBuf::from("/xdg/huggingface/hub")));
     }
 
     #[test]
     fn commit_from_snapshot_paths() {
-        let p = Path::new("/c/models--a--b/snapshots").join(SHA).join("config.json");
-        assert_eq!(commit_of_snapshot_file(&p, "config.json"), Some(SHA.to_string()));
-        assert_eq!(commit_of_snapshot_file(Path::new("/x/y/config.json"), "config.json"), None);
+        let p = Path::new("/c/models--a--b/snapshots")
+            .join(SHA)
+            .join("config.json");
+        assert_eq!(
+            commit_of_snapshot_file(&p, "config.json"),
+            Some(SHA.to_string())
+        );
+        assert_eq!(
+            commit_of_snapshot_file(Path::new("/x/y/config.json"), "config.json"),
+            None
+        );
     }
 }
