@@ -11,6 +11,7 @@
 //! | [`rms_norm`] | y = x·r·w, r = (mean(x²)+ε)^-½ | dx = r·u − x·r³·mean(u⊙x), u = dy⊙w |
 //! | [`rope`] | HF "rotate_half" rotary embedding | rope with −sin |
 //! | [`causal_softmax`] | softmax(s·x) with a causal mask | s·y⊙(g − Σ g⊙y) |
+//! | [`attention`] | causal GQA softmax(s·QKᵀ)·V, fused | recomputes P; dV = Pᵀ·dO, dS = P⊙(dP − Σ dP⊙P) |
 //! | [`swiglu`] | silu(a)·b | da = g·b·σ(a)(1 + a(1−σ(a))), db = g·silu(a) |
 //! | [`linear_cross_entropy`] | mean −log softmax(h·Wᵀ)[label] | dh computed in the forward, chunk by chunk |
 //!
@@ -43,7 +44,8 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
     }
 }
 
-/// `dst (m×n) = [dst +] alpha · lhs (m×k) · rhs (k×n)`, strides given as (row stride, column stride).
+/// `dst (m×n) = [dst +] alpha · lhs (m×k) · rhs (k×n)`, strides given as (row stride, column stride); `dst` is
+/// row-major with row stride n.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sgemm(
     m: usize,
@@ -57,15 +59,35 @@ pub(crate) fn sgemm(
     rhs_strides: (usize, usize),
     alpha: f32,
 ) {
-    assert!(dst.len() >= m * n, "sgemm: dst too small");
-    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_strides.0 + (k - 1) * lhs_strides.1);
-    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_strides.0 + (n - 1) * rhs_strides.1);
+    let threads = candle_core::utils::get_num_threads();
+    let parallel = threads > 1 && m * n * k > 64 * 64 * 64;
+    gemm_strided(m, n, k, dst, (n, 1), accumulate, lhs, lhs_strides, rhs, rhs_strides, alpha, parallel)
+}
+
+/// `dst = [dst +] alpha · lhs · rhs` with arbitrary (row, column) strides on all three operands.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_strides: (usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    alpha: f32,
+    parallel: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 && m * n * k > 64 * 64 * 64 {
-        gemm::Parallelism::Rayon(threads)
+    assert!(dst.len() > (m - 1) * dst_strides.0 + (n - 1) * dst_strides.1, "gemm: dst too small");
+    assert!(k == 0 || lhs.len() > (m - 1) * lhs_strides.0 + (k - 1) * lhs_strides.1, "gemm: lhs too small");
+    assert!(k == 0 || rhs.len() > (k - 1) * rhs_strides.0 + (n - 1) * rhs_strides.1, "gemm: rhs too small");
+    let par = if parallel {
+        gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
     } else {
         gemm::Parallelism::None
     };
@@ -76,8 +98,8 @@ pub(crate) fn sgemm(
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_strides.1 as isize,
+            dst_strides.0 as isize,
             accumulate,
             lhs.as_ptr(),
             lhs_strides.1 as isize,
@@ -246,18 +268,18 @@ impl CustomOp1 for Rope {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l, "rope")?;
-        let (_b, _h, t, d) = l.shape().dims4()?;
+        // x: (b, t, h, d); cos, sin: (t, d/2)
+        let (_b, t, h, d) = l.shape().dims4()?;
         let half = d / 2;
         let sign = if self.inverse { -1.0f32 } else { 1.0 };
         let mut out = vec![0f32; x.len()];
         with_f32(&self.cos, |cos| {
             with_f32(&self.sin, |sin| {
-                // cos, sin: (t, d/2)
-                out.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(o, xs)| {
-                    for p in 0..t {
-                        let (c, sn) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
-                        let xr = &xs[p * d..(p + 1) * d];
-                        let or = &mut o[p * d..(p + 1) * d];
+                // One chunk per (batch, position): its h heads share the position's angles.
+                out.par_chunks_mut(h * d).zip(x.par_chunks(h * d)).enumerate().for_each(|(row, (o, xs))| {
+                    let p = row % t;
+                    let (c, sn) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+                    for (or, xr) in o.chunks_mut(d).zip(xs.chunks(d)) {
                         for i in 0..half {
                             let (x1, x2) = (xr[i], xr[i + half]);
                             let s = sign * sn[i];
@@ -282,13 +304,14 @@ fn rope_apply(x: &Tensor, op: Rope) -> Result<Tensor> {
         x.apply_op1(op)
     } else {
         let (sin, cos) = if op.inverse { (op.sin.neg()?, op.cos) } else { (op.sin, op.cos) };
-        candle_nn::rotary_emb::rope_slow(&x, &cos, &sin)
+        // rope_slow wants (b, h, t, d)
+        candle_nn::rotary_emb::rope_slow(&x.transpose(1, 2)?.contiguous()?, &cos, &sin)?.transpose(1, 2)?.contiguous()
     }
 }
 
-/// Rotary embedding of x (b, h, t, d) with `cos`, `sin` of shape (t, d/2) (already offset to the positions of x).
+/// Rotary embedding of x (b, t, h, d) with `cos`, `sin` of shape (t, d/2) (already offset to the positions of x).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (_, _, t, d) = x.dims4()?;
+    let (_, t, _, d) = x.dims4()?;
     if cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
         candle_core::bail!("rope: cos/sin {:?} do not match x {:?}", cos.dims(), x.dims());
     }
@@ -352,6 +375,217 @@ pub fn causal_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
         let mask = Tensor::from_vec(mask, (t, s), x.device())?.to_dtype(x.dtype())?;
         candle_nn::ops::softmax(&(x * scale)?.broadcast_add(&mask)?, candle_core::D::Minus1)
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fused causal grouped-query attention: O = softmax(s·QKᵀ + causal mask)·V per head, with K/V heads shared by
+// groups of query heads. Neither the scores, the probabilities nor repeated K/V copies are kept: the backward
+// recomputes P per head (t×s floats at a time) and follows the textbook formulas
+//   dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),  dQ = s·dS·K,  dK = s·dSᵀ·Q.
+
+struct Attention {
+    scale: f32,
+}
+
+/// Shapes of an attention call: q (b, t, nh, d), k and v (b, s, nkv, d).
+#[derive(Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    t: usize,
+    s: usize,
+    nh: usize,
+    nkv: usize,
+    d: usize,
+}
+
+impl AttnDims {
+    fn new(q: &[usize], k: &[usize], v: &[usize]) -> Result<Self> {
+        let (&[b, t, nh, d], &[bk, s, nkv, dk]) = (q, k) else {
+            candle_core::bail!("attention: q {q:?} and k {k:?} must be (batch, seq, heads, head_dim)")
+        };
+        if k != v || bk != b || dk != d || nkv == 0 || nh % nkv != 0 || s < t {
+            candle_core::bail!("attention: incompatible q {q:?}, k {k:?}, v {v:?}");
+        }
+        Ok(Self { b, t, s, nh, nkv, d })
+    }
+
+    /// Scores → probabilities for head `h` of batch `bi`: writes P (t×s, row-major) into `p`.
+    fn probs(&self, q: &[f32], k: &[f32], bi: usize, h: usize, scale: f32, p: &mut [f32]) {
+        let Self { t, s, nh, nkv, d, .. } = *self;
+        let g = h / (nh / nkv);
+        let qb = &q[bi * t * nh * d + h * d..];
+        let kb = &k[bi * s * nkv * d + g * d..];
+        // S (t×s) = Q (t×d) · Kᵀ (d×s)
+        gemm_strided(t, s, d, p, (s, 1), false, qb, (nh * d, 1), kb, (1, nkv * d), 1.0, false);
+        let offset = s - t;
+        for (i, row) in p.chunks_mut(s).enumerate() {
+            let visible = offset + i + 1;
+            let mx = row[..visible].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) * scale;
+            let mut sum = 0f32;
+            for v in row[..visible].iter_mut() {
+                *v = (*v * scale - mx).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            row[..visible].iter_mut().for_each(|v| *v *= inv);
+            row[visible..].iter_mut().for_each(|v| *v = 0.0);
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dm = AttnDims::new(lq.dims(), lk.dims(), lv.dims())?;
+        let (q, k, v) = (cpu_f32(sq, lq, "attention")?, cpu_f32(sk, lk, "attention")?, cpu_f32(sv, lv, "attention")?);
+        let AttnDims { b, t, s, nh, nkv, d } = dm;
+        // One (t×d) block per (batch, head), computed in parallel, then scattered into (b, t, nh, d).
+        let blocks: Vec<Vec<f32>> = (0..b * nh)
+            .into_par_iter()
+            .map(|bh| {
+                let (bi, h) = (bh / nh, bh % nh);
+                let g = h / (nh / nkv);
+                let mut p = vec![0f32; t * s];
+                dm.probs(q, k, bi, h, self.scale, &mut p);
+                let mut o = vec![0f32; t * d];
+                // O (t×d) = P (t×s) · V (s×d)
+                let vb = &v[bi * s * nkv * d + g * d..];
+                gemm_strided(t, d, s, &mut o, (d, 1), false, &p, (s, 1), vb, (nkv * d, 1), 1.0, false);
+                o
+            })
+            .collect();
+        let mut out = vec![0f32; b * t * nh * d];
+        for (bh, o) in blocks.iter().enumerate() {
+            let (bi, h) = (bh / nh, bh % nh);
+            for i in 0..t {
+                let dst = ((bi * t + i) * nh + h) * d;
+                out[dst..dst + d].copy_from_slice(&o[i * d..(i + 1) * d]);
+            }
+        }
+        Ok((CpuStorage::F32(out), lq.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dm = AttnDims::new(q.dims(), k.dims(), v.dims())?;
+        let AttnDims { b, t, s, nh, nkv, d } = dm;
+        let rep = nh / nkv;
+        let grad = grad.contiguous()?;
+        let scale = self.scale;
+        // Per (batch, kv head): dQ of its `rep` query heads, and dK, dV accumulated over them.
+        let blocks: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = with_f32(q, |q| {
+            with_f32(k, |k| {
+                with_f32(v, |v| {
+                    with_f32(&grad, |go| {
+                        (0..b * nkv)
+                            .into_par_iter()
+                            .map(|bg| {
+                                let (bi, g) = (bg / nkv, bg % nkv);
+                                let mut dq = vec![0f32; rep * t * d];
+                                let mut dk = vec![0f32; s * d];
+                                let mut dv = vec![0f32; s * d];
+                                let mut p = vec![0f32; t * s];
+                                let mut dp = vec![0f32; t * s];
+                                let kb = &k[bi * s * nkv * d + g * d..];
+                                let vb = &v[bi * s * nkv * d + g * d..];
+                                for r in 0..rep {
+                                    let h = g * rep + r;
+                                    dm.probs(q, k, bi, h, scale, &mut p);
+                                    let qb = &q[bi * t * nh * d + h * d..];
+                                    let gb = &go[bi * t * nh * d + h * d..];
+                                    // dV (s×d) += Pᵀ (s×t) · dO (t×d)
+                                    gemm_strided(s, d, t, &mut dv, (d, 1), true, &p, (1, s), gb, (nh * d, 1), 1.0, false);
+                                    // dP (t×s) = dO (t×d) · Vᵀ (d×s)
+                                    gemm_strided(t, s, d, &mut dp, (s, 1), false, gb, (nh * d, 1), vb, (1, nkv * d), 1.0, false);
+                                    // dS = P ⊙ (dP − rowsum(dP ⊙ P)), in place in dp
+                                    for (prow, dprow) in p.chunks(s).zip(dp.chunks_mut(s)) {
+                                        let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
+                                        for (x, &pv) in dprow.iter_mut().zip(prow) {
+                                            *x = pv * (*x - dot);
+                                        }
+                                    }
+                                    // dQ (t×d) = s · dS (t×s) · K (s×d)
+                                    let dqh = &mut dq[r * t * d..(r + 1) * t * d];
+                                    gemm_strided(t, d, s, dqh, (d, 1), false, &dp, (s, 1), kb, (nkv * d, 1), scale, false);
+                                    // dK (s×d) += s · dSᵀ (s×t) · Q (t×d)
+                                    gemm_strided(s, d, t, &mut dk, (d, 1), true, &dp, (1, s), qb, (nh * d, 1), scale, false);
+                                }
+                                (dq, dk, dv)
+                            })
+                            .collect()
+                    })
+                })
+            })
+        })????;
+        let mut dq = vec![0f32; b * t * nh * d];
+        let mut dk = vec![0f32; b * s * nkv * d];
+        let mut dv = vec![0f32; b * s * nkv * d];
+        for (bg, (bq, bk, bv)) in blocks.iter().enumerate() {
+            let (bi, g) = (bg / nkv, bg % nkv);
+            for r in 0..rep {
+                let h = g * rep + r;
+                for i in 0..t {
+                    let dst = ((bi * t + i) * nh + h) * d;
+                    dq[dst..dst + d].copy_from_slice(&bq[(r * t + i) * d..(r * t + i + 1) * d]);
+                }
+            }
+            for j in 0..s {
+                let dst = ((bi * s + j) * nkv + g) * d;
+                dk[dst..dst + d].copy_from_slice(&bk[j * d..(j + 1) * d]);
+                dv[dst..dst + d].copy_from_slice(&bv[j * d..(j + 1) * d]);
+            }
+        }
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// Causal grouped-query attention. q: (b, t, nh, d); k, v: (b, s, nkv, d) with s ≥ t, the queries being the last
+/// t of the s positions; nh a multiple of nkv. Returns (b, t, nh, d). Scores are scaled by `scale`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        q.apply_op3(&k, &v, Attention { scale: scale as f32 })
+    } else {
+        attention_composed(&q, &k, &v, scale)
+    }
+}
+
+/// The same attention composed from candle ops (repeat K/V, matmuls, [`causal_softmax`]): the reference the fused
+/// op is tested against, and the path on devices without a fused kernel.
+pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, _t, nh, d) = q.dims4()?;
+    let (_, s, nkv, _) = k.dims4()?;
+    let rep = nh / nkv;
+    // (b, s, nkv, d) → (b, nh, s, d)
+    let expand = |x: &Tensor| -> Result<Tensor> {
+        let x = x.transpose(1, 2)?; // (b, nkv, s, d)
+        x.unsqueeze(2)?.broadcast_as((b, nkv, rep, s, d))?.reshape((b, nh, s, d))
+    };
+    let (k, v) = (expand(k)?, expand(v)?);
+    let q = q.transpose(1, 2)?.contiguous()?; // (b, nh, t, d)
+    let scores = q.matmul(&k.t()?)?; // (b, nh, t, s)
+    let probs = causal_softmax(&scores, scale)?;
+    probs.matmul(&v)?.transpose(1, 2) // (b, t, nh, d)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -655,9 +889,11 @@ mod tests {
         let (t, d) = (5, 8);
         let cos = rand(&[t, d / 2], 7).cos().unwrap();
         let sin = rand(&[t, d / 2], 7).sin().unwrap();
-        check_grad(&[2, 3, t, d], |x| rope(x, &cos, &sin).unwrap(), 1e-2);
-        let x = rand(&[2, 3, t, d], 8);
-        let want = candle_nn::rotary_emb::rope_slow(&x, &cos, &sin).unwrap();
+        check_grad(&[2, t, 3, d], |x| rope(x, &cos, &sin).unwrap(), 1e-2);
+        let x = rand(&[2, t, 3, d], 8);
+        // candle's reference works on (b, h, t, d)
+        let xt = x.transpose(1, 2).unwrap().contiguous().unwrap();
+        let want = candle_nn::rotary_emb::rope_slow(&xt, &cos, &sin).unwrap().transpose(1, 2).unwrap();
         let got = rope(&x, &cos, &sin).unwrap();
         assert!((want - got).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-6);
     }
@@ -675,6 +911,22 @@ mod tests {
         for row in y {
             assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn fused_attention_matches_composed_and_gradients() {
+        // GQA (4 query heads over 2 kv heads), a cache offset (s > t), batch 2.
+        let (b, t, s, nh, nkv, d) = (2, 3, 5, 4, 2, 4);
+        let k = rand(&[b, s, nkv, d], 21);
+        let v = rand(&[b, s, nkv, d], 22);
+        let q = rand(&[b, t, nh, d], 23);
+        let fused = attention(&q, &k, &v, 0.5).unwrap();
+        let composed = attention_composed(&q, &k, &v, 0.5).unwrap();
+        let diff = (fused - composed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        check_grad(&[b, t, nh, d], |q| attention(q, &k, &v, 0.5).unwrap(), 1e-2);
+        check_grad(&[b, s, nkv, d], |k| attention(&q, k, &v, 0.5).unwrap(), 1e-2);
+        check_grad(&[b, s, nkv, d], |v| attention(&q, &k, v, 0.5).unwrap(), 1e-2);
     }
 
     #[test]

@@ -46,7 +46,7 @@ impl Block {
 /// Keys and values of the positions already processed, per layer (for generation).
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    /// Per layer: k, v of shape (b, kv_heads, s, d).
+    /// Per layer: k, v of shape (b, s, kv_heads, d).
     layers: Vec<Option<(Tensor, Tensor)>>,
 }
 
@@ -56,7 +56,7 @@ impl KvCache {
     }
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[1]).unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -131,16 +131,17 @@ impl Llama {
         let mut h = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?.detach();
         for (li, layer) in self.layers.iter().enumerate() {
             let x = ops::rms_norm(&h, &layer.input_layernorm, eps)?;
-            // (b, t, nh·hd) → (b, nh, t, hd)
-            let q = layer.q_proj.forward(&x, ctx)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-            let k = layer.k_proj.forward(&x, ctx)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-            let v = layer.v_proj.forward(&x, ctx)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            // (b, t, nh·hd) → (b, t, nh, hd): heads stay interleaved; the attention op reads them strided.
+            let q = layer.q_proj.forward(&x, ctx)?.reshape((b, t, nh, hd))?;
+            let k = layer.k_proj.forward(&x, ctx)?.reshape((b, t, nkv, hd))?;
+            let v = layer.v_proj.forward(&x, ctx)?.reshape((b, t, nkv, hd))?;
             let q = ops::rope(&q, &cos, &sin)?;
             let k = ops::rope(&k, &cos, &sin)?;
+            // With a cache, keys and values of earlier positions come first: (b, s, nkv, hd)
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => {
                     let (k, v) = match c.layers[li].take() {
-                        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
                         None => (k, v),
                     };
                     c.layers[li] = Some((k.clone(), v.clone()));
@@ -148,21 +149,8 @@ impl Llama {
                 }
                 None => (k, v),
             };
-            let s = k.dims()[2];
-            // Grouped-query attention: (b, nkv, s, hd) → (b, nh, s, hd)
-            let (k, v) = if nh != nkv {
-                let rep = nh / nkv;
-                let k = k.unsqueeze(2)?.broadcast_as((b, nkv, rep, s, hd))?.reshape((b, nh, s, hd))?;
-                let v = v.unsqueeze(2)?.broadcast_as((b, nkv, rep, s, hd))?.reshape((b, nh, s, hd))?;
-                (k, v)
-            } else {
-                (k, v)
-            };
-            // (b, nh, t, hd)·(b, nh, hd, s) → (b, nh, t, s)
-            let scores = q.matmul(&k.t()?)?;
-            let probs = ops::causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?;
-            // (b, nh, t, s)·(b, nh, s, hd) → (b, nh, t, hd) → (b, t, nh·hd)
-            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            // (b, t, nh, hd) → (b, t, nh·hd)
+            let attn = ops::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt())?.reshape((b, t, nh * hd))?;
             h = (h + layer.o_proj.forward(&attn, ctx)?)?;
 
             let x = ops::rms_norm(&h, &layer.post_attention_layernorm, eps)?;
