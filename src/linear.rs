@@ -6,7 +6,7 @@
 
 use crate::adapter::lora::LoraLayer;
 use crate::ops;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// The frozen base weight of a projection.
 #[derive(Debug, Clone)]
@@ -61,28 +61,45 @@ impl AdaptedLinear {
 
     /// x (…, in) → (…, out)
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let mut y = match &self.weight {
-            FrozenWeight::Dense(w) => ops::frozen_matmul(x, w)?,
-        };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.detach())?;
-        }
+        let FrozenWeight::Dense(w) = &self.weight;
         match &self.adapter {
-            None => Ok(y),
+            None => {
+                let y = ops::frozen_matmul(x, w)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(&b.detach()),
+                    None => Ok(y),
+                }
+            }
             Some(LayerAdapter::Lora(lora)) => {
-                let dims = x.dims();
+                let dropout = match ctx.dropout_seed {
+                    Some(seed) if lora.dropout > 0.0 => Some((lora.dropout, ops::seed_of(&[seed, self.id]))),
+                    _ => None,
+                };
+                let (a, b) = if ctx.no_grad {
+                    (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
+                } else {
+                    (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
+                };
+                if x.device().is_cpu() && x.dtype() == DType::F32 {
+                    // One fused op: base product, bias and LoRA update.
+                    let op = ops::LoraLinearOp { w: w.clone(), bias: self.bias.clone(), scaling: lora.scaling as f32, dropout };
+                    return ops::lora_linear(x, &a, &b, op);
+                }
+                // Composed form for other devices.
+                let mut y = ops::frozen_matmul(x, w)?;
+                if let Some(bias) = &self.bias {
+                    y = y.broadcast_add(&bias.detach())?;
+                }
                 let m = x.elem_count() / self.in_features;
                 let x2 = x.reshape((m, self.in_features))?; // (m, in)
-                let x2 = match ctx.dropout_seed {
-                    Some(seed) if lora.dropout > 0.0 => ops::dropout(&x2, lora.dropout, ops::seed_of(&[seed, self.id]))?,
-                    _ => x2,
+                let x2 = match dropout {
+                    Some((p, seed)) => ops::dropout(&x2, p, seed)?,
+                    None => x2,
                 };
-                let mut out_dims = dims.to_vec();
-                if let Some(last) = out_dims.last_mut() {
-                    *last = self.out_features;
-                }
-                let delta = if ctx.no_grad { lora.delta_detached(&x2)? } else { lora.delta(&x2)? };
-                y + delta.reshape(out_dims)?
+                // (m, in)·(in, r)·(r, out) → (m, out)
+                let delta = (x2.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scaling)?;
+                let shape = y.shape().clone();
+                y + delta.reshape(shape)?
             }
         }
     }

@@ -25,6 +25,7 @@ enum Command {
 }
 
 fn main() {
+    peftkit::util::tune_runtime();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PEFTKIT_LOG").unwrap_or_else(|_| "peftkit=info".into()),

@@ -203,6 +203,140 @@ impl ApplyFrozen for Tensor {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// A frozen projection with a LoRA update, fused: y = x·Wᵀ (+ b) + s·(drop(x)·Aᵀ)·Bᵀ.
+// One autograd node per projection instead of a dozen; the backward recomputes drop(x) (a pure function of the
+// seed) and xa = drop(x)·Aᵀ (m×r, cheap) rather than keeping them:
+//   dxa = s·dY·B,  dB = s·dYᵀ·xa,  dA = dxaᵀ·drop(x),  dx = dY·W + mask ⊙ (dxa·A).
+
+/// A LoRA-adapted projection's frozen part and settings.
+pub struct LoraLinearOp {
+    /// (out, in)
+    pub w: Tensor,
+    /// (out)
+    pub bias: Option<Tensor>,
+    pub scaling: f32,
+    /// Dropout probability and seed; `None` when dropout is off (inference, or p = 0).
+    pub dropout: Option<(f64, u64)>,
+}
+
+impl LoraLinearOp {
+    /// drop(x) as an owned buffer, or None when there is no dropout.
+    fn dropped(&self, x: &[f32]) -> Option<(Vec<f32>, Vec<f32>)> {
+        self.dropout.map(|(p, seed)| {
+            let mask = dropout_mask(x.len(), p, seed);
+            let xd = x.par_iter().zip(mask.par_iter()).map(|(a, m)| a * m).collect();
+            (xd, mask)
+        })
+    }
+}
+
+impl candle_core::CustomOp3 for LoraLinearOp {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, a, b) = (cpu_f32(sx, lx, "lora_linear")?, cpu_f32(sa, la, "lora_linear")?, cpu_f32(sb, lb, "lora_linear")?);
+        let (r, k) = la.shape().dims2()?;
+        let (n, r2) = lb.shape().dims2()?;
+        let (wn, wk) = self.w.dims2()?;
+        if r2 != r || wn != n || wk != k || lx.dims().last() != Some(&k) {
+            candle_core::bail!("lora_linear: x {:?}, W {wn}×{wk}, A {r}×{k}, B {n}×{r2} do not fit", lx.dims());
+        }
+        let m = x.len() / k;
+        let mut y = vec![0f32; m * n];
+        with_f32(&self.w, |w| {
+            // y (m×n) = x (m×k) · Wᵀ (k×n)
+            sgemm(m, n, k, &mut y, false, x, (k, 1), w, (1, k), 1.0)
+        })?;
+        if let Some(bias) = &self.bias {
+            with_f32(bias, |bias| {
+                y.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b))
+            })?;
+        }
+        let dropped = self.dropped(x);
+        let xd = dropped.as_ref().map(|(xd, _)| xd.as_slice()).unwrap_or(x);
+        // xa (m×r) = drop(x) · Aᵀ;  y += s · xa · Bᵀ
+        let mut xa = vec![0f32; m * r];
+        sgemm(m, r, k, &mut xa, false, xd, (k, 1), a, (1, k), 1.0);
+        sgemm(m, n, r, &mut y, true, &xa, (r, 1), b, (1, r), self.scaling);
+        let mut dims = lx.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (r, k) = a.dims2()?;
+        let n = b.dims2()?.0;
+        let m = x.elem_count() / k;
+        let grad = grad.contiguous()?;
+        let s = self.scaling;
+        let (dx, da, db) = with_f32(x, |x| {
+            with_f32(a, |a| {
+                with_f32(b, |b| {
+                    with_f32(&grad, |dy| {
+                        with_f32(&self.w, |w| {
+                            let dropped = self.dropped(x);
+                            let xd = dropped.as_ref().map(|(xd, _)| xd.as_slice()).unwrap_or(x);
+                            let mut xa = vec![0f32; m * r];
+                            sgemm(m, r, k, &mut xa, false, xd, (k, 1), a, (1, k), 1.0);
+                            // dxa (m×r) = s · dY (m×n) · B (n×r)
+                            let mut dxa = vec![0f32; m * r];
+                            sgemm(m, r, n, &mut dxa, false, dy, (n, 1), b, (r, 1), s);
+                            // dB (n×r) = s · dYᵀ (n×m) · xa (m×r)
+                            let mut db = vec![0f32; n * r];
+                            sgemm(n, r, m, &mut db, false, dy, (1, n), &xa, (r, 1), s);
+                            // dA (r×k) = dxaᵀ (r×m) · drop(x) (m×k)
+                            let mut da = vec![0f32; r * k];
+                            sgemm(r, k, m, &mut da, false, &dxa, (1, r), xd, (k, 1), 1.0);
+                            // dx (m×k) = dY · W + mask ⊙ (dxa · A)
+                            let mut dx = vec![0f32; m * k];
+                            sgemm(m, k, n, &mut dx, false, dy, (n, 1), w, (k, 1), 1.0);
+                            match &dropped {
+                                None => sgemm(m, k, r, &mut dx, true, &dxa, (r, 1), a, (k, 1), 1.0),
+                                Some((_, mask)) => {
+                                    let mut t = vec![0f32; m * k];
+                                    sgemm(m, k, r, &mut t, false, &dxa, (r, 1), a, (k, 1), 1.0);
+                                    dx.par_iter_mut().zip(t.par_iter().zip(mask.par_iter())).for_each(|(d, (t, mk))| *d += t * mk);
+                                }
+                            }
+                            (dx, da, db)
+                        })
+                    })
+                })
+            })
+        })?????;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(da, (r, k), dev)?),
+            Some(Tensor::from_vec(db, (n, r), dev)?),
+        ))
+    }
+}
+
+/// y = x·Wᵀ (+ bias) + s·(drop(x)·Aᵀ)·Bᵀ as one op on CPU/f32. `a` (r, in) and `b` (out, r) get gradients when
+/// they are variables; `w` and `bias` never do.
+pub fn lora_linear(x: &Tensor, a: &Tensor, b: &Tensor, op: LoraLinearOp) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // RMSNorm with a frozen weight.
 
 struct RmsNorm {
@@ -231,7 +365,29 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // u = g⊙w; dx = r·u − x·r³·mean(u⊙x)
+        // u = g⊙w; dx = r·u − x·r³·mean(u⊙x), one pass per row
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let g = g.contiguous()?;
+            let d = w.elem_count();
+            let dx = with_f32(x, |x| {
+                with_f32(w, |w| {
+                    with_f32(&g, |g| {
+                        let mut dx = vec![0f32; x.len()];
+                        dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(g.par_chunks(d))).for_each(|(o, (xr, gr))| {
+                            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                            let r = 1.0 / (ms + self.eps).sqrt();
+                            let ux: f32 = xr.iter().zip(gr).zip(w).map(|((x, g), w)| g * w * x).sum::<f32>() / d as f32;
+                            let c = r * r * r * ux;
+                            for (((o, &xv), &gv), &wv) in o.iter_mut().zip(xr).zip(gr).zip(w) {
+                                *o = r * gv * wv - xv * c;
+                            }
+                        });
+                        dx
+                    })
+                })
+            })???;
+            return Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), None));
+        }
         let u = g.broadcast_mul(w)?;
         let r = (x.sqr()?.mean_keepdim(candle_core::D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
         let s = (&u * x)?.mean_keepdim(candle_core::D::Minus1)?;
@@ -612,6 +768,25 @@ impl CustomOp2 for SwiGlu {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if a.device().is_cpu() && a.dtype() == DType::F32 {
+            let g = g.contiguous()?;
+            let (da, db): (Vec<f32>, Vec<f32>) = with_f32(a, |a| {
+                with_f32(b, |b| {
+                    with_f32(&g, |g| {
+                        a.par_iter()
+                            .zip(b.par_iter().zip(g.par_iter()))
+                            .map(|(&a, (&b, &g))| {
+                                let sig = 1.0 / (1.0 + (-a).exp());
+                                let silu = a * sig;
+                                (g * b * sig * (1.0 + a * (1.0 - sig)), g * silu)
+                            })
+                            .unzip()
+                    })
+                })
+            })???;
+            let dev = a.device();
+            return Ok((Some(Tensor::from_vec(da, a.shape(), dev)?), Some(Tensor::from_vec(db, b.shape(), dev)?)));
+        }
         let sig = candle_nn::ops::sigmoid(a)?;
         let silu = (a * &sig)?;
         // d silu(a)/da = σ(a)·(1 + a·(1 − σ(a)))
@@ -794,21 +969,24 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let n = x.elem_count();
-    let keep = 1.0 / (1.0 - p) as f32;
-    let threshold = (p * (u64::MAX as f64)) as u64;
-    let key = mix64(seed);
-    let mask: Vec<f32> = (0..n as u64)
-        .into_par_iter()
-        .map(|i| if mix64(key ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) < threshold { 0.0 } else { keep })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?;
+    let mask = Tensor::from_vec(dropout_mask(x.elem_count(), p, seed), x.shape(), &candle_core::Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?;
     let x = x.contiguous()?;
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         x.apply_op1(MaskMul { mask })
     } else {
         x * mask.detach()
     }
+}
+
+/// The inverted-dropout multipliers (0 or 1/(1 − p)) of `n` elements for `seed`.
+pub(crate) fn dropout_mask(n: usize, p: f64, seed: u64) -> Vec<f32> {
+    let keep = 1.0 / (1.0 - p) as f32;
+    let threshold = (p * (u64::MAX as f64)) as u64;
+    let key = mix64(seed);
+    (0..n as u64)
+        .into_par_iter()
+        .map(|i| if mix64(key ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) < threshold { 0.0 } else { keep })
+        .collect()
 }
 
 /// Mixes several integers into one seed (for per-step, per-layer dropout streams).
@@ -927,6 +1105,34 @@ mod tests {
         check_grad(&[b, t, nh, d], |q| attention(q, &k, &v, 0.5).unwrap(), 1e-2);
         check_grad(&[b, s, nkv, d], |k| attention(&q, k, &v, 0.5).unwrap(), 1e-2);
         check_grad(&[b, s, nkv, d], |v| attention(&q, &k, v, 0.5).unwrap(), 1e-2);
+    }
+
+    #[test]
+    fn lora_linear_matches_composed_and_gradients() {
+        let (m, k, n, r) = (5, 7, 6, 3);
+        let w = rand(&[n, k], 31);
+        let bias = rand(&[n], 32);
+        let a = rand(&[r, k], 33);
+        let b = rand(&[n, r], 34);
+        let x = rand(&[m, k], 35);
+        let op = |dropout| LoraLinearOp { w: w.clone(), bias: Some(bias.clone()), scaling: 1.5, dropout };
+        // Against the composed formula (no dropout, then with dropout via the mask op).
+        let want = (x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap()
+            + (x.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * 1.5).unwrap())
+        .unwrap();
+        let got = lora_linear(&x, &a, &b, op(None)).unwrap();
+        assert!((want - got).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
+        let xd = dropout(&x, 0.3, 9).unwrap();
+        let want = (x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap()
+            + (xd.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * 1.5).unwrap())
+        .unwrap();
+        let got = lora_linear(&x, &a, &b, op(Some((0.3, 9)))).unwrap();
+        assert!((want - got).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
+        for d in [None, Some((0.3, 9))] {
+            check_grad(&[m, k], |x| lora_linear(x, &a, &b, op(d)).unwrap(), 1e-2);
+            check_grad(&[r, k], |a| lora_linear(&x, a, &b, op(d)).unwrap(), 1e-2);
+            check_grad(&[n, r], |b| lora_linear(&x, &a, b, op(d)).unwrap(), 1e-2);
+        }
     }
 
     #[test]

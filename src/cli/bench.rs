@@ -37,11 +37,33 @@ pub struct Args {
     /// Print one JSON line.
     #[arg(long)]
     pub json: bool,
+    /// Measure the f32 matrix-multiply throughput of this machine instead (2048³ and the model's shapes).
+    #[arg(long)]
+    pub gemm: bool,
+}
+
+/// GFLOP/s of candle's f32 matmul for (m×k)·(k×n), best of 3.
+fn gemm_gflops(m: usize, k: usize, n: usize, transposed_rhs: bool) -> Result<f64> {
+    let a = Tensor::ones((m, k), DType::F32, &Device::Cpu)?;
+    let b = if transposed_rhs { Tensor::ones((n, k), DType::F32, &Device::Cpu)?.t()? } else { Tensor::ones((k, n), DType::F32, &Device::Cpu)? };
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let _c = a.matmul(&b)?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (m * k * n) as f64 / best / 1e9)
 }
 
 pub fn run(a: Args) -> Result<()> {
     if a.batch == 0 || a.seq < 2 || a.rank == 0 || a.steps == 0 {
         return Err(user(anyhow::anyhow!("--batch, --rank, --steps must be positive and --seq at least 2")));
+    }
+    if a.gemm {
+        for (m, k, n, t) in [(2048, 2048, 2048, false), (1024, 576, 1536, true), (1024, 1536, 576, true), (1024, 576, 576, false), (128, 576, 49152, true)] {
+            println!("gemm {m}×{k}·{k}×{n}{}: {:.1} GFLOP/s", if t { " (rhs transposed)" } else { "" }, gemm_gflops(m, k, n, t)?);
+        }
+        return Ok(());
     }
     let device = Device::Cpu;
     let (mut m, source) = match (&a.model, &a.config) {
@@ -89,7 +111,10 @@ pub fn run(a: Args) -> Result<()> {
         let hidden = m.forward_hidden(&x, &ctx, None)?;
         let denom = (b * (t - 1)) as f64;
         let loss = m.loss(&hidden, &labels, denom)?;
+        let t_fwd = started.elapsed().as_secs_f64();
+        let rss_fwd = peftkit::util::rss_mb().unwrap_or(f64::NAN);
         let grads = loss.backward()?;
+        let t_bwd = started.elapsed().as_secs_f64() - t_fwd;
         let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v.as_tensor()).cloned().unwrap_or(v.zeros_like().unwrap_or_else(|_| v.as_tensor().clone()))).collect();
         opt.step(&g, 2e-4)?;
         let dt = started.elapsed().as_secs_f64();
@@ -98,7 +123,11 @@ pub fn run(a: Args) -> Result<()> {
             times.push(dt);
         }
         if !a.json {
-            eprintln!("step {step}{}: {dt:.3} s, loss {:.4}", if step == 0 { " (warm-up)" } else { "" }, losses[step]);
+            eprintln!(
+                "step {step}{}: {dt:.3} s (forward + loss {t_fwd:.3} s, backward {t_bwd:.3} s), loss {:.4}, RSS after forward {rss_fwd:.0} MiB",
+                if step == 0 { " (warm-up)" } else { "" },
+                losses[step]
+            );
         }
     }
     times.sort_by(|x, y| x.total_cmp(y));
