@@ -26,6 +26,8 @@ pub struct AdapterCardFacts<'a> {
     pub license: Option<String>,
     pub method: &'a str,
     pub adapter_dir: &'a str,
+    /// The recipe's `data.sequence_len`, so `peftkit eval` reproduces the reported figures.
+    pub sequence_len: usize,
     pub recipe_yaml: &'a str,
     pub train: DataFacts,
     pub validation: Option<DataFacts>,
@@ -69,7 +71,11 @@ pub fn adapter_card(f: &AdapterCardFacts) -> String {
     );
     s.push_str("## How to use\n\nWith peftkit:\n\n```sh\n");
     let data = f.validation.as_ref().unwrap_or(&f.train);
-    let _ = writeln!(s, "peftkit eval --base {} --adapter {} --data {}", f.base_model, f.adapter_dir, data.path);
+    let _ = writeln!(
+        s,
+        "peftkit eval --base {} --adapter {} --data {} --sequence-len {}",
+        f.base_model, f.adapter_dir, data.path, f.sequence_len
+    );
     s.push_str("```\n\nWith Python (transformers + PEFT):\n\n```python\n");
     let _ = writeln!(s, "from transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n");
     let _ = writeln!(s, "base = AutoModelForCausalLM.from_pretrained(\"{}\")", f.base_model);

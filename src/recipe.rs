@@ -710,7 +710,7 @@ pub struct TrainingSpec {
     pub seed: u64,
     /// Evaluate on the validation set every this many steps (and at the end).
     pub eval_every: Option<usize>,
-    /// Save a checkpoint every this many steps (and at the end).
+    /// Save a checkpoint every this many steps (the final adapter is written at the end in any case).
     pub save_every: Option<usize>,
     /// Log every this many steps (default 1).
     pub logging_every: usize,

@@ -170,6 +170,16 @@ fn train_end_to_end_from_cache_writes_peft_adapter_and_card() {
     // No temporary files left behind.
     let leftovers: Vec<_> = std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
     assert!(leftovers.is_empty());
+    // A second run into the same folder is refused without --resume or --overwrite, and nothing is touched.
+    let before = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let o = bin().env("HF_HUB_CACHE", &cache).arg("train").arg(&r).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--overwrite"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(out.join("adapter_model.safetensors")).unwrap(), before);
+    let o = bin().env("HF_HUB_CACHE", &cache).arg("train").arg(&r).arg("--overwrite").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Same seed, same machine: the same adapter bytes.
+    assert_eq!(std::fs::read(out.join("adapter_model.safetensors")).unwrap(), before);
     // The trained adapter is evaluated by `eval --adapter`.
     let o = bin().env("HF_HUB_CACHE", &cache).args(["eval", "--base", "peftkit-test/tiny-llama", "--json", "--adapter"]).arg(&out).arg("--data").arg(&data).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));

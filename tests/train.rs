@@ -153,7 +153,7 @@ fn interrupted_and_resumed_run_writes_identical_adapter_bytes() {
     let err = train::train(&mut model, &cfg_a, &data, None, &other, "t", &b, &TrainOptions { resume: true, ..Default::default() })
         .unwrap_err()
         .to_string();
-    assert!(err.contains("other settings"), "{err}");
+    assert!(err.contains("other training settings"), "{err}");
     let _ = (std::fs::remove_dir_all(a), std::fs::remove_dir_all(b));
 }
 

@@ -9,7 +9,6 @@
 use super::target::TargetModules;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
-use std::collections::BTreeMap;
 
 /// How fresh LoRA weights are drawn.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -32,18 +31,20 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     pub init: LoraInit,
     pub layers_to_transform: Option<Vec<usize>>,
-    /// Per-module rank overrides (PEFT's `rank_pattern`: key = module name or path suffix).
-    pub rank_pattern: BTreeMap<String, usize>,
-    /// Per-module alpha overrides (PEFT's `alpha_pattern`).
-    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Per-module rank overrides (PEFT's `rank_pattern`): regex keys matched against the end of the module path,
+    /// in order; the first match wins.
+    pub rank_pattern: Vec<(String, usize)>,
+    /// Per-module alpha overrides (PEFT's `alpha_pattern`), matched like `rank_pattern`.
+    pub alpha_pattern: Vec<(String, f64)>,
 }
 
 impl LoraConfig {
-    /// The rank and alpha that apply to `path`, honouring `rank_pattern` / `alpha_pattern`.
+    /// The rank and alpha that apply to `path`, honouring `rank_pattern` / `alpha_pattern` as PEFT does:
+    /// the first key for which `(.*\.)?(key)$` matches the path (an invalid regex matches nothing).
     pub fn rank_alpha(&self, path: &str) -> (usize, f64) {
-        let find = |key: &String| path == key || path.ends_with(&format!(".{key}"));
-        let r = self.rank_pattern.iter().find(|(k, _)| find(k)).map(|(_, &v)| v).unwrap_or(self.r);
-        let a = self.alpha_pattern.iter().find(|(k, _)| find(k)).map(|(_, &v)| v).unwrap_or(self.lora_alpha);
+        let find = |key: &str| regex::Regex::new(&format!("^(?:.*\\.)?(?:{key})$")).is_ok_and(|re| re.is_match(path));
+        let r = self.rank_pattern.iter().find(|(k, _)| find(k)).map(|(_, v)| *v).unwrap_or(self.r);
+        let a = self.alpha_pattern.iter().find(|(k, _)| find(k)).map(|(_, v)| *v).unwrap_or(self.lora_alpha);
         (r, a)
     }
 
@@ -138,6 +139,31 @@ impl LoraLayer {
     /// The dense update s·B·A (out, in), for merging into W.
     pub fn delta_weight(&self) -> Result<Tensor> {
         self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_follow_peft_regex_rules_in_order() {
+        let cfg = LoraConfig {
+            r: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.0,
+            target_modules: TargetModules::AllLinear,
+            use_rslora: false,
+            init: LoraInit::Kaiming,
+            layers_to_transform: None,
+            rank_pattern: vec![(r"layers\.[0-1]\.self_attn\.q_proj".into(), 4), ("q_proj".into(), 2)],
+            alpha_pattern: vec![("q_proj|v_proj".into(), 3.0)],
+        };
+        assert_eq!(cfg.rank_alpha("model.layers.1.self_attn.q_proj"), (4, 3.0));
+        assert_eq!(cfg.rank_alpha("model.layers.5.self_attn.q_proj"), (2, 3.0));
+        assert_eq!(cfg.rank_alpha("model.layers.5.self_attn.v_proj"), (8, 3.0));
+        assert_eq!(cfg.rank_alpha("model.layers.5.self_attn.xq_proj"), (8, 16.0));
+        assert_eq!(cfg.scaling(4, 8.0), 2.0);
     }
 }
 

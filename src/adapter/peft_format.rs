@@ -14,7 +14,6 @@ use crate::linear::LayerAdapter;
 use crate::model::Llama;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Map, Value};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -89,10 +88,19 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig, AdapterError> {
                 None | Some(Value::Bool(true)) => LoraInit::Kaiming,
                 Some(Value::Bool(false)) => LoraInit::Random,
                 Some(Value::String(s)) if s == "gaussian" => LoraInit::Gaussian,
-                // Other schemes (pissa, olora, loftq…) only differ at initialisation: loaded weights are what count.
+                // PiSSA, OLoRA and CorDA also rewrite the base weights (the adapter is only valid on the residual
+                // model PEFT saved beside it), unless converted back to plain LoRA when saving.
+                Some(Value::String(s)) if ["pissa", "olora", "corda"].iter().any(|p| s.to_lowercase().starts_with(p)) => {
+                    return refuse(
+                        "init_lora_weights",
+                        &format!("`{s}` (it modifies the base weights; save it with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA adapter)"),
+                    )
+                }
+                // Other schemes (loftq, eva…) only choose the starting values: the loaded weights are what count.
                 Some(_) => LoraInit::Kaiming,
             };
-            let pattern = |k: &str| -> BTreeMap<String, f64> {
+            // In the file's order: PEFT takes the first key that matches.
+            let pattern = |k: &str| -> Vec<(String, f64)> {
                 get(k)
                     .and_then(|v| v.as_object())
                     .map(|m| m.iter().filter_map(|(k, v)| v.as_f64().map(|f| (k.clone(), f))).collect())
@@ -150,6 +158,9 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<PeftConfig, Adapter
                     (None, None) => continue,
                     _ => return Err(format_err(&wpath, format!("{} has only one of lora_A / lora_B", lin.path))),
                 };
+                if a.rank() != 2 || b.rank() != 2 {
+                    return Err(format_err(&wpath, format!("{a_key}: lora_A and lora_B must be matrices, got {:?} and {:?}", a.dims(), b.dims())));
+                }
                 let r = a.dims()[0];
                 if a.dims() != [r, lin.in_features] || b.dims() != [lin.out_features, r] {
                     return Err(format_err(
@@ -211,9 +222,18 @@ pub fn save_adapter(
                     names.dedup();
                     json!(names)
                 }
+                // PEFT refuses a regex together with layers_to_transform: name the adapted modules instead.
+                TargetModules::Regex(_) if l.layers_to_transform.is_some() => {
+                    json!(model.linears().filter(|lin| lin.adapter.is_some()).map(|lin| lin.path.clone()).collect::<Vec<_>>())
+                }
                 t => target_to_json(t),
             };
-            cfg.insert("alpha_pattern".into(), json!(l.alpha_pattern));
+            let layers = match &l.target_modules {
+                TargetModules::Regex(_) => None,
+                _ => l.layers_to_transform.clone(),
+            };
+            let pattern_json = |p: &[(String, f64)]| Value::Object(p.iter().map(|(k, v)| (k.clone(), json!(v))).collect());
+            cfg.insert("alpha_pattern".into(), pattern_json(&l.alpha_pattern));
             cfg.insert("auto_mapping".into(), Value::Null);
             cfg.insert("base_model_name_or_path".into(), json!(base_model_name_or_path));
             cfg.insert("bias".into(), json!("none"));
@@ -228,25 +248,26 @@ pub fn save_adapter(
                 },
             );
             cfg.insert("layers_pattern".into(), Value::Null);
-            cfg.insert("layers_to_transform".into(), json!(l.layers_to_transform));
+            cfg.insert("layers_to_transform".into(), json!(layers));
             cfg.insert("lora_alpha".into(), json!(l.lora_alpha));
             cfg.insert("lora_dropout".into(), json!(l.lora_dropout));
             cfg.insert("modules_to_save".into(), Value::Null);
             cfg.insert("peft_type".into(), json!("LORA"));
             cfg.insert("r".into(), json!(l.r));
-            cfg.insert("rank_pattern".into(), json!(l.rank_pattern));
+            let ranks: Vec<(String, f64)> = l.rank_pattern.iter().map(|(k, v)| (k.clone(), *v as f64)).collect();
+            cfg.insert("rank_pattern".into(), pattern_json(&ranks));
             cfg.insert("revision".into(), json!(revision));
             cfg.insert("target_modules".into(), targets);
             cfg.insert("task_type".into(), json!("CAUSAL_LM"));
             cfg.insert("use_rslora".into(), json!(l.use_rslora));
         }
     }
-    let text = serde_json::to_string_pretty(&Value::Object(cfg)).map_err(|e| format_err(dir, e.to_string()))?;
-    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
-
+    // The weights first, then the config that describes them.
     let tensors: Vec<(String, Tensor)> =
         super::trainable(model).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-    save_safetensors(&dir.join(WEIGHTS_FILE), &tensors)
+    save_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
+    let text = serde_json::to_string_pretty(&Value::Object(cfg)).map_err(|e| format_err(dir, e.to_string()))?;
+    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
 }
 
 /// Writes f32 tensors with `{"format": "pt"}` metadata, atomically.
@@ -272,10 +293,24 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(),
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
+    use std::io::Write;
     let tmp = tmp_name(path);
     let io = |source| AdapterError::Io { path: path.to_path_buf(), source };
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    // On disk before the rename, so a crash leaves either the old file or the whole new one.
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")));
+    Ok(())
+}
+
+/// Makes a rename inside `dir` durable (best effort: not every filesystem supports syncing a directory).
+pub fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
 }
 
 /// `dir/.name.tmp-<pid>`: the temporary name used before a rename into place.

@@ -28,6 +28,9 @@ pub struct Args {
     /// Longer examples are truncated to this many tokens.
     #[arg(long, default_value_t = 2048)]
     pub sequence_len: usize,
+    /// Also score prompt tokens (chat and alpaca data), as a recipe with `train_on_inputs: true` trains.
+    #[arg(long)]
+    pub train_on_inputs: bool,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
@@ -43,10 +46,13 @@ pub fn run(a: Args) -> Result<()> {
     }
     let mut base = load_base(&a.base, a.revision.as_deref(), &hub_options(), &Device::Cpu).map_err(user)?;
     if let Some(dir) = &a.adapter {
-        peft_format::load_adapter(&mut base.model, dir).map_err(user)?;
+        let cfg = peft_format::load_adapter(&mut base.model, dir).map_err(user)?;
+        if let Some(trained_on) = cfg.base_model_name_or_path.filter(|b| b != &base.name) {
+            tracing::warn!("{} was trained on `{trained_on}`, not `{}`", dir.display(), base.name);
+        }
     }
-    // Every token of the file is evaluated as in training: loss on supervised tokens only.
-    let opts = EncodeOptions { sequence_len: a.sequence_len, train_on_inputs: false };
+    // The file is scored as in training: loss on supervised tokens only.
+    let opts = EncodeOptions { sequence_len: a.sequence_len, train_on_inputs: a.train_on_inputs };
     let ds = data::load_dataset(&a.data, format, &base.tokenizer, base.template.as_ref(), base.eos_token.as_deref(), &opts)
         .map_err(user)?;
     let r = peftkit::train::evaluate(&base.model, &ds.examples, a.batch_size, base.pad_id)?;

@@ -21,9 +21,16 @@ pub struct Args {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Continue from the newest checkpoint in the output folder.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Start afresh even if the output folder holds an adapter or checkpoints from an earlier run (they are deleted).
+    #[arg(long)]
+    pub overwrite: bool,
 }
+
+/// Files of an earlier run in an output folder.
+const RUN_FILES: [&str; 5] =
+    ["adapter_config.json", "adapter_model.safetensors", "README.md", "peftkit_recipe.yaml", train::METRICS_FILE];
 
 /// A recipe's data format as the data module's (None = detect).
 pub fn data_format(f: DataFormat) -> Option<Format> {
@@ -50,9 +57,30 @@ pub fn run(args: Args) -> Result<()> {
     // Everything about the recipe is checked before any download or computation.
     let recipe = Recipe::load(&args.recipe, &args.set).map_err(user)?;
     let adapter_cfg = AdapterConfig::from_spec(&recipe.adapter).map_err(user)?;
+    if let Some(id) = &recipe.output.hub_model_id {
+        return Err(user(anyhow::anyhow!(
+            "{}: output.hub_model_id ({id}): pushing to the Hub is not available in this version of peftkit; remove \
+             the key and upload the output folder with `huggingface-cli upload {id} <output.dir>`",
+            args.recipe.display()
+        )));
+    }
     let out = recipe.output.dir.clone();
     if args.resume && train::latest_checkpoint(&out).is_none() {
         return Err(user(anyhow::anyhow!("--resume: no checkpoint in {}", out.join("checkpoints").display())));
+    }
+    let earlier: Vec<&str> = RUN_FILES.iter().copied().filter(|f| out.join(f).exists()).collect();
+    if !args.resume && !args.overwrite && (!earlier.is_empty() || train::latest_checkpoint(&out).is_some()) {
+        return Err(user(anyhow::anyhow!(
+            "{} already holds an earlier run ({}); continue it with --resume, or start afresh with --overwrite",
+            out.display(),
+            if earlier.is_empty() { "checkpoints".to_string() } else { earlier.join(", ") }
+        )));
+    }
+    if args.overwrite {
+        for f in RUN_FILES {
+            let _ = std::fs::remove_file(out.join(f));
+        }
+        let _ = std::fs::remove_dir_all(out.join("checkpoints"));
     }
 
     let device = Device::Cpu;
@@ -136,6 +164,7 @@ pub fn run(args: Args) -> Result<()> {
         license,
         method: recipe.adapter.type_name(),
         adapter_dir: &out.display().to_string(),
+        sequence_len: recipe.data.sequence_len,
         recipe_yaml: &recipe_yaml,
         train: facts(&train_set),
         validation: valid_set.as_ref().map(facts),

@@ -215,7 +215,11 @@ pub(crate) fn detect_format(path: &Path, record: &RawRecord) -> Result<Format, D
             path: path.to_path_buf(),
             line: record.line,
             element: record.element,
-            keys: object.keys().cloned().collect(),
+            keys: {
+                let mut keys: Vec<String> = object.keys().cloned().collect();
+                keys.sort();
+                keys
+            },
         })
     }
 }

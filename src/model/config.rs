@@ -53,6 +53,9 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
+    /// Mistral / Qwen2 sliding-window attention: positions further back than this are not attended to. Sequences
+    /// up to this length are unaffected; longer ones are refused rather than computed differently.
+    pub sliding_window: Option<usize>,
     /// The raw JSON, kept to write a merged model's config and the model card.
     pub raw: serde_json::Value,
 }
@@ -87,6 +90,8 @@ struct RawConfig {
     bos_token_id: Option<OneOrMany>,
     eos_token_id: Option<OneOrMany>,
     pad_token_id: Option<OneOrMany>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
 }
 
 fn first(v: Option<OneOrMany>) -> Option<u32> {
@@ -174,6 +179,8 @@ impl ModelConfig {
             bos_token_id: first(raw.bos_token_id),
             eos_token_ids,
             pad_token_id: first(raw.pad_token_id),
+            // Qwen2 configs carry a window but only use it when use_sliding_window is true.
+            sliding_window: raw.sliding_window.filter(|_| raw.use_sliding_window.unwrap_or(!qwen2)),
             raw: raw_value,
         })
     }

@@ -123,6 +123,15 @@ impl Llama {
     pub fn forward_hidden(&self, ids: &Tensor, ctx: &ForwardCtx, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        if let Some(w) = self.config.sliding_window {
+            if offset + t > w {
+                candle_core::bail!(
+                    "sequence of {} positions exceeds the model's sliding_window of {w}, which peftkit does not implement; \
+                     use a sequence_len of at most {w}",
+                    offset + t
+                );
+            }
+        }
         let (cos, sin) = self.rope_tables(offset, t)?;
         let cfg = &self.config;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);

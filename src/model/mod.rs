@@ -22,6 +22,8 @@ pub enum ModelError {
     Open { file: PathBuf, source: candle_core::Error },
     #[error("tensor `{name}` is missing from {files}")]
     MissingTensor { name: String, files: String },
+    #[error("tensor `{name}` in {files} cannot be read: {source}")]
+    Tensor { name: String, files: String, source: candle_core::Error },
     #[error("tensor `{name}` has shape {got:?}, expected {expected:?} from config.json")]
     Shape { name: String, got: Vec<usize>, expected: Vec<usize> },
     #[error("{0}")]
@@ -61,10 +63,10 @@ impl WeightSource {
 
     /// Loads `name` with the expected shape, converted to `dtype` on `device`.
     pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, ModelError> {
-        let t = self.st.load(name, &Device::Cpu).map_err(|_| ModelError::MissingTensor {
-            name: name.to_string(),
-            files: self.files_str(),
-        })?;
+        if !self.contains(name) {
+            return Err(ModelError::MissingTensor { name: name.to_string(), files: self.files_str() });
+        }
+        let t = self.st.load(name, &Device::Cpu).map_err(|e| ModelError::Tensor { name: name.to_string(), files: self.files_str(), source: e })?;
         if t.dims() != shape {
             return Err(ModelError::Shape { name: name.into(), got: t.dims().to_vec(), expected: shape.to_vec() });
         }

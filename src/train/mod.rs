@@ -182,11 +182,10 @@ const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
-/// The newest checkpoint folder under `out/checkpoints/`, if any.
-pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
-    let dir = out.join(CHECKPOINTS);
-    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&dir)
-        .ok()?
+/// The checkpoint folders under `out/checkpoints/` that are complete, newest first.
+pub fn checkpoints(out: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(out.join(CHECKPOINTS)) else { return vec![] };
+    let mut found: Vec<(usize, PathBuf)> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
@@ -195,15 +194,22 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
         })
         .collect();
     found.sort();
-    found.pop().map(|(_, p)| p)
+    found.into_iter().rev().map(|(_, p)| p).collect()
+}
+
+/// The newest complete checkpoint folder under `out/checkpoints/`, if any.
+pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
+    checkpoints(out).into_iter().next()
 }
 
 /// A short fingerprint of everything that determines the adapter bytes, stored in checkpoints so that `--resume`
 /// refuses to continue a run with different settings or data.
 fn fingerprint(cfg: &TrainConfig, adapter: &AdapterConfig, train: &[Example]) -> String {
     use sha2::{Digest, Sha256};
+    // How often to evaluate, save or log does not change the adapter: leave it out.
+    let semantic = TrainConfig { eval_every: None, save_every: None, logging_every: 1, ..cfg.clone() };
     let mut h = Sha256::new();
-    h.update(format!("{cfg:?}|{adapter:?}").as_bytes());
+    h.update(format!("{semantic:?}|{adapter:?}").as_bytes());
     for ex in train {
         h.update((ex.input_ids.len() as u64).to_le_bytes());
         for &id in &ex.input_ids {
@@ -224,6 +230,7 @@ fn save_checkpoint(
     names: &[String],
     step: usize,
     fp: &str,
+    progress: &serde_json::Value,
     base: &str,
     out: &Path,
     keep: usize,
@@ -240,40 +247,43 @@ fn save_checkpoint(
         moments.push((format!("v.{n}"), opt.v[i].clone()));
     }
     peft_format::save_safetensors(&tmp.join(OPTIMIZER_FILE), &moments)?;
-    let state = json!({"step": step, "optimizer_t": opt.t, "fingerprint": fp, "peftkit_version": env!("CARGO_PKG_VERSION")});
-    std::fs::write(tmp.join(STATE_FILE), state.to_string()).map_err(io_err(&tmp))?;
+    let state = json!({"step": step, "optimizer_t": opt.t, "fingerprint": fp, "progress": progress,
+        "peftkit_version": env!("CARGO_PKG_VERSION")});
+    peft_format::write_atomic(&tmp.join(STATE_FILE), state.to_string().as_bytes())?;
+    peft_format::sync_dir(&tmp);
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
+    peft_format::sync_dir(&root);
+    // Older checkpoints go only once the new one is on disk.
     if keep > 0 {
-        let mut all: Vec<PathBuf> = std::fs::read_dir(&root)
-            .map_err(io_err(&root))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
-            .collect();
-        all.sort();
-        while all.len() > keep {
-            let old = all.remove(0);
+        for old in checkpoints(out).into_iter().skip(keep) {
             let _ = std::fs::remove_dir_all(old);
         }
     }
     Ok(final_dir)
 }
 
-/// Restores adapter weights and optimizer moments from a checkpoint; returns the step it was taken after.
-fn load_checkpoint(dir: &Path, opt: &mut AdamW, names: &[String], fp: &str) -> Result<usize, TrainError> {
+/// Restores adapter weights and optimizer moments from a checkpoint; returns the step it was taken after and the
+/// run's progress facts saved with it.
+fn load_checkpoint(dir: &Path, opt: &mut AdamW, names: &[String], fp: &str) -> Result<(usize, serde_json::Value), TrainError> {
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
     let state: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| TrainError::Resume(format!("{}: {e}", state_path.display())))?;
     if state["fingerprint"].as_str() != Some(fp) {
         return Err(TrainError::Resume(format!(
-            "{} was written by a run with other settings or data; start a fresh run (without --resume) or restore them",
+            "{} was written by a run with other training settings, adapter settings or data (everything but \
+             eval_every, save_every and logging_every must match); restore them, or start afresh with --overwrite",
             dir.display()
         )));
     }
     let step = state["step"].as_u64().ok_or_else(|| TrainError::Resume(format!("{}: no step", state_path.display())))?;
-    let weights = candle_core::safetensors::load(dir.join(peft_format::WEIGHTS_FILE), &Device::Cpu)?;
-    let moments = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &Device::Cpu)?;
+    let read = |f: &str| {
+        let p = dir.join(f);
+        candle_core::safetensors::load(&p, &Device::Cpu).map_err(|e| TrainError::Resume(format!("{}: {e}", p.display())))
+    };
+    let weights = read(peft_format::WEIGHTS_FILE)?;
+    let moments = read(OPTIMIZER_FILE)?;
     for (i, n) in names.iter().enumerate() {
         let missing = |k: &str| TrainError::Resume(format!("{}: tensor {k} is missing", dir.display()));
         let w = weights.get(n).ok_or_else(|| missing(n))?;
@@ -283,7 +293,7 @@ fn load_checkpoint(dir: &Path, opt: &mut AdamW, names: &[String], fp: &str) -> R
         opt.v[i] = moments.get(&format!("v.{n}")).ok_or_else(|| missing(n))?.to_device(&dev)?;
     }
     opt.t = state["optimizer_t"].as_u64().unwrap_or(step) as usize;
-    Ok(step as usize)
+    Ok((step as usize, state["progress"].clone()))
 }
 
 /// Keeps the lines of `metrics.jsonl` up to `step` (used on resume, so the file reads as one run).
@@ -331,13 +341,33 @@ pub fn train(
     let metrics_path = out.join(METRICS_FILE);
     let mut start_step = 0;
     let mut last_checkpoint = None;
+    let mut resumed_progress = serde_json::Value::Null;
     if opts.resume {
-        let ckpt = latest_checkpoint(out)
-            .ok_or_else(|| TrainError::Resume(format!("no checkpoint in {}", out.join(CHECKPOINTS).display())))?;
-        start_step = load_checkpoint(&ckpt, &mut opt, &names, &fp)?;
+        let all = checkpoints(out);
+        if all.is_empty() {
+            return Err(TrainError::Resume(format!("no checkpoint in {}", out.join(CHECKPOINTS).display())));
+        }
+        // The newest checkpoint that loads; a damaged one (e.g. after a power loss) falls back to the one before.
+        let mut last_err = None;
+        for ckpt in all {
+            match load_checkpoint(&ckpt, &mut opt, &names, &fp) {
+                Ok((step, progress)) => {
+                    start_step = step;
+                    resumed_progress = progress;
+                    tracing::info!("resuming from {} (step {start_step} of {total_steps})", ckpt.display());
+                    last_checkpoint = Some(ckpt);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("cannot resume from {}: {e}", ckpt.display());
+                    last_err = Some(e);
+                }
+            }
+        }
+        if last_checkpoint.is_none() {
+            return Err(last_err.unwrap_or_else(|| TrainError::Resume("no usable checkpoint".into())));
+        }
         truncate_metrics(&metrics_path, start_step)?;
-        tracing::info!("resuming from {} (step {start_step} of {total_steps})", ckpt.display());
-        last_checkpoint = Some(ckpt);
     } else {
         // A fresh run starts a fresh log and forgets older checkpoints of this folder.
         let _ = std::fs::remove_file(&metrics_path);
@@ -349,14 +379,20 @@ pub fn train(
     };
 
     let eval_batch = cfg.micro_batch_size;
+    let eval_from_json = |v: &serde_json::Value| -> Option<EvalResult> {
+        Some(EvalResult { loss: v["loss"].as_f64()?, perplexity: v["perplexity"].as_f64()?, tokens: v["tokens"].as_u64()? as usize })
+    };
     let initial_eval = match valid_set {
         Some(v) if start_step == 0 && !v.is_empty() => {
             let r = evaluate(model, v, eval_batch, cfg.pad_id)?;
             log(json!({"step": 0, "eval_loss": r.loss, "eval_perplexity": r.perplexity, "eval_tokens": r.tokens}))?;
             Some(r)
         }
-        _ => None,
+        _ => eval_from_json(&resumed_progress["initial_eval"]),
     };
+    // Totals carried over from before a resume, so the card describes the whole run.
+    let prior_tokens = resumed_progress["tokens"].as_u64().unwrap_or(0) as usize;
+    let prior_wall = resumed_progress["wall_s"].as_f64().unwrap_or(0.0);
 
     let bar = if opts.progress {
         let pb = indicatif::ProgressBar::new(total_steps as u64);
@@ -453,10 +489,17 @@ pub fn train(
                 }
             }
         }
-        let stop = opts.interrupt.load(Ordering::SeqCst) || opts.stop_after_step == Some(step);
+        // An interrupt during the last step just lets the run finish.
+        let stop = (opts.interrupt.load(Ordering::SeqCst) || opts.stop_after_step == Some(step)) && step < total_steps;
         let scheduled = cfg.save_every.is_some_and(|e| step % e == 0) && step < total_steps;
         if stop || scheduled {
-            let dir = save_checkpoint(model, adapter, &opt, &names, step, &fp, base_model, out, opts.keep_checkpoints)?;
+            let progress = json!({
+                "tokens": prior_tokens + tokens_total,
+                "wall_s": prior_wall + started.elapsed().as_secs_f64(),
+                "initial_eval": initial_eval.map(|r| json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens})),
+            });
+            let dir =
+                save_checkpoint(model, adapter, &opt, &names, step, &fp, &progress, base_model, out, opts.keep_checkpoints)?;
             last_checkpoint = Some(dir.clone());
             if stop {
                 interrupted_at = Some(dir);
@@ -481,8 +524,8 @@ pub fn train(
         last_train_loss: last_loss,
         final_eval,
         initial_eval,
-        tokens: tokens_total,
-        wall_s: started.elapsed().as_secs_f64(),
+        tokens: prior_tokens + tokens_total,
+        wall_s: prior_wall + started.elapsed().as_secs_f64(),
         interrupted_at,
     })
 }
