@@ -286,6 +286,7 @@ impl candle_core::CustomOp3 for LoraLinearOp {
         let m = x.elem_count() / k;
         let grad = grad.contiguous()?;
         let s = self.scaling;
+        let want_dx = x.track_op();
         let (dx, da, db) = with_f32(x, |x| {
             with_f32(a, |a| {
                 with_f32(b, |b| {
@@ -304,7 +305,11 @@ impl candle_core::CustomOp3 for LoraLinearOp {
                             // dA (r×k) = dxaᵀ (r×m) · drop(x) (m×k)
                             let mut da = vec![0f32; r * k];
                             sgemm(r, k, m, &mut da, false, &dxa, (1, r), xd, (k, 1), 1.0);
-                            // dx (m×k) = dY · W + mask ⊙ (dxa · A)
+                            // dx (m×k) = dY · W + mask ⊙ (dxa · A); not needed when nothing upstream wants a gradient
+                            // (the first layer's projections read the frozen embedding).
+                            if !want_dx {
+                                return (Vec::new(), da, db);
+                            }
                             let mut dx = vec![0f32; m * k];
                             sgemm(m, k, n, &mut dx, false, dy, (n, 1), w, (k, 1), 1.0);
                             match &dropped {
@@ -323,7 +328,7 @@ impl candle_core::CustomOp3 for LoraLinearOp {
         })?????;
         let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            if want_dx { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None },
             Some(Tensor::from_vec(da, (r, k), dev)?),
             Some(Tensor::from_vec(db, (n, r), dev)?),
         ))
