@@ -184,3 +184,46 @@ fn train_end_to_end_from_cache_writes_peft_adapter_and_card() {
     let o = bin().env("HF_HUB_CACHE", &cache).args(["eval", "--base", "peftkit-test/tiny-llama", "--json", "--adapter"]).arg(&out).arg("--data").arg(&data).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// Ctrl-C (SIGINT) during training writes a checkpoint and exits with 130; `--resume` then finishes the run.
+#[test]
+fn sigint_checkpoints_and_resume_finishes() {
+    let d = tmp("sigint");
+    let cache = hf_cache(&d.join("hub"));
+    let data = d.join("train.jsonl");
+    let lines: String = (0..16).map(|i| serde_json::json!({"text": format!("line {i}: the quick brown fox {}", i * 13)}).to_string() + "\n").collect();
+    std::fs::write(&data, lines).unwrap();
+    let out = d.join("adapter");
+    let r = write_recipe(
+        &d,
+        &format!(
+            "base_model: peftkit-test/tiny-llama\nadapter: {{type: lora, r: 2}}\ndata: {{train: {}, sequence_len: 32}}\n\
+             training: {{max_steps: 150, micro_batch_size: 2}}\noutput: {{dir: {}}}\n",
+            data.display(),
+            out.display()
+        ),
+    );
+    let child = bin().env("HF_HUB_CACHE", &cache).arg("train").arg(&r).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Wait until training is under way (the metrics log has lines), then interrupt.
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map(|s| s.lines().count() < 3).unwrap_or(true) {
+        assert!(started.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--resume"), "{}", stderr(&o));
+    let ckpts = std::fs::read_dir(out.join("checkpoints")).unwrap().filter_map(|e| e.ok()).count();
+    assert_eq!(ckpts, 1);
+    // The final adapter is not written by an interrupted run.
+    assert!(!out.join("adapter_model.safetensors").exists());
+    // Resume finishes the run; its adapter is byte-identical to an uninterrupted run's.
+    let o = bin().env("HF_HUB_CACHE", &cache).arg("train").arg(&r).arg("--resume").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let resumed = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let o = bin().env("HF_HUB_CACHE", &cache).arg("train").arg(&r).arg("--overwrite").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(out.join("adapter_model.safetensors")).unwrap(), resumed);
+}

@@ -33,7 +33,7 @@ pub(crate) fn fixture_template() -> ChatTemplate {
 pub(crate) fn tokenizer_with_specials(specials: &[&str]) -> Tokenizer {
     let mut tokenizer = fixture_tokenizer();
     let tokens: Vec<AddedToken> = specials.iter().map(|s| AddedToken::from(*s, true)).collect();
-    tokenizer.add_special_tokens(&tokens);
+    tokenizer.add_special_tokens(tokens).expect("adding special tokens to the test tokenizer");
     tokenizer
 }
 
