@@ -31,6 +31,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("PEFTKIT_LOG").unwrap_or_else(|_| "peftkit=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .init();
