@@ -47,7 +47,11 @@ pub fn run(a: Args) -> Result<()> {
     let mut base = load_base(&a.base, a.revision.as_deref(), &hub_options(), &Device::Cpu).map_err(user)?;
     if let Some(dir) = &a.adapter {
         let cfg = peft_format::load_adapter(&mut base.model, dir).map_err(user)?;
-        if let Some(trained_on) = cfg.base_model_name_or_path.filter(|b| b != &base.name) {
+        // The same model named two ways (relative and absolute path) is the same model.
+        let same = |a: &str, b: &str| {
+            a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
+        };
+        if let Some(trained_on) = cfg.base_model_name_or_path.filter(|b| !same(b, &base.name)) {
             tracing::warn!("{} was trained on `{trained_on}`, not `{}`", dir.display(), base.name);
         }
     }
