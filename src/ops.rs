@@ -184,21 +184,12 @@ impl CustomOp2 for FrozenMatmul {
 
 /// y = x·Wᵀ for a frozen weight `w` (out, in): x (…, in) → y (…, out). The backward yields dx only.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd_if_untracked(w)
-}
-
-trait ApplyFrozen {
-    fn apply_op2_no_bwd_if_untracked(&self, w: &Tensor) -> Result<Tensor>;
-}
-
-impl ApplyFrozen for Tensor {
-    /// With no variable upstream there is nothing to differentiate: skip recording the op.
-    fn apply_op2_no_bwd_if_untracked(&self, w: &Tensor) -> Result<Tensor> {
-        if self.track_op() {
-            self.apply_op2(w, FrozenMatmul)
-        } else {
-            self.apply_op2_no_bwd(w, &FrozenMatmul)
-        }
+    let x = x.contiguous()?;
+    // With no variable upstream there is nothing to differentiate: skip recording the op.
+    if x.track_op() {
+        x.apply_op2(w, FrozenMatmul)
+    } else {
+        x.apply_op2_no_bwd(w, &FrozenMatmul)
     }
 }
 

@@ -115,7 +115,10 @@ pub fn run(a: Args) -> Result<()> {
         let rss_fwd = peftkit::util::rss_mb().unwrap_or(f64::NAN);
         let grads = loss.backward()?;
         let t_bwd = started.elapsed().as_secs_f64() - t_fwd;
-        let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v.as_tensor()).cloned().unwrap_or(v.zeros_like().unwrap_or_else(|_| v.as_tensor().clone()))).collect();
+        let g = vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned().map_or_else(|| v.zeros_like(), Ok))
+            .collect::<candle_core::Result<Vec<Tensor>>>()?;
         opt.step(&g, 2e-4)?;
         let dt = started.elapsed().as_secs_f64();
         losses.push(loss.to_scalar::<f32>()?);

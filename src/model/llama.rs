@@ -199,10 +199,4 @@ impl Llama {
     pub fn count_targets(labels: &[i32], b: usize, t: usize) -> usize {
         (0..b).map(|r| (1..t).filter(|&j| labels[r * t + j] >= 0).count()).sum()
     }
-
-    /// Argmax over the vocabulary of the last position's logits, for each row.
-    pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let t = hidden.dim(1)?;
-        self.logits(&hidden.narrow(1, t - 1, 1)?)?.squeeze(1)?.to_dtype(DType::F32)
-    }
 }

@@ -410,11 +410,16 @@ pub fn train(
     let mut last_loss = None;
     let mut interrupted_at = None;
     let mut step = start_step;
+    // (epoch, its visiting order), recomputed when a step enters a new epoch.
+    let mut order = (usize::MAX, Vec::new());
     while step < total_steps {
         let step_started = Instant::now();
         // The micro-batches of this step: a window of this epoch's order.
         let epoch = step / steps_per_epoch;
-        let order = epoch_order(n, cfg.seed, epoch, cfg.shuffle);
+        if order.0 != epoch {
+            order = (epoch, epoch_order(n, cfg.seed, epoch, cfg.shuffle));
+        }
+        let order = &order.1;
         let first_micro = (step % steps_per_epoch) * cfg.gradient_accumulation_steps;
         let last_micro = (first_micro + cfg.gradient_accumulation_steps).min(micro_per_epoch);
         let batches: Vec<_> = (first_micro..last_micro)
