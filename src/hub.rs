@@ -612,6 +612,39 @@ pub fn resolve_model(
     }
 }
 
+/// Resolves one file of a Hub repo (a `.gguf` named by `gguf_file`, say) through the cache, as
+/// [`resolve_model`] does for a model's files: online it is downloaded when missing, offline it must be cached.
+pub fn resolve_repo_file(
+    repo: &str,
+    revision: Option<&str>,
+    file: &str,
+    opts: &HubOptions,
+) -> Result<(PathBuf, ModelSource), HubError> {
+    if !valid_repo_id(repo) {
+        return Err(HubError::InvalidModelId(repo.to_string()));
+    }
+    let revision = revision.unwrap_or(DEFAULT_REVISION);
+    if !valid_revision(revision) {
+        return Err(HubError::InvalidRevision { repo: repo.to_string(), revision: revision.to_string() });
+    }
+    let cache_dir = opts.resolved_cache_dir();
+    let fetched = if opts.offline {
+        CacheFetcher::new(repo, revision, &cache_dir).fetch(file, revision)?
+    } else {
+        OnlineFetcher::new(repo, revision, &cache_dir, opts)?.fetch(file, revision)?
+    };
+    match fetched {
+        Fetched::Found(path) => {
+            let commit = commit_of_snapshot_file(&path, file);
+            let source = ModelSource::Hub { repo: repo.to_string(), revision: revision.to_string(), commit };
+            Ok((path, source))
+        }
+        Fetched::Absent => {
+            Err(HubError::MissingFile { location: format!("{repo}@{revision}"), file: file.to_string() })
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Local folders
 // ---------------------------------------------------------------------------------------------

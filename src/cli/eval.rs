@@ -10,12 +10,15 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Base model: a Hub id (owner/name) or a local folder.
+    /// Base model: a Hub id (owner/name), a local folder or a local .gguf file.
     #[arg(long)]
     pub base: String,
     /// Hub revision (branch, tag or commit) of the base model.
     #[arg(long)]
     pub revision: Option<String>,
+    /// A GGUF file of the Hub repo given by --base, used instead of its safetensors weights.
+    #[arg(long)]
+    pub gguf_file: Option<String>,
     /// A PEFT adapter folder to apply (unmerged).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -44,7 +47,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.sequence_len == 0 || a.batch_size == 0 {
         return Err(user(anyhow::anyhow!("--sequence-len and --batch-size must be positive")));
     }
-    let mut base = load_base(&a.base, a.revision.as_deref(), &hub_options(), &Device::Cpu).map_err(user)?;
+    let mut base = load_base(&a.base, a.revision.as_deref(), a.gguf_file.as_deref(), &hub_options(), &Device::Cpu).map_err(user)?;
     if let Some(dir) = &a.adapter {
         let cfg = peft_format::load_adapter(&mut base.model, dir).map_err(user)?;
         // The same model named two ways (relative and absolute path) is the same model.

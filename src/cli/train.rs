@@ -85,7 +85,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let device = Device::Cpu;
     tracing::info!("loading base model {}", recipe.base_model);
-    let mut base = load_base(&recipe.base_model, recipe.revision.as_deref(), &hub_options(), &device).map_err(user)?;
+    let mut base = load_base(&recipe.base_model, recipe.revision.as_deref(), recipe.gguf_file.as_deref(), &hub_options(), &device).map_err(user)?;
     let opts = EncodeOptions { sequence_len: recipe.data.sequence_len, train_on_inputs: recipe.data.train_on_inputs };
     let format = data_format(recipe.data.format);
     let load = |p: &Path| {
@@ -149,7 +149,7 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     // The adapter, the resolved recipe and the card, each written to a temporary name and renamed into place.
-    let revision = match &base.files.source {
+    let revision = match &base.source {
         peftkit::hub::ModelSource::Hub { revision, .. } => Some(revision.as_str()),
         _ => None,
     };
@@ -159,7 +159,7 @@ pub fn run(args: Args) -> Result<()> {
     let license = base.model.config.raw.get("license").and_then(|l| l.as_str()).map(str::to_string);
     let card = adapter_card(&AdapterCardFacts {
         base_model: &base.name,
-        base_is_hub: matches!(base.files.source, peftkit::hub::ModelSource::Hub { .. }),
+        base_is_hub: matches!(base.source, peftkit::hub::ModelSource::Hub { .. }),
         revision,
         license,
         method: recipe.adapter.type_name(),

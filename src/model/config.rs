@@ -56,6 +56,9 @@ pub struct ModelConfig {
     /// Mistral / Qwen2 sliding-window attention: positions further back than this are not attended to. Sequences
     /// up to this length are unaffected; longer ones are refused rather than computed differently.
     pub sliding_window: Option<usize>,
+    /// Per-frequency divisors of the rotary inverse frequencies, as a GGUF file stores Llama 3.1's scaling
+    /// (`rope_freqs.weight`) instead of its parameters; applied after `rope_scaling`.
+    pub rope_freq_factors: Option<Vec<f64>>,
     /// The raw JSON, kept to write a merged model's config and the model card.
     pub raw: serde_json::Value,
 }
@@ -181,6 +184,7 @@ impl ModelConfig {
             pad_token_id: first(raw.pad_token_id),
             // Qwen2 configs carry a window but only use it when use_sliding_window is true.
             sliding_window: raw.sliding_window.filter(|_| raw.use_sliding_window.unwrap_or(!qwen2)),
+            rope_freq_factors: None,
             raw: raw_value,
         })
     }
@@ -191,6 +195,10 @@ impl ModelConfig {
         (0..d / 2)
             .map(|i| {
                 let f = 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64);
+                let f = match &self.rope_freq_factors {
+                    Some(factors) => f / factors.get(i).copied().unwrap_or(1.0),
+                    None => f,
+                };
                 match self.rope_scaling {
                     RopeScaling::None => f,
                     RopeScaling::Linear { factor } => f / factor,

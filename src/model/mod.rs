@@ -24,7 +24,7 @@ pub enum ModelError {
     MissingTensor { name: String, files: String },
     #[error("tensor `{name}` in {files} cannot be read: {source}")]
     Tensor { name: String, files: String, source: candle_core::Error },
-    #[error("tensor `{name}` has shape {got:?}, expected {expected:?} from config.json")]
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?} from the model's configuration")]
     Shape { name: String, got: Vec<usize>, expected: Vec<usize> },
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
@@ -82,10 +82,38 @@ impl WeightSource {
     }
 }
 
+/// Where a model's tensors come from, by their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`):
+/// safetensors files ([`WeightSource`]) or a GGUF file ([`crate::gguf`]).
+pub trait TensorSource {
+    /// Whether a tensor of that name exists.
+    fn contains(&self, name: &str) -> bool;
+    /// Loads `name`, checked against the expected shape, converted to `dtype` on `device`.
+    fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, ModelError>;
+    /// The files, for messages.
+    fn describe(&self) -> String;
+}
+
+impl TensorSource for WeightSource {
+    fn contains(&self, name: &str) -> bool {
+        WeightSource::contains(self, name)
+    }
+    fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, ModelError> {
+        WeightSource::get(self, name, shape, dtype, device)
+    }
+    fn describe(&self) -> String {
+        self.files_str()
+    }
+}
+
 /// Loads a Llama-family model from `config.json` and its safetensors weights.
 pub fn load_llama(config_path: &Path, weights: &[PathBuf], device: &Device, dtype: DType) -> Result<Llama, ModelError> {
     let cfg = ModelConfig::from_file(config_path)?;
     let src = WeightSource::open(weights)?;
+    assemble_llama(cfg, &src, device, dtype)
+}
+
+/// Builds the model of `cfg` from the tensors of `src`, named as transformers names them.
+pub fn assemble_llama(cfg: ModelConfig, src: &dyn TensorSource, device: &Device, dtype: DType) -> Result<Llama, ModelError> {
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (q_out, kv_out) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
     let embed = src.get("model.embed_tokens.weight", &[v, h], dtype, device)?;
@@ -115,16 +143,13 @@ pub fn load_llama(config_path: &Path, weights: &[PathBuf], device: &Device, dtyp
     let norm = src.get("model.norm.weight", &[h], dtype, device)?;
     let lm_head = if cfg.tie_word_embeddings {
         embed.clone()
+    } else if src.contains("lm_head.weight") {
+        src.get("lm_head.weight", &[v, h], dtype, device)?
     } else {
-        match src.get_opt("lm_head.weight", &[v, h], dtype, device)? {
-            Some(w) => w,
-            None => {
-                return Err(ModelError::MissingTensor {
-                    name: "lm_head.weight (tie_word_embeddings is false)".into(),
-                    files: src.files_str(),
-                })
-            }
-        }
+        return Err(ModelError::MissingTensor {
+            name: "lm_head.weight (tie_word_embeddings is false)".into(),
+            files: src.describe(),
+        });
     };
     Ok(Llama::new(cfg, embed, layers, norm, lm_head))
 }

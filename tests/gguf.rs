@@ -1,0 +1,111 @@
+//! A real model from a GGUF file (SmolLM2-135M-Instruct, Q4_1) against transformers' reading of the same file
+//! (tests/fixtures/smollm2/). The model is fetched by `scripts/fetch-smollm2.sh` (run by `.ci/run`); without it
+//! these tests say that they skipped.
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use peftkit::base::{load_base, BaseModel};
+use peftkit::data::Message;
+use peftkit::hub::HubOptions;
+use peftkit::linear::ForwardCtx;
+use peftkit::model::KvCache;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2").join(name)
+}
+
+/// `PEFTKIT_SMOLLM2_GGUF`, else where `scripts/fetch-smollm2.sh` puts it by default.
+fn model_path() -> Option<PathBuf> {
+    let p = match std::env::var_os("PEFTKIT_SMOLLM2_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/peftkit-models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
+    p.is_file().then_some(p)
+}
+
+/// The model, or `None` after saying plainly (on the real stderr, not the captured one) that the test skipped.
+fn load(test: &str) -> Option<BaseModel> {
+    let Some(path) = model_path() else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: SmolLM2-135M-Instruct.Q4_1.gguf not found (run scripts/fetch-smollm2.sh, or set PEFTKIT_SMOLLM2_GGUF)"
+        );
+        return None;
+    };
+    Some(load_base(path.to_str().unwrap(), None, None, &HubOptions::from_env(), &Device::Cpu).unwrap())
+}
+
+fn reference() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("reference.json")).unwrap()).unwrap()
+}
+
+fn expected(name: &str) -> Tensor {
+    let all = candle_core::safetensors::load(fixture("expected.safetensors"), &Device::Cpu).unwrap();
+    all[name].clone()
+}
+
+fn ids_of(t: &Tensor) -> Vec<u32> {
+    t.flatten_all().unwrap().to_dtype(DType::U32).unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn gguf_tokenizer_and_chat_template_match_transformers() {
+    let Some(base) = load("gguf_tokenizer_and_chat_template_match_transformers") else { return };
+    let r = reference();
+    for case in r["tokenizer_cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let got = base.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(got, want, "tokenizing {text:?}");
+        // Decoding gives the text back (byte-level BPE is lossless).
+        assert_eq!(base.tokenizer.decode(&got, false).unwrap(), text);
+    }
+    let template = base.template.as_ref().expect("the GGUF has a chat template");
+    let prompt = template.render(&[Message::new("user", "What is the capital of France?")], true).unwrap();
+    assert_eq!(prompt, r["chat_prompt"].as_str().unwrap());
+    let ids = base.tokenizer.encode(prompt.as_str(), false).unwrap().get_ids().to_vec();
+    assert_eq!(ids, ids_of(&expected("input_ids")));
+    assert_eq!(base.model.config.bos_token_id, Some(r["bos_token_id"].as_u64().unwrap() as u32));
+    assert_eq!(base.model.config.eos_token_ids, vec![r["eos_token_id"].as_u64().unwrap() as u32]);
+    assert_eq!(base.model.config.vocab_size, r["vocab_size"].as_u64().unwrap() as usize);
+    assert!(base.stop_ids.contains(&2), "<|im_end|> ends a generation");
+}
+
+#[test]
+fn gguf_logits_and_greedy_answer_match_transformers() {
+    let Some(base) = load("gguf_logits_and_greedy_answer_match_transformers") else { return };
+    let input = expected("input_ids").to_dtype(DType::U32).unwrap();
+    let logits = base.model.forward(&input).unwrap(); // (1, t, vocab)
+    let t = logits.dims()[1];
+    let last4 = logits.i((.., t - 4.., ..)).unwrap();
+    let want = expected("logits_last4");
+    let max_diff = (&last4 - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let rel = max_diff / scale;
+    let _ = writeln!(std::io::stderr(), "smollm2 GGUF: last-4 logits max |Δ| / max |logit| = {rel:.3e}");
+    assert!(rel <= 1e-3, "logits differ: {rel}");
+    let argmax = ids_of(&logits.argmax(2).unwrap());
+    assert_eq!(argmax, ids_of(&expected("argmax")), "argmax at every position");
+
+    // Greedy decoding with the KV cache reproduces transformers' continuation.
+    let want_ids = ids_of(&expected("generated_ids"));
+    let ctx = ForwardCtx { dropout_seed: None, no_grad: true };
+    let mut cache = KvCache::new(base.model.layers.len());
+    let mut next = input.clone();
+    let mut got = Vec::new();
+    for _ in 0..want_ids.len() {
+        let h = base.model.forward_hidden(&next, &ctx, Some(&mut cache)).unwrap();
+        let last = h.i((.., h.dims()[1] - 1.., ..)).unwrap();
+        let id = base.model.logits(&last).unwrap().flatten_all().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        got.push(id);
+        if base.stop_ids.contains(&id) {
+            break;
+        }
+        next = Tensor::new(&[[id]], &Device::Cpu).unwrap();
+    }
+    assert_eq!(got, want_ids);
+    let text = base.tokenizer.decode(&got, true).unwrap();
+    let answer = reference()["greedy_answer"].as_str().unwrap().trim_end_matches("<|im_end|>").to_string();
+    assert_eq!(text, answer);
+}
