@@ -111,8 +111,8 @@ pub fn load_base(
     let files = hub::resolve_model(base, revision, hub_opts)?;
     let model = model::load_llama(&files.config, &files.weights, device, dtype)?;
     let tok_path = files.tokenizer.clone().ok_or_else(|| LoadError::NoTokenizer { dir: files.dir.clone() })?;
-    let tokenizer =
-        Tokenizer::from_file(&tok_path).map_err(|e| LoadError::Tokenizer { path: tok_path.clone(), msg: e.to_string() })?;
+    let tokenizer = Tokenizer::from_file(&tok_path)
+        .map_err(|e| LoadError::Tokenizer { path: tok_path.clone(), msg: e.to_string() })?;
     let template = ChatTemplate::from_model_files(files.tokenizer_config.as_deref(), files.chat_template.as_deref())?;
     let pad_id = data::pad_token_id(&tokenizer, files.tokenizer_config.as_deref())
         .or(model.config.pad_token_id)
@@ -128,7 +128,18 @@ pub fn load_base(
         ModelSource::Hub { repo, .. } => repo.clone(),
         ModelSource::Local(p) => p.display().to_string(),
     };
-    Ok(BaseModel { source: files.source.clone(), files: Some(files), gguf: None, model, tokenizer, template, pad_id, eos_token, stop_ids, name })
+    Ok(BaseModel {
+        source: files.source.clone(),
+        files: Some(files),
+        gguf: None,
+        model,
+        tokenizer,
+        template,
+        pad_id,
+        eos_token,
+        stop_ids,
+        name,
+    })
 }
 
 /// End-of-turn tokens that chat templates write after an assistant message.
@@ -136,7 +147,12 @@ const END_OF_TURN_TOKENS: [&str; 6] = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<
 
 /// The ids that end a generation: the config's EOS ids, `generation_config.json`'s `eos_token_id`, the template's
 /// `eos_token`, and the end-of-turn tokens the chat template writes.
-fn stop_ids(model: &Llama, tokenizer: &Tokenizer, template: Option<&ChatTemplate>, generation_config: Option<&Path>) -> Vec<u32> {
+fn stop_ids(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    generation_config: Option<&Path>,
+) -> Vec<u32> {
     let mut ids: Vec<u32> = model.config.eos_token_ids.clone();
     if let Some(v) = generation_config
         .and_then(|p| std::fs::read_to_string(p).ok())

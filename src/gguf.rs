@@ -60,8 +60,7 @@ pub struct GgufFile {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, GgufError> {
         let mut f = std::fs::File::open(path).map_err(|source| GgufError::Open { path: path.into(), source })?;
-        let content =
-            Content::read(&mut f).map_err(|e| GgufError::Format { path: path.into(), msg: e.to_string() })?;
+        let content = Content::read(&mut f).map_err(|e| GgufError::Format { path: path.into(), msg: e.to_string() })?;
         Ok(Self { path: path.into(), content })
     }
 
@@ -87,7 +86,9 @@ impl GgufFile {
 
     /// Any integer value as u64.
     pub fn uint(&self, key: &str) -> Result<Option<u64>, GgufError> {
-        let Some(v) = self.get(key) else { return Ok(None) };
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
         let n = match v {
             Value::U8(x) => *x as i128,
             Value::I8(x) => *x as i128,
@@ -137,7 +138,9 @@ impl GgufFile {
     }
 
     fn strings(&self, key: &str) -> Result<Option<Vec<String>>, GgufError> {
-        let Some(a) = self.array(key)? else { return Ok(None) };
+        let Some(a) = self.array(key)? else {
+            return Ok(None);
+        };
         a.iter()
             .map(|v| match v {
                 Value::String(s) => Ok(s.clone()),
@@ -148,7 +151,9 @@ impl GgufFile {
     }
 
     fn numbers(&self, key: &str) -> Result<Option<Vec<f64>>, GgufError> {
-        let Some(a) = self.array(key)? else { return Ok(None) };
+        let Some(a) = self.array(key)? else {
+            return Ok(None);
+        };
         a.iter()
             .map(|v| match v {
                 Value::F32(x) => Ok(*x as f64),
@@ -192,12 +197,12 @@ impl GgufFile {
         let model_type = match arch.as_str() {
             "llama" => "llama",
             "qwen2" => "qwen2",
-            other => {
-                return Err(self.meta_err(
-                    "general.architecture",
-                    format!("`{other}` is not supported (supported: llama, which covers Llama 2/3, Mistral and SmolLM; qwen2)"),
-                ))
-            }
+            other => return Err(self.meta_err(
+                "general.architecture",
+                format!(
+                    "`{other}` is not supported (supported: llama, which covers Llama 2/3, Mistral and SmolLM; qwen2)"
+                ),
+            )),
         };
         let k = |name: &str| format!("{arch}.{name}");
         let hidden = self.required_uint(&k("embedding_length"))?;
@@ -211,7 +216,9 @@ impl GgufFile {
         let vocab = match (self.uint(&k("vocab_size"))?, tokens) {
             (Some(v), _) => v,
             (None, Some(t)) => t,
-            (None, None) => self.content.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims()[0] as u64).unwrap_or(0),
+            (None, None) => {
+                self.content.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims()[0] as u64).unwrap_or(0)
+            }
         };
         let mut cfg = json!({
             "architectures": [if model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
@@ -236,7 +243,9 @@ impl GgufFile {
         } else {
             obj.insert("use_sliding_window".into(), json!(false));
         }
-        for (key, hf) in [("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("padding_token_id", "pad_token_id")] {
+        for (key, hf) in
+            [("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("padding_token_id", "pad_token_id")]
+        {
             if let Some(id) = self.uint(&format!("tokenizer.ggml.{key}"))? {
                 obj.insert(hf.into(), json!(id));
             }
@@ -343,14 +352,19 @@ impl TensorSource for GgufTensors<'_> {
         if !self.file.has_tensor(&g) {
             return Err(ModelError::MissingTensor { name: format!("{g} (for {name})"), files });
         }
-        let tensor_err = |e: candle_core::Error| ModelError::Tensor { name: g.clone(), files: files.clone(), source: e };
+        let tensor_err =
+            |e: candle_core::Error| ModelError::Tensor { name: g.clone(), files: files.clone(), source: e };
         let q = {
             let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
             self.file.content.tensor(&mut *reader, &g, &Device::Cpu).map_err(tensor_err)?
         };
         let mut t = q.dequantize(&Device::Cpu).map_err(tensor_err)?;
         if t.dims() != shape {
-            return Err(ModelError::Shape { name: format!("{g} (for {name})"), got: t.dims().to_vec(), expected: shape.to_vec() });
+            return Err(ModelError::Shape {
+                name: format!("{g} (for {name})"),
+                got: t.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
         }
         // llama.cpp permutes Q and K (weights and biases) of Llama-architecture models only.
         if self.config.model_type == "llama" {
@@ -396,7 +410,17 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel, Ggu
         model::assemble_llama(config.clone(), &src, device, dtype)
             .map_err(|source| GgufError::Model { path: path.into(), source })?
     };
-    Ok(GgufModel { model, tokenizer, chat_template, bos_token, eos_token, pad_token_id, eot_token_id, eom_token_id, name })
+    Ok(GgufModel {
+        model,
+        tokenizer,
+        chat_template,
+        bos_token,
+        eos_token,
+        pad_token_id,
+        eot_token_id,
+        eom_token_id,
+        name,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -404,8 +428,7 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel, Ggu
 // ---------------------------------------------------------------------------------------------
 
 /// Llama 3's pattern (numbers in groups of up to three).
-const LLAMA3_PATTERN: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's pattern (single digits).
 const QWEN2_PATTERN: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -435,14 +458,14 @@ fn byte_level_pre_tokenizer(pre: &str) -> Option<(serde_json::Value, bool)> {
 pub fn build_tokenizer(file: &GgufFile) -> Result<Tokenizer, GgufError> {
     let tok_err = |msg: String| GgufError::Tokenizer { path: file.path.clone(), msg };
     let model = file.string("tokenizer.ggml.model")?.ok_or_else(|| file.meta_err("tokenizer.ggml.model", "missing"))?;
-    let tokens = file.strings("tokenizer.ggml.tokens")?.ok_or_else(|| file.meta_err("tokenizer.ggml.tokens", "missing"))?;
+    let tokens =
+        file.strings("tokenizer.ggml.tokens")?.ok_or_else(|| file.meta_err("tokenizer.ggml.tokens", "missing"))?;
     let types: Vec<i64> = match file.numbers("tokenizer.ggml.token_type")? {
         Some(t) if t.len() == tokens.len() => t.into_iter().map(|x| x as i64).collect(),
         Some(t) => {
-            return Err(file.meta_err(
-                "tokenizer.ggml.token_type",
-                format!("{} entries for {} tokens", t.len(), tokens.len()),
-            ))
+            return Err(
+                file.meta_err("tokenizer.ggml.token_type", format!("{} entries for {} tokens", t.len(), tokens.len()))
+            )
         }
         None => vec![1; tokens.len()],
     };
@@ -491,14 +514,16 @@ pub fn build_tokenizer(file: &GgufFile) -> Result<Tokenizer, GgufError> {
                     ),
                 )
             })?;
-            let merges = file.strings("tokenizer.ggml.merges")?.ok_or_else(|| file.meta_err("tokenizer.ggml.merges", "missing"))?;
+            let merges = file
+                .strings("tokenizer.ggml.merges")?
+                .ok_or_else(|| file.meta_err("tokenizer.ggml.merges", "missing"))?;
             let merges: Vec<serde_json::Value> = merges
                 .iter()
                 .enumerate()
                 .map(|(i, m)| {
-                    m.split_once(' ')
-                        .map(|(a, b)| json!([a, b]))
-                        .ok_or_else(|| file.meta_err("tokenizer.ggml.merges", format!("entry {i} `{m}` is not `left right`")))
+                    m.split_once(' ').map(|(a, b)| json!([a, b])).ok_or_else(|| {
+                        file.meta_err("tokenizer.ggml.merges", format!("entry {i} `{m}` is not `left right`"))
+                    })
                 })
                 .collect::<Result<_, _>>()?;
             let model_json = json!({
@@ -506,14 +531,20 @@ pub fn build_tokenizer(file: &GgufFile) -> Result<Tokenizer, GgufError> {
                 "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
                 "vocab": vocab, "merges": merges,
             });
-            let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+            let decoder =
+                json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
             (model_json, serde_json::Value::Null, pre_tokenizer, decoder, false)
         }
         "llama" => {
             // SentencePiece BPE: merges are implied by the scores (a higher-scored piece merges first).
-            let scores = file.numbers("tokenizer.ggml.scores")?.unwrap_or_else(|| (0..tokens.len()).map(|i| -(i as f64)).collect());
+            let scores = file
+                .numbers("tokenizer.ggml.scores")?
+                .unwrap_or_else(|| (0..tokens.len()).map(|i| -(i as f64)).collect());
             if scores.len() != tokens.len() {
-                return Err(file.meta_err("tokenizer.ggml.scores", format!("{} scores for {} tokens", scores.len(), tokens.len())));
+                return Err(file.meta_err(
+                    "tokenizer.ggml.scores",
+                    format!("{} scores for {} tokens", scores.len(), tokens.len()),
+                ));
             }
             let merges = spm_merges(&tokens, &types, &scores);
             let unk_token = unk.map(|id| tokens[id as usize].clone());
@@ -537,10 +568,8 @@ pub fn build_tokenizer(file: &GgufFile) -> Result<Tokenizer, GgufError> {
             (model_json, serde_json::Value::Null, pre_tokenizer, decoder, true)
         }
         other => {
-            return Err(file.meta_err(
-                "tokenizer.ggml.model",
-                format!("tokenizer model `{other}` is not supported (gpt2, llama)"),
-            ))
+            return Err(file
+                .meta_err("tokenizer.ggml.model", format!("tokenizer model `{other}` is not supported (gpt2, llama)")))
         }
     };
 
@@ -617,7 +646,10 @@ mod tests {
         assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), (0..8).map(|x| x as f32).collect::<Vec<_>>());
         // A bias (1-D) too.
         let b = Tensor::arange(0f32, 8.0, &Device::Cpu).unwrap();
-        assert_eq!(unpermute_rotary_rows(&permute_rotary_rows(&b, 2).unwrap(), 2).unwrap().to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        assert_eq!(
+            unpermute_rotary_rows(&permute_rotary_rows(&b, 2).unwrap(), 2).unwrap().to_vec1::<f32>().unwrap(),
+            b.to_vec1::<f32>().unwrap()
+        );
     }
 
     #[test]
@@ -625,7 +657,10 @@ mod tests {
         assert_eq!(gguf_name("model.embed_tokens.weight").as_deref(), Some("token_embd.weight"));
         assert_eq!(gguf_name("model.layers.3.self_attn.k_proj.bias").as_deref(), Some("blk.3.attn_k.bias"));
         assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight").as_deref(), Some("blk.12.ffn_down.weight"));
-        assert_eq!(gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(), Some("blk.0.ffn_norm.weight"));
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(),
+            Some("blk.0.ffn_norm.weight")
+        );
         assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
         assert_eq!(gguf_name("model.layers.0.unknown.weight"), None);
     }

@@ -51,7 +51,9 @@ fn ids_of(t: &Tensor) -> Vec<u32> {
 
 #[test]
 fn gguf_tokenizer_and_chat_template_match_transformers() {
-    let Some(base) = load("gguf_tokenizer_and_chat_template_match_transformers") else { return };
+    let Some(base) = load("gguf_tokenizer_and_chat_template_match_transformers") else {
+        return;
+    };
     let r = reference();
     for case in r["tokenizer_cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
@@ -74,7 +76,9 @@ fn gguf_tokenizer_and_chat_template_match_transformers() {
 
 #[test]
 fn gguf_logits_and_greedy_answer_match_transformers() {
-    let Some(base) = load("gguf_logits_and_greedy_answer_match_transformers") else { return };
+    let Some(base) = load("gguf_logits_and_greedy_answer_match_transformers") else {
+        return;
+    };
     let input = expected("input_ids").to_dtype(DType::U32).unwrap();
     let logits = base.model.forward(&input).unwrap(); // (1, t, vocab)
     let t = logits.dims()[1];
@@ -97,7 +101,8 @@ fn gguf_logits_and_greedy_answer_match_transformers() {
     for _ in 0..want_ids.len() {
         let h = base.model.forward_hidden(&next, &ctx, Some(&mut cache)).unwrap();
         let last = h.i((.., h.dims()[1] - 1.., ..)).unwrap();
-        let id = base.model.logits(&last).unwrap().flatten_all().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        let id =
+            base.model.logits(&last).unwrap().flatten_all().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
         got.push(id);
         if base.stop_ids.contains(&id) {
             break;

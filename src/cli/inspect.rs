@@ -24,32 +24,56 @@ pub fn run(a: Args) -> Result<()> {
         println!("  base model: {}", cfg.base_model_name_or_path.as_deref().unwrap_or("(not recorded)"));
         match &cfg.adapter {
             AdapterConfig::Lora(l) => {
-                println!("  r: {}, lora_alpha: {}, dropout: {}, rslora: {}", l.r, l.lora_alpha, l.lora_dropout, l.use_rslora);
+                println!(
+                    "  r: {}, lora_alpha: {}, dropout: {}, rslora: {}",
+                    l.r, l.lora_alpha, l.lora_dropout, l.use_rslora
+                );
                 println!("  target_modules: {:?}", l.target_modules);
             }
         }
         println!("  tensors: {}, parameters: {params}", tensors.len());
+    } else if p.is_file() && peftkit::base::is_gguf_path(&p.to_string_lossy()) {
+        let g = peftkit::gguf::GgufFile::open(p).map_err(user)?;
+        let c = g.config().map_err(user)?;
+        println!("GGUF model: {}", p.display());
+        if let Some(name) = g.string("general.name").map_err(user)? {
+            println!("  name: {name}");
+        }
+        let tok = g.string("tokenizer.ggml.model").map_err(user)?.unwrap_or_default();
+        let pre = g.string("tokenizer.ggml.pre").map_err(user)?.unwrap_or_default();
+        println!(
+            "  tokenizer: {tok} (pre-tokenizer {pre}); chat template: {}",
+            if g.get("tokenizer.chat_template").is_some() { "yes" } else { "no" }
+        );
+        print_config(&c);
     } else if p.is_dir() && p.join("config.json").is_file() {
         let c = ModelConfig::from_file(&p.join("config.json")).map_err(user)?;
         println!("model: {}", p.display());
-        println!(
-            "  {}: {} layers, hidden {}, intermediate {}, heads {} (kv {}), head_dim {}, vocab {}, tied embeddings: {}",
-            c.model_type,
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.intermediate_size,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.head_dim,
-            c.vocab_size,
-            c.tie_word_embeddings
-        );
-        println!("  rope_theta {}, scaling {:?}, rms_norm_eps {}", c.rope_theta, c.rope_scaling, c.rms_norm_eps);
+        print_config(&c);
     } else if p.is_file() {
         let r = peftkit::recipe::Recipe::load(p, &[]).map_err(user)?;
         println!("recipe {} is valid; resolved:\n{}", p.display(), r.to_yaml());
     } else {
-        return Err(user(anyhow::anyhow!("{}: not an adapter folder, a model folder or a recipe file", p.display())));
+        return Err(user(anyhow::anyhow!(
+            "{}: not an adapter folder, a model folder, a .gguf file or a recipe file",
+            p.display()
+        )));
     }
     Ok(())
+}
+
+fn print_config(c: &ModelConfig) {
+    println!(
+        "  {}: {} layers, hidden {}, intermediate {}, heads {} (kv {}), head_dim {}, vocab {}, tied embeddings: {}",
+        c.model_type,
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.vocab_size,
+        c.tie_word_embeddings
+    );
+    println!("  rope_theta {}, scaling {:?}, rms_norm_eps {}", c.rope_theta, c.rope_scaling, c.rms_norm_eps);
 }
