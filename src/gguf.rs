@@ -197,12 +197,14 @@ impl GgufFile {
         let model_type = match arch.as_str() {
             "llama" => "llama",
             "qwen2" => "qwen2",
-            other => return Err(self.meta_err(
-                "general.architecture",
-                format!(
+            other => {
+                return Err(self.meta_err(
+                    "general.architecture",
+                    format!(
                     "`{other}` is not supported (supported: llama, which covers Llama 2/3, Mistral and SmolLM; qwen2)"
                 ),
-            )),
+                ))
+            }
         };
         let k = |name: &str| format!("{arch}.{name}");
         let hidden = self.required_uint(&k("embedding_length"))?;
@@ -673,5 +675,51 @@ mod tests {
         let scores = vec![0.0, -1.0, -2.0, -3.0, -5.0, -4.0, -6.0];
         let m = spm_merges(&tokens, &types, &scores);
         assert_eq!(m, vec![json!(["b", "c"]), json!(["a", "b"]), json!(["a", "bc"]), json!(["ab", "c"])]);
+    }
+
+    #[test]
+    fn sentencepiece_vocabulary_with_byte_fallback() {
+        use candle_core::quantized::gguf_file;
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        let mut types = vec![2, 3, 3];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(6);
+        }
+        for p in [
+            "▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "▁he", "ll", "llo", "▁hello", "▁w", "or", "▁wor", "ld",
+            "▁world",
+        ] {
+            tokens.push(p.into());
+            types.push(1);
+        }
+        let scores: Vec<Value> = (0..tokens.len()).map(|i| Value::F32(-(i as f32))).collect();
+        let meta = [
+            ("tokenizer.ggml.model", Value::String("llama".into())),
+            ("tokenizer.ggml.tokens", Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect())),
+            ("tokenizer.ggml.token_type", Value::Array(types.iter().map(|&t| Value::I32(t)).collect())),
+            ("tokenizer.ggml.scores", Value::Array(scores)),
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+            ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+        ];
+        let path = std::env::temp_dir().join(format!("peftkit-spm-{}.gguf", std::process::id()));
+        let refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &refs, &[]).unwrap();
+        let tok = build_tokenizer(&GgufFile::open(&path).unwrap()).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let id = |t: &str| tokens.iter().position(|x| x == t).unwrap() as u32;
+        let enc = tok.encode("hello world é", true).unwrap();
+        // BOS added (add_bos_token defaults to true for SentencePiece vocabularies), a space prefix, whole words
+        // merged by score, the unknown character as its UTF-8 bytes.
+        assert_eq!(
+            enc.get_ids(),
+            &[1, id("▁hello"), id("▁world"), id("▁"), id("<0xC3>"), id("<0xA9>")],
+            "{:?}",
+            enc.get_tokens()
+        );
+        assert_eq!(tok.decode(enc.get_ids(), true).unwrap(), "hello world é");
+        // Control tokens in the text are matched whole.
+        assert_eq!(tok.encode("</s>", false).unwrap().get_ids(), &[2]);
     }
 }
