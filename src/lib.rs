@@ -8,6 +8,7 @@ pub mod adapter;
 pub mod base;
 pub mod card;
 pub mod data;
+pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod linear;

@@ -22,6 +22,10 @@ enum Command {
     Bench(cli::bench::Args),
     /// Describe an adapter folder, a model folder or a recipe.
     Inspect(cli::inspect::Args),
+    /// Generate text from a prompt (greedy unless --temperature is set), streamed to stdout.
+    Generate(cli::generate::GenerateArgs),
+    /// Chat with a model: one user message per stdin line, replies streamed to stdout.
+    Chat(cli::generate::ChatArgs),
 }
 
 fn main() {
@@ -41,6 +45,8 @@ fn main() {
         Command::Eval(a) => cli::eval::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
+        Command::Generate(a) => cli::generate::run_generate(a),
+        Command::Chat(a) => cli::generate::run_chat(a),
     };
     if let Err(err) = result {
         eprintln!("error: {err}");

@@ -61,6 +61,21 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Keeps the first `len` cached positions of every layer and forgets the rest (a no-op when `len` ≥ the
+    /// cached length): the next forward continues at position `len`.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len() {
+            return Ok(());
+        }
+        for layer in &mut self.layers {
+            *layer = match layer.take() {
+                // (b, s, kv_heads, d) → (b, len, kv_heads, d)
+                Some((k, v)) if len > 0 => Some((k.narrow(1, 0, len)?, v.narrow(1, 0, len)?)),
+                _ => None,
+            };
+        }
+        Ok(())
+    }
 }
 
 /// A Llama-family causal language model with adaptable projections.
