@@ -282,10 +282,12 @@ impl GenerationOutput {
         }
     }
 
-    /// Generated tokens per second of the decode phase (0 when nothing was timed).
+    /// Decoding speed: forward passes of one token per second. The first token comes from the prompt's logits,
+    /// so `n` tokens took `n − 1` decoding steps (0 when fewer than two tokens were generated).
     pub fn tokens_per_sec(&self) -> f64 {
-        if self.decode_secs > 0.0 {
-            self.tokens.len() as f64 / self.decode_secs
+        let steps = self.tokens.len().saturating_sub(1);
+        if self.decode_secs > 0.0 && steps > 0 {
+            steps as f64 / self.decode_secs
         } else {
             0.0
         }

@@ -1,6 +1,7 @@
-//! `peftkit bench [--model DIR | --config config.json] …`: LoRA training speed (median step) and peak memory.
+//! `peftkit bench [--model M | --config config.json] …`: LoRA training speed (median step) and peak memory, or
+//! with `--generate` the speed of generation (prompt processing and decoding with the KV cache).
 //!
-//! The same measurement as `shared/bench/peft_cpu_bench.py` does for HF PEFT: random token batches with
+//! Training: the same measurement as `shared/bench/peft_cpu_bench.py` does for HF PEFT: random token batches with
 //! labels = inputs, LoRA with lora_alpha = 2r and dropout 0, AdamW; one warm-up step, then the median of `--steps`.
 
 use super::user;
@@ -16,9 +17,9 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// An HF model folder (config.json + safetensors).
+    /// A base model as `train` takes it: an HF model folder, a Hub id or a .gguf file.
     #[arg(long, conflicts_with = "config")]
-    pub model: Option<PathBuf>,
+    pub model: Option<String>,
     /// A bare config.json: the model is built with random weights of that shape.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -40,6 +41,13 @@ pub struct Args {
     /// Measure the f32 matrix-multiply throughput of this machine instead (2048³ and the model's shapes).
     #[arg(long)]
     pub gemm: bool,
+    /// Measure generation instead: a prompt of --seq random tokens, then --new-tokens greedy tokens with the KV
+    /// cache (no stop token); best of --steps runs.
+    #[arg(long)]
+    pub generate: bool,
+    /// Tokens generated per run with --generate.
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
 }
 
 /// GFLOP/s of candle's f32 matmul for (m×k)·(k×n), best of 3.
@@ -67,9 +75,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let device = Device::Cpu;
     let (mut m, source) = match (&a.model, &a.config) {
-        (Some(dir), _) => {
-            let files = peftkit::hub::resolve_model(&dir.display().to_string(), None, &super::hub_options()).map_err(user)?;
-            (model::load_llama(&files.config, &files.weights, &device, DType::F32).map_err(user)?, dir.display().to_string())
+        (Some(base), _) => {
+            let b = peftkit::base::load_base(base, None, None, &super::hub_options(), &device).map_err(user)?;
+            (b.model, base.clone())
         }
         (None, Some(cfg)) => {
             let c = ModelConfig::from_file(cfg).map_err(user)?;
@@ -77,6 +85,9 @@ pub fn run(a: Args) -> Result<()> {
         }
         (None, None) => return Err(user(anyhow::anyhow!("give --model DIR or --config config.json"))),
     };
+    if a.generate {
+        return bench_generate(&m, &source, &a);
+    }
     let targets = if a.targets == "all-linear" {
         TargetModules::AllLinear
     } else {
@@ -149,6 +160,59 @@ pub fn run(a: Args) -> Result<()> {
         println!("model: {source}");
         println!("LoRA r={} on {}; {trainable} trainable parameters; batch {b} × {t}; {threads} threads", a.rank, a.targets);
         println!("median step {median:.3} s → {tps:.1} tokens/s; peak RSS {rss:.0} MiB");
+    }
+    Ok(())
+}
+
+/// Generation speed: prefill of a `--seq`-token prompt, then `--new-tokens` greedy decoding steps.
+fn bench_generate(m: &peftkit::model::Llama, source: &str, a: &Args) -> Result<()> {
+    use peftkit::generate::{generate, SamplingParams};
+    if a.new_tokens == 0 {
+        return Err(user(anyhow::anyhow!("--new-tokens must be positive")));
+    }
+    let limit = peftkit::generate::context_limit(&m.config);
+    if a.seq + a.new_tokens > limit {
+        return Err(user(anyhow::anyhow!("--seq + --new-tokens ({}) exceeds the model's context of {limit}", a.seq + a.new_tokens)));
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let vocab = m.config.vocab_size as u32;
+    let prompt: Vec<u32> = (0..a.seq).map(|_| rng.random_range(0..vocab)).collect();
+    let params = SamplingParams::greedy(a.new_tokens);
+    let (mut best_prefill, mut best_decode) = (0f64, 0f64);
+    for run in 0..=a.steps {
+        let out = generate(m, &prompt, &params, &[], |_| Ok::<_, std::convert::Infallible>(true))?;
+        let prefill = a.seq as f64 / out.prefill_secs;
+        let decode = out.tokens_per_sec();
+        if !a.json {
+            eprintln!(
+                "run {run}{}: prompt {} tokens in {:.3} s ({prefill:.1} tokens/s), {} new tokens in {:.3} s ({decode:.1} tokens/s)",
+                if run == 0 { " (warm-up)" } else { "" },
+                a.seq,
+                out.prefill_secs,
+                out.tokens.len(),
+                out.decode_secs
+            );
+        }
+        if run > 0 {
+            best_prefill = best_prefill.max(prefill);
+            best_decode = best_decode.max(decode);
+        }
+    }
+    let rss = peftkit::util::peak_rss_mb().unwrap_or(f64::NAN);
+    let threads = candle_core::utils::get_num_threads();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"system": "peftkit", "mode": "generate", "threads": threads, "prompt_tokens": a.seq,
+                "new_tokens": a.new_tokens, "prefill_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode,
+                "peak_rss_mb": rss})
+        );
+    } else {
+        println!("model: {source}");
+        println!(
+            "generation, greedy with KV cache, {threads} threads: prompt {} tokens → {best_prefill:.1} tokens/s; decoding {} tokens → {best_decode:.1} tokens/s; peak RSS {rss:.0} MiB",
+            a.seq, a.new_tokens
+        );
     }
     Ok(())
 }
