@@ -14,6 +14,7 @@ pub mod hub;
 pub mod linear;
 pub mod model;
 pub mod ops;
+pub mod quant;
 pub mod recipe;
 pub mod train;
 pub mod util;
