@@ -4,7 +4,7 @@
 use crate::data::{self, ChatTemplate, DataError};
 use crate::gguf::{self, GgufError};
 use crate::hub::{self, HubError, HubOptions, ModelFiles, ModelSource};
-use crate::model::{self, Llama, ModelError};
+use crate::model::{self, BaseQuant, Llama, ModelError};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
@@ -62,6 +62,18 @@ pub fn load_base(
     hub_opts: &HubOptions,
     device: &Device,
 ) -> Result<BaseModel, LoadError> {
+    load_base_quant(base, revision, gguf_file, BaseQuant::None, hub_opts, device)
+}
+
+/// [`load_base`] with the projections held as `quant` says (`BaseQuant::Nf4` for QLoRA and `--load-in-4bit`).
+pub fn load_base_quant(
+    base: &str,
+    revision: Option<&str>,
+    gguf_file: Option<&str>,
+    quant: BaseQuant,
+    hub_opts: &HubOptions,
+    device: &Device,
+) -> Result<BaseModel, LoadError> {
     let dtype = DType::F32;
     if gguf_file.is_some() || is_gguf_path(base) {
         let (path, source) = match gguf_file {
@@ -75,7 +87,7 @@ pub fn load_base(
             }
         };
         tracing::info!("reading GGUF model {}", path.display());
-        let g = gguf::load(&path, device, dtype)?;
+        let g = gguf::load(&path, device, dtype, quant)?;
         let template = match &g.chat_template {
             Some(src) => Some(ChatTemplate::new(
                 src.clone(),
@@ -109,7 +121,7 @@ pub fn load_base(
         });
     }
     let files = hub::resolve_model(base, revision, hub_opts)?;
-    let model = model::load_llama(&files.config, &files.weights, device, dtype)?;
+    let model = model::load_llama_quant(&files.config, &files.weights, device, dtype, quant)?;
     let tok_path = files.tokenizer.clone().ok_or_else(|| LoadError::NoTokenizer { dir: files.dir.clone() })?;
     let tokenizer = Tokenizer::from_file(&tok_path)
         .map_err(|e| LoadError::Tokenizer { path: tok_path.clone(), msg: e.to_string() })?;

@@ -385,7 +385,7 @@ impl TensorSource for GgufTensors<'_> {
 }
 
 /// Loads a GGUF file as a model, a tokenizer and a chat template.
-pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel, GgufError> {
+pub fn load(path: &Path, device: &Device, dtype: DType, quant: model::BaseQuant) -> Result<GgufModel, GgufError> {
     let file = GgufFile::open(path)?;
     let config = file.config()?;
     let tokenizer = build_tokenizer(&file)?;
@@ -409,7 +409,7 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel, Ggu
     let reader = std::fs::File::open(path).map_err(|source| GgufError::Open { path: path.into(), source })?;
     let model = {
         let src = GgufTensors { file: &file, config: &config, reader: Mutex::new(reader) };
-        model::assemble_llama(config.clone(), &src, device, dtype)
+        model::assemble_llama(config.clone(), &src, device, dtype, quant)
             .map_err(|source| GgufError::Model { path: path.into(), source })?
     };
     Ok(GgufModel {

@@ -6,20 +6,67 @@
 
 use crate::adapter::lora::LoraLayer;
 use crate::ops;
-use candle_core::{DType, Result, Tensor};
+use crate::quant::nf4::Nf4Tensor;
+use candle_core::{DType, Device, Result, Tensor};
+use std::cell::RefCell;
+use std::sync::Arc;
 
 /// The frozen base weight of a projection.
 #[derive(Debug, Clone)]
 pub enum FrozenWeight {
     /// A dense (out, in) matrix in the compute dtype.
     Dense(Tensor),
+    /// An (out, in) matrix in NF4, as bitsandbytes stores it (QLoRA). It is dequantized on the fly, one
+    /// projection at a time, into a reused buffer: the full-precision weight is never kept.
+    Nf4(Arc<Nf4Tensor>),
+}
+
+thread_local! {
+    /// The dequantization buffer of this thread, grown to the largest NF4 weight it has seen.
+    static DEQUANT_BUFFER: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 impl FrozenWeight {
-    /// The weight as a dense (out, in) tensor.
+    /// (out, in)
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            FrozenWeight::Dense(w) => w.dims2(),
+            FrozenWeight::Nf4(q) => match q.shape() {
+                [out, inp] => Ok((*out, *inp)),
+                s => candle_core::bail!("NF4 weight of shape {s:?} is not a matrix"),
+            },
+        }
+    }
+
+    /// The weight as a dense (out, in) f32 tensor (dequantized for NF4).
     pub fn dense(&self) -> Result<Tensor> {
         match self {
             FrozenWeight::Dense(w) => Ok(w.clone()),
+            FrozenWeight::Nf4(q) => Tensor::from_vec(q.dequantize(), q.shape(), &Device::Cpu),
+        }
+    }
+
+    /// Runs `f` on the weight as contiguous row-major f32 data (out × in): the tensor's own data for a dense
+    /// weight, the thread's dequantization buffer for an NF4 one.
+    pub fn with_f32<R>(&self, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        match self {
+            FrozenWeight::Dense(w) => ops::with_f32(w, f),
+            FrozenWeight::Nf4(q) => DEQUANT_BUFFER.with(|cell| {
+                // Taken out of the cell, so that a nested call (none today) would get its own buffer.
+                let mut buf = cell.take();
+                buf.resize(q.n(), 0.0);
+                let r = q.dequantize_into(&mut buf).map(|()| f(&buf));
+                cell.replace(buf);
+                r.map_err(|e| candle_core::Error::Msg(e.to_string()))
+            }),
+        }
+    }
+
+    /// Bytes the weight occupies.
+    pub fn bytes(&self) -> usize {
+        match self {
+            FrozenWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            FrozenWeight::Nf4(q) => q.bytes(),
         }
     }
 }
@@ -55,16 +102,27 @@ pub struct AdaptedLinear {
 
 impl AdaptedLinear {
     pub fn new(path: String, weight: Tensor, bias: Option<Tensor>, id: u64) -> Result<Self> {
-        let (out_features, in_features) = weight.dims2()?;
-        Ok(Self { path, weight: FrozenWeight::Dense(weight), bias, adapter: None, in_features, out_features, id })
+        Self::with_weight(path, FrozenWeight::Dense(weight), bias, id)
+    }
+
+    pub fn with_weight(path: String, weight: FrozenWeight, bias: Option<Tensor>, id: u64) -> Result<Self> {
+        let (out_features, in_features) = weight.dims()?;
+        Ok(Self { path, weight, bias, adapter: None, in_features, out_features, id })
+    }
+
+    /// x·Wᵀ through the frozen weight (gradient to x only).
+    fn base_product(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            FrozenWeight::Dense(w) => ops::frozen_matmul(x, w),
+            FrozenWeight::Nf4(q) => ops::nf4_matmul(x, q),
+        }
     }
 
     /// x (…, in) → (…, out)
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let FrozenWeight::Dense(w) = &self.weight;
         match &self.adapter {
             None => {
-                let y = ops::frozen_matmul(x, w)?;
+                let y = self.base_product(x)?;
                 match &self.bias {
                     Some(b) => y.broadcast_add(&b.detach()),
                     None => Ok(y),
@@ -82,11 +140,16 @@ impl AdaptedLinear {
                 };
                 if x.device().is_cpu() && x.dtype() == DType::F32 {
                     // One fused op: base product, bias and LoRA update.
-                    let op = ops::LoraLinearOp { w: w.clone(), bias: self.bias.clone(), scaling: lora.scaling as f32, dropout };
+                    let op = ops::LoraLinearOp {
+                        w: self.weight.clone(),
+                        bias: self.bias.clone(),
+                        scaling: lora.scaling as f32,
+                        dropout,
+                    };
                     return ops::lora_linear(x, &a, &b, op);
                 }
                 // Composed form for other devices.
-                let mut y = ops::frozen_matmul(x, w)?;
+                let mut y = self.base_product(x)?;
                 if let Some(bias) = &self.bias {
                     y = y.broadcast_add(&bias.detach())?;
                 }

@@ -36,7 +36,7 @@ fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &'static str) -> Re
 }
 
 /// Runs `f` on the contiguous f32 data of a CPU tensor.
-pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         Storage::Cpu(cpu) => Ok(f(cpu_f32(cpu, layout, "with_f32")?)),
@@ -194,6 +194,68 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Frozen NF4 projection (QLoRA): y = x·dequant(W)ᵀ, backward dx = dy·dequant(W) only. The weight is dequantized
+// into the thread's reused buffer for each product, never kept in full precision.
+
+struct Nf4Matmul {
+    w: std::sync::Arc<crate::quant::nf4::Nf4Tensor>,
+    /// false: y = x·Wᵀ (x has `in` features); true: y = x·W (x has `out` features, the backward product).
+    transposed: bool,
+}
+
+impl Nf4Matmul {
+    fn frozen(&self) -> crate::linear::FrozenWeight {
+        crate::linear::FrozenWeight::Nf4(self.w.clone())
+    }
+}
+
+impl CustomOp1 for Nf4Matmul {
+    fn name(&self) -> &'static str {
+        "nf4-matmul"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l, "nf4_matmul")?;
+        let (out, inp) = self.frozen().dims()?;
+        let (k, n) = if self.transposed { (out, inp) } else { (inp, out) };
+        if l.dims().last() != Some(&k) {
+            candle_core::bail!("nf4_matmul: x has shape {:?}, the weight is {out}×{inp}", l.dims());
+        }
+        let m = x.len() / k.max(1);
+        let mut y = vec![0f32; m * n];
+        self.frozen().with_f32(|w| {
+            if self.transposed {
+                // y (m×n) = x (m×out) · W (out×in)
+                sgemm(m, n, k, &mut y, false, x, (k, 1), w, (n, 1), 1.0)
+            } else {
+                // y (m×n) = x (m×in) · Wᵀ (in×out)
+                sgemm(m, n, k, &mut y, false, x, (k, 1), w, (1, k), 1.0)
+            }
+        })?;
+        let mut dims = l.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = Nf4Matmul { w: self.w.clone(), transposed: !self.transposed };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// y = x·dequant(W)ᵀ for a frozen NF4 weight (out, in): x (…, in) → y (…, out), on CPU/f32. The backward yields
+/// dx = dy·dequant(W) only.
+pub fn nf4_matmul(x: &Tensor, w: &std::sync::Arc<crate::quant::nf4::Nf4Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let op = Nf4Matmul { w: w.clone(), transposed: false };
+    if x.track_op() {
+        x.apply_op1(op)
+    } else {
+        x.apply_op1_no_bwd(&op)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // A frozen projection with a LoRA update, fused: y = x·Wᵀ (+ b) + s·(drop(x)·Aᵀ)·Bᵀ.
 // One autograd node per projection instead of a dozen; the backward recomputes drop(x) (a pure function of the
 // seed) and xa = drop(x)·Aᵀ (m×r, cheap) rather than keeping them:
@@ -201,8 +263,8 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// A LoRA-adapted projection's frozen part and settings.
 pub struct LoraLinearOp {
-    /// (out, in)
-    pub w: Tensor,
+    /// (out, in), dense or NF4
+    pub w: crate::linear::FrozenWeight,
     /// (out)
     pub bias: Option<Tensor>,
     pub scaling: f32,
@@ -237,13 +299,13 @@ impl candle_core::CustomOp3 for LoraLinearOp {
         let (x, a, b) = (cpu_f32(sx, lx, "lora_linear")?, cpu_f32(sa, la, "lora_linear")?, cpu_f32(sb, lb, "lora_linear")?);
         let (r, k) = la.shape().dims2()?;
         let (n, r2) = lb.shape().dims2()?;
-        let (wn, wk) = self.w.dims2()?;
+        let (wn, wk) = self.w.dims()?;
         if r2 != r || wn != n || wk != k || lx.dims().last() != Some(&k) {
             candle_core::bail!("lora_linear: x {:?}, W {wn}×{wk}, A {r}×{k}, B {n}×{r2} do not fit", lx.dims());
         }
         let m = x.len() / k;
         let mut y = vec![0f32; m * n];
-        with_f32(&self.w, |w| {
+        self.w.with_f32(|w| {
             // y (m×n) = x (m×k) · Wᵀ (k×n)
             sgemm(m, n, k, &mut y, false, x, (k, 1), w, (1, k), 1.0)
         })?;
@@ -281,38 +343,36 @@ impl candle_core::CustomOp3 for LoraLinearOp {
         let (dx, da, db) = with_f32(x, |x| {
             with_f32(a, |a| {
                 with_f32(b, |b| {
-                    with_f32(&grad, |dy| {
-                        with_f32(&self.w, |w| {
-                            let dropped = self.dropped(x);
-                            let xd = dropped.as_ref().map(|(xd, _)| xd.as_slice()).unwrap_or(x);
-                            let mut xa = vec![0f32; m * r];
-                            sgemm(m, r, k, &mut xa, false, xd, (k, 1), a, (1, k), 1.0);
-                            // dxa (m×r) = s · dY (m×n) · B (n×r)
-                            let mut dxa = vec![0f32; m * r];
-                            sgemm(m, r, n, &mut dxa, false, dy, (n, 1), b, (r, 1), s);
-                            // dB (n×r) = s · dYᵀ (n×m) · xa (m×r)
-                            let mut db = vec![0f32; n * r];
-                            sgemm(n, r, m, &mut db, false, dy, (1, n), &xa, (r, 1), s);
-                            // dA (r×k) = dxaᵀ (r×m) · drop(x) (m×k)
-                            let mut da = vec![0f32; r * k];
-                            sgemm(r, k, m, &mut da, false, &dxa, (1, r), xd, (k, 1), 1.0);
-                            // dx (m×k) = dY · W + mask ⊙ (dxa · A); not needed when nothing upstream wants a gradient
-                            // (the first layer's projections read the frozen embedding).
-                            if !want_dx {
-                                return (Vec::new(), da, db);
+                    with_f32(&grad, |dy| -> Result<_> {
+                        let dropped = self.dropped(x);
+                        let xd = dropped.as_ref().map(|(xd, _)| xd.as_slice()).unwrap_or(x);
+                        let mut xa = vec![0f32; m * r];
+                        sgemm(m, r, k, &mut xa, false, xd, (k, 1), a, (1, k), 1.0);
+                        // dxa (m×r) = s · dY (m×n) · B (n×r)
+                        let mut dxa = vec![0f32; m * r];
+                        sgemm(m, r, n, &mut dxa, false, dy, (n, 1), b, (r, 1), s);
+                        // dB (n×r) = s · dYᵀ (n×m) · xa (m×r)
+                        let mut db = vec![0f32; n * r];
+                        sgemm(n, r, m, &mut db, false, dy, (1, n), &xa, (r, 1), s);
+                        // dA (r×k) = dxaᵀ (r×m) · drop(x) (m×k)
+                        let mut da = vec![0f32; r * k];
+                        sgemm(r, k, m, &mut da, false, &dxa, (1, r), xd, (k, 1), 1.0);
+                        // dx (m×k) = dY · W + mask ⊙ (dxa · A); not needed when nothing upstream wants a gradient
+                        // (the first layer's projections read the frozen embedding).
+                        if !want_dx {
+                            return Ok((Vec::new(), da, db));
+                        }
+                        let mut dx = vec![0f32; m * k];
+                        self.w.with_f32(|w| sgemm(m, k, n, &mut dx, false, dy, (n, 1), w, (k, 1), 1.0))?;
+                        match &dropped {
+                            None => sgemm(m, k, r, &mut dx, true, &dxa, (r, 1), a, (k, 1), 1.0),
+                            Some((_, mask)) => {
+                                let mut t = vec![0f32; m * k];
+                                sgemm(m, k, r, &mut t, false, &dxa, (r, 1), a, (k, 1), 1.0);
+                                dx.par_iter_mut().zip(t.par_iter().zip(mask.par_iter())).for_each(|(d, (t, mk))| *d += t * mk);
                             }
-                            let mut dx = vec![0f32; m * k];
-                            sgemm(m, k, n, &mut dx, false, dy, (n, 1), w, (k, 1), 1.0);
-                            match &dropped {
-                                None => sgemm(m, k, r, &mut dx, true, &dxa, (r, 1), a, (k, 1), 1.0),
-                                Some((_, mask)) => {
-                                    let mut t = vec![0f32; m * k];
-                                    sgemm(m, k, r, &mut t, false, &dxa, (r, 1), a, (k, 1), 1.0);
-                                    dx.par_iter_mut().zip(t.par_iter().zip(mask.par_iter())).for_each(|(d, (t, mk))| *d += t * mk);
-                                }
-                            }
-                            (dx, da, db)
-                        })
+                        }
+                        Ok((dx, da, db))
                     })
                 })
             })
@@ -1046,6 +1106,64 @@ mod tests {
         assert!(grads.get(&w).is_none());
     }
 
+    /// A random (out, in) weight quantized to NF4 (double quantization), and its dequantized dense copy.
+    fn nf4_weight(out: usize, inp: usize, seed: u64) -> (std::sync::Arc<crate::quant::nf4::Nf4Tensor>, Tensor) {
+        let w = rand(&[out, inp], seed);
+        let data: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        let q = crate::quant::nf4::Nf4Tensor::quantize(&data, &[out, inp], true).unwrap();
+        let dense = Tensor::from_vec(q.dequantize(), (out, inp), &Device::Cpu).unwrap();
+        (std::sync::Arc::new(q), dense)
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn nf4_matmul_is_the_dense_product_of_the_dequantized_weight() {
+        // 7 × 100 = 700 elements: a partial last block.
+        let (q, dense) = nf4_weight(7, 100, 31);
+        let x = rand(&[2, 3, 100], 32);
+        let d = max_abs_diff(&nf4_matmul(&x, &q).unwrap(), &frozen_matmul(&x, &dense).unwrap());
+        assert!(d < 1e-5, "{d}");
+        check_grad(&[2, 3, 100], |x| nf4_matmul(x, &q).unwrap(), 1e-2);
+        // dx equals the dense op's; the NF4 weight is not a tensor, so nothing else can get a gradient.
+        let xv = Var::from_tensor(&x).unwrap();
+        let p = rand(&[2, 3, 7], 33);
+        let g_nf4 = (nf4_matmul(xv.as_tensor(), &q).unwrap() * &p).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_dense = (frozen_matmul(xv.as_tensor(), &dense).unwrap() * &p).unwrap().sum_all().unwrap().backward().unwrap();
+        let d = max_abs_diff(g_nf4.get(xv.as_tensor()).unwrap(), g_dense.get(xv.as_tensor()).unwrap());
+        assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
+    fn qlora_gradients_equal_lora_gradients_on_the_dequantized_base() {
+        use crate::linear::FrozenWeight;
+        let (out, inp, r) = (24, 40, 4);
+        let (q, dense) = nf4_weight(out, inp, 41);
+        let x0 = rand(&[3, 5, inp], 42);
+        let a0 = rand(&[r, inp], 43);
+        let b0 = rand(&[out, r], 44);
+        let p = rand(&[3, 5, out], 45);
+        let bias = Some(rand(&[out], 46));
+        let run = |w: FrozenWeight, dropout: Option<(f64, u64)>| {
+            let (x, a, b) = (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&a0).unwrap(), Var::from_tensor(&b0).unwrap());
+            let op = LoraLinearOp { w, bias: bias.clone(), scaling: 0.5, dropout };
+            let y = lora_linear(x.as_tensor(), a.as_tensor(), b.as_tensor(), op).unwrap();
+            let g = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
+            let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+            (y, get(&x), get(&a), get(&b))
+        };
+        for dropout in [None, Some((0.1, 7))] {
+            let qlora = run(FrozenWeight::Nf4(q.clone()), dropout);
+            let lora = run(FrozenWeight::Dense(dense.clone()), dropout);
+            for (name, a, b) in [("y", &qlora.0, &lora.0), ("dx", &qlora.1, &lora.1), ("dA", &qlora.2, &lora.2), ("dB", &qlora.3, &lora.3)] {
+                let d = max_abs_diff(a, b);
+                assert!(d <= 1e-5, "{name} (dropout {dropout:?}): {d}");
+            }
+        }
+    }
+
     #[test]
     fn rms_norm_gradient() {
         let w = (rand(&[6], 5) + 1.5).unwrap();
@@ -1111,7 +1229,7 @@ mod tests {
         let a = rand(&[r, k], 33);
         let b = rand(&[n, r], 34);
         let x = rand(&[m, k], 35);
-        let op = |dropout| LoraLinearOp { w: w.clone(), bias: Some(bias.clone()), scaling: 1.5, dropout };
+        let op = |dropout| LoraLinearOp { w: crate::linear::FrozenWeight::Dense(w.clone()), bias: Some(bias.clone()), scaling: 1.5, dropout };
         // Against the composed formula (no dropout, then with dropout via the mask op).
         let want = (x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap()
             + (x.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * 1.5).unwrap())

@@ -12,7 +12,8 @@ fn fixture(name: &str) -> PathBuf {
 
 fn load(name: &str) -> (Llama, HashMap<String, Tensor>) {
     let dir = fixture(name);
-    let model = load_llama(&dir.join("config.json"), &[dir.join("model.safetensors")], &Device::Cpu, DType::F32).unwrap();
+    let model =
+        load_llama(&dir.join("config.json"), &[dir.join("model.safetensors")], &Device::Cpu, DType::F32).unwrap();
     let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
     (model, expected)
 }
@@ -52,4 +53,43 @@ fn peft_lora_fixture_matches_unmerged_logits() {
         // The adapter really changes the output.
         assert!(rel_diff(&expected["logits_base"], &expected["logits_lora"]) > 1e-2);
     }
+}
+
+#[test]
+fn prequantized_bnb4_checkpoint_matches_bitsandbytes_logits() {
+    use peftkit::linear::FrozenWeight;
+    let (model, expected) = load("tiny-llama-bnb4");
+    assert!(model.config.prequantized_nf4);
+    // Every projection is NF4 as stored (not re-quantized); norms, embeddings and lm_head stay f32.
+    assert!(model.linears().all(|l| matches!(l.weight, FrozenWeight::Nf4(_))));
+    let d = rel_diff(&logits(&model, &expected), &expected["logits"]);
+    println!("tiny-llama-bnb4: logits max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+}
+
+#[test]
+fn load_in_4bit_quantizes_every_projection_like_bitsandbytes() {
+    use peftkit::linear::FrozenWeight;
+    use peftkit::model::{load_llama_quant, BaseQuant};
+    // tiny-llama-bnb4 is tiny-llama quantized by bitsandbytes: quantizing tiny-llama at load gives the same bytes,
+    // hence the same logits.
+    let dir = fixture("tiny-llama");
+    let q = load_llama_quant(
+        &dir.join("config.json"),
+        &[dir.join("model.safetensors")],
+        &Device::Cpu,
+        DType::F32,
+        BaseQuant::Nf4 { double_quant: true },
+    )
+    .unwrap();
+    let (bnb, expected) = load("tiny-llama-bnb4");
+    for (a, b) in q.linears().zip(bnb.linears()) {
+        let (FrozenWeight::Nf4(x), FrozenWeight::Nf4(y)) = (&a.weight, &b.weight) else {
+            panic!("{} is not NF4", a.path)
+        };
+        assert_eq!(x.packed(), y.packed(), "{}: packed codes", a.path);
+        assert_eq!(x.absmax(), y.absmax(), "{}: block scales", a.path);
+    }
+    let d = rel_diff(&logits(&q, &expected), &expected["logits"]);
+    assert!(d <= 1e-4, "{d}");
 }

@@ -81,7 +81,8 @@ fn training_lowers_loss_and_adapter_round_trips() {
     let out = tmpdir("train");
     let mut cfg = config(30);
     cfg.learning_rate = 3e-2;
-    let s = train::train(&mut model, &cfg_a, &data, Some(&valid), &cfg, "tiny-llama", &out, &TrainOptions::default()).unwrap();
+    let s = train::train(&mut model, &cfg_a, &data, Some(&valid), &cfg, "tiny-llama", &out, &TrainOptions::default())
+        .unwrap();
     let after = s.final_eval.unwrap();
     println!("eval loss {} -> {}", before.loss, after.loss);
     assert_eq!(s.initial_eval.unwrap().loss, before.loss);
@@ -103,7 +104,8 @@ fn training_lowers_loss_and_adapter_round_trips() {
     let diff = (want - got).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0);
     // The config is PEFT's: keys and expanded module names.
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
     let _ = std::fs::remove_dir_all(&out);
@@ -150,9 +152,18 @@ fn interrupted_and_resumed_run_writes_identical_adapter_bytes() {
     adapter::attach(&mut model, &cfg_a, 7).unwrap();
     let mut other = config(9);
     other.learning_rate = 0.5;
-    let err = train::train(&mut model, &cfg_a, &data, None, &other, "t", &b, &TrainOptions { resume: true, ..Default::default() })
-        .unwrap_err()
-        .to_string();
+    let err = train::train(
+        &mut model,
+        &cfg_a,
+        &data,
+        None,
+        &other,
+        "t",
+        &b,
+        &TrainOptions { resume: true, ..Default::default() },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("other training settings"), "{err}");
     let _ = (std::fs::remove_dir_all(a), std::fs::remove_dir_all(b));
 }
@@ -177,7 +188,9 @@ fn model_lora_gradients_match_finite_differences() {
     let grads = model.loss(&h, &batch.labels, 10.0).unwrap().backward().unwrap();
     let params = adapter::trainable(&model);
     let mut checked = 0;
-    for (name, var) in params.iter().filter(|(n, _)| n.contains("layers.0.self_attn.q_proj") || n.contains("layers.1.mlp.down_proj")) {
+    for (name, var) in
+        params.iter().filter(|(n, _)| n.contains("layers.0.self_attn.q_proj") || n.contains("layers.1.mlp.down_proj"))
+    {
         let g: Vec<f32> = grads.get(var.as_tensor()).expect(name).flatten_all().unwrap().to_vec1().unwrap();
         let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         for i in (0..base.len()).step_by(base.len() / 5 + 1) {
@@ -199,4 +212,45 @@ fn model_lora_gradients_match_finite_differences() {
         }
     }
     assert!(checked >= 20);
+}
+
+#[test]
+fn qlora_training_lowers_loss_and_adapter_reloads_onto_the_nf4_base() {
+    use peftkit::linear::FrozenWeight;
+    use peftkit::model::{load_llama_quant, BaseQuant};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+    let nf4 = || {
+        load_llama_quant(
+            &dir.join("config.json"),
+            &[dir.join("model.safetensors")],
+            &Device::Cpu,
+            DType::F32,
+            BaseQuant::Nf4 { double_quant: true },
+        )
+        .unwrap()
+    };
+    let data = examples(24);
+    let valid = data[..8].to_vec();
+    let mut model = nf4();
+    assert!(model.linears().all(|l| matches!(l.weight, FrozenWeight::Nf4(_))));
+    let cfg_a = lora(0.05);
+    adapter::attach(&mut model, &cfg_a, 7).unwrap();
+    let before = train::evaluate(&model, &valid, 4, 0).unwrap();
+    let out = tmpdir("qlora");
+    let mut cfg = config(30);
+    cfg.learning_rate = 3e-2;
+    let s = train::train(&mut model, &cfg_a, &data, Some(&valid), &cfg, "tiny-llama", &out, &TrainOptions::default())
+        .unwrap();
+    let after = s.final_eval.unwrap();
+    println!("QLoRA eval loss {} -> {}", before.loss, after.loss);
+    assert!(after.loss < before.loss - 0.1, "loss did not drop: {} -> {}", before.loss, after.loss);
+    peft_format::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
+    let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250]], &Device::Cpu).unwrap();
+    let want = model.forward(&ids).unwrap();
+    let mut fresh = nf4();
+    peft_format::load_adapter(&mut fresh, &out).unwrap();
+    let diff =
+        (want - fresh.forward(&ids).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0);
+    let _ = std::fs::remove_dir_all(&out);
 }

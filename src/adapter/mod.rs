@@ -39,9 +39,10 @@ pub enum AdapterConfig {
 impl AdapterConfig {
     /// The adapter described by a recipe's `adapter` section.
     pub fn from_spec(spec: &crate::recipe::AdapterSpec) -> Result<Self, AdapterError> {
-        use crate::recipe::{AdapterSpec, InitLoraWeights};
-        match spec {
-            AdapterSpec::Lora(l) => Ok(AdapterConfig::Lora(LoraConfig {
+        use crate::recipe::InitLoraWeights;
+        // QLoRA trains the same LoRA adapter; only the base's storage differs (see `base_quant`).
+        match spec.lora() {
+            Some(l) => Ok(AdapterConfig::Lora(LoraConfig {
                 r: l.r,
                 lora_alpha: l.lora_alpha,
                 lora_dropout: l.lora_dropout,
@@ -56,7 +57,18 @@ impl AdapterConfig {
                 rank_pattern: Default::default(),
                 alpha_pattern: Default::default(),
             })),
-            other => Err(AdapterError::UnsupportedType(other.type_name().to_string())),
+            None => Err(AdapterError::UnsupportedType(spec.type_name().to_string())),
+        }
+    }
+
+    /// How a recipe's adapter wants the base held: NF4 for `qlora` (bitsandbytes' `load_in_4bit` with the
+    /// recipe's double quantization), dense otherwise.
+    pub fn base_quant(spec: &crate::recipe::AdapterSpec) -> crate::model::BaseQuant {
+        match spec {
+            crate::recipe::AdapterSpec::Qlora(q) => {
+                crate::model::BaseQuant::Nf4 { double_quant: q.bnb_4bit_use_double_quant }
+            }
+            _ => crate::model::BaseQuant::None,
         }
     }
 

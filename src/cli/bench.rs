@@ -53,7 +53,11 @@ pub struct Args {
 /// GFLOP/s of candle's f32 matmul for (m×k)·(k×n), best of 3.
 fn gemm_gflops(m: usize, k: usize, n: usize, transposed_rhs: bool) -> Result<f64> {
     let a = Tensor::ones((m, k), DType::F32, &Device::Cpu)?;
-    let b = if transposed_rhs { Tensor::ones((n, k), DType::F32, &Device::Cpu)?.t()? } else { Tensor::ones((k, n), DType::F32, &Device::Cpu)? };
+    let b = if transposed_rhs {
+        Tensor::ones((n, k), DType::F32, &Device::Cpu)?.t()?
+    } else {
+        Tensor::ones((k, n), DType::F32, &Device::Cpu)?
+    };
     let mut best = f64::MAX;
     for _ in 0..3 {
         let t0 = Instant::now();
@@ -68,8 +72,18 @@ pub fn run(a: Args) -> Result<()> {
         return Err(user(anyhow::anyhow!("--batch, --rank, --steps must be positive and --seq at least 2")));
     }
     if a.gemm {
-        for (m, k, n, t) in [(2048, 2048, 2048, false), (1024, 576, 1536, true), (1024, 1536, 576, true), (1024, 576, 576, false), (128, 576, 49152, true)] {
-            println!("gemm {m}×{k}·{k}×{n}{}: {:.1} GFLOP/s", if t { " (rhs transposed)" } else { "" }, gemm_gflops(m, k, n, t)?);
+        for (m, k, n, t) in [
+            (2048, 2048, 2048, false),
+            (1024, 576, 1536, true),
+            (1024, 1536, 576, true),
+            (1024, 576, 576, false),
+            (128, 576, 49152, true),
+        ] {
+            println!(
+                "gemm {m}×{k}·{k}×{n}{}: {:.1} GFLOP/s",
+                if t { " (rhs transposed)" } else { "" },
+                gemm_gflops(m, k, n, t)?
+            );
         }
         return Ok(());
     }
@@ -158,7 +172,10 @@ pub fn run(a: Args) -> Result<()> {
         );
     } else {
         println!("model: {source}");
-        println!("LoRA r={} on {}; {trainable} trainable parameters; batch {b} × {t}; {threads} threads", a.rank, a.targets);
+        println!(
+            "LoRA r={} on {}; {trainable} trainable parameters; batch {b} × {t}; {threads} threads",
+            a.rank, a.targets
+        );
         println!("median step {median:.3} s → {tps:.1} tokens/s; peak RSS {rss:.0} MiB");
     }
     Ok(())
@@ -172,7 +189,10 @@ fn bench_generate(m: &peftkit::model::Llama, source: &str, a: &Args) -> Result<(
     }
     let limit = peftkit::generate::context_limit(&m.config);
     if a.seq + a.new_tokens > limit {
-        return Err(user(anyhow::anyhow!("--seq + --new-tokens ({}) exceeds the model's context of {limit}", a.seq + a.new_tokens)));
+        return Err(user(anyhow::anyhow!(
+            "--seq + --new-tokens ({}) exceeds the model's context of {limit}",
+            a.seq + a.new_tokens
+        )));
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let vocab = m.config.vocab_size as u32;

@@ -1,27 +1,14 @@
-//! `peftkit eval --base M [--adapter DIR] --data FILE [--format F] [--json]`
+//! `peftkit eval --base M [--adapter DIR] [--load-in-4bit] --data FILE [--format F] [--json]`
 
-use super::{hub_options, user};
+use super::{load_model, user, ModelArgs};
 use anyhow::Result;
-use candle_core::Device;
-use peftkit::adapter::peft_format;
-use peftkit::base::load_base;
 use peftkit::data::{self, EncodeOptions, Format};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Base model: a Hub id (owner/name), a local folder or a local .gguf file.
-    #[arg(long)]
-    pub base: String,
-    /// Hub revision (branch, tag or commit) of the base model.
-    #[arg(long)]
-    pub revision: Option<String>,
-    /// A GGUF file of the Hub repo given by --base, used instead of its safetensors weights.
-    #[arg(long)]
-    pub gguf_file: Option<String>,
-    /// A PEFT adapter folder to apply (unmerged).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// The dataset (JSONL or JSON array).
     #[arg(long)]
     pub data: PathBuf,
@@ -47,21 +34,12 @@ pub fn run(a: Args) -> Result<()> {
     if a.sequence_len == 0 || a.batch_size == 0 {
         return Err(user(anyhow::anyhow!("--sequence-len and --batch-size must be positive")));
     }
-    let mut base = load_base(&a.base, a.revision.as_deref(), a.gguf_file.as_deref(), &hub_options(), &Device::Cpu).map_err(user)?;
-    if let Some(dir) = &a.adapter {
-        let cfg = peft_format::load_adapter(&mut base.model, dir).map_err(user)?;
-        // The same model named two ways (relative and absolute path) is the same model.
-        let same = |a: &str, b: &str| {
-            a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
-        };
-        if let Some(trained_on) = cfg.base_model_name_or_path.filter(|b| !same(b, &base.name)) {
-            tracing::warn!("{} was trained on `{trained_on}`, not `{}`", dir.display(), base.name);
-        }
-    }
+    let base = load_model(&a.model)?;
     // The file is scored as in training: loss on supervised tokens only.
     let opts = EncodeOptions { sequence_len: a.sequence_len, train_on_inputs: a.train_on_inputs };
-    let ds = data::load_dataset(&a.data, format, &base.tokenizer, base.template.as_ref(), base.eos_token.as_deref(), &opts)
-        .map_err(user)?;
+    let ds =
+        data::load_dataset(&a.data, format, &base.tokenizer, base.template.as_ref(), base.eos_token.as_deref(), &opts)
+            .map_err(user)?;
     let r = peftkit::train::evaluate(&base.model, &ds.examples, a.batch_size, base.pad_id)?;
     if a.json {
         println!("{}", serde_json::json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}));

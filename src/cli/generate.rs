@@ -5,35 +5,15 @@
 //! stream the text to stdout as it is generated (the stop token is never printed). Sampling is
 //! [`peftkit::generate::Sampler`]'s (transformers' order: repetition penalty, temperature, top-k, top-p).
 
-use super::{hub_options, user};
+use super::{load_model as load, user, ModelArgs};
 use anyhow::{anyhow, Context, Result};
-use candle_core::Device;
-use peftkit::adapter::peft_format;
-use peftkit::base::{load_base, BaseModel};
+use peftkit::base::BaseModel;
 use peftkit::data::{ChatTemplate, Message};
 use peftkit::generate::{
     self, context_limit, GenerateError, GenerationOutput, Generator, SamplingParams, StopReason, TokenStream,
 };
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
 use tokenizers::Tokenizer;
-
-/// Which model to load.
-#[derive(clap::Args)]
-pub struct ModelArgs {
-    /// Base model: a Hub id (owner/name), a local folder or a local .gguf file.
-    #[arg(long)]
-    pub base: String,
-    /// Hub revision (branch, tag or commit) of the base model.
-    #[arg(long)]
-    pub revision: Option<String>,
-    /// A GGUF file of the Hub repo given by --base, used instead of its safetensors weights.
-    #[arg(long)]
-    pub gguf_file: Option<String>,
-    /// A PEFT adapter folder to apply (unmerged).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-}
 
 /// How tokens are chosen; unset flags take the command's defaults.
 #[derive(clap::Args)]
@@ -311,22 +291,6 @@ fn fit_prompt(
 }
 
 /// Loads the base model and applies `--adapter` (unmerged), warning when it was trained on another base.
-fn load(m: &ModelArgs) -> Result<BaseModel> {
-    let mut base = load_base(&m.base, m.revision.as_deref(), m.gguf_file.as_deref(), &hub_options(), &Device::Cpu)
-        .map_err(user)?;
-    if let Some(dir) = &m.adapter {
-        let cfg = peft_format::load_adapter(&mut base.model, dir).map_err(user)?;
-        // The same model named two ways (relative and absolute path) is the same model.
-        let same = |a: &str, b: &str| {
-            a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
-        };
-        if let Some(trained_on) = cfg.base_model_name_or_path.filter(|b| !same(b, &base.name)) {
-            tracing::warn!("{} was trained on `{trained_on}`, not `{}`", dir.display(), base.name);
-        }
-    }
-    Ok(base)
-}
-
 fn require_template<'b>(base: &'b BaseModel, what: &str) -> Result<&'b ChatTemplate> {
     base.template.as_ref().ok_or_else(|| {
         user(anyhow!(

@@ -35,3 +35,53 @@ pub fn hub_options() -> peftkit::hub::HubOptions {
     o.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     o
 }
+
+/// Which model to load, for `eval`, `generate` and `chat`.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// Base model: a Hub id (owner/name), a local folder or a local .gguf file.
+    #[arg(long)]
+    pub base: String,
+    /// Hub revision (branch, tag or commit) of the base model.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// A GGUF file of the Hub repo given by --base, used instead of its safetensors weights.
+    #[arg(long)]
+    pub gguf_file: Option<String>,
+    /// A PEFT adapter folder to apply (unmerged).
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
+    /// Hold the base's projections in NF4 with double quantization (transformers' load_in_4bit), as a QLoRA
+    /// adapter was trained. Pre-quantized bitsandbytes checkpoints are NF4 without this flag.
+    #[arg(long)]
+    pub load_in_4bit: bool,
+}
+
+/// Loads the base model of `m` and applies its adapter, warning when the adapter was trained on another base.
+pub fn load_model(m: &ModelArgs) -> anyhow::Result<peftkit::base::BaseModel> {
+    let quant = if m.load_in_4bit {
+        peftkit::model::BaseQuant::Nf4 { double_quant: true }
+    } else {
+        peftkit::model::BaseQuant::None
+    };
+    let mut base = peftkit::base::load_base_quant(
+        &m.base,
+        m.revision.as_deref(),
+        m.gguf_file.as_deref(),
+        quant,
+        &hub_options(),
+        &candle_core::Device::Cpu,
+    )
+    .map_err(user)?;
+    if let Some(dir) = &m.adapter {
+        let cfg = peftkit::adapter::peft_format::load_adapter(&mut base.model, dir).map_err(user)?;
+        // The same model named two ways (relative and absolute path) is the same model.
+        let same = |a: &str, b: &str| {
+            a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
+        };
+        if let Some(trained_on) = cfg.base_model_name_or_path.filter(|b| !same(b, &base.name)) {
+            tracing::warn!("{} was trained on `{trained_on}`, not `{}`", dir.display(), base.name);
+        }
+    }
+    Ok(base)
+}

@@ -4,7 +4,7 @@ use super::{hub_options, user};
 use anyhow::{Context, Result};
 use candle_core::Device;
 use peftkit::adapter::{self, peft_format, AdapterConfig};
-use peftkit::base::load_base;
+use peftkit::base::load_base_quant;
 use peftkit::card::{adapter_card, AdapterCardFacts, DataFacts};
 use peftkit::data::{self, Dataset, EncodeOptions, Format};
 use peftkit::recipe::{DataFormat, Recipe};
@@ -85,7 +85,20 @@ pub fn run(args: Args) -> Result<()> {
 
     let device = Device::Cpu;
     tracing::info!("loading base model {}", recipe.base_model);
-    let mut base = load_base(&recipe.base_model, recipe.revision.as_deref(), recipe.gguf_file.as_deref(), &hub_options(), &device).map_err(user)?;
+    let quant = AdapterConfig::base_quant(&recipe.adapter);
+    let mut base = load_base_quant(
+        &recipe.base_model,
+        recipe.revision.as_deref(),
+        recipe.gguf_file.as_deref(),
+        quant,
+        &hub_options(),
+        &device,
+    )
+    .map_err(user)?;
+    if base.model.linears().any(|l| matches!(l.weight, peftkit::linear::FrozenWeight::Nf4(_))) {
+        let bytes: usize = base.model.linears().map(|l| l.weight.bytes()).sum();
+        tracing::info!("base projections held in NF4: {:.1} MB", bytes as f64 / 1e6);
+    }
     let opts = EncodeOptions { sequence_len: recipe.data.sequence_len, train_on_inputs: recipe.data.train_on_inputs };
     let format = data_format(recipe.data.format);
     let load = |p: &Path| {
@@ -102,14 +115,25 @@ pub fn run(args: Args) -> Result<()> {
             d.format,
             s.tokens,
             s.supervised_tokens,
-            if s.truncated > 0 { format!(", {} truncated to {}", s.truncated, opts.sequence_len) } else { String::new() },
-            if s.dropped > 0 { format!(", {} dropped (nothing to learn after truncation)", s.dropped) } else { String::new() },
+            if s.truncated > 0 {
+                format!(", {} truncated to {}", s.truncated, opts.sequence_len)
+            } else {
+                String::new()
+            },
+            if s.dropped > 0 {
+                format!(", {} dropped (nothing to learn after truncation)", s.dropped)
+            } else {
+                String::new()
+            },
         );
     }
 
     let n_adapted = adapter::attach(&mut base.model, &adapter_cfg, recipe.training.seed).map_err(user)?;
     let trainable: usize = adapter::trainable(&base.model).iter().map(|(_, v)| v.elem_count()).sum();
-    tracing::info!("{} adapter on {n_adapted} projections: {trainable} trainable parameters", recipe.adapter.type_name());
+    tracing::info!(
+        "{} adapter on {n_adapted} projections: {trainable} trainable parameters",
+        recipe.adapter.type_name()
+    );
 
     let cfg = TrainConfig::from_recipe(&recipe, base.pad_id, train_set.examples.len());
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -131,12 +155,20 @@ pub fn run(args: Args) -> Result<()> {
         keep_checkpoints: 2,
     };
     let valid_examples = valid_set.as_ref().map(|d| d.examples.as_slice());
-    let summary =
-        train::train(&mut base.model, &adapter_cfg, &train_set.examples, valid_examples, &cfg, &base.name, &out, &options)
-            .map_err(|e| match e {
-                train::TrainError::Resume(_) | train::TrainError::EmptyDataset => user(e),
-                other => anyhow::Error::new(other),
-            })?;
+    let summary = train::train(
+        &mut base.model,
+        &adapter_cfg,
+        &train_set.examples,
+        valid_examples,
+        &cfg,
+        &base.name,
+        &out,
+        &options,
+    )
+    .map_err(|e| match e {
+        train::TrainError::Resume(_) | train::TrainError::EmptyDataset => user(e),
+        other => anyhow::Error::new(other),
+    })?;
     if let Some(ckpt) = &summary.interrupted_at {
         eprintln!(
             "stopped after step {} of {}; checkpoint: {}\nresume with: peftkit train {} --resume",

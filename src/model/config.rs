@@ -59,6 +59,8 @@ pub struct ModelConfig {
     /// Per-frequency divisors of the rotary inverse frequencies, as a GGUF file stores Llama 3.1's scaling
     /// (`rope_freqs.weight`) instead of its parameters; applied after `rope_scaling`.
     pub rope_freq_factors: Option<Vec<f64>>,
+    /// The checkpoint is quantized by bitsandbytes (NF4): its projections load as NF4 without re-quantizing.
+    pub prequantized_nf4: bool,
     /// The raw JSON, kept to write a merged model's config and the model card.
     pub raw: serde_json::Value,
 }
@@ -95,6 +97,7 @@ struct RawConfig {
     pad_token_id: Option<OneOrMany>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    quantization_config: Option<serde_json::Value>,
 }
 
 fn first(v: Option<OneOrMany>) -> Option<u32> {
@@ -114,11 +117,11 @@ impl ModelConfig {
 
     /// Parses the text of a `config.json`; `path` is only used in messages.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let parse_err = |e: serde_json::Error| ConfigError::Parse { path: path.into(), line: e.line(), msg: e.to_string() };
+        let parse_err =
+            |e: serde_json::Error| ConfigError::Parse { path: path.into(), line: e.line(), msg: e.to_string() };
         let raw_value: serde_json::Value = serde_json::from_str(text).map_err(parse_err)?;
         let raw: RawConfig = serde_json::from_str(text).map_err(parse_err)?;
-        let unsupported =
-            |key: &str, msg: String| ConfigError::Unsupported { path: path.into(), key: key.into(), msg };
+        let unsupported = |key: &str, msg: String| ConfigError::Unsupported { path: path.into(), key: key.into(), msg };
 
         let model_type = raw.model_type.clone().unwrap_or_else(|| "llama".into());
         const SUPPORTED: [&str; 4] = ["llama", "mistral", "qwen2", "smollm"];
@@ -126,7 +129,10 @@ impl ModelConfig {
             let arch = raw.architectures.as_ref().and_then(|a| a.first().cloned()).unwrap_or_default();
             return Err(unsupported(
                 "model_type",
-                format!("`{model_type}` ({arch}) is not a supported architecture (supported: {})", SUPPORTED.join(", ")),
+                format!(
+                    "`{model_type}` ({arch}) is not a supported architecture (supported: {})",
+                    SUPPORTED.join(", ")
+                ),
             ));
         }
         if let Some(act) = &raw.hidden_act {
@@ -154,6 +160,35 @@ impl ModelConfig {
         let theta_in_params = raw.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64());
         let rope_theta = raw.rope_theta.or(theta_in_params).unwrap_or(10_000.0);
         let rope_scaling = parse_rope_scaling(params).map_err(|msg| unsupported("rope_scaling", msg))?;
+
+        // A pre-quantized checkpoint: only bitsandbytes' 4-bit NF4 is understood.
+        let prequantized_nf4 = match raw.quantization_config.as_ref().filter(|q| !q.is_null()) {
+            None => false,
+            Some(q) => {
+                let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("(none)");
+                if method != "bitsandbytes" {
+                    return Err(unsupported(
+                        "quantization_config.quant_method",
+                        format!("`{method}` checkpoints are not supported (bitsandbytes NF4 is; or use the unquantized model)"),
+                    ));
+                }
+                let four_bit = q.get("load_in_4bit").or_else(|| q.get("_load_in_4bit")).and_then(|v| v.as_bool());
+                if four_bit != Some(true) {
+                    return Err(unsupported(
+                        "quantization_config.load_in_4bit",
+                        "8-bit bitsandbytes checkpoints are not supported (4-bit NF4 is)".into(),
+                    ));
+                }
+                let kind = q.get("bnb_4bit_quant_type").and_then(|v| v.as_str()).unwrap_or("fp4");
+                if kind != "nf4" {
+                    return Err(unsupported(
+                        "quantization_config.bnb_4bit_quant_type",
+                        format!("`{kind}` is not supported (nf4)"),
+                    ));
+                }
+                true
+            }
+        };
 
         let qwen2 = model_type == "qwen2";
         let attention_bias = raw.attention_bias.unwrap_or(false);
@@ -185,6 +220,7 @@ impl ModelConfig {
             // Qwen2 configs carry a window but only use it when use_sliding_window is true.
             sliding_window: raw.sliding_window.filter(|_| raw.use_sliding_window.unwrap_or(!qwen2)),
             rope_freq_factors: None,
+            prequantized_nf4,
             raw: raw_value,
         })
     }
@@ -202,7 +238,12 @@ impl ModelConfig {
                 match self.rope_scaling {
                     RopeScaling::None => f,
                     RopeScaling::Linear { factor } => f / factor,
-                    RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                    RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position_embeddings,
+                    } => {
                         let low_wavelen = original_max_position_embeddings / low_freq_factor;
                         let high_wavelen = original_max_position_embeddings / high_freq_factor;
                         let wavelen = 2.0 * std::f64::consts::PI / f;
@@ -254,7 +295,8 @@ mod tests {
     fn rope_theta_top_level_and_in_rope_parameters() {
         let a = parse(&format!(r#"{{ {BASE}, "rope_theta": 500000.0 }}"#)).unwrap();
         assert_eq!(a.rope_theta, 500000.0);
-        let b = parse(&format!(r#"{{ {BASE}, "rope_parameters": {{"rope_theta": 1e6, "rope_type": "default"}} }}"#)).unwrap();
+        let b = parse(&format!(r#"{{ {BASE}, "rope_parameters": {{"rope_theta": 1e6, "rope_type": "default"}} }}"#))
+            .unwrap();
         assert_eq!(b.rope_theta, 1e6);
         assert_eq!(b.rope_scaling, RopeScaling::None);
         assert_eq!(b.num_key_value_heads, 2);

@@ -95,13 +95,7 @@ pub struct Llama {
 }
 
 impl Llama {
-    pub fn new(
-        config: ModelConfig,
-        embed_tokens: Tensor,
-        layers: Vec<Block>,
-        norm: Tensor,
-        lm_head: Tensor,
-    ) -> Self {
+    pub fn new(config: ModelConfig, embed_tokens: Tensor, layers: Vec<Block>, norm: Tensor, lm_head: Tensor) -> Self {
         let inv_freq = config.rope_inv_freq().into_iter().map(|f| f as f32).collect();
         let (device, dtype) = (embed_tokens.device().clone(), embed_tokens.dtype());
         Self { config, embed_tokens, layers, norm, lm_head, inv_freq, device, dtype }

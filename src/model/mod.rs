@@ -9,9 +9,11 @@ pub mod llama;
 pub use config::{ConfigError, ModelConfig};
 pub use llama::{Block, KvCache, Llama};
 
-use crate::linear::AdaptedLinear;
+use crate::linear::{AdaptedLinear, FrozenWeight};
+use crate::quant::nf4::{Absmax, Nf4Tensor, QuantError};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Errors loading a model.
 #[derive(Debug, thiserror::Error)]
@@ -26,8 +28,23 @@ pub enum ModelError {
     Tensor { name: String, files: String, source: candle_core::Error },
     #[error("tensor `{name}` has shape {got:?}, expected {expected:?} from the model's configuration")]
     Shape { name: String, got: Vec<usize>, expected: Vec<usize> },
+    #[error("tensor `{name}` in {files}: {msg}")]
+    Quantized { name: String, files: String, msg: String },
+    #[error("tensor `{name}`: {source}")]
+    Quant { name: String, source: QuantError },
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
+}
+
+/// How the base model's projections are held in memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BaseQuant {
+    /// Dense, in the compute dtype (pre-quantized checkpoints still load as NF4).
+    #[default]
+    None,
+    /// Quantized to NF4 at load time, one tensor at a time (QLoRA; transformers' `load_in_4bit`). Norms,
+    /// embeddings and the output head stay in full precision, as bitsandbytes leaves them.
+    Nf4 { double_quant: bool },
 }
 
 /// Reads tensors by name from one or more safetensors files.
@@ -66,14 +83,24 @@ impl WeightSource {
         if !self.contains(name) {
             return Err(ModelError::MissingTensor { name: name.to_string(), files: self.files_str() });
         }
-        let t = self.st.load(name, &Device::Cpu).map_err(|e| ModelError::Tensor { name: name.to_string(), files: self.files_str(), source: e })?;
+        let t = self.st.load(name, &Device::Cpu).map_err(|e| ModelError::Tensor {
+            name: name.to_string(),
+            files: self.files_str(),
+            source: e,
+        })?;
         if t.dims() != shape {
             return Err(ModelError::Shape { name: name.into(), got: t.dims().to_vec(), expected: shape.to_vec() });
         }
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 
-    pub fn get_opt(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Option<Tensor>, ModelError> {
+    pub fn get_opt(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<Tensor>, ModelError> {
         if self.contains(name) {
             self.get(name, shape, dtype, device).map(Some)
         } else {
@@ -91,6 +118,11 @@ pub trait TensorSource {
     fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, ModelError>;
     /// The files, for messages.
     fn describe(&self) -> String;
+    /// A projection weight (`….weight`) that the source holds already quantized (bitsandbytes NF4), checked
+    /// against `shape`; `None` when it is stored as an ordinary tensor.
+    fn nf4_weight(&self, _name: &str, _shape: &[usize]) -> Result<Option<Nf4Tensor>, ModelError> {
+        Ok(None)
+    }
 }
 
 impl TensorSource for WeightSource {
@@ -103,26 +135,133 @@ impl TensorSource for WeightSource {
     fn describe(&self) -> String {
         self.files_str()
     }
+    fn nf4_weight(&self, name: &str, shape: &[usize]) -> Result<Option<Nf4Tensor>, ModelError> {
+        self.bnb_nf4(name, shape)
+    }
+}
+
+impl WeightSource {
+    /// Reads a weight saved by bitsandbytes' `Linear4bit` (what "-bnb-4bit" Hub checkpoints hold): the packed codes
+    /// in `name`, and `name.absmax`, `name.quant_map`, `name.nested_absmax`, `name.nested_quant_map` and the
+    /// quant-state JSON in `name.quant_state.bitsandbytes__nf4`.
+    fn bnb_nf4(&self, name: &str, shape: &[usize]) -> Result<Option<Nf4Tensor>, ModelError> {
+        let state_key = format!("{name}.quant_state.bitsandbytes__nf4");
+        if !self.contains(&state_key) {
+            if self.contains(&format!("{name}.quant_state.bitsandbytes__fp4")) {
+                return Err(self.quant_err(name, "is stored in bitsandbytes' FP4 format; only NF4 is supported".into()));
+            }
+            return Ok(None);
+        }
+        let load = |key: &str| {
+            self.st.load(key, &Device::Cpu).map_err(|e| ModelError::Tensor {
+                name: key.to_string(),
+                files: self.files_str(),
+                source: e,
+            })
+        };
+        let bytes = |key: &str| -> Result<Vec<u8>, ModelError> {
+            let t = load(key)?;
+            if t.dtype() != DType::U8 {
+                return Err(self.quant_err(key, format!("expected u8 data, found {:?}", t.dtype())));
+            }
+            Ok(t.flatten_all()?.to_vec1::<u8>()?)
+        };
+        let floats = |key: &str| -> Result<Vec<f32>, ModelError> {
+            Ok(load(key)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        };
+        let state: serde_json::Value = serde_json::from_slice(&bytes(&state_key)?)
+            .map_err(|e| self.quant_err(&state_key, format!("quant state is not JSON: {e}")))?;
+        let field =
+            |k: &str| state.get(k).ok_or_else(|| self.quant_err(&state_key, format!("quant state has no `{k}`")));
+        let quant_type = field("quant_type")?.as_str().unwrap_or_default();
+        if quant_type != "nf4" {
+            return Err(self.quant_err(&state_key, format!("quant_type `{quant_type}` is not supported (nf4)")));
+        }
+        let blocksize = field("blocksize")?.as_u64().unwrap_or(0) as usize;
+        let stored_shape: Vec<usize> = field("shape")?
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as usize).collect())
+            .unwrap_or_default();
+        if stored_shape != shape {
+            return Err(ModelError::Shape { name: name.into(), got: stored_shape, expected: shape.to_vec() });
+        }
+        let absmax_key = format!("{name}.absmax");
+        let absmax = if state.get("nested_blocksize").is_some() {
+            Absmax::Double {
+                q: bytes(&absmax_key)?,
+                offset: field("nested_offset")?.as_f64().unwrap_or(0.0) as f32,
+                absmax2: floats(&format!("{name}.nested_absmax"))?,
+                code: floats(&format!("{name}.nested_quant_map"))?,
+                blocksize2: field("nested_blocksize")?.as_u64().unwrap_or(0) as usize,
+            }
+        } else {
+            Absmax::Plain(floats(&absmax_key)?)
+        };
+        let quant_map = floats(&format!("{name}.quant_map"))?;
+        Nf4Tensor::from_bnb_parts(bytes(name)?, absmax, &quant_map, blocksize, shape)
+            .map(Some)
+            .map_err(|source| ModelError::Quant { name: name.into(), source })
+    }
+
+    fn quant_err(&self, name: &str, msg: String) -> ModelError {
+        ModelError::Quantized { name: name.into(), files: self.files_str(), msg }
+    }
 }
 
 /// Loads a Llama-family model from `config.json` and its safetensors weights.
 pub fn load_llama(config_path: &Path, weights: &[PathBuf], device: &Device, dtype: DType) -> Result<Llama, ModelError> {
-    let cfg = ModelConfig::from_file(config_path)?;
-    let src = WeightSource::open(weights)?;
-    assemble_llama(cfg, &src, device, dtype)
+    load_llama_quant(config_path, weights, device, dtype, BaseQuant::None)
 }
 
-/// Builds the model of `cfg` from the tensors of `src`, named as transformers names them.
-pub fn assemble_llama(cfg: ModelConfig, src: &dyn TensorSource, device: &Device, dtype: DType) -> Result<Llama, ModelError> {
+/// [`load_llama`], with the projections held as `quant` says.
+pub fn load_llama_quant(
+    config_path: &Path,
+    weights: &[PathBuf],
+    device: &Device,
+    dtype: DType,
+    quant: BaseQuant,
+) -> Result<Llama, ModelError> {
+    let cfg = ModelConfig::from_file(config_path)?;
+    let src = WeightSource::open(weights)?;
+    assemble_llama(cfg, &src, device, dtype, quant)
+}
+
+/// Builds the model of `cfg` from the tensors of `src`, named as transformers names them. Projections stored
+/// pre-quantized load as NF4 whatever `quant` says; `BaseQuant::Nf4` quantizes the others as they are read.
+pub fn assemble_llama(
+    cfg: ModelConfig,
+    src: &dyn TensorSource,
+    device: &Device,
+    dtype: DType,
+    quant: BaseQuant,
+) -> Result<Llama, ModelError> {
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (q_out, kv_out) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
     let embed = src.get("model.embed_tokens.weight", &[v, h], dtype, device)?;
     let mut id = 0u64;
     let mut linear = |path: String, out: usize, inp: usize, bias: bool| -> Result<AdaptedLinear, ModelError> {
-        let w = src.get(&format!("{path}.weight"), &[out, inp], dtype, device)?;
+        let name = format!("{path}.weight");
+        let weight = if let Some(q) = src.nf4_weight(&name, &[out, inp])? {
+            FrozenWeight::Nf4(Arc::new(q))
+        } else if let BaseQuant::Nf4 { double_quant } = quant {
+            // Read in f32 and quantized at once: the full-precision projection lives only for this call.
+            let w = src.get(&name, &[out, inp], DType::F32, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            let q = Nf4Tensor::quantize(&w, &[out, inp], double_quant)
+                .map_err(|source| ModelError::Quant { name: name.clone(), source })?;
+            FrozenWeight::Nf4(Arc::new(q))
+        } else {
+            FrozenWeight::Dense(src.get(&name, &[out, inp], dtype, device)?)
+        };
+        if matches!(weight, FrozenWeight::Nf4(_)) && !device.is_cpu() {
+            return Err(ModelError::Quantized {
+                name,
+                files: src.describe(),
+                msg: "NF4 weights run on the CPU only in this build".into(),
+            });
+        }
         let b = if bias { Some(src.get(&format!("{path}.bias"), &[out], dtype, device)?) } else { None };
         id += 1;
-        Ok(AdaptedLinear::new(path, w, b, id)?)
+        Ok(AdaptedLinear::with_weight(path, weight, b, id)?)
     };
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for l in 0..cfg.num_hidden_layers {
