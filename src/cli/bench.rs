@@ -48,6 +48,12 @@ pub struct Args {
     /// Tokens generated per run with --generate.
     #[arg(long, default_value_t = 128)]
     pub new_tokens: usize,
+    /// QLoRA: hold the base's projections in NF4 (double quantization), quantized at load.
+    #[arg(long)]
+    pub qlora: bool,
+    /// Measure NF4 dequantization throughput instead (GB/s of bytes read plus f32 bytes written).
+    #[arg(long)]
+    pub dequant: bool,
 }
 
 /// GFLOP/s of candle's f32 matmul for (m×k)·(k×n), best of 3.
@@ -87,13 +93,29 @@ pub fn run(a: Args) -> Result<()> {
         }
         return Ok(());
     }
+    if a.dequant {
+        let threads = candle_core::utils::get_num_threads();
+        for (rows, cols) in [(576, 1536), (4096, 4096), (14336, 4096)] {
+            let gbps = peftkit::quant::nf4::dequant_gbps(rows, cols, 5).map_err(|e| anyhow::anyhow!(e))?;
+            let n = rows * cols;
+            // Bytes moved per element: half a byte of codes, a byte of absmax per 64, four bytes of f32 output.
+            let gelems = gbps / (0.5 + 1.0 / 64.0 + 4.0);
+            println!("NF4 dequantization {rows}×{cols} ({:.1} M elements, double quant, {threads} threads): {gbps:.2} GB/s ({gelems:.2} G elements/s)", n as f64 / 1e6);
+        }
+        return Ok(());
+    }
     let device = Device::Cpu;
+    let quant = if a.qlora { model::BaseQuant::Nf4 { double_quant: true } } else { model::BaseQuant::None };
     let (mut m, source) = match (&a.model, &a.config) {
         (Some(base), _) => {
-            let b = peftkit::base::load_base(base, None, None, &super::hub_options(), &device).map_err(user)?;
+            let b = peftkit::base::load_base_quant(base, None, None, quant, &super::hub_options(), &device)
+                .map_err(user)?;
             (b.model, base.clone())
         }
         (None, Some(cfg)) => {
+            if a.qlora {
+                return Err(user(anyhow::anyhow!("--qlora needs --model (weights quantized as they are read)")));
+            }
             let c = ModelConfig::from_file(cfg).map_err(user)?;
             (model::random_llama(c, 0, &device, DType::F32)?, format!("{} (random weights)", cfg.display()))
         }
@@ -166,15 +188,18 @@ pub fn run(a: Args) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"system": "peftkit", "threads": threads, "batch": b, "seq": t, "rank": a.rank,
+            serde_json::json!({"system": "peftkit", "method": if a.qlora { "qlora" } else { "lora" }, "threads": threads, "batch": b, "seq": t, "rank": a.rank,
                 "trainable_params": trainable, "step_s": median, "tokens_per_s": tps, "peak_rss_mb": rss,
                 "loss_first": losses[0], "loss_last": losses[losses.len() - 1]})
         );
     } else {
         println!("model: {source}");
+        let base_mb = m.linears().map(|l| l.weight.bytes()).sum::<usize>() as f64 / 1e6;
         println!(
-            "LoRA r={} on {}; {trainable} trainable parameters; batch {b} × {t}; {threads} threads",
-            a.rank, a.targets
+            "{} r={} on {}; {trainable} trainable parameters; base projections {base_mb:.0} MB; batch {b} × {t}; {threads} threads",
+            if a.qlora { "QLoRA (NF4 base)" } else { "LoRA" },
+            a.rank,
+            a.targets
         );
         println!("median step {median:.3} s → {tps:.1} tokens/s; peak RSS {rss:.0} MiB");
     }
