@@ -227,3 +227,22 @@ fn sigint_checkpoints_and_resume_finishes() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(out.join("adapter_model.safetensors")).unwrap(), resumed);
 }
+
+#[test]
+fn every_recipe_in_recipes_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let p = entry.path();
+        if p.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        // Paths in recipes are relative to the repository root, where users run them.
+        let o = bin().current_dir(env!("CARGO_MANIFEST_DIR")).arg("inspect").arg(&p).output().unwrap();
+        assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.starts_with('#'), "{} should open with a comment saying the command, hardware and time", p.display());
+        n += 1;
+    }
+    assert!(n >= 2, "found {n} recipes");
+}
