@@ -93,3 +93,17 @@ fn load_in_4bit_quantizes_every_projection_like_bitsandbytes() {
     let d = rel_diff(&logits(&q, &expected), &expected["logits"]);
     assert!(d <= 1e-4, "{d}");
 }
+
+#[test]
+fn peftkit_qlora_adapter_loads_in_peft_on_a_bnb4_base() {
+    // PEFT + bitsandbytes computed these logits with this peftkit-trained adapter: both sides read the adapter and
+    // the 4-bit base the same way.
+    let (mut model, _) = load("tiny-llama-bnb4");
+    let dir = fixture("tiny-llama-bnb4-qlora");
+    peft_format::load_adapter(&mut model, &dir).unwrap();
+    let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
+    let want = candle_core::safetensors::load(dir.join("peft_logits.safetensors"), &Device::Cpu).unwrap();
+    let d = rel_diff(&model.forward(&ids).unwrap(), &want["logits"]);
+    println!("QLoRA adapter on the bnb-4bit base vs PEFT + bitsandbytes: max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+}
