@@ -7,6 +7,8 @@
 //! Reference: Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (2023), and bitsandbytes'
 //! `functional.quantize_4bit` / `dequantize_4bit` (0.50), whose outputs `tests/fixtures/nf4/` holds.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod nf4;
 
 pub use nf4::{
