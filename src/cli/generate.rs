@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context, Result};
 use peftkit::base::BaseModel;
 use peftkit::data::{ChatTemplate, Message};
 use peftkit::generate::{
-    self, context_limit, GenerateError, GenerationOutput, Generator, SamplingParams, StopReason, TokenStream,
+    context_limit, GenerateError, GenerationOutput, Generator, SamplingParams, StopReason, TokenStream,
 };
 use std::io::{BufRead, IsTerminal, Write};
 use tokenizers::Tokenizer;
@@ -115,18 +115,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     };
     let ids = encode(&base.tokenizer, &text, add_special_tokens)?;
     let mut printer = Printer::default();
-    let mut stream = TokenStream::new(&base.tokenizer);
-    let out = generate::generate(&base.model, &ids, &params, &base.stop_ids, |id| -> Result<bool> {
-        match stream.push(id)? {
-            Some(piece) => printer.write(&piece),
-            None => Ok(true),
-        }
-    })
-    .map_err(generation_error)?;
-    if let Some(piece) = stream.finish()? {
-        printer.write(&piece)?;
-    }
-    printer.write("\n")?;
+    let out = stream_reply(&mut Generator::new(&base.model), &base, &ids, &params, &mut printer)?;
     eprintln!(
         "{} tokens in {:.2} s ({:.1} tokens/s), prompt {} tokens in {:.2} s",
         out.tokens.len(),
@@ -217,19 +206,7 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
         };
         let turn_params = SamplingParams { seed: params.seed.wrapping_add(turn), ..params.clone() };
         turn += 1;
-        let mut stream = TokenStream::new(&base.tokenizer);
-        let out = generator
-            .generate(&ids, &turn_params, &base.stop_ids, |id| -> Result<bool> {
-                match stream.push(id)? {
-                    Some(piece) => printer.write(&piece),
-                    None => Ok(true),
-                }
-            })
-            .map_err(generation_error)?;
-        if let Some(piece) = stream.finish()? {
-            printer.write(&piece)?;
-        }
-        printer.write("\n")?;
+        let out = stream_reply(&mut generator, &base, &ids, &turn_params, &mut printer)?;
         tracing::debug!(
             "{} tokens in {:.2} s ({:.1} tokens/s), prompt {} tokens ({} from the cache) in {:.2} s",
             out.tokens.len(),
@@ -291,6 +268,30 @@ fn fit_prompt(
 }
 
 /// Loads the base model and applies `--adapter` (unmerged), warning when it was trained on another base.
+/// Generates from `ids`, printing the text as it comes (never the stop token) and a final newline.
+fn stream_reply(
+    generator: &mut Generator,
+    base: &BaseModel,
+    ids: &[u32],
+    params: &SamplingParams,
+    printer: &mut Printer,
+) -> Result<GenerationOutput> {
+    let mut stream = TokenStream::new(&base.tokenizer);
+    let out = generator
+        .generate(ids, params, &base.stop_ids, |id| -> Result<bool> {
+            match stream.push(id)? {
+                Some(piece) => printer.write(&piece),
+                None => Ok(true),
+            }
+        })
+        .map_err(generation_error)?;
+    if let Some(piece) = stream.finish()? {
+        printer.write(&piece)?;
+    }
+    printer.write("\n")?;
+    Ok(out)
+}
+
 fn require_template<'b>(base: &'b BaseModel, what: &str) -> Result<&'b ChatTemplate> {
     base.template.as_ref().ok_or_else(|| {
         user(anyhow!(
