@@ -77,6 +77,27 @@ pub enum LayerAdapter {
     Lora(LoraLayer),
 }
 
+impl LayerAdapter {
+    /// The base weight `w` (out, in) with this adapter folded in, in f32: LoRA gives W + s·B·A.
+    /// Merged and unmerged forwards agree (`tests/merge.rs`).
+    pub fn merge_weight(&self, w: &Tensor) -> Result<Tensor> {
+        let w = w.to_dtype(DType::F32)?;
+        match self {
+            LayerAdapter::Lora(l) => {
+                let d = l.delta_weight()?.to_device(w.device())?;
+                w + d
+            }
+        }
+    }
+
+    /// The base bias after merging, in f32 (LoRA leaves it unchanged).
+    pub fn merge_bias(&self, b: &Tensor) -> Result<Tensor> {
+        match self {
+            LayerAdapter::Lora(_) => b.to_dtype(DType::F32),
+        }
+    }
+}
+
 /// Per-forward settings that reach every projection.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ForwardCtx {
