@@ -1,4 +1,5 @@
-//! Build script: with the `cuda` feature, compiles the NF4 CUDA kernels (`src/quant/cuda/nf4.cu`) to PTX with nvcc.
+//! Build script. Always: exports the locked versions of the numerics crates (`PEFTKIT_<CRATE>_VERSION`, read from
+//! Cargo.lock) for the model cards' "Framework versions". With the `cuda` feature it also compiles the NF4 CUDA kernels (`src/quant/cuda/nf4.cu`) to PTX with nvcc.
 //!
 //! The PTX targets the virtual architecture `compute_80` (override: `PEFTKIT_CUDA_ARCH`), so one file runs on every
 //! GPU from Ampere (sm_80) on: the driver JIT-compiles it for the actual device (H100/H200: sm_90) when the module
@@ -14,9 +15,19 @@ use std::process::Command;
 const KERNEL_SRC: &str = "src/quant/cuda/nf4.cu";
 const ENV_VARS: [&str; 5] = ["NVCC", "CUDA_ROOT", "CUDA_PATH", "CUDA_HOME", "PEFTKIT_CUDA_ARCH"];
 
+/// Crates whose versions the model cards state, and the variable each is exported as.
+const VERSIONED: [(&str, &str); 4] = [
+    ("candle-core", "PEFTKIT_CANDLE_VERSION"),
+    ("tokenizers", "PEFTKIT_TOKENIZERS_VERSION"),
+    ("hf-hub", "PEFTKIT_HF_HUB_VERSION"),
+    ("safetensors", "PEFTKIT_SAFETENSORS_VERSION"),
+];
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed={KERNEL_SRC}");
+    println!("cargo:rerun-if-changed=Cargo.lock");
+    export_versions();
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -27,6 +38,32 @@ fn main() {
         // Cargo prints a failed build script's stderr in full: nvcc's diagnostics, without a Rust backtrace.
         eprintln!("peftkit build.rs (feature `cuda`): {msg}");
         std::process::exit(1);
+    }
+}
+
+/// Sets `PEFTKIT_<CRATE>_VERSION` from Cargo.lock ("unknown" when the lock file is absent or lacks the crate;
+/// with two versions of a crate locked, the newest).
+fn export_versions() {
+    let lock = std::fs::read_to_string("Cargo.lock").unwrap_or_default();
+    for (krate, var) in VERSIONED {
+        let mut best: Option<Vec<u64>> = None;
+        let mut best_text = String::from("unknown");
+        let mut lines = lock.lines();
+        while let Some(line) = lines.next() {
+            if line.trim() != format!("name = \"{krate}\"") {
+                continue;
+            }
+            let Some(v) = lines.next().and_then(|l| l.trim().strip_prefix("version = \"")).map(|v| v.trim_end_matches('"'))
+            else {
+                continue;
+            };
+            let key: Vec<u64> = v.split(['.', '-']).map(|p| p.parse().unwrap_or(0)).collect();
+            if best.as_ref().is_none_or(|b| key > *b) {
+                best = Some(key);
+                best_text = v.to_string();
+            }
+        }
+        println!("cargo:rustc-env={var}={best_text}");
     }
 }
 

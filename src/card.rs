@@ -3,11 +3,19 @@
 //! Front matter follows the Hub's model-card metadata (`base_model`, `base_model_relation`, `library_name`,
 //! `pipeline_tag`, `tags`, `license`); the body says what the adapter is, how to use it, what it was trained on,
 //! with which hyperparameters, how well it does and what the run cost.
+//!
+//! The facts of a training run are also kept as JSON ([`TrainingRecord`], `peftkit_training.json` beside the
+//! adapter), so that `peftkit merge` can state them again in the merged model's card.
 
-use crate::train::{EvalResult, TrainSummary};
+use crate::train::EvalResult;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 
+/// The file beside an adapter that holds its [`TrainingRecord`].
+pub const TRAINING_RECORD_FILE: &str = "peftkit_training.json";
+
 /// A dataset file as the card reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataFacts {
     pub path: String,
     pub sha256: String,
@@ -17,71 +25,134 @@ pub struct DataFacts {
     pub supervised_tokens: usize,
 }
 
-/// Everything the adapter card states.
-pub struct AdapterCardFacts<'a> {
-    pub base_model: &'a str,
+/// Everything known about how an adapter was trained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingRecord {
+    /// The base model as the run named it: a Hub id, or a local folder or .gguf path.
+    pub base_model: String,
     /// True when `base_model` is a Hub id (a local path is not a valid `base_model` metadata value).
     pub base_is_hub: bool,
-    pub revision: Option<&'a str>,
+    /// The Hub revision the base was resolved at (a commit), when it came from the Hub.
+    pub revision: Option<String>,
+    /// The license the base model declares, when it declares one.
     pub license: Option<String>,
-    pub method: &'a str,
-    pub adapter_dir: &'a str,
+    /// `lora`, `qlora` or `ia3`.
+    pub method: String,
+    /// The adapter folder as the run wrote it.
+    pub adapter_dir: String,
     /// The recipe's `data.sequence_len`, so `peftkit eval` reproduces the reported figures.
     pub sequence_len: usize,
-    pub recipe_yaml: &'a str,
     pub train: DataFacts,
     pub validation: Option<DataFacts>,
-    pub summary: &'a TrainSummary,
     pub trainable_params: usize,
+    pub steps: usize,
+    pub total_steps: usize,
+    /// Mean loss of the last optimizer step.
+    pub last_train_loss: Option<f64>,
+    /// Validation before training (the base model) and after (base + adapter).
+    pub initial_eval: Option<EvalResult>,
+    pub final_eval: Option<EvalResult>,
+    /// Input tokens processed (padding excluded).
+    pub tokens: usize,
+    pub wall_s: f64,
     pub peak_rss_mb: Option<f64>,
     pub device: String,
+    /// `name version` of peftkit and of the crates that did the numerics.
+    pub frameworks: Vec<String>,
+}
+
+/// `name version` of peftkit and of the crates whose behaviour the results depend on (from Cargo.lock, by build.rs).
+pub fn framework_versions() -> Vec<String> {
+    vec![
+        format!("peftkit {}", env!("CARGO_PKG_VERSION")),
+        format!("candle-core {}", env!("PEFTKIT_CANDLE_VERSION")),
+        format!("tokenizers {}", env!("PEFTKIT_TOKENIZERS_VERSION")),
+        format!("hf-hub {}", env!("PEFTKIT_HF_HUB_VERSION")),
+        format!("safetensors {}", env!("PEFTKIT_SAFETENSORS_VERSION")),
+    ]
 }
 
 fn eval_row(out: &mut String, name: &str, r: &EvalResult) {
     let _ = writeln!(out, "| {name} | {:.4} | {:.2} | {} |", r.loss, r.perplexity, r.tokens);
 }
 
-/// The card's Markdown text.
-pub fn adapter_card(f: &AdapterCardFacts) -> String {
+/// A YAML scalar, quoted when plain style would change its meaning.
+pub fn yaml_scalar(s: &str) -> String {
+    serde_yaml::to_string(s).map(|y| y.trim_end().to_string()).unwrap_or_else(|_| format!("{s:?}"))
+}
+
+/// The method's name as a heading says it.
+pub fn method_title(method: &str) -> String {
+    match method {
+        "lora" => "LoRA".into(),
+        "qlora" => "QLoRA".into(),
+        "ia3" => "IA3".into(),
+        other => other.to_uppercase(),
+    }
+}
+
+/// The card's Markdown text. `recipe_yaml` is the resolved recipe (also saved as `peftkit_recipe.yaml`).
+pub fn adapter_card(f: &TrainingRecord, recipe_yaml: &str) -> String {
     let mut s = String::from("---\n");
     if f.base_is_hub {
-        let _ = writeln!(s, "base_model: {}", f.base_model);
+        let _ = writeln!(s, "base_model: {}", yaml_scalar(&f.base_model));
         let _ = writeln!(s, "base_model_relation: adapter");
     }
     let _ = writeln!(s, "library_name: peft");
     let _ = writeln!(s, "pipeline_tag: text-generation");
     if let Some(l) = &f.license {
-        let _ = writeln!(s, "license: {l}");
+        let _ = writeln!(s, "license: {}", yaml_scalar(l));
     }
     let _ = writeln!(s, "tags:\n- peftkit\n- {}", f.method);
     if f.base_is_hub {
-        let _ = writeln!(s, "- base_model:adapter:{}", f.base_model);
+        let _ = writeln!(s, "- {}", yaml_scalar(&format!("base_model:adapter:{}", f.base_model)));
     }
     s.push_str("---\n\n");
-    let _ = writeln!(s, "# {} adapter for {}\n", f.method.to_uppercase(), f.base_model);
+    let title = method_title(&f.method);
+    let _ = writeln!(s, "# {title} adapter for {}\n", f.base_model);
     let _ = writeln!(
         s,
-        "A {} adapter ({} trainable parameters) for `{}`{}, trained with peftkit {}. It is stored in PEFT's format \
+        "A {title} adapter ({} trainable parameters) for `{}`{}, trained with peftkit {}. It is stored in PEFT's format \
          (`adapter_config.json` + `adapter_model.safetensors`).\n",
-        f.method.to_uppercase(),
         f.trainable_params,
         f.base_model,
-        f.revision.map(|r| format!(" at revision `{r}`")).unwrap_or_default(),
+        f.revision.as_deref().map(|r| format!(" at revision `{r}`")).unwrap_or_default(),
         env!("CARGO_PKG_VERSION"),
     );
+    if f.method == "qlora" {
+        s.push_str(
+            "It was trained on the base held in NF4 4-bit with double quantization (bitsandbytes' format); load \
+             the base the same way (`--load-in-4bit`, or `BitsAndBytesConfig(load_in_4bit=True, \
+             bnb_4bit_quant_type=\"nf4\", bnb_4bit_use_double_quant=True)`) to reproduce the figures below.\n\n",
+        );
+    }
     s.push_str("## How to use\n\nWith peftkit:\n\n```sh\n");
+    let q = if f.method == "qlora" { " --load-in-4bit" } else { "" };
+    let _ = writeln!(s, "peftkit chat --base {} --adapter {}{q}", f.base_model, f.adapter_dir);
     let data = f.validation.as_ref().unwrap_or(&f.train);
     let _ = writeln!(
         s,
-        "peftkit eval --base {} --adapter {} --data {} --sequence-len {}",
+        "peftkit eval --base {} --adapter {} --data {} --sequence-len {}{q}",
         f.base_model, f.adapter_dir, data.path, f.sequence_len
     );
+    let _ = writeln!(s, "peftkit merge --base {} --adapter {} --out merged", f.base_model, f.adapter_dir);
     s.push_str("```\n\nWith Python (transformers + PEFT):\n\n```python\n");
     let _ = writeln!(s, "from transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n");
+    if f.base_model.ends_with(".gguf") {
+        let _ = writeln!(s, "# the base is a GGUF file: transformers dequantizes it when loading with gguf_file=");
+    }
     let _ = writeln!(s, "base = AutoModelForCausalLM.from_pretrained(\"{}\")", f.base_model);
     let _ = writeln!(s, "model = PeftModel.from_pretrained(base, \"{}\")", f.adapter_dir);
     let _ = writeln!(s, "tokenizer = AutoTokenizer.from_pretrained(\"{}\")", f.base_model);
-    s.push_str("```\n\n## Training data\n\n| split | file | format | examples | tokens | supervised tokens | sha256 |\n|---|---|---|---|---|---|---|\n");
+    s.push_str("```\n\n");
+    training_sections(&mut s, f, Some(recipe_yaml));
+    s
+}
+
+/// "Training data", "Training procedure", "Results", "Compute" and "Framework versions", shared by the adapter
+/// card and the merged model's card.
+pub fn training_sections(s: &mut String, f: &TrainingRecord, recipe_yaml: Option<&str>) {
+    s.push_str("## Training data\n\n| split | file | format | examples | tokens | supervised tokens | sha256 |\n|---|---|---|---|---|---|---|\n");
     for (split, d) in [("train", Some(&f.train)), ("validation", f.validation.as_ref())] {
         if let Some(d) = d {
             let _ = writeln!(
@@ -91,32 +162,34 @@ pub fn adapter_card(f: &AdapterCardFacts) -> String {
             );
         }
     }
-    s.push_str("\n## Training procedure\n\nThe recipe, as resolved (also saved as `peftkit_recipe.yaml`):\n\n```yaml\n");
-    s.push_str(f.recipe_yaml.trim_end());
-    s.push_str("\n```\n\n## Results\n\n");
-    let sm = f.summary;
-    let _ = writeln!(s, "Optimizer steps: {} of {}.", sm.steps, sm.total_steps);
-    if let Some(l) = sm.last_train_loss {
+    if let Some(yaml) = recipe_yaml {
+        s.push_str("\n## Training procedure\n\nThe recipe, as resolved (also saved as `peftkit_recipe.yaml`):\n\n```yaml\n");
+        s.push_str(yaml.trim_end());
+        s.push_str("\n```\n");
+    }
+    s.push_str("\n## Results\n\n");
+    let _ = writeln!(s, "Optimizer steps: {} of {}.", f.steps, f.total_steps);
+    if let Some(l) = f.last_train_loss {
         let _ = writeln!(s, "Training loss of the last step: {l:.4}.");
     }
-    if sm.initial_eval.is_some() || sm.final_eval.is_some() {
+    if f.initial_eval.is_some() || f.final_eval.is_some() {
         s.push_str("\nValidation (mean negative log-likelihood per supervised token):\n\n| model | loss | perplexity | tokens |\n|---|---|---|---|\n");
-        if let Some(r) = &sm.initial_eval {
-            eval_row(&mut s, "base model", r);
+        if let Some(r) = &f.initial_eval {
+            eval_row(s, "base model", r);
         }
-        if let Some(r) = &sm.final_eval {
-            eval_row(&mut s, "base + this adapter", r);
+        if let Some(r) = &f.final_eval {
+            eval_row(s, "base + this adapter", r);
         }
     }
     s.push_str("\n## Compute\n\n");
     let _ = writeln!(s, "- device: {}", f.device);
-    let _ = writeln!(s, "- wall time: {:.1} s", sm.wall_s);
-    let _ = writeln!(s, "- tokens processed: {}", sm.tokens);
+    let _ = writeln!(s, "- wall time: {:.1} s", f.wall_s);
+    let _ = writeln!(s, "- tokens processed: {}", f.tokens);
     if let Some(p) = f.peak_rss_mb {
         let _ = writeln!(s, "- peak memory (RSS): {p:.0} MiB");
     }
     s.push_str("\n## Framework versions\n\n");
-    let _ = writeln!(s, "- peftkit {}", env!("CARGO_PKG_VERSION"));
-    let _ = writeln!(s, "- candle 0.11");
-    s
+    for v in &f.frameworks {
+        let _ = writeln!(s, "- {v}");
+    }
 }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use peftkit::adapter::{self, peft_format, AdapterConfig};
 use peftkit::base::load_base_quant;
-use peftkit::card::{adapter_card, AdapterCardFacts, DataFacts};
+use peftkit::card::{adapter_card, framework_versions, DataFacts, TrainingRecord, TRAINING_RECORD_FILE};
 use peftkit::data::{self, Dataset, EncodeOptions, Format};
 use peftkit::recipe::{DataFormat, Recipe};
 use peftkit::train::{self, TrainConfig, TrainOptions};
@@ -29,8 +29,14 @@ pub struct Args {
 }
 
 /// Files of an earlier run in an output folder.
-const RUN_FILES: [&str; 5] =
-    ["adapter_config.json", "adapter_model.safetensors", "README.md", "peftkit_recipe.yaml", train::METRICS_FILE];
+const RUN_FILES: [&str; 6] = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "README.md",
+    "peftkit_recipe.yaml",
+    TRAINING_RECORD_FILE,
+    train::METRICS_FILE,
+];
 
 /// A recipe's data format as the data module's (None = detect).
 pub fn data_format(f: DataFormat) -> Option<Format> {
@@ -193,22 +199,31 @@ pub fn run(args: Args) -> Result<()> {
     let recipe_yaml = recipe.to_yaml();
     peft_format::write_atomic(&out.join("peftkit_recipe.yaml"), recipe_yaml.as_bytes())?;
     let license = base.model.config.raw.get("license").and_then(|l| l.as_str()).map(str::to_string);
-    let card = adapter_card(&AdapterCardFacts {
-        base_model: &base.name,
+    let record = TrainingRecord {
+        base_model: base.name.clone(),
         base_is_hub: matches!(base.source, peftkit::hub::ModelSource::Hub { .. }),
-        revision,
+        revision: revision.map(str::to_string),
         license,
-        method: recipe.adapter.type_name(),
-        adapter_dir: &out.display().to_string(),
+        method: recipe.adapter.type_name().to_string(),
+        adapter_dir: out.display().to_string(),
         sequence_len: recipe.data.sequence_len,
-        recipe_yaml: &recipe_yaml,
         train: facts(&train_set),
         validation: valid_set.as_ref().map(facts),
-        summary: &summary,
         trainable_params: trainable,
+        steps: summary.steps,
+        total_steps: summary.total_steps,
+        last_train_loss: summary.last_train_loss,
+        initial_eval: summary.initial_eval,
+        final_eval: summary.final_eval,
+        tokens: summary.tokens,
+        wall_s: summary.wall_s,
         peak_rss_mb: peftkit::util::peak_rss_mb(),
         device: format!("CPU ({} threads)", candle_core::utils::get_num_threads()),
-    });
+        frameworks: framework_versions(),
+    };
+    let record_json = serde_json::to_string_pretty(&record)?;
+    peft_format::write_atomic(&out.join(TRAINING_RECORD_FILE), record_json.as_bytes())?;
+    let card = adapter_card(&record, &recipe_yaml);
     peft_format::write_atomic(&out.join("README.md"), card.as_bytes()).context("writing the model card")?;
 
     let eval_line = |name: &str, r: &Option<train::EvalResult>| {

@@ -149,7 +149,7 @@ pub struct TrainSummary {
 }
 
 /// Mean negative log-likelihood over supervised tokens.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EvalResult {
     pub loss: f64,
     pub perplexity: f64,
