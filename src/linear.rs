@@ -78,6 +78,22 @@ pub enum LayerAdapter {
 }
 
 impl LayerAdapter {
+    /// Checks that the adapter fits a projection `in_features → out_features`; the error says how it does not.
+    pub fn check_fits(&self, out_features: usize, in_features: usize) -> std::result::Result<(), String> {
+        match self {
+            LayerAdapter::Lora(l) => {
+                let (a, b) = (l.a.dims(), l.b.dims());
+                if a[1] != in_features || b[0] != out_features {
+                    return Err(format!(
+                        "lora_A {a:?} / lora_B {b:?} do not fit a projection {in_features} → {out_features} \
+                         (expected (r, {in_features}) and ({out_features}, r))"
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// The base weight `w` (out, in) with this adapter folded in, in f32: LoRA gives W + s·B·A.
     /// Merged and unmerged forwards agree (`tests/merge.rs`).
     pub fn merge_weight(&self, w: &Tensor) -> Result<Tensor> {

@@ -131,8 +131,18 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig, AdapterError> {
     Ok(PeftConfig { adapter, base_model_name_or_path: str_of("base_model_name_or_path"), revision: str_of("revision") })
 }
 
-/// Loads a PEFT adapter folder onto `model` (replacing any attached adapter). Returns its config.
-pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<PeftConfig, AdapterError> {
+/// The adapter of one projection as read from a PEFT folder, before it is placed on a model.
+#[derive(Debug, Clone)]
+pub struct LoadedAdapter {
+    /// The module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    pub adapter: LayerAdapter,
+}
+
+/// Reads a PEFT adapter folder without a model: its config and the adapter of every projection it names, in the
+/// order of the file. Shapes are checked against each other here and against the model by the caller
+/// ([`LayerAdapter::check_fits`]). `device` is where the weights go.
+pub fn read_adapter(dir: &Path, device: &Device) -> Result<(PeftConfig, Vec<LoadedAdapter>), AdapterError> {
     let cfg = read_config(dir)?;
     let wpath = dir.join(WEIGHTS_FILE);
     if !wpath.is_file() {
@@ -143,55 +153,78 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<PeftConfig, Adapter
         };
         return Err(format_err(&wpath, format!("missing{hint}")));
     }
-    let mut tensors = candle_core::safetensors::load(&wpath, &Device::Cpu)
+    let tensors = candle_core::safetensors::load(&wpath, &Device::Cpu)
         .map_err(|e| format_err(&wpath, format!("cannot read: {e}")))?;
-    super::detach_all(model);
-    let device = model.device.clone();
-    match &cfg.adapter {
-        AdapterConfig::Lora(lcfg) => {
-            let mut used = 0;
-            for lin in model.linears_mut() {
-                let a_key = format!("{PREFIX}{}.lora_A.weight", lin.path);
-                let b_key = format!("{PREFIX}{}.lora_B.weight", lin.path);
-                let (a, b) = match (tensors.remove(&a_key), tensors.remove(&b_key)) {
+    // Group the tensors by module path, in a stable (sorted) order.
+    let mut by_module: std::collections::BTreeMap<String, Vec<(String, Tensor)>> = Default::default();
+    for (key, t) in tensors {
+        let Some(rest) = key.strip_prefix(PREFIX) else {
+            return Err(format_err(&wpath, format!("tensor `{key}` is not named `{PREFIX}<module>.<adapter tensor>`")));
+        };
+        let (module, leaf) = match cfg.adapter {
+            AdapterConfig::Lora(_) => match rest.strip_suffix(".lora_A.weight").or_else(|| rest.strip_suffix(".lora_B.weight")) {
+                Some(m) => (m.to_string(), rest[m.len() + 1..].to_string()),
+                None => return Err(format_err(&wpath, format!("tensor `{key}` is not a lora_A / lora_B weight"))),
+            },
+        };
+        by_module.entry(module).or_default().push((leaf, t));
+    }
+    let mut out = Vec::with_capacity(by_module.len());
+    for (module, mut parts) in by_module {
+        let adapter = match &cfg.adapter {
+            AdapterConfig::Lora(lcfg) => {
+                let mut take = |leaf: &str| parts.iter().position(|(l, _)| l == leaf).map(|i| parts.swap_remove(i).1);
+                let (a, b) = match (take("lora_A.weight"), take("lora_B.weight")) {
                     (Some(a), Some(b)) => (a, b),
-                    (None, None) => continue,
-                    _ => return Err(format_err(&wpath, format!("{} has only one of lora_A / lora_B", lin.path))),
+                    _ => return Err(format_err(&wpath, format!("{module} has only one of lora_A / lora_B"))),
                 };
-                if a.rank() != 2 || b.rank() != 2 {
-                    return Err(format_err(&wpath, format!("{a_key}: lora_A and lora_B must be matrices, got {:?} and {:?}", a.dims(), b.dims())));
-                }
-                let r = a.dims()[0];
-                if a.dims() != [r, lin.in_features] || b.dims() != [lin.out_features, r] {
+                let a_key = format!("{PREFIX}{module}.lora_A.weight");
+                if a.rank() != 2 || b.rank() != 2 || a.dims()[0] != b.dims()[1] {
                     return Err(format_err(
                         &wpath,
-                        format!(
-                            "{a_key}: shapes {:?} / {:?} do not fit the model's {} ({}→{})",
-                            a.dims(),
-                            b.dims(),
-                            lin.path,
-                            lin.in_features,
-                            lin.out_features
-                        ),
+                        format!("{a_key}: lora_A (r × in) and lora_B (out × r) do not fit together: {:?} and {:?}", a.dims(), b.dims()),
                     ));
                 }
-                let (_, alpha) = lcfg.rank_alpha(&lin.path);
-                let layer = LoraLayer::from_weights(
-                    a.to_device(&device)?,
-                    b.to_device(&device)?,
+                let r = a.dims()[0];
+                let (_, alpha) = lcfg.rank_alpha(&module);
+                LayerAdapter::Lora(LoraLayer::from_weights(
+                    a.to_device(device)?,
+                    b.to_device(device)?,
                     lcfg.scaling(r, alpha),
                     lcfg.lora_dropout,
-                )?;
-                lin.adapter = Some(LayerAdapter::Lora(layer));
-                used += 1;
+                )?)
             }
-            if used == 0 {
-                return Err(format_err(&wpath, "no tensor matches a projection of this model (is it for another model?)"));
-            }
-            if let Some(k) = tensors.keys().next() {
-                return Err(format_err(&wpath, format!("tensor `{k}` does not match any projection of this model")));
-            }
-        }
+        };
+        out.push(LoadedAdapter { path: module, adapter });
+    }
+    if out.is_empty() {
+        return Err(format_err(&wpath, "holds no adapter tensor"));
+    }
+    Ok((cfg, out))
+}
+
+/// Loads a PEFT adapter folder onto `model` (replacing any attached adapter). Returns its config.
+pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<PeftConfig, AdapterError> {
+    let device = model.device.clone();
+    let (cfg, loaded) = read_adapter(dir, &device)?;
+    let wpath = dir.join(WEIGHTS_FILE);
+    let mut by_path: std::collections::HashMap<String, LayerAdapter> =
+        loaded.into_iter().map(|l| (l.path, l.adapter)).collect();
+    super::detach_all(model);
+    let mut used = 0;
+    for lin in model.linears_mut() {
+        let Some(adapter) = by_path.remove(&lin.path) else { continue };
+        adapter
+            .check_fits(lin.out_features, lin.in_features)
+            .map_err(|msg| format_err(&wpath, format!("{PREFIX}{}: {msg}", lin.path)))?;
+        lin.adapter = Some(adapter);
+        used += 1;
+    }
+    if used == 0 {
+        return Err(format_err(&wpath, "no tensor matches a projection of this model (is it for another model?)"));
+    }
+    if let Some(k) = by_path.keys().next() {
+        return Err(format_err(&wpath, format!("`{PREFIX}{k}` does not match any projection of this model")));
     }
     Ok(cfg)
 }
