@@ -53,7 +53,8 @@ fn export_versions() {
             if line.trim() != format!("name = \"{krate}\"") {
                 continue;
             }
-            let Some(v) = lines.next().and_then(|l| l.trim().strip_prefix("version = \"")).map(|v| v.trim_end_matches('"'))
+            let Some(v) =
+                lines.next().and_then(|l| l.trim().strip_prefix("version = \"")).map(|v| v.trim_end_matches('"'))
             else {
                 continue;
             };

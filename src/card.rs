@@ -163,7 +163,9 @@ pub fn training_sections(s: &mut String, f: &TrainingRecord, recipe_yaml: Option
         }
     }
     if let Some(yaml) = recipe_yaml {
-        s.push_str("\n## Training procedure\n\nThe recipe, as resolved (also saved as `peftkit_recipe.yaml`):\n\n```yaml\n");
+        s.push_str(
+            "\n## Training procedure\n\nThe recipe, as resolved (also saved as `peftkit_recipe.yaml`):\n\n```yaml\n",
+        );
         s.push_str(yaml.trim_end());
         s.push_str("\n```\n");
     }

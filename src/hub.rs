@@ -59,19 +59,8 @@ pub const DEFAULT_REVISION: &str = "main";
 const MAX_REPO_PART_LEN: usize = 96;
 
 /// Weight formats other than safetensors, listed (never downloaded) when a repo has no safetensors.
-const OTHER_WEIGHT_SUFFIXES: &[&str] = &[
-    ".bin",
-    ".pth",
-    ".pt",
-    ".ckpt",
-    ".gguf",
-    ".onnx",
-    ".onnx_data",
-    ".h5",
-    ".msgpack",
-    ".ot",
-    ".tflite",
-];
+const OTHER_WEIGHT_SUFFIXES: &[&str] =
+    &[".bin", ".pth", ".pt", ".ckpt", ".gguf", ".onnx", ".onnx_data", ".h5", ".msgpack", ".ot", ".tflite"];
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -130,20 +119,10 @@ impl HubOptions {
             .map(|t| t.trim().to_string())
             .or_else(|| nonempty("HF_TOKEN_PATH").and_then(|p| read_token_file(Path::new(&p))))
             .or_else(|| read_token_file(&home.join("token")));
-        let offline = nonempty("HF_HUB_OFFLINE").is_some_and(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        });
+        let offline = nonempty("HF_HUB_OFFLINE")
+            .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
         let endpoint = nonempty("HF_ENDPOINT").map(|e| e.trim().trim_end_matches('/').to_string());
-        HubOptions {
-            cache_dir: Some(cache_dir),
-            token,
-            offline,
-            endpoint,
-            progress: false,
-        }
+        HubOptions { cache_dir: Some(cache_dir), token, offline, endpoint, progress: false }
     }
 
     /// The cache folder these options use: `cache_dir`, else [`default_cache_dir`].
@@ -309,9 +288,7 @@ pub enum HubError {
         repo: String,
     },
     /// The repo exists but the branch/tag/commit does not.
-    #[error(
-        "revision \"{revision}\" not found in {repo}; use an existing branch, tag or commit sha"
-    )]
+    #[error("revision \"{revision}\" not found in {repo}; use an existing branch, tag or commit sha")]
     RevisionNotFound {
         /// The repo id.
         repo: String,
@@ -400,11 +377,8 @@ pub enum HubError {
 }
 
 fn gated_message(repo: &str, status: u16, token_sent: bool) -> String {
-    let why = if token_sent {
-        "the token that was sent was refused or has no access to it"
-    } else {
-        "no token was sent"
-    };
+    let why =
+        if token_sent { "the token that was sent was refused or has no access to it" } else { "no token was sent" };
     format!(
         "access to {repo} was refused (HTTP {status}): it is gated or private and {why}. \
          Request access on its Hub page if it is gated, then provide a token with read access to it: \
@@ -441,10 +415,7 @@ impl UpstreamError {
             }
             source = cause.source();
         }
-        UpstreamError {
-            message: redact(&message, token),
-            status: http_status(err),
-        }
+        UpstreamError { message: redact(&message, token), status: http_status(err) }
     }
 }
 
@@ -475,9 +446,7 @@ fn http_status(err: &HFError) -> Option<u16> {
         | HFError::Forbidden { context }
         | HFError::Conflict { context }
         | HFError::RateLimited { context, .. } => Some(context.status.as_u16()),
-        HFError::RepoNotFound { .. }
-        | HFError::RevisionNotFound { .. }
-        | HFError::EntryNotFound { .. } => Some(404),
+        HFError::RepoNotFound { .. } | HFError::RevisionNotFound { .. } | HFError::EntryNotFound { .. } => Some(404),
         _ => None,
     }
 }
@@ -504,18 +473,12 @@ fn valid_repo_id(s: &str) -> bool {
                 part.len() <= MAX_REPO_PART_LEN
                     && first.is_ascii_alphanumeric()
                     && (last.is_ascii_alphanumeric() || *last == b'_')
-                    && bytes
-                        .iter()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+                    && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
             }
             _ => false,
         }
     };
-    part_ok(owner)
-        && part_ok(name)
-        && !s.contains("..")
-        && !s.contains("--")
-        && !name.ends_with(".git")
+    part_ok(owner) && part_ok(name) && !s.contains("..") && !s.contains("--") && !name.ends_with(".git")
 }
 
 /// Starts like a filesystem path rather than a repo id.
@@ -537,9 +500,7 @@ fn is_safe_relative(name: &str) -> bool {
     !name.is_empty()
         && !name.contains('\\')
         && !name.chars().any(char::is_control)
-        && Path::new(name)
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
+        && Path::new(name).components().all(|c| matches!(c, Component::Normal(_)))
 }
 
 fn valid_revision(rev: &str) -> bool {
@@ -566,11 +527,7 @@ fn repo_folder(repo: &str) -> String {
 /// - A path-like value (`/…`, `./…`, `../…`, `~…`) that does not exist → [`HubError::LocalNotFound`].
 /// - A Hub id `owner/name` is fetched into (or, offline, read from) the Hub cache at `revision`
 ///   (branch, tag or commit sha; default `main`). Only the needed files are fetched.
-pub fn resolve_model(
-    base_model: &str,
-    revision: Option<&str>,
-    opts: &HubOptions,
-) -> Result<ModelFiles, HubError> {
+pub fn resolve_model(base_model: &str, revision: Option<&str>, opts: &HubOptions) -> Result<ModelFiles, HubError> {
     let as_path = expand_tilde_with(base_model, &|key: &str| std::env::var(key).ok());
     if as_path.exists() {
         if !as_path.is_dir() {
@@ -589,10 +546,7 @@ pub fn resolve_model(
     }
     let revision = revision.unwrap_or(DEFAULT_REVISION);
     if !valid_revision(revision) {
-        return Err(HubError::InvalidRevision {
-            repo: base_model.to_string(),
-            revision: revision.to_string(),
-        });
+        return Err(HubError::InvalidRevision { repo: base_model.to_string(), revision: revision.to_string() });
     }
     let cache_dir = opts.resolved_cache_dir();
     tracing::debug!(
@@ -655,27 +609,20 @@ fn resolve_local(dir: &Path) -> Result<ModelFiles, HubError> {
         let p = dir.join(name);
         p.is_file().then_some(p)
     };
-    let config = file(CONFIG_FILE).ok_or_else(|| HubError::MissingFile {
-        location: location.clone(),
-        file: CONFIG_FILE.to_string(),
-    })?;
+    let config = file(CONFIG_FILE)
+        .ok_or_else(|| HubError::MissingFile { location: location.clone(), file: CONFIG_FILE.to_string() })?;
     let weights = if let Some(single) = file(WEIGHTS_FILE) {
         vec![single]
     } else if let Some(index) = file(WEIGHTS_INDEX_FILE) {
         let mut shards = Vec::new();
         for shard in read_index(&index)? {
-            let p = file(&shard).ok_or_else(|| HubError::MissingFile {
-                location: location.clone(),
-                file: shard.clone(),
-            })?;
+            let p = file(&shard)
+                .ok_or_else(|| HubError::MissingFile { location: location.clone(), file: shard.clone() })?;
             shards.push(p);
         }
         shards
     } else {
-        return Err(HubError::NoSafetensors {
-            repo: location,
-            found: describe_other_weights(list_dir_files(dir)),
-        });
+        return Err(HubError::NoSafetensors { repo: location, found: describe_other_weights(list_dir_files(dir)) });
     };
     Ok(ModelFiles {
         source: ModelSource::Local(dir.to_path_buf()),
@@ -708,8 +655,7 @@ fn describe_other_weights(names: impl IntoIterator<Item = String>) -> String {
         .into_iter()
         .filter(|n| {
             let lower = n.to_ascii_lowercase();
-            OTHER_WEIGHT_SUFFIXES.iter().any(|s| lower.ends_with(s))
-                || lower.ends_with(".safetensors")
+            OTHER_WEIGHT_SUFFIXES.iter().any(|s| lower.ends_with(s)) || lower.ends_with(".safetensors")
         })
         .collect();
     if found.is_empty() {
@@ -725,25 +671,16 @@ fn describe_other_weights(names: impl IntoIterator<Item = String>) -> String {
 
 /// The shard files named by a `model.safetensors.index.json`, sorted and deduplicated.
 fn read_index(path: &Path) -> Result<Vec<String>, HubError> {
-    let invalid = |reason: String| HubError::InvalidIndex {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|source| HubError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| invalid(format!("not JSON: {e}")))?;
+    let invalid = |reason: String| HubError::InvalidIndex { path: path.to_path_buf(), reason };
+    let text = std::fs::read_to_string(path).map_err(|source| HubError::Io { path: path.to_path_buf(), source })?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(format!("not JSON: {e}")))?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| invalid("no \"weight_map\" object".to_string()))?;
     let mut shards = BTreeSet::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| invalid(format!("weight_map[\"{tensor}\"] is not a file name")))?;
+        let file = file.as_str().ok_or_else(|| invalid(format!("weight_map[\"{tensor}\"] is not a file name")))?;
         if !is_safe_relative(file) || !file.ends_with(".safetensors") {
             return Err(invalid(format!(
                 "weight_map[\"{tensor}\"] = \"{file}\" is not a relative .safetensors file name"
@@ -778,11 +715,7 @@ trait Fetcher {
     fn other_weights(&mut self, revision: &str) -> String;
 }
 
-fn resolve_hub(
-    fetcher: &mut dyn Fetcher,
-    repo: &str,
-    revision: &str,
-) -> Result<ModelFiles, HubError> {
+fn resolve_hub(fetcher: &mut dyn Fetcher, repo: &str, revision: &str) -> Result<ModelFiles, HubError> {
     let config = match fetcher.fetch(CONFIG_FILE, revision)? {
         Fetched::Found(p) => p,
         Fetched::Absent => return Err(fetcher.missing_config(revision)),
@@ -798,11 +731,7 @@ fn resolve_hub(
             Ok(Fetched::Found(p)) => Ok(Some(p)),
             Ok(Fetched::Absent) => Ok(None),
             Err(HubError::NotCached { .. }) => {
-                tracing::debug!(
-                    repo,
-                    file,
-                    "optional file not in the cache; skipped (offline)"
-                );
+                tracing::debug!(repo, file, "optional file not in the cache; skipped (offline)");
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -819,17 +748,11 @@ fn resolve_hub(
         Ok(Fetched::Absent) => sharded_weights(fetcher, repo, &location, &pinned, None)?,
         // Offline, a sharded model has no model.safetensors in its snapshot (and usually no
         // `.no_exist` marker for it): try the index before reporting anything.
-        Err(e @ HubError::NotCached { .. }) => {
-            sharded_weights(fetcher, repo, &location, &pinned, Some(e))?
-        }
+        Err(e @ HubError::NotCached { .. }) => sharded_weights(fetcher, repo, &location, &pinned, Some(e))?,
         Err(e) => return Err(e),
     };
     Ok(ModelFiles {
-        source: ModelSource::Hub {
-            repo: repo.to_string(),
-            revision: revision.to_string(),
-            commit,
-        },
+        source: ModelSource::Hub { repo: repo.to_string(), revision: revision.to_string(), commit },
         dir,
         config,
         tokenizer,
@@ -852,13 +775,11 @@ fn sharded_weights(
 ) -> Result<Vec<PathBuf>, HubError> {
     let index = match (fetcher.fetch(WEIGHTS_INDEX_FILE, pinned), single_not_cached) {
         (Ok(Fetched::Found(index)), _) => index,
-        (Ok(Fetched::Absent), Some(not_cached))
-        | (Err(HubError::NotCached { .. }), Some(not_cached)) => return Err(not_cached),
+        (Ok(Fetched::Absent), Some(not_cached)) | (Err(HubError::NotCached { .. }), Some(not_cached)) => {
+            return Err(not_cached)
+        }
         (Ok(Fetched::Absent), None) => {
-            return Err(HubError::NoSafetensors {
-                repo: repo.to_string(),
-                found: fetcher.other_weights(pinned),
-            })
+            return Err(HubError::NoSafetensors { repo: repo.to_string(), found: fetcher.other_weights(pinned) })
         }
         (Err(e), _) => return Err(e),
     };
@@ -866,12 +787,7 @@ fn sharded_weights(
     for shard in read_index(&index)? {
         match fetcher.fetch(&shard, pinned)? {
             Fetched::Found(p) => shards.push(p),
-            Fetched::Absent => {
-                return Err(HubError::MissingFile {
-                    location: location.to_string(),
-                    file: shard,
-                })
-            }
+            Fetched::Absent => return Err(HubError::MissingFile { location: location.to_string(), file: shard }),
         }
     }
     Ok(shards)
@@ -918,41 +834,26 @@ impl CacheFetcher {
     }
 
     fn not_cached(&self, file: &str) -> HubError {
-        HubError::NotCached {
-            repo: self.repo.clone(),
-            revision: self.revision.clone(),
-            file: file.to_string(),
-        }
+        HubError::NotCached { repo: self.repo.clone(), revision: self.revision.clone(), file: file.to_string() }
     }
 }
 
 impl Fetcher for CacheFetcher {
     fn fetch(&mut self, file: &str, revision: &str) -> Result<Fetched, HubError> {
-        let commit = self
-            .commit_for(revision)
-            .ok_or_else(|| self.not_cached(file))?;
+        let commit = self.commit_for(revision).ok_or_else(|| self.not_cached(file))?;
         // `is_file` follows the symlink into blobs/: a dangling link counts as not cached.
         let snapshot = self.repo_dir.join("snapshots").join(&commit).join(file);
         if snapshot.is_file() {
             return Ok(Fetched::Found(snapshot));
         }
-        if self
-            .repo_dir
-            .join(".no_exist")
-            .join(&commit)
-            .join(file)
-            .exists()
-        {
+        if self.repo_dir.join(".no_exist").join(&commit).join(file).exists() {
             return Ok(Fetched::Absent);
         }
         Err(self.not_cached(file))
     }
 
     fn missing_config(&mut self, revision: &str) -> HubError {
-        HubError::MissingFile {
-            location: format!("{}@{revision}", self.repo),
-            file: CONFIG_FILE.to_string(),
-        }
+        HubError::MissingFile { location: format!("{}@{revision}", self.repo), file: CONFIG_FILE.to_string() }
     }
 
     fn other_weights(&mut self, revision: &str) -> String {
@@ -985,27 +886,13 @@ enum Mapped {
 }
 
 impl OnlineFetcher {
-    fn new(
-        repo: &str,
-        _revision: &str,
-        cache_dir: &Path,
-        opts: &HubOptions,
-    ) -> Result<Self, HubError> {
-        let token = opts
-            .token
-            .as_deref()
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(str::to_string);
+    fn new(repo: &str, _revision: &str, cache_dir: &Path, opts: &HubOptions) -> Result<Self, HubError> {
+        let token = opts.token.as_deref().map(str::trim).filter(|t| !t.is_empty()).map(str::to_string);
         let mut builder = hf_hub::HFClient::builder().cache_dir(cache_dir);
         if let Some(t) = &token {
             builder = builder.token(t.as_str());
         }
-        let endpoint = opts
-            .endpoint
-            .as_deref()
-            .map(str::trim)
-            .filter(|e| !e.is_empty());
+        let endpoint = opts.endpoint.as_deref().map(str::trim).filter(|e| !e.is_empty());
         if let Some(e) = endpoint {
             builder = builder.endpoint(e.trim_end_matches('/'));
         }
@@ -1036,32 +923,20 @@ impl OnlineFetcher {
         let Ok(blob) = std::fs::canonicalize(snapshot_file) else {
             return Ok(());
         };
-        let Some(expected) = blob
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(str::to_ascii_lowercase)
-        else {
+        let Some(expected) = blob.file_name().and_then(|n| n.to_str()).map(str::to_ascii_lowercase) else {
             return Ok(());
         };
         let is_sha256 = expected.len() == 64 && expected.bytes().all(|b| b.is_ascii_hexdigit());
         if !is_sha256 || blobs_before.contains(&expected) {
             return Ok(());
         }
-        let actual = sha256_file(&blob).map_err(|source| HubError::Io {
-            path: blob.clone(),
-            source,
-        })?;
+        let actual = sha256_file(&blob).map_err(|source| HubError::Io { path: blob.clone(), source })?;
         if actual == expected {
             return Ok(());
         }
         let _ = std::fs::remove_file(snapshot_file);
         let _ = std::fs::remove_file(&blob);
-        Err(HubError::Corrupted {
-            repo: self.repo.clone(),
-            file: file.to_string(),
-            expected,
-            actual,
-        })
+        Err(HubError::Corrupted { repo: self.repo.clone(), file: file.to_string(), expected, actual })
     }
 
     fn map(&self, err: HFError, file: &str, revision: &str) -> Mapped {
@@ -1069,45 +944,29 @@ impl OnlineFetcher {
         let upstream = |e: &HFError| UpstreamError::from_hf(e, self.token.as_deref());
         let by_code = |code: Option<&str>, status: u16| match code {
             Some("RepoNotFound") => Mapped::Error(HubError::RepoNotFound { repo: repo.clone() }),
-            Some("RevisionNotFound") => Mapped::Error(HubError::RevisionNotFound {
-                repo: repo.clone(),
-                revision: revision.to_string(),
-            }),
+            Some("RevisionNotFound") => {
+                Mapped::Error(HubError::RevisionNotFound { repo: repo.clone(), revision: revision.to_string() })
+            }
             Some("EntryNotFound") => Mapped::EntryNotFound,
-            _ => Mapped::Error(HubError::Gated {
-                repo: repo.clone(),
-                status,
-                token_sent: self.token.is_some(),
-            }),
+            _ => Mapped::Error(HubError::Gated { repo: repo.clone(), status, token_sent: self.token.is_some() }),
         };
         match &err {
             HFError::EntryNotFound { .. } => Mapped::EntryNotFound,
             HFError::RepoNotFound { .. } => Mapped::Error(HubError::RepoNotFound { repo }),
-            HFError::RevisionNotFound { .. } => Mapped::Error(HubError::RevisionNotFound {
-                repo,
-                revision: revision.to_string(),
-            }),
+            HFError::RevisionNotFound { .. } => {
+                Mapped::Error(HubError::RevisionNotFound { repo, revision: revision.to_string() })
+            }
             HFError::AuthRequired { context } | HFError::Forbidden { context } => {
                 by_code(context.error_code.as_deref(), context.status.as_u16())
             }
-            HFError::Request { .. } => Mapped::Error(HubError::Network {
-                repo,
-                file: file.to_string(),
-                source: upstream(&err),
-            }),
+            HFError::Request { .. } => {
+                Mapped::Error(HubError::Network { repo, file: file.to_string(), source: upstream(&err) })
+            }
             HFError::Http { context } if context.status.is_server_error() => {
-                Mapped::Error(HubError::Network {
-                    repo,
-                    file: file.to_string(),
-                    source: upstream(&err),
-                })
+                Mapped::Error(HubError::Network { repo, file: file.to_string(), source: upstream(&err) })
             }
             HFError::Http { context } if context.status.as_u16() == 404 => Mapped::EntryNotFound,
-            _ => Mapped::Error(HubError::Hub {
-                repo,
-                file: file.to_string(),
-                source: upstream(&err),
-            }),
+            _ => Mapped::Error(HubError::Hub { repo, file: file.to_string(), source: upstream(&err) }),
         }
     }
 }
@@ -1125,25 +984,12 @@ impl Fetcher for OnlineFetcher {
             });
         }
         // A commit's content never changes: a `.no_exist` marker under a sha is final.
-        if is_commit_sha(revision)
-            && self
-                .repo_dir
-                .join(".no_exist")
-                .join(revision)
-                .join(file)
-                .exists()
-        {
+        if is_commit_sha(revision) && self.repo_dir.join(".no_exist").join(revision).join(file).exists() {
             return Ok(Fetched::Absent);
         }
         let blobs_before = blob_names(&self.repo_dir.join("blobs"));
         let progress = self.progress.then(|| Progress::new(DownloadBar::new(file)));
-        let result = self
-            .handle
-            .download_file()
-            .filename(file)
-            .revision(revision)
-            .maybe_progress(progress)
-            .send();
+        let result = self.handle.download_file().filename(file).revision(revision).maybe_progress(progress).send();
         match result {
             Ok(path) => {
                 self.verify_fresh_blob(&path, file, &blobs_before)?;
@@ -1158,31 +1004,20 @@ impl Fetcher for OnlineFetcher {
 
     fn missing_config(&mut self, revision: &str) -> HubError {
         // hf-hub reports every 404 on a file as "entry not found": ask the API what is missing.
-        let missing = HubError::MissingFile {
-            location: format!("{}@{revision}", self.repo),
-            file: CONFIG_FILE.to_string(),
-        };
+        let missing =
+            HubError::MissingFile { location: format!("{}@{revision}", self.repo), file: CONFIG_FILE.to_string() };
         match self.handle.exists().send() {
-            Ok(false) => {
-                return HubError::RepoNotFound {
-                    repo: self.repo.clone(),
-                }
-            }
+            Ok(false) => return HubError::RepoNotFound { repo: self.repo.clone() },
             Ok(true) => {}
             Err(e) => {
                 return match self.map(e, CONFIG_FILE, revision) {
-                    Mapped::EntryNotFound => HubError::RepoNotFound {
-                        repo: self.repo.clone(),
-                    },
+                    Mapped::EntryNotFound => HubError::RepoNotFound { repo: self.repo.clone() },
                     Mapped::Error(e) => e,
                 }
             }
         }
         match self.handle.revision_exists().revision(revision).send() {
-            Ok(false) => HubError::RevisionNotFound {
-                repo: self.repo.clone(),
-                revision: revision.to_string(),
-            },
+            Ok(false) => HubError::RevisionNotFound { repo: self.repo.clone(), revision: revision.to_string() },
             Ok(true) => missing,
             Err(e) => match self.map(e, CONFIG_FILE, revision) {
                 Mapped::EntryNotFound => missing,
@@ -1205,12 +1040,7 @@ impl Fetcher for OnlineFetcher {
 /// The names in a cache's `blobs/` folder (empty when it does not exist yet).
 fn blob_names(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_ascii_lowercase))
-                .collect()
-        })
+        .map(|entries| entries.flatten().filter_map(|e| e.file_name().to_str().map(str::to_ascii_lowercase)).collect())
         .unwrap_or_default()
 }
 
@@ -1245,10 +1075,7 @@ struct BarState {
 
 impl DownloadBar {
     fn new(file: &str) -> Self {
-        DownloadBar {
-            file: file.to_string(),
-            state: Mutex::new(BarState::default()),
-        }
+        DownloadBar { file: file.to_string(), state: Mutex::new(BarState::default()) }
     }
 }
 
@@ -1282,11 +1109,7 @@ impl ProgressHandler for DownloadBar {
                     }
                 }
             }
-            DownloadEvent::AggregateProgress {
-                bytes_completed,
-                total_bytes,
-                ..
-            } => {
+            DownloadEvent::AggregateProgress { bytes_completed, total_bytes, .. } => {
                 state.moved = true;
                 if let Some(bar) = &state.bar {
                     bar.set_length(*total_bytes);
@@ -1321,29 +1144,15 @@ mod tests {
     const REPO: &str = "peftkit-test/tiny-llama";
     const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
     const SHA2: &str = "fedcba9876543210fedcba9876543210fedcba98";
-    const FIXTURE_FILES: &[&str] = &[
-        CONFIG_FILE,
-        WEIGHTS_FILE,
-        TOKENIZER_FILE,
-        TOKENIZER_CONFIG_FILE,
-        CHAT_TEMPLATE_FILE,
-        GENERATION_CONFIG_FILE,
-    ];
+    const FIXTURE_FILES: &[&str] =
+        &[CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE];
 
     fn fixture_dir() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama")
     }
 
     fn fixtures() -> Vec<(String, Vec<u8>)> {
-        FIXTURE_FILES
-            .iter()
-            .map(|f| {
-                (
-                    f.to_string(),
-                    fs::read(fixture_dir().join(f)).expect("read fixture"),
-                )
-            })
-            .collect()
+        FIXTURE_FILES.iter().map(|f| (f.to_string(), fs::read(fixture_dir().join(f)).expect("read fixture"))).collect()
     }
 
     /// Writes files into the cache like huggingface_hub: blobs by a content name, the snapshot
@@ -1370,8 +1179,7 @@ mod tests {
             }
             if symlinks {
                 #[cfg(unix)]
-                std::os::unix::fs::symlink(Path::new("../../blobs").join(&etag), &pointer)
-                    .expect("symlink");
+                std::os::unix::fs::symlink(Path::new("../../blobs").join(&etag), &pointer).expect("symlink");
                 #[cfg(not(unix))]
                 fs::write(&pointer, bytes).expect("copy");
             } else {
@@ -1387,11 +1195,7 @@ mod tests {
     }
 
     fn offline(cache: &Path) -> HubOptions {
-        HubOptions {
-            cache_dir: Some(cache.to_path_buf()),
-            offline: true,
-            ..Default::default()
-        }
+        HubOptions { cache_dir: Some(cache.to_path_buf()), offline: true, ..Default::default() }
     }
 
     fn assert_same_bytes(path: &Path, name: &str) {
@@ -1403,34 +1207,15 @@ mod tests {
     fn check_full(files: &ModelFiles, snap: &Path, revision: &str) {
         assert_eq!(
             files.source,
-            ModelSource::Hub {
-                repo: REPO.into(),
-                revision: revision.into(),
-                commit: Some(SHA.into())
-            }
+            ModelSource::Hub { repo: REPO.into(), revision: revision.into(), commit: Some(SHA.into()) }
         );
         assert_eq!(files.dir, snap);
         assert_eq!(files.config, snap.join(CONFIG_FILE));
         assert_same_bytes(&files.config, CONFIG_FILE);
-        assert_same_bytes(
-            files.tokenizer.as_deref().expect("tokenizer"),
-            TOKENIZER_FILE,
-        );
-        assert_same_bytes(
-            files.tokenizer_config.as_deref().expect("tokenizer_config"),
-            TOKENIZER_CONFIG_FILE,
-        );
-        assert_same_bytes(
-            files.chat_template.as_deref().expect("chat template"),
-            CHAT_TEMPLATE_FILE,
-        );
-        assert_same_bytes(
-            files
-                .generation_config
-                .as_deref()
-                .expect("generation config"),
-            GENERATION_CONFIG_FILE,
-        );
+        assert_same_bytes(files.tokenizer.as_deref().expect("tokenizer"), TOKENIZER_FILE);
+        assert_same_bytes(files.tokenizer_config.as_deref().expect("tokenizer_config"), TOKENIZER_CONFIG_FILE);
+        assert_same_bytes(files.chat_template.as_deref().expect("chat template"), CHAT_TEMPLATE_FILE);
+        assert_same_bytes(files.generation_config.as_deref().expect("generation config"), GENERATION_CONFIG_FILE);
         assert_eq!(files.special_tokens_map, None);
         assert_eq!(files.weights, vec![snap.join(WEIGHTS_FILE)]);
         assert_same_bytes(&files.weights[0], WEIGHTS_FILE);
@@ -1455,10 +1240,7 @@ mod tests {
     #[test]
     fn offline_sharded_model() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let mut files: Vec<(String, Vec<u8>)> = fixtures()
-            .into_iter()
-            .filter(|(n, _)| n != WEIGHTS_FILE)
-            .collect();
+        let mut files: Vec<(String, Vec<u8>)> = fixtures().into_iter().filter(|(n, _)| n != WEIGHTS_FILE).collect();
         let index = serde_json::json!({
             "metadata": {"total_size": 12},
             "weight_map": {
@@ -1468,22 +1250,13 @@ mod tests {
             }
         });
         files.push((WEIGHTS_INDEX_FILE.into(), index.to_string().into_bytes()));
-        files.push((
-            "model-00001-of-00002.safetensors".into(),
-            b"shard one".to_vec(),
-        ));
-        files.push((
-            "model-00002-of-00002.safetensors".into(),
-            b"shard two".to_vec(),
-        ));
+        files.push(("model-00001-of-00002.safetensors".into(), b"shard one".to_vec()));
+        files.push(("model-00002-of-00002.safetensors".into(), b"shard two".to_vec()));
         let snap = write_cached(tmp.path(), REPO, SHA, &["main"], &files, true);
         let got = resolve_model(REPO, None, &offline(tmp.path())).expect("resolve");
         assert_eq!(
             got.weights,
-            vec![
-                snap.join("model-00001-of-00002.safetensors"),
-                snap.join("model-00002-of-00002.safetensors")
-            ]
+            vec![snap.join("model-00001-of-00002.safetensors"), snap.join("model-00002-of-00002.safetensors")]
         );
         assert_eq!(fs::read(&got.weights[1]).expect("read"), b"shard two");
     }
@@ -1494,14 +1267,8 @@ mod tests {
         let index = serde_json::json!({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}});
         let files = vec![
             (CONFIG_FILE.to_string(), b"{}".to_vec()),
-            (
-                WEIGHTS_INDEX_FILE.to_string(),
-                index.to_string().into_bytes(),
-            ),
-            (
-                "model-00001-of-00002.safetensors".to_string(),
-                b"x".to_vec(),
-            ),
+            (WEIGHTS_INDEX_FILE.to_string(), index.to_string().into_bytes()),
+            ("model-00001-of-00002.safetensors".to_string(), b"x".to_vec()),
         ];
         write_cached(tmp.path(), REPO, SHA, &["main"], &files, true);
         match resolve_model(REPO, None, &offline(tmp.path())) {
@@ -1518,10 +1285,7 @@ mod tests {
         let index = serde_json::json!({"weight_map": {"a": "../../../etc/passwd.safetensors"}});
         let files = vec![
             (CONFIG_FILE.to_string(), b"{}".to_vec()),
-            (
-                WEIGHTS_INDEX_FILE.to_string(),
-                index.to_string().into_bytes(),
-            ),
+            (WEIGHTS_INDEX_FILE.to_string(), index.to_string().into_bytes()),
         ];
         write_cached(tmp.path(), REPO, SHA, &["main"], &files, true);
         let err = resolve_model(REPO, None, &offline(tmp.path())).expect_err("must fail");
@@ -1532,22 +1296,8 @@ mod tests {
     fn revision_as_commit_sha_and_as_ref_names() {
         let tmp = tempfile::tempdir().expect("tmp");
         // main → SHA2 (an older snapshot with only a config), v1.0 and a branch → SHA (the full model).
-        write_cached(
-            tmp.path(),
-            REPO,
-            SHA2,
-            &["main"],
-            &[(CONFIG_FILE.into(), b"{}".to_vec())],
-            true,
-        );
-        let snap = write_cached(
-            tmp.path(),
-            REPO,
-            SHA,
-            &["v1.0", "refs/pr/1"],
-            &fixtures(),
-            true,
-        );
+        write_cached(tmp.path(), REPO, SHA2, &["main"], &[(CONFIG_FILE.into(), b"{}".to_vec())], true);
+        let snap = write_cached(tmp.path(), REPO, SHA, &["v1.0", "refs/pr/1"], &fixtures(), true);
         let opts = offline(tmp.path());
 
         let by_sha = resolve_model(REPO, Some(SHA), &opts).expect("by sha");
@@ -1570,16 +1320,10 @@ mod tests {
     #[test]
     fn no_exist_markers_make_weights_known_absent() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let files = vec![
-            (CONFIG_FILE.to_string(), b"{}".to_vec()),
-            ("pytorch_model.bin".to_string(), b"pickle".to_vec()),
-        ];
+        let files =
+            vec![(CONFIG_FILE.to_string(), b"{}".to_vec()), ("pytorch_model.bin".to_string(), b"pickle".to_vec())];
         write_cached(tmp.path(), REPO, SHA, &["main"], &files, true);
-        let no_exist = tmp
-            .path()
-            .join(repo_folder(REPO))
-            .join(".no_exist")
-            .join(SHA);
+        let no_exist = tmp.path().join(repo_folder(REPO)).join(".no_exist").join(SHA);
         fs::create_dir_all(&no_exist).expect("mkdir");
         fs::write(no_exist.join(WEIGHTS_FILE), b"").expect("marker");
         fs::write(no_exist.join(WEIGHTS_INDEX_FILE), b"").expect("marker");
@@ -1591,9 +1335,7 @@ mod tests {
             }
             other => panic!("expected NoSafetensors, got {other:?}"),
         }
-        assert!(err
-            .to_string()
-            .contains("only safetensors weights are supported"));
+        assert!(err.to_string().contains("only safetensors weights are supported"));
     }
 
     #[test]
@@ -1601,29 +1343,16 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let err = resolve_model(REPO, None, &offline(tmp.path())).expect_err("empty cache");
         match &err {
-            HubError::NotCached {
-                repo,
-                revision,
-                file,
-            } => {
-                assert_eq!(
-                    (repo.as_str(), revision.as_str(), file.as_str()),
-                    (REPO, "main", CONFIG_FILE)
-                );
+            HubError::NotCached { repo, revision, file } => {
+                assert_eq!((repo.as_str(), revision.as_str(), file.as_str()), (REPO, "main", CONFIG_FILE));
             }
             other => panic!("expected NotCached, got {other:?}"),
         }
         let msg = err.to_string();
-        assert!(
-            msg.contains("HF_HUB_OFFLINE") && msg.contains("pre-download"),
-            "{msg}"
-        );
+        assert!(msg.contains("HF_HUB_OFFLINE") && msg.contains("pre-download"), "{msg}");
 
         // A sha whose snapshot is absent, and a dangling snapshot symlink, are not cached either.
-        assert!(matches!(
-            resolve_model(REPO, Some(SHA), &offline(tmp.path())),
-            Err(HubError::NotCached { .. })
-        ));
+        assert!(matches!(resolve_model(REPO, Some(SHA), &offline(tmp.path())), Err(HubError::NotCached { .. })));
         let snap = write_cached(tmp.path(), REPO, SHA, &["main"], &fixtures(), true);
         let blob = fs::canonicalize(snap.join(CONFIG_FILE)).expect("blob");
         fs::remove_file(blob).expect("rm blob");
@@ -1636,21 +1365,14 @@ mod tests {
     #[test]
     fn local_folder() {
         let dir = fixture_dir();
-        let files = resolve_model(dir.to_str().expect("utf-8"), None, &HubOptions::default())
-            .expect("local");
+        let files = resolve_model(dir.to_str().expect("utf-8"), None, &HubOptions::default()).expect("local");
         assert_eq!(files.source, ModelSource::Local(dir.clone()));
         assert_eq!(files.dir, dir);
         assert_eq!(files.config, dir.join(CONFIG_FILE));
         assert_eq!(files.tokenizer, Some(dir.join(TOKENIZER_FILE)));
-        assert_eq!(
-            files.tokenizer_config,
-            Some(dir.join(TOKENIZER_CONFIG_FILE))
-        );
+        assert_eq!(files.tokenizer_config, Some(dir.join(TOKENIZER_CONFIG_FILE)));
         assert_eq!(files.chat_template, Some(dir.join(CHAT_TEMPLATE_FILE)));
-        assert_eq!(
-            files.generation_config,
-            Some(dir.join(GENERATION_CONFIG_FILE))
-        );
+        assert_eq!(files.generation_config, Some(dir.join(GENERATION_CONFIG_FILE)));
         assert_eq!(files.special_tokens_map, None);
         assert_eq!(files.weights, vec![dir.join(WEIGHTS_FILE)]);
     }
@@ -1678,7 +1400,8 @@ mod tests {
             }
             other => panic!("expected NoSafetensors, got {other:?}"),
         }
-        let index = serde_json::json!({"weight_map": {"x": "b.safetensors", "y": "a.safetensors", "z": "b.safetensors"}});
+        let index =
+            serde_json::json!({"weight_map": {"x": "b.safetensors", "y": "a.safetensors", "z": "b.safetensors"}});
         fs::write(dir.join(WEIGHTS_INDEX_FILE), index.to_string()).expect("index");
         fs::write(dir.join("a.safetensors"), b"a").expect("a");
         match resolve_model(&as_str, None, &opts) {
@@ -1690,59 +1413,35 @@ mod tests {
         }
         fs::write(dir.join("b.safetensors"), b"b").expect("b");
         let files = resolve_model(&as_str, Some("ignored"), &opts).expect("sharded local");
-        assert_eq!(
-            files.weights,
-            vec![dir.join("a.safetensors"), dir.join("b.safetensors")]
-        );
+        assert_eq!(files.weights, vec![dir.join("a.safetensors"), dir.join("b.safetensors")]);
         assert_eq!(files.tokenizer, None);
 
         fs::write(dir.join(WEIGHTS_INDEX_FILE), "{\"weight_map\": {}}").expect("index");
-        assert!(matches!(
-            resolve_model(&as_str, None, &opts),
-            Err(HubError::InvalidIndex { .. })
-        ));
+        assert!(matches!(resolve_model(&as_str, None, &opts), Err(HubError::InvalidIndex { .. })));
         fs::write(dir.join(WEIGHTS_INDEX_FILE), "not json").expect("index");
-        assert!(matches!(
-            resolve_model(&as_str, None, &opts),
-            Err(HubError::InvalidIndex { .. })
-        ));
+        assert!(matches!(resolve_model(&as_str, None, &opts), Err(HubError::InvalidIndex { .. })));
     }
 
     #[test]
     fn local_missing_path_and_bad_ids() {
         let opts = HubOptions::default();
-        for p in [
-            "/definitely/not/here/peftkit",
-            "./no-such-model-dir",
-            "../no-such-model-dir",
-            "~/no-such-peftkit-model",
-        ] {
+        for p in
+            ["/definitely/not/here/peftkit", "./no-such-model-dir", "../no-such-model-dir", "~/no-such-peftkit-model"]
+        {
             match resolve_model(p, None, &opts) {
                 Err(HubError::LocalNotFound(path)) => assert!(!path.exists(), "{p}"),
                 other => panic!("{p}: expected LocalNotFound, got {other:?}"),
             }
         }
         let file = fixture_dir().join(CONFIG_FILE);
-        assert!(matches!(
-            resolve_model(file.to_str().expect("utf-8"), None, &opts),
-            Err(HubError::NotADirectory(_))
-        ));
+        assert!(matches!(resolve_model(file.to_str().expect("utf-8"), None, &opts), Err(HubError::NotADirectory(_))));
         for id in ["gpt2", "a/b/c", "", "owner/na..me", "-x/y"] {
-            assert!(
-                matches!(
-                    resolve_model(id, None, &opts),
-                    Err(HubError::InvalidModelId(_))
-                ),
-                "{id}"
-            );
+            assert!(matches!(resolve_model(id, None, &opts), Err(HubError::InvalidModelId(_))), "{id}");
         }
         let tmp = tempfile::tempdir().expect("tmp");
         for rev in ["", "../../etc", "/abs", " main"] {
             assert!(
-                matches!(
-                    resolve_model(REPO, Some(rev), &offline(tmp.path())),
-                    Err(HubError::InvalidRevision { .. })
-                ),
+                matches!(resolve_model(REPO, Some(rev), &offline(tmp.path())), Err(HubError::InvalidRevision { .. })),
                 "{rev:?}"
             );
         }
@@ -1750,10 +1449,7 @@ mod tests {
 
     #[test]
     fn debug_hides_token() {
-        let opts = HubOptions {
-            token: Some("hf_SuperSecretTokenValue123".into()),
-            ..Default::default()
-        };
+        let opts = HubOptions { token: Some("hf_SuperSecretTokenValue123".into()), ..Default::default() };
         let dbg = format!("{opts:?}");
         assert!(!dbg.contains("SuperSecret"), "{dbg}");
         assert!(dbg.contains("token: Some(\"***\")"), "{dbg}");
@@ -1763,28 +1459,14 @@ mod tests {
 
     #[test]
     fn redact_removes_tokens() {
-        let out = redact(
-            "bad header Bearer my-token-123 and hf_abcdefghijkl",
-            Some("my-token-123"),
-        );
-        assert!(
-            !out.contains("my-token-123") && !out.contains("abcdefghijkl"),
-            "{out}"
-        );
+        let out = redact("bad header Bearer my-token-123 and hf_abcdefghijkl", Some("my-token-123"));
+        assert!(!out.contains("my-token-123") && !out.contains("abcdefghijkl"), "{out}");
     }
 
     #[test]
     fn gated_message_never_has_token_and_explains() {
-        let msg = HubError::Gated {
-            repo: REPO.into(),
-            status: 401,
-            token_sent: false,
-        }
-        .to_string();
-        assert!(
-            msg.contains("HF_TOKEN") && msg.contains("huggingface-cli login") && msg.contains(REPO),
-            "{msg}"
-        );
+        let msg = HubError::Gated { repo: REPO.into(), status: 401, token_sent: false }.to_string();
+        assert!(msg.contains("HF_TOKEN") && msg.contains("huggingface-cli login") && msg.contains(REPO), "{msg}");
     }
 
     #[test]
@@ -1838,10 +1520,7 @@ mod tests {
         let home_s = home.to_str().expect("utf-8").to_string();
 
         let vars = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
         };
         let from = |m: HashMap<String, String>| HubOptions::from_lookup(move |k| m.get(k).cloned());
 
@@ -1862,43 +1541,22 @@ mod tests {
         assert!(o.offline);
         assert_eq!(o.endpoint.as_deref(), Some("https://mirror.example"));
 
-        for (v, want) in [
-            ("1", true),
-            ("yes", true),
-            ("on", true),
-            ("0", false),
-            ("false", false),
-            ("", false),
-        ] {
+        for (v, want) in [("1", true), ("yes", true), ("on", true), ("0", false), ("false", false), ("", false)] {
             let o = from(vars(&[("HF_HOME", &home_s), ("HF_HUB_OFFLINE", v)]));
             assert_eq!(o.offline, want, "HF_HUB_OFFLINE={v:?}");
         }
 
         let o = from(vars(&[("HOME", "/home/someone")]));
-        assert_eq!(
-            o.cache_dir,
-            Some(PathBuf::from("/home/someone/.cache/huggingface/hub"))
-        );
+        assert_eq!(o.cache_dir, Some(PathBuf::from("/home/someone/.cache/huggingface/hub")));
         assert_eq!(o.token, None);
-        let o = from(vars(&[
-            ("HOME", "/home/someone"),
-            ("XDG_CACHE_HOME", "/xdg"),
-        ]));
+        let o = from(vars(&[("HOME", "/home/someone"), ("XDG_CACHE_HOME", "/xdg")]));
         assert_eq!(o.cache_dir, Some(PathBuf::from("/xdg/huggingface/hub")));
     }
 
     #[test]
     fn commit_from_snapshot_paths() {
-        let p = Path::new("/c/models--a--b/snapshots")
-            .join(SHA)
-            .join("config.json");
-        assert_eq!(
-            commit_of_snapshot_file(&p, "config.json"),
-            Some(SHA.to_string())
-        );
-        assert_eq!(
-            commit_of_snapshot_file(Path::new("/x/y/config.json"), "config.json"),
-            None
-        );
+        let p = Path::new("/c/models--a--b/snapshots").join(SHA).join("config.json");
+        assert_eq!(commit_of_snapshot_file(&p, "config.json"), Some(SHA.to_string()));
+        assert_eq!(commit_of_snapshot_file(Path::new("/x/y/config.json"), "config.json"), None);
     }
 }

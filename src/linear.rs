@@ -4,6 +4,7 @@
 //! [`crate::ops::frozen_matmul`], whose backward yields dX only. LoRA adds s·(drop(x)·Aᵀ)·Bᵀ
 //! (see [`crate::adapter::lora`]); IA3 scales the output or the input feature-wise (see [`crate::adapter::ia3`]).
 
+use crate::adapter::ia3::Ia3Layer;
 use crate::adapter::lora::LoraLayer;
 use crate::ops;
 use crate::quant::nf4::Nf4Tensor;
@@ -75,6 +76,7 @@ impl FrozenWeight {
 #[derive(Debug, Clone)]
 pub enum LayerAdapter {
     Lora(LoraLayer),
+    Ia3(Ia3Layer),
 }
 
 impl LayerAdapter {
@@ -91,6 +93,18 @@ impl LayerAdapter {
                 }
                 Ok(())
             }
+            LayerAdapter::Ia3(l) => {
+                let want = l.shape_for(in_features, out_features);
+                if l.l.dims() != want {
+                    return Err(format!(
+                        "ia3_l {:?} does not fit a projection {in_features} → {out_features} (expected {want:?}: \
+                         {} scaling)",
+                        l.l.dims(),
+                        if l.feedforward { "a feedforward module, input" } else { "output" }
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -103,13 +117,16 @@ impl LayerAdapter {
                 let d = l.delta_weight()?.to_device(w.device())?;
                 w + d
             }
+            LayerAdapter::Ia3(l) => l.merge_weight(&w),
         }
     }
 
     /// The base bias after merging, in f32 (LoRA leaves it unchanged).
     pub fn merge_bias(&self, b: &Tensor) -> Result<Tensor> {
+        let b = b.to_dtype(DType::F32)?;
         match self {
-            LayerAdapter::Lora(_) => b.to_dtype(DType::F32),
+            LayerAdapter::Lora(_) => Ok(b),
+            LayerAdapter::Ia3(l) => l.merge_bias(&b),
         }
     }
 }
@@ -163,6 +180,24 @@ impl AdaptedLinear {
                 match &self.bias {
                     Some(b) => y.broadcast_add(&b.detach()),
                     None => Ok(y),
+                }
+            }
+            Some(LayerAdapter::Ia3(ia3)) => {
+                let l = ia3.vector(ctx.no_grad)?.to_dtype(x.dtype())?;
+                if ia3.feedforward {
+                    // (x ⊙ l)·Wᵀ + b: the gradient reaches l through the frozen product's dX.
+                    let y = self.base_product(&x.broadcast_mul(&l)?)?;
+                    match &self.bias {
+                        Some(b) => y.broadcast_add(&b.detach()),
+                        None => Ok(y),
+                    }
+                } else {
+                    // (x·Wᵀ + b) ⊙ l
+                    let mut y = self.base_product(x)?;
+                    if let Some(b) = &self.bias {
+                        y = y.broadcast_add(&b.detach())?;
+                    }
+                    y.broadcast_mul(&l)
                 }
             }
             Some(LayerAdapter::Lora(lora)) => {

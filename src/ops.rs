@@ -296,7 +296,8 @@ impl candle_core::CustomOp3 for LoraLinearOp {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, a, b) = (cpu_f32(sx, lx, "lora_linear")?, cpu_f32(sa, la, "lora_linear")?, cpu_f32(sb, lb, "lora_linear")?);
+        let (x, a, b) =
+            (cpu_f32(sx, lx, "lora_linear")?, cpu_f32(sa, la, "lora_linear")?, cpu_f32(sb, lb, "lora_linear")?);
         let (r, k) = la.shape().dims2()?;
         let (n, r2) = lb.shape().dims2()?;
         let (wn, wk) = self.w.dims()?;
@@ -369,7 +370,9 @@ impl candle_core::CustomOp3 for LoraLinearOp {
                             Some((_, mask)) => {
                                 let mut t = vec![0f32; m * k];
                                 sgemm(m, k, r, &mut t, false, &dxa, (r, 1), a, (k, 1), 1.0);
-                                dx.par_iter_mut().zip(t.par_iter().zip(mask.par_iter())).for_each(|(d, (t, mk))| *d += t * mk);
+                                dx.par_iter_mut()
+                                    .zip(t.par_iter().zip(mask.par_iter()))
+                                    .for_each(|(d, (t, mk))| *d += t * mk);
                             }
                         }
                         Ok((dx, da, db))
@@ -581,9 +584,8 @@ pub fn causal_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
     } else {
         let dims = x.dims();
         let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..s).map(move |j| if j <= i + (s - t) { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
+        let mask: Vec<f32> =
+            (0..t).flat_map(|i| (0..s).map(move |j| if j <= i + (s - t) { 0.0 } else { f32::NEG_INFINITY })).collect();
         let mask = Tensor::from_vec(mask, (t, s), x.device())?.to_dtype(x.dtype())?;
         candle_nn::ops::softmax(&(x * scale)?.broadcast_add(&mask)?, candle_core::D::Minus1)
     }
@@ -721,9 +723,35 @@ impl candle_core::CustomOp3 for Attention {
                                     let qb = &q[bi * t * nh * d + h * d..];
                                     let gb = &go[bi * t * nh * d + h * d..];
                                     // dV (s×d) += Pᵀ (s×t) · dO (t×d)
-                                    gemm_strided(s, d, t, &mut dv, (d, 1), true, &p, (1, s), gb, (nh * d, 1), 1.0, false);
+                                    gemm_strided(
+                                        s,
+                                        d,
+                                        t,
+                                        &mut dv,
+                                        (d, 1),
+                                        true,
+                                        &p,
+                                        (1, s),
+                                        gb,
+                                        (nh * d, 1),
+                                        1.0,
+                                        false,
+                                    );
                                     // dP (t×s) = dO (t×d) · Vᵀ (d×s)
-                                    gemm_strided(t, s, d, &mut dp, (s, 1), false, gb, (nh * d, 1), vb, (1, nkv * d), 1.0, false);
+                                    gemm_strided(
+                                        t,
+                                        s,
+                                        d,
+                                        &mut dp,
+                                        (s, 1),
+                                        false,
+                                        gb,
+                                        (nh * d, 1),
+                                        vb,
+                                        (1, nkv * d),
+                                        1.0,
+                                        false,
+                                    );
                                     // dS = P ⊙ (dP − rowsum(dP ⊙ P)), in place in dp
                                     for (prow, dprow) in p.chunks(s).zip(dp.chunks_mut(s)) {
                                         let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
@@ -733,9 +761,35 @@ impl candle_core::CustomOp3 for Attention {
                                     }
                                     // dQ (t×d) = s · dS (t×s) · K (s×d)
                                     let dqh = &mut dq[r * t * d..(r + 1) * t * d];
-                                    gemm_strided(t, d, s, dqh, (d, 1), false, &dp, (s, 1), kb, (nkv * d, 1), scale, false);
+                                    gemm_strided(
+                                        t,
+                                        d,
+                                        s,
+                                        dqh,
+                                        (d, 1),
+                                        false,
+                                        &dp,
+                                        (s, 1),
+                                        kb,
+                                        (nkv * d, 1),
+                                        scale,
+                                        false,
+                                    );
                                     // dK (s×d) += s · dSᵀ (s×t) · Q (t×d)
-                                    gemm_strided(s, d, t, &mut dk, (d, 1), true, &dp, (1, s), qb, (nh * d, 1), scale, false);
+                                    gemm_strided(
+                                        s,
+                                        d,
+                                        t,
+                                        &mut dk,
+                                        (d, 1),
+                                        true,
+                                        &dp,
+                                        (1, s),
+                                        qb,
+                                        (nh * d, 1),
+                                        scale,
+                                        false,
+                                    );
                                 }
                                 (dq, dk, dv)
                             })
@@ -1025,7 +1079,9 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let mask = Tensor::from_vec(dropout_mask(x.elem_count(), p, seed), x.shape(), &candle_core::Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?;
+    let mask = Tensor::from_vec(dropout_mask(x.elem_count(), p, seed), x.shape(), &candle_core::Device::Cpu)?
+        .to_device(x.device())?
+        .to_dtype(x.dtype())?;
     let x = x.contiguous()?;
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         x.apply_op1(MaskMul { mask })
@@ -1087,7 +1143,11 @@ mod tests {
             let mut minus = base.clone();
             minus[i] -= eps;
             let fd = ((eval(&plus) - eval(&minus)) / (2.0 * eps as f64)) as f32;
-            assert!((fd - g[i]).abs() <= tol * (1.0 + fd.abs()), "element {i}: finite difference {fd}, backward {}", g[i]);
+            assert!(
+                (fd - g[i]).abs() <= tol * (1.0 + fd.abs()),
+                "element {i}: finite difference {fd}, backward {}",
+                g[i]
+            );
         }
     }
 
@@ -1131,7 +1191,8 @@ mod tests {
         let xv = Var::from_tensor(&x).unwrap();
         let p = rand(&[2, 3, 7], 33);
         let g_nf4 = (nf4_matmul(xv.as_tensor(), &q).unwrap() * &p).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_dense = (frozen_matmul(xv.as_tensor(), &dense).unwrap() * &p).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_dense =
+            (frozen_matmul(xv.as_tensor(), &dense).unwrap() * &p).unwrap().sum_all().unwrap().backward().unwrap();
         let d = max_abs_diff(g_nf4.get(xv.as_tensor()).unwrap(), g_dense.get(xv.as_tensor()).unwrap());
         assert!(d < 1e-5, "{d}");
     }
@@ -1147,7 +1208,8 @@ mod tests {
         let p = rand(&[3, 5, out], 45);
         let bias = Some(rand(&[out], 46));
         let run = |w: FrozenWeight, dropout: Option<(f64, u64)>| {
-            let (x, a, b) = (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&a0).unwrap(), Var::from_tensor(&b0).unwrap());
+            let (x, a, b) =
+                (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&a0).unwrap(), Var::from_tensor(&b0).unwrap());
             let op = LoraLinearOp { w, bias: bias.clone(), scaling: 0.5, dropout };
             let y = lora_linear(x.as_tensor(), a.as_tensor(), b.as_tensor(), op).unwrap();
             let g = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
@@ -1157,7 +1219,12 @@ mod tests {
         for dropout in [None, Some((0.1, 7))] {
             let qlora = run(FrozenWeight::Nf4(q.clone()), dropout);
             let lora = run(FrozenWeight::Dense(dense.clone()), dropout);
-            for (name, a, b) in [("y", &qlora.0, &lora.0), ("dx", &qlora.1, &lora.1), ("dA", &qlora.2, &lora.2), ("dB", &qlora.3, &lora.3)] {
+            for (name, a, b) in [
+                ("y", &qlora.0, &lora.0),
+                ("dx", &qlora.1, &lora.1),
+                ("dA", &qlora.2, &lora.2),
+                ("dB", &qlora.3, &lora.3),
+            ] {
                 let d = max_abs_diff(a, b);
                 assert!(d <= 1e-5, "{name} (dropout {dropout:?}): {d}");
             }
@@ -1229,7 +1296,12 @@ mod tests {
         let a = rand(&[r, k], 33);
         let b = rand(&[n, r], 34);
         let x = rand(&[m, k], 35);
-        let op = |dropout| LoraLinearOp { w: crate::linear::FrozenWeight::Dense(w.clone()), bias: Some(bias.clone()), scaling: 1.5, dropout };
+        let op = |dropout| LoraLinearOp {
+            w: crate::linear::FrozenWeight::Dense(w.clone()),
+            bias: Some(bias.clone()),
+            scaling: 1.5,
+            dropout,
+        };
         // Against the composed formula (no dropout, then with dropout via the mask op).
         let want = (x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap()
             + (x.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * 1.5).unwrap())
@@ -1279,7 +1351,8 @@ mod tests {
         let got = linear_cross_entropy(&h, &head, &labels, 4.0).unwrap().to_scalar::<f32>().unwrap();
         let lsm = candle_nn::ops::log_softmax(&h.matmul(&head.t().unwrap()).unwrap(), 1).unwrap();
         let lsm: Vec<Vec<f32>> = lsm.to_vec2().unwrap();
-        let want: f32 = -labels.iter().enumerate().filter(|(_, &l)| l >= 0).map(|(i, &l)| lsm[i][l as usize]).sum::<f32>() / 4.0;
+        let want: f32 =
+            -labels.iter().enumerate().filter(|(_, &l)| l >= 0).map(|(i, &l)| lsm[i][l as usize]).sum::<f32>() / 4.0;
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
     }
 }

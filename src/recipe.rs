@@ -18,9 +18,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use regex::Regex;
-use serde::de::{
-    self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor,
-};
+use serde::de::{self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_yaml::{Mapping, Value};
 
@@ -53,10 +51,7 @@ pub enum Origin {
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Origin::File {
-                file,
-                line: Some(line),
-            } => write!(f, "{file}:{line}"),
+            Origin::File { file, line: Some(line) } => write!(f, "{file}:{line}"),
             Origin::File { file, line: None } => write!(f, "{file}"),
             Origin::Override { arg, .. } => write!(f, "--set {arg}"),
             Origin::Unknown => write!(f, "recipe"),
@@ -559,11 +554,7 @@ impl<'de> Deserialize<'de> for TargetModules {
             }
 
             fn visit_str<E: de::Error>(self, text: &str) -> Result<TargetModules, E> {
-                Ok(if text == "all-linear" {
-                    TargetModules::AllLinear
-                } else {
-                    TargetModules::Regex(text.to_string())
-                })
+                Ok(if text == "all-linear" { TargetModules::AllLinear } else { TargetModules::Regex(text.to_string()) })
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TargetModules, A::Error> {
@@ -613,20 +604,14 @@ impl<'de> Deserialize<'de> for InitLoraWeights {
             }
 
             fn visit_bool<E: de::Error>(self, value: bool) -> Result<InitLoraWeights, E> {
-                Ok(if value {
-                    InitLoraWeights::Default
-                } else {
-                    InitLoraWeights::Random
-                })
+                Ok(if value { InitLoraWeights::Default } else { InitLoraWeights::Random })
             }
 
             fn visit_str<E: de::Error>(self, text: &str) -> Result<InitLoraWeights, E> {
                 if text == "gaussian" {
                     Ok(InitLoraWeights::Gaussian)
                 } else {
-                    Err(E::custom(format!(
-                        "unknown value \"{text}\" (expected true, false or gaussian)"
-                    )))
+                    Err(E::custom(format!("unknown value \"{text}\" (expected true, false or gaussian)")))
                 }
             }
         }
@@ -743,8 +728,7 @@ impl Default for TrainingSpec {
 impl TrainingSpec {
     /// The peak learning rate: the recipe's, else the adapter's default (2e-4 LoRA/QLoRA, 1e-2 IA3).
     pub fn learning_rate(&self, adapter: &AdapterSpec) -> f64 {
-        self.learning_rate
-            .unwrap_or_else(|| adapter.default_learning_rate())
+        self.learning_rate.unwrap_or_else(|| adapter.default_learning_rate())
     }
 
     /// How long the run lasts: `max_steps` if given, else `epochs` (1 if neither).
@@ -758,8 +742,7 @@ impl TrainingSpec {
 
     /// Sequences per optimizer step: `micro_batch_size × gradient_accumulation_steps`.
     pub fn effective_batch_size(&self) -> usize {
-        self.micro_batch_size
-            .saturating_mul(self.gradient_accumulation_steps)
+        self.micro_batch_size.saturating_mul(self.gradient_accumulation_steps)
     }
 
     /// Total optimizer steps for a run whose epoch has `micro_batches_per_epoch` micro-batches:
@@ -823,36 +806,20 @@ impl Recipe {
     /// current directory).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe, RecipeError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read {
-            file: file.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read { file: file.clone(), source })?;
         Recipe::from_str(&text, &file, overrides)
     }
 
     /// Like [`Recipe::load`], from text; `source_name` names the text in error messages.
-    pub fn from_str(
-        text: &str,
-        source_name: &str,
-        overrides: &[String],
-    ) -> Result<Recipe, RecipeError> {
-        let mut overrides = overrides
-            .iter()
-            .map(|arg| Override::parse(arg))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut doc: Value =
-            serde_yaml::from_str(text).map_err(|err| syntax_error(source_name, text, &err))?;
-        doc.apply_merge()
-            .map_err(|err| syntax_error(source_name, text, &err))?;
+    pub fn from_str(text: &str, source_name: &str, overrides: &[String]) -> Result<Recipe, RecipeError> {
+        let mut overrides = overrides.iter().map(|arg| Override::parse(arg)).collect::<Result<Vec<_>, _>>()?;
+        let mut doc: Value = serde_yaml::from_str(text).map_err(|err| syntax_error(source_name, text, &err))?;
+        doc.apply_merge().map_err(|err| syntax_error(source_name, text, &err))?;
         for item in &mut overrides {
             item.path = item.apply(&mut doc)?;
         }
 
-        let source = Source {
-            name: source_name,
-            text,
-            overrides: &overrides,
-        };
+        let source = Source { name: source_name, text, overrides: &overrides };
         let mut recipe = build(doc).map_err(|problem| source.error(problem))?;
         recipe.resolve_defaults();
         recipe.check().map_err(|problem| source.error(problem))?;
@@ -873,14 +840,12 @@ impl Recipe {
     /// Checks every value (ranges, files, formats). Loading calls this; errors from a loaded recipe
     /// name the file and line, errors from this call name only the key path.
     pub fn validate(&self) -> Result<(), RecipeError> {
-        self.check()
-            .map_err(|problem| problem.into_error(Origin::Unknown))
+        self.check().map_err(|problem| problem.into_error(Origin::Unknown))
     }
 
     /// The resolved recipe (all defaults filled) as YAML, loadable again with [`Recipe::from_str`].
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self)
-            .unwrap_or_else(|err| format!("# cannot serialize the recipe: {err}\n"))
+        serde_yaml::to_string(self).unwrap_or_else(|err| format!("# cannot serialize the recipe: {err}\n"))
     }
 
     fn check(&self) -> Result<(), Problem> {
@@ -889,18 +854,12 @@ impl Recipe {
         }
         if let Some(revision) = &self.revision {
             if revision.trim().is_empty() {
-                return Err(Problem::invalid(
-                    "revision",
-                    "must not be empty (leave it out for the default branch)",
-                ));
+                return Err(Problem::invalid("revision", "must not be empty (leave it out for the default branch)"));
             }
         }
         if let Some(gguf) = &self.gguf_file {
             if !gguf.to_ascii_lowercase().ends_with(".gguf") {
-                return Err(Problem::invalid(
-                    "gguf_file",
-                    format!("must name a .gguf file (got \"{gguf}\")"),
-                ));
+                return Err(Problem::invalid("gguf_file", format!("must name a .gguf file (got \"{gguf}\")")));
             }
         }
         check_adapter(&self.adapter)?;
@@ -948,35 +907,23 @@ fn build_adapter(value: Value) -> Result<AdapterSpec, Problem> {
     };
     let type_path = || vec![Seg::key("adapter"), Seg::key("type")];
     let type_name = match map.remove("type") {
-        None => {
-            return Err(Problem {
-                path: type_path(),
-                kind: ProblemKind::MissingKey,
-            })
-        }
+        None => return Err(Problem { path: type_path(), kind: ProblemKind::MissingKey }),
         Some(Value::String(name)) => name,
         Some(other) => {
             return Err(Problem {
                 path: type_path(),
-                kind: ProblemKind::WrongType(format!(
-                    "expected one of {TYPES}, found {}",
-                    describe_value(&other)
-                )),
+                kind: ProblemKind::WrongType(format!("expected one of {TYPES}, found {}", describe_value(&other))),
             })
         }
     };
     let rest = Value::Mapping(map);
     match type_name.as_str() {
         "lora" => deserialize_at(&prefix, rest).map(AdapterSpec::Lora),
-        "qlora" => {
-            deserialize_at::<QloraDoc>(&prefix, rest).map(|doc| AdapterSpec::Qlora(doc.into()))
-        }
+        "qlora" => deserialize_at::<QloraDoc>(&prefix, rest).map(|doc| AdapterSpec::Qlora(doc.into())),
         "ia3" => deserialize_at(&prefix, rest).map(AdapterSpec::Ia3),
         other => Err(Problem {
             path: type_path(),
-            kind: ProblemKind::Invalid(format!(
-                "unknown adapter type \"{other}\" (expected one of {TYPES})"
-            )),
+            kind: ProblemKind::Invalid(format!("unknown adapter type \"{other}\" (expected one of {TYPES})")),
         }),
     }
 }
@@ -1039,10 +986,7 @@ fn check_adapter(adapter: &AdapterSpec) -> Result<(), Problem> {
             if spec.bnb_4bit_quant_type != "nf4" {
                 return Err(Problem::invalid(
                     "adapter.bnb_4bit_quant_type",
-                    format!(
-                        "only nf4 is supported (got \"{}\")",
-                        spec.bnb_4bit_quant_type
-                    ),
+                    format!("only nf4 is supported (got \"{}\")", spec.bnb_4bit_quant_type),
                 ));
             }
             Ok(())
@@ -1055,9 +999,8 @@ fn check_adapter(adapter: &AdapterSpec) -> Result<(), Problem> {
                     return Err(path().with(ProblemKind::Invalid("must not be empty".into())));
                 }
                 if let TargetModules::List(targets) = &spec.target_modules {
-                    let covered = targets
-                        .iter()
-                        .any(|target| TargetModules::List(vec![target.clone()]).matches(module));
+                    let covered =
+                        targets.iter().any(|target| TargetModules::List(vec![target.clone()]).matches(module));
                     if !covered {
                         return Err(path().with(ProblemKind::Invalid(format!(
                             "\"{module}\" is not in adapter.target_modules \
@@ -1082,19 +1025,13 @@ fn check_lora(spec: &LoraSpec) -> Result<(), Problem> {
         ));
     }
     if !(0.0..1.0).contains(&spec.lora_dropout) {
-        return Err(Problem::invalid(
-            "adapter.lora_dropout",
-            format!("must be in [0, 1) (got {})", spec.lora_dropout),
-        ));
+        return Err(Problem::invalid("adapter.lora_dropout", format!("must be in [0, 1) (got {})", spec.lora_dropout)));
     }
     check_targets(&spec.target_modules)?;
     if spec.bias != "none" {
         return Err(Problem::invalid(
             "adapter.bias",
-            format!(
-                "only \"none\" is supported (got \"{}\"): peftkit does not train biases",
-                spec.bias
-            ),
+            format!("only \"none\" is supported (got \"{}\"): peftkit does not train biases", spec.bias),
         ));
     }
     if let Some(layers) = &spec.layers_to_transform {
@@ -1117,18 +1054,15 @@ fn check_targets(targets: &TargetModules) -> Result<(), Problem> {
                 return Err(Problem::invalid(KEY, "must name at least one module"));
             }
             match names.iter().position(|name| name.trim().is_empty()) {
-                Some(index) => Err(Problem::path_of(KEY)
-                    .index(index)
-                    .with(ProblemKind::Invalid("must not be empty".into()))),
+                Some(index) => {
+                    Err(Problem::path_of(KEY).index(index).with(ProblemKind::Invalid("must not be empty".into())))
+                }
                 None => Ok(()),
             }
         }
         TargetModules::Regex(pattern) => match Regex::new(pattern) {
             Ok(_) => Ok(()),
-            Err(err) => Err(Problem::invalid(
-                KEY,
-                format!("invalid regular expression: {err}"),
-            )),
+            Err(err) => Err(Problem::invalid(KEY, format!("invalid regular expression: {err}"))),
         },
     }
 }
@@ -1148,24 +1082,14 @@ fn check_file(key: &str, path: &Path) -> Result<(), Problem> {
     if path.is_file() {
         return Ok(());
     }
-    let what = if path.exists() {
-        "is not a file"
-    } else {
-        "file not found"
-    };
+    let what = if path.exists() { "is not a file" } else { "file not found" };
     let relative_note = match std::env::current_dir() {
         Ok(cwd) if path.is_relative() => {
-            format!(
-                " (relative paths are taken from the current directory, {})",
-                cwd.display()
-            )
+            format!(" (relative paths are taken from the current directory, {})", cwd.display())
         }
         _ => String::new(),
     };
-    Err(Problem::invalid(
-        key,
-        format!("{what}: {}{relative_note}", path.display()),
-    ))
+    Err(Problem::invalid(key, format!("{what}: {}{relative_note}", path.display())))
 }
 
 fn check_training(t: &TrainingSpec) -> Result<(), Problem> {
@@ -1173,10 +1097,7 @@ fn check_training(t: &TrainingSpec) -> Result<(), Problem> {
         ("training.epochs", t.epochs),
         ("training.max_steps", t.max_steps),
         ("training.micro_batch_size", Some(t.micro_batch_size)),
-        (
-            "training.gradient_accumulation_steps",
-            Some(t.gradient_accumulation_steps),
-        ),
+        ("training.gradient_accumulation_steps", Some(t.gradient_accumulation_steps)),
         ("training.eval_every", t.eval_every),
         ("training.save_every", t.save_every),
         ("training.logging_every", Some(t.logging_every)),
@@ -1188,50 +1109,29 @@ fn check_training(t: &TrainingSpec) -> Result<(), Problem> {
     }
     if let Some(lr) = t.learning_rate {
         if !(lr.is_finite() && lr > 0.0) {
-            return Err(Problem::invalid(
-                "training.learning_rate",
-                format!("must be a positive number (got {lr})"),
-            ));
+            return Err(Problem::invalid("training.learning_rate", format!("must be a positive number (got {lr})")));
         }
     }
     if let Some(ratio) = t.warmup_ratio {
         if !(0.0..1.0).contains(&ratio) {
-            return Err(Problem::invalid(
-                "training.warmup_ratio",
-                format!("must be in [0, 1) (got {ratio})"),
-            ));
+            return Err(Problem::invalid("training.warmup_ratio", format!("must be in [0, 1) (got {ratio})")));
         }
         if t.warmup_steps > 0 {
             return Err(Problem::invalid(
                 "training.warmup_ratio",
-                format!(
-                    "cannot be combined with training.warmup_steps ({}); set only one",
-                    t.warmup_steps
-                ),
+                format!("cannot be combined with training.warmup_steps ({}); set only one", t.warmup_steps),
             ));
         }
     }
-    let non_negative = [
-        ("training.weight_decay", t.weight_decay),
-        ("training.max_grad_norm", t.max_grad_norm),
-    ];
+    let non_negative = [("training.weight_decay", t.weight_decay), ("training.max_grad_norm", t.max_grad_norm)];
     for (key, value) in non_negative {
         if !(value.is_finite() && value >= 0.0) {
-            return Err(Problem::invalid(
-                key,
-                format!("must be a number ≥ 0 (got {value})"),
-            ));
+            return Err(Problem::invalid(key, format!("must be a number ≥ 0 (got {value})")));
         }
     }
-    for (key, value) in [
-        ("training.adam_beta1", t.adam_beta1),
-        ("training.adam_beta2", t.adam_beta2),
-    ] {
+    for (key, value) in [("training.adam_beta1", t.adam_beta1), ("training.adam_beta2", t.adam_beta2)] {
         if !(0.0..1.0).contains(&value) {
-            return Err(Problem::invalid(
-                key,
-                format!("must be in [0, 1) (got {value})"),
-            ));
+            return Err(Problem::invalid(key, format!("must be in [0, 1) (got {value})")));
         }
     }
     if !(t.adam_epsilon.is_finite() && t.adam_epsilon > 0.0) {
@@ -1249,10 +1149,7 @@ fn check_output(output: &OutputSpec) -> Result<(), Problem> {
     }
     if let Some(id) = &output.hub_model_id {
         if !is_hub_id(id) {
-            return Err(Problem::invalid(
-                "output.hub_model_id",
-                format!("must look like owner/name (got \"{id}\")"),
-            ));
+            return Err(Problem::invalid("output.hub_model_id", format!("must look like owner/name (got \"{id}\")")));
         }
     }
     Ok(())
@@ -1261,12 +1158,8 @@ fn check_output(output: &OutputSpec) -> Result<(), Problem> {
 /// `owner/name`, each part made of letters, digits, `-`, `_`, `.`, not starting with a punctuation.
 fn is_hub_id(id: &str) -> bool {
     let part_ok = |part: &str| {
-        part.chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
-            && part
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        part.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     match id.split_once('/') {
         Some((owner, name)) => part_ok(owner) && part_ok(name),
@@ -1395,20 +1288,9 @@ fn classify(message: &str, path: &mut Vec<Seg>) -> ProblemKind {
         }
     }
     for (prefix, is_type) in [("invalid type: ", true), ("invalid value: ", false)] {
-        if let Some((found, expected)) = message
-            .strip_prefix(prefix)
-            .and_then(|rest| rest.rsplit_once(", expected "))
-        {
-            let text = format!(
-                "expected {}, found {}",
-                describe_expected(expected),
-                describe_found(found)
-            );
-            return if is_type {
-                ProblemKind::WrongType(text)
-            } else {
-                ProblemKind::Invalid(text)
-            };
+        if let Some((found, expected)) = message.strip_prefix(prefix).and_then(|rest| rest.rsplit_once(", expected ")) {
+            let text = format!("expected {}, found {}", describe_expected(expected), describe_found(found));
+            return if is_type { ProblemKind::WrongType(text) } else { ProblemKind::Invalid(text) };
         }
     }
     ProblemKind::Invalid(message.to_string())
@@ -1416,11 +1298,7 @@ fn classify(message: &str, path: &mut Vec<Seg>) -> ProblemKind {
 
 /// The `name`s in "`a`, expected one of `b`, `c`".
 fn backticked(text: &str) -> Vec<String> {
-    text.split('`')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_string)
-        .collect()
+    text.split('`').skip(1).step_by(2).map(str::to_string).collect()
 }
 
 /// serde's "expected" (a visitor's description) in recipe terms.
@@ -1483,18 +1361,14 @@ impl Source<'_> {
     /// key's line in the file.
     fn error(&self, problem: Problem) -> RecipeError {
         let path = &problem.path;
-        let from_override = self.overrides.iter().rev().find(|item| {
-            path.starts_with(&item.path) || (!path.is_empty() && item.path.starts_with(path))
-        });
+        let from_override = self
+            .overrides
+            .iter()
+            .rev()
+            .find(|item| path.starts_with(&item.path) || (!path.is_empty() && item.path.starts_with(path)));
         let at = match from_override {
-            Some(item) => Origin::Override {
-                file: self.name.to_string(),
-                arg: item.arg.clone(),
-            },
-            None => Origin::File {
-                file: self.name.to_string(),
-                line: line_of(self.text, &problem.path),
-            },
+            Some(item) => Origin::Override { file: self.name.to_string(), arg: item.arg.clone() },
+            None => Origin::File { file: self.name.to_string(), line: line_of(self.text, &problem.path) },
         };
         problem.into_error(at)
     }
@@ -1516,14 +1390,9 @@ struct Override {
 
 impl Override {
     fn parse(arg: &str) -> Result<Override, RecipeError> {
-        let bad = |message: &str| RecipeError::BadOverride {
-            arg: arg.to_string(),
-            message: message.to_string(),
-        };
+        let bad = |message: &str| RecipeError::BadOverride { arg: arg.to_string(), message: message.to_string() };
         let Some((key, raw)) = arg.split_once('=') else {
-            return Err(bad(
-                "expected KEY=VALUE, e.g. --set training.learning_rate=1e-4",
-            ));
+            return Err(bad("expected KEY=VALUE, e.g. --set training.learning_rate=1e-4"));
         };
         let key = key.trim();
         if key.is_empty() {
@@ -1533,15 +1402,10 @@ impl Override {
         if keys.iter().any(String::is_empty) {
             return Err(bad("the key has an empty part (write it like adapter.r)"));
         }
-        let value: Value = serde_yaml::from_str(raw)
-            .map_err(|err| bad(&format!("the value is not valid YAML: {err}")))?;
+        let value: Value =
+            serde_yaml::from_str(raw).map_err(|err| bad(&format!("the value is not valid YAML: {err}")))?;
         let path = keys.iter().map(|k| Seg::Key(k.clone())).collect();
-        Ok(Override {
-            arg: arg.to_string(),
-            keys,
-            value,
-            path,
-        })
+        Ok(Override { arg: arg.to_string(), keys, value, path })
     }
 
     /// Writes the value into `root`, creating missing (or null) intermediate maps; returns the
@@ -1592,11 +1456,7 @@ impl Override {
     }
 
     fn cannot(&self, depth: usize, what: &str) -> RecipeError {
-        let parent = if depth == 0 {
-            "the recipe".to_string()
-        } else {
-            format!("`{}`", self.keys[..depth].join("."))
-        };
+        let parent = if depth == 0 { "the recipe".to_string() } else { format!("`{}`", self.keys[..depth].join(".")) };
         RecipeError::BadOverride {
             arg: self.arg.clone(),
             message: format!("cannot set `{}`: {parent} {what}", self.keys[depth]),
@@ -1615,10 +1475,7 @@ const FOUND: &str = "__peftkit_recipe_key_found__";
 /// index. When the path is not written (a default, a missing key), the line of its nearest
 /// written ancestor; `None` if none is.
 fn line_of(text: &str, path: &[Seg]) -> Option<usize> {
-    (1..=path.len())
-        .rev()
-        .find_map(|len| locate(text, &path[..len], 0))
-        .map(|(line, _column)| line)
+    (1..=path.len()).rev().find_map(|len| locate(text, &path[..len], 0)).map(|(line, _column)| line)
 }
 
 /// The 1-based (line, column) of exactly `path` in `text`; with `skip` = n, of the (n+1)-th
@@ -1627,9 +1484,7 @@ fn locate(text: &str, path: &[Seg], skip: usize) -> Option<(usize, usize)> {
     let deserializer = serde_yaml::Deserializer::from_str(text);
     let finder = Finder { path, skip };
     match finder.deserialize(deserializer) {
-        Err(err) if err.to_string().contains(FOUND) => {
-            err.location().map(|loc| (loc.line(), loc.column()))
-        }
+        Err(err) if err.to_string().contains(FOUND) => err.location().map(|loc| (loc.line(), loc.column())),
         _ => None,
     }
 }
@@ -1706,18 +1561,12 @@ impl<'de> Visitor<'de> for Finder<'_> {
         let is_last = rest.is_empty();
         let mut matches = 0;
         loop {
-            let seed = KeySeed {
-                want,
-                stop_here: is_last && matches == self.skip,
-            };
+            let seed = KeySeed { want, stop_here: is_last && matches == self.skip };
             match map.next_key_seed(seed)? {
                 None => return Ok(()),
                 Some(true) if !is_last && matches == 0 => {
                     matches += 1;
-                    let finder = Finder {
-                        path: rest,
-                        skip: self.skip,
-                    };
+                    let finder = Finder { path: rest, skip: self.skip };
                     map.next_value_seed(finder)?;
                 }
                 Some(true) => {
@@ -1742,10 +1591,7 @@ impl<'de> Visitor<'de> for Finder<'_> {
         let mut index = 0;
         loop {
             let more = if Some(index) == want {
-                let finder = Finder {
-                    path: rest,
-                    skip: self.skip,
-                };
+                let finder = Finder { path: rest, skip: self.skip };
                 seq.next_element_seed(finder)?
             } else {
                 seq.next_element::<IgnoredAny>()?.map(|_| ())
@@ -1858,11 +1704,7 @@ mod tests {
                 panic!("write {}: {err}", path.display());
             }
         }
-        Fixture {
-            train: train.display().to_string(),
-            valid: valid.display().to_string(),
-            _dir: dir,
-        }
+        Fixture { train: train.display().to_string(), valid: valid.display().to_string(), _dir: dir }
     }
 
     fn ok(text: &str, overrides: &[&str]) -> Recipe {
@@ -1884,10 +1726,7 @@ mod tests {
     /// Asserts that `err` displays as starting with `prefix` and contains each of `parts`.
     fn assert_msg(err: &RecipeError, prefix: &str, parts: &[&str]) {
         let msg = err.to_string();
-        assert!(
-            msg.starts_with(prefix),
-            "`{msg}` should start with `{prefix}`"
-        );
+        assert!(msg.starts_with(prefix), "`{msg}` should start with `{prefix}`");
         for part in parts {
             assert!(msg.contains(part), "`{msg}` should contain `{part}`");
         }
@@ -1932,10 +1771,7 @@ output:
     }
 
     fn minimal(f: &Fixture, adapter: &str) -> String {
-        format!(
-            "base_model: m/x\nadapter:\n  type: {adapter}\ndata:\n  train: {}\noutput:\n  dir: out\n",
-            f.train
-        )
+        format!("base_model: m/x\nadapter:\n  type: {adapter}\ndata:\n  train: {}\noutput:\n  dir: out\n", f.train)
     }
 
     #[test]
@@ -1945,9 +1781,7 @@ output:
         assert_eq!(r.base_model, "HuggingFaceTB/SmolLM2-135M-Instruct");
         assert_eq!(r.revision.as_deref(), Some("main"));
         assert_eq!(r.gguf_file, None);
-        let AdapterSpec::Lora(lora) = &r.adapter else {
-            panic!("expected lora, got {:?}", r.adapter)
-        };
+        let AdapterSpec::Lora(lora) = &r.adapter else { panic!("expected lora, got {:?}", r.adapter) };
         assert_eq!(lora.r, 16);
         assert_eq!(lora.lora_alpha, 32.0);
         assert_eq!(lora.lora_dropout, 0.05);
@@ -1992,14 +1826,9 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
             train = f.train
         );
         let r = ok(&text, &[]);
-        let AdapterSpec::Qlora(q) = &r.adapter else {
-            panic!("expected qlora, got {:?}", r.adapter)
-        };
+        let AdapterSpec::Qlora(q) = &r.adapter else { panic!("expected qlora, got {:?}", r.adapter) };
         assert_eq!(q.lora.r, 4);
-        assert_eq!(
-            q.lora.target_modules,
-            TargetModules::List(vec!["q_proj".into(), "v_proj".into()])
-        );
+        assert_eq!(q.lora.target_modules, TargetModules::List(vec!["q_proj".into(), "v_proj".into()]));
         assert_eq!(q.lora.init_lora_weights, InitLoraWeights::Gaussian);
         assert_eq!(q.bnb_4bit_quant_type, "nf4");
         assert!(q.bnb_4bit_use_double_quant);
@@ -2032,18 +1861,10 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
 
         let r = ok(&minimal(&f, "ia3"), &[]);
         assert_eq!(r.training.learning_rate, Some(1e-2));
-        let AdapterSpec::Ia3(ia3) = &r.adapter else {
-            panic!("expected ia3")
-        };
+        let AdapterSpec::Ia3(ia3) = &r.adapter else { panic!("expected ia3") };
         assert_eq!(ia3, &Ia3Spec::default());
-        assert!(r
-            .adapter
-            .target_modules()
-            .matches("model.layers.0.mlp.down_proj"));
-        assert!(!r
-            .adapter
-            .target_modules()
-            .matches("model.layers.0.mlp.up_proj"));
+        assert!(r.adapter.target_modules().matches("model.layers.0.mlp.down_proj"));
+        assert!(!r.adapter.target_modules().matches("model.layers.0.mlp.up_proj"));
     }
 
     #[test]
@@ -2106,11 +1927,7 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
             "base_model: m/x\nadapter: {{type: lora}}\ndata: {{train: {}, shufle: false}}\noutput: {{dir: o}}\n",
             f.train
         );
-        assert_msg(
-            &err(&text, &[]),
-            "recipes/x.yaml:3: data.shufle: unknown key",
-            &["shuffle"],
-        );
+        assert_msg(&err(&text, &[]), "recipes/x.yaml:3: data.shufle: unknown key", &["shuffle"]);
         let text = format!("{}epochs: 3\n", minimal(&f, "lora"));
         assert_msg(
             &err(&text, &[]),
@@ -2141,11 +1958,7 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
         );
         let e = err(&text, &[]);
         assert_eq!(e.key(), Some("adapter.target_modules[1]"));
-        assert_msg(
-            &e,
-            "recipes/x.yaml:4: adapter.target_modules[1]: expected a string, found the number 3",
-            &[],
-        );
+        assert_msg(&e, "recipes/x.yaml:4: adapter.target_modules[1]: expected a string, found the number 3", &[]);
         let text = format!(
             "base_model: m/x\nadapter: {{type: ia3}}\ndata: {{train: {}}}\ntraining: {{epochs: 1,\n  micro_batch_size: -2}}\noutput: {{dir: o}}\n",
             f.train
@@ -2155,19 +1968,9 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
             "recipes/x.yaml:5: training.micro_batch_size: expected a whole number ≥ 0, found the number -2",
             &[],
         );
-        let text = format!(
-            "{}training:\n  seed: 1\n  shuffle: yes\n",
-            minimal(&f, "lora")
-        );
-        assert_msg(
-            &err(&text, &[]),
-            "recipes/x.yaml:10: training.shuffle: unknown key",
-            &[],
-        );
-        let text = format!(
-            "{}\ntraining: {{lr_scheduler: cosinus}}\n",
-            minimal(&f, "lora")
-        );
+        let text = format!("{}training:\n  seed: 1\n  shuffle: yes\n", minimal(&f, "lora"));
+        assert_msg(&err(&text, &[]), "recipes/x.yaml:10: training.shuffle: unknown key", &[]);
+        let text = format!("{}\ntraining: {{lr_scheduler: cosinus}}\n", minimal(&f, "lora"));
         assert_msg(
             &err(&text, &[]),
             "recipes/x.yaml:9: training.lr_scheduler: unknown value \"cosinus\" (expected one of constant, linear, cosine)",
@@ -2188,63 +1991,30 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
             "recipes/x.yaml:2: adapter: expected a map with a `type` key",
             &["found a string \"lora\""],
         );
-        assert_msg(
-            &err("- a\n- b\n", &[]),
-            "recipes/x.yaml: a recipe must be a YAML map",
-            &[],
-        );
+        assert_msg(&err("- a\n- b\n", &[]), "recipes/x.yaml: a recipe must be a YAML map", &[]);
     }
 
     #[test]
     fn recipe_missing_keys() {
         let f = fixture();
-        let e = err(
-            "base_model: m/x\nadapter: {type: lora}\ndata:\n  format: chat\noutput: {dir: o}\n",
-            &[],
-        );
+        let e = err("base_model: m/x\nadapter: {type: lora}\ndata:\n  format: chat\noutput: {dir: o}\n", &[]);
         assert!(matches!(e, RecipeError::MissingKey { .. }), "{e:?}");
         assert_eq!(e.key(), Some("data.train"));
-        assert_eq!(
-            e.to_string(),
-            "recipes/x.yaml:3: data.train: missing required key"
-        );
+        assert_eq!(e.to_string(), "recipes/x.yaml:3: data.train: missing required key");
 
-        let text = format!(
-            "adapter: {{type: lora}}\ndata: {{train: {}}}\noutput: {{dir: o}}\n",
-            f.train
-        );
-        assert_msg(
-            &err(&text, &[]),
-            "recipes/x.yaml: base_model: missing required key",
-            &[],
-        );
-        let text = format!(
-            "base_model: m/x\nadapter: {{r: 4}}\ndata: {{train: {}}}\noutput: {{dir: o}}\n",
-            f.train
-        );
-        assert_msg(
-            &err(&text, &[]),
-            "recipes/x.yaml:2: adapter.type: missing required key",
-            &[],
-        );
-        let text = format!(
-            "base_model: m/x\nadapter: {{type: dora}}\ndata: {{train: {}}}\noutput: {{dir: o}}\n",
-            f.train
-        );
+        let text = format!("adapter: {{type: lora}}\ndata: {{train: {}}}\noutput: {{dir: o}}\n", f.train);
+        assert_msg(&err(&text, &[]), "recipes/x.yaml: base_model: missing required key", &[]);
+        let text = format!("base_model: m/x\nadapter: {{r: 4}}\ndata: {{train: {}}}\noutput: {{dir: o}}\n", f.train);
+        assert_msg(&err(&text, &[]), "recipes/x.yaml:2: adapter.type: missing required key", &[]);
+        let text =
+            format!("base_model: m/x\nadapter: {{type: dora}}\ndata: {{train: {}}}\noutput: {{dir: o}}\n", f.train);
         assert_msg(
             &err(&text, &[]),
             "recipes/x.yaml:2: adapter.type: unknown adapter type \"dora\" (expected one of lora, qlora, ia3)",
             &[],
         );
-        let text = format!(
-            "base_model: m/x\nadapter: {{type: lora}}\ndata: {{train: {}}}\noutput: {{}}\n",
-            f.train
-        );
-        assert_msg(
-            &err(&text, &[]),
-            "recipes/x.yaml:4: output.dir: missing required key",
-            &[],
-        );
+        let text = format!("base_model: m/x\nadapter: {{type: lora}}\ndata: {{train: {}}}\noutput: {{}}\n", f.train);
+        assert_msg(&err(&text, &[]), "recipes/x.yaml:4: output.dir: missing required key", &[]);
     }
 
     #[test]
@@ -2258,10 +2028,7 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
         };
         let e = err(&base("lora", "  r: 0\n"), &[]);
         assert!(matches!(e, RecipeError::Invalid { .. }), "{e:?}");
-        assert_eq!(
-            e.to_string(),
-            "recipes/x.yaml:4: adapter.r: must be at least 1"
-        );
+        assert_eq!(e.to_string(), "recipes/x.yaml:4: adapter.r: must be at least 1");
         assert_msg(
             &err(&base("lora", "  lora_dropout: 1.5\n"), &[]),
             "recipes/x.yaml:4: adapter.lora_dropout: must be in [0, 1) (got 1.5)",
@@ -2304,33 +2071,26 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
             "base_model: m/x\nadapter: {{type: lora}}\ndata:\n  train: {}\n  validation: /no/such/valid.jsonl\noutput: {{dir: o}}\n",
             f.train
         );
-        assert_msg(
-            &err(&text, &[]),
-            "recipes/x.yaml:5: data.validation: file not found: /no/such/valid.jsonl",
-            &[],
-        );
+        assert_msg(&err(&text, &[]), "recipes/x.yaml:5: data.validation: file not found: /no/such/valid.jsonl", &[]);
 
-        let with_training =
-            |training: &str| format!("{}training: {training}\n", minimal(&f, "lora"));
+        let with_training = |training: &str| format!("{}training: {training}\n", minimal(&f, "lora"));
         for (training, expected) in [
             ("{learning_rate: 0}", "recipes/x.yaml:8: training.learning_rate: must be a positive number"),
             ("{learning_rate: .nan}", "recipes/x.yaml:8: training.learning_rate: must be a positive number"),
             ("{epochs: 0}", "recipes/x.yaml:8: training.epochs: must be at least 1"),
             ("{micro_batch_size: 0}", "recipes/x.yaml:8: training.micro_batch_size: must be at least 1"),
-            ("{warmup_steps: 5, warmup_ratio: 0.1}", "recipes/x.yaml:8: training.warmup_ratio: cannot be combined with training.warmup_steps"),
+            (
+                "{warmup_steps: 5, warmup_ratio: 0.1}",
+                "recipes/x.yaml:8: training.warmup_ratio: cannot be combined with training.warmup_steps",
+            ),
             ("{warmup_ratio: 1.0}", "recipes/x.yaml:8: training.warmup_ratio: must be in [0, 1)"),
             ("{adam_beta2: 1.0}", "recipes/x.yaml:8: training.adam_beta2: must be in [0, 1)"),
             ("{max_grad_norm: -1}", "recipes/x.yaml:8: training.max_grad_norm: must be a number ≥ 0"),
         ] {
             assert_msg(&err(&with_training(training), &[]), expected, &[]);
         }
-        let text =
-            minimal(&f, "lora").replace("dir: out", "dir: out\n  hub_model_id: not-a-repo-id");
-        assert_msg(
-            &err(&text, &[]),
-            "recipes/x.yaml:8: output.hub_model_id: must look like owner/name",
-            &[],
-        );
+        let text = minimal(&f, "lora").replace("dir: out", "dir: out\n  hub_model_id: not-a-repo-id");
+        assert_msg(&err(&text, &[]), "recipes/x.yaml:8: output.hub_model_id: must look like owner/name", &[]);
         assert_msg(
             &err(&minimal(&f, "lora").replace("m/x", "''"), &[]),
             "recipes/x.yaml:1: base_model: must not be empty",
@@ -2368,18 +2128,12 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
         let lora = r.adapter.lora().cloned().unwrap_or_default();
         assert_eq!(lora.r, 8);
         assert_eq!(lora.lora_alpha, 32.0);
-        assert_eq!(
-            lora.target_modules,
-            TargetModules::List(vec!["q_proj".into(), "v_proj".into()])
-        );
+        assert_eq!(lora.target_modules, TargetModules::List(vec!["q_proj".into(), "v_proj".into()]));
         assert_eq!(r.data.train, PathBuf::from(&other));
         assert_eq!(r.output.hub_model_id.as_deref(), Some("me/run"));
 
         // Missing intermediate maps are created; the adapter type can be switched.
-        let r = ok(
-            &minimal(&f, "lora"),
-            &["training.seed=7", "adapter.type=ia3", "revision=v1.0"],
-        );
+        let r = ok(&minimal(&f, "lora"), &["training.seed=7", "adapter.type=ia3", "revision=v1.0"]);
         assert_eq!(r.training.seed, 7);
         assert_eq!(r.adapter.type_name(), "ia3");
         assert_eq!(r.training.learning_rate, Some(1e-2));
@@ -2395,10 +2149,7 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
                 "adapter.target_modules.1=c",
             ],
         );
-        assert_eq!(
-            r.adapter.target_modules(),
-            &TargetModules::List(vec!["a".into(), "c".into()])
-        );
+        assert_eq!(r.adapter.target_modules(), &TargetModules::List(vec!["a".into(), "c".into()]));
 
         // Errors caused by an override name the argument, not a line.
         assert_msg(
@@ -2408,10 +2159,7 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
             &[],
         );
         let e = err(&full_block(&f), &["adapter.r=0"]);
-        assert_eq!(
-            e.to_string(),
-            "--set adapter.r=0: adapter.r: must be at least 1"
-        );
+        assert_eq!(e.to_string(), "--set adapter.r=0: adapter.r: must be at least 1");
         assert!(matches!(e.origin(), Some(Origin::Override { arg, .. }) if arg == "adapter.r=0"));
         assert_eq!(e.line(), None);
         assert_msg(
@@ -2431,28 +2179,15 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
         );
         // …while other errors still point into the file.
         let text = full_block(&f).replace("  r: 16", "  r: 0");
-        assert_msg(
-            &err(&text, &["training.seed=1"]),
-            "recipes/x.yaml:7: adapter.r:",
-            &[],
-        );
+        assert_msg(&err(&text, &["training.seed=1"]), "recipes/x.yaml:7: adapter.r:", &[]);
 
         // Malformed arguments.
         for (arg, expected) in [
             ("adapter.r", "--set adapter.r: expected KEY=VALUE"),
             ("=3", "--set =3: the key before `=` is empty"),
-            (
-                "adapter..r=3",
-                "--set adapter..r=3: the key has an empty part",
-            ),
-            (
-                "adapter.target_modules=[q_proj",
-                "--set adapter.target_modules=[q_proj: the value is not valid YAML",
-            ),
-            (
-                "base_model.x=1",
-                "--set base_model.x=1: cannot set `x`: `base_model` is a string",
-            ),
+            ("adapter..r=3", "--set adapter..r=3: the key has an empty part"),
+            ("adapter.target_modules=[q_proj", "--set adapter.target_modules=[q_proj: the value is not valid YAML"),
+            ("base_model.x=1", "--set base_model.x=1: cannot set `x`: `base_model` is a string"),
         ] {
             let e = err(&full_block(&f), &[arg]);
             assert!(matches!(e, RecipeError::BadOverride { .. }), "{e:?}");
@@ -2468,33 +2203,12 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
         assert_msg(&e, "recipes/x.yaml:4:", &["invalid YAML"]);
 
         let e = err("base_model: m/x\nadapter: {type: lora,\n  r: [1, 2}\n", &[]);
-        assert!(
-            matches!(
-                e,
-                RecipeError::Syntax {
-                    line: Some(3),
-                    column: Some(_),
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
+        assert!(matches!(e, RecipeError::Syntax { line: Some(3), column: Some(_), .. }), "{e:?}");
 
         let e = err("adapter: {type: lora}\nadapter: {type: ia3}\n", &[]);
-        assert_msg(
-            &e,
-            "recipes/x.yaml:2:1: invalid YAML: duplicate entry with key \"adapter\"",
-            &[],
-        );
-        let e = err(
-            "base_model: m\nadapter:\n  type: lora\n  r: 4\n  r: 8\n",
-            &[],
-        );
-        assert_msg(
-            &e,
-            "recipes/x.yaml:5:3: invalid YAML: adapter: duplicate entry with key \"r\"",
-            &[],
-        );
+        assert_msg(&e, "recipes/x.yaml:2:1: invalid YAML: duplicate entry with key \"adapter\"", &[]);
+        let e = err("base_model: m\nadapter:\n  type: lora\n  r: 4\n  r: 8\n", &[]);
+        assert_msg(&e, "recipes/x.yaml:5:3: invalid YAML: adapter: duplicate entry with key \"r\"", &[]);
         let e = err("data: {train: a,\n  train: b}\n", &[]);
         assert_msg(&e, "recipes/x.yaml:2:3:", &["duplicate entry"]);
     }
@@ -2505,10 +2219,8 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
         let texts = [
             full_block(&f),
             minimal(&f, "ia3"),
-            minimal(&f, "qlora").replace(
-                "type: qlora",
-                "type: qlora\n  init_lora_weights: false\n  target_modules: '.*_proj'",
-            ),
+            minimal(&f, "qlora")
+                .replace("type: qlora", "type: qlora\n  init_lora_weights: false\n  target_modules: '.*_proj'"),
         ];
         for text in texts {
             let recipe = ok(&text, &[]);
@@ -2519,10 +2231,7 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
             };
             assert_eq!(recipe, again, "\n{yaml}");
             assert!(yaml.contains("learning_rate:"), "{yaml}");
-            assert!(
-                yaml.contains("epochs: 1") || yaml.contains("epochs: 2"),
-                "{yaml}"
-            );
+            assert!(yaml.contains("epochs: 1") || yaml.contains("epochs: 2"), "{yaml}");
         }
     }
 
@@ -2534,10 +2243,7 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
             std::process::id(),
             std::thread::current().id()
         ));
-        if let Err(e) = fs::write(
-            &path,
-            minimal(&f, "lora").replace("  type: lora", "  type: lora\n  r: zero"),
-        ) {
+        if let Err(e) = fs::write(&path, minimal(&f, "lora").replace("  type: lora", "  type: lora\n  r: zero")) {
             panic!("write: {e}");
         }
         let result = Recipe::load(&path, &[]);
@@ -2548,16 +2254,10 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
         };
         assert_msg(
             &e,
-            &format!(
-                "{}:4: adapter.r: expected a whole number ≥ 0, found a string \"zero\"",
-                path.display()
-            ),
+            &format!("{}:4: adapter.r: expected a whole number ≥ 0, found a string \"zero\"", path.display()),
             &[],
         );
         let missing = Recipe::load(Path::new("/no/such/recipe.yaml"), &[]);
-        assert!(
-            matches!(missing, Err(RecipeError::Read { .. })),
-            "{missing:?}"
-        );
+        assert!(matches!(missing, Err(RecipeError::Read { .. })), "{missing:?}");
     }
 }

@@ -36,7 +36,14 @@ fn hf_cache(root: &Path) -> PathBuf {
     std::fs::create_dir_all(repo.join("blobs")).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), commit).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ] {
         let blob = repo.join("blobs").join(format!("blob-{f}"));
         std::fs::copy(fixtures().join("tiny-llama").join(f), &blob).unwrap();
         std::os::unix::fs::symlink(format!("../../blobs/blob-{f}"), snap.join(f)).unwrap();
@@ -69,7 +76,12 @@ fn bad_recipe_exits_2_naming_line_and_key() {
     assert!(e.contains("recipe.yaml:4") && e.contains("adapter.rank"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
     // A wrong type, through --set: the override is named.
-    let o = bin().arg("train").arg(&r).args(["--set", "adapter.rank=", "--set", "training.learning_rate=fast"]).output().unwrap();
+    let o = bin()
+        .arg("train")
+        .arg(&r)
+        .args(["--set", "adapter.rank=", "--set", "training.learning_rate=fast"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     // Nothing was written.
     assert!(!d.join("out").exists());
@@ -106,7 +118,8 @@ fn offline_repo_id_eval_matches_transformers_loss() {
     assert_eq!(re, ids, "fixture text does not round-trip");
     let logits = exp["logits_base"].squeeze(0).unwrap();
     let lsm: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits, 1).unwrap().to_vec2().unwrap();
-    let want: f64 = -(0..ids.len() - 1).map(|j| lsm[j][ids[j + 1] as usize] as f64).sum::<f64>() / (ids.len() - 1) as f64;
+    let want: f64 =
+        -(0..ids.len() - 1).map(|j| lsm[j][ids[j + 1] as usize] as f64).sum::<f64>() / (ids.len() - 1) as f64;
 
     let data = d.join("eval.jsonl");
     std::fs::write(&data, format!("{}\n", serde_json::json!({"text": text}))).unwrap();
@@ -124,7 +137,12 @@ fn offline_repo_id_eval_matches_transformers_loss() {
     assert!((v["perplexity"].as_f64().unwrap() - want.exp()).abs() < 1e-2);
 
     // Not in the cache while offline: a clear error, exit 2.
-    let o = bin().env("HF_HUB_CACHE", &cache).args(["eval", "--base", "peftkit-test/absent", "--data"]).arg(&data).output().unwrap();
+    let o = bin()
+        .env("HF_HUB_CACHE", &cache)
+        .args(["eval", "--base", "peftkit-test/absent", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("HF_HUB_OFFLINE"), "{}", stderr(&o));
 }
@@ -159,7 +177,8 @@ fn train_end_to_end_from_cache_writes_peft_adapter_and_card() {
     for f in ["adapter_config.json", "adapter_model.safetensors", "README.md", "metrics.jsonl", "peftkit_recipe.yaml"] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["base_model_name_or_path"], "peftkit-test/tiny-llama");
     assert_eq!(cfg["r"], 4);
     let st = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
@@ -168,7 +187,11 @@ fn train_end_to_end_from_cache_writes_peft_adapter_and_card() {
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     assert!(card.starts_with("---\nbase_model: peftkit-test/tiny-llama\n"), "{card}");
     // No temporary files left behind.
-    let leftovers: Vec<_> = std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
     assert!(leftovers.is_empty());
     // A second run into the same folder is refused without --resume or --overwrite, and nothing is touched.
     let before = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
@@ -181,7 +204,14 @@ fn train_end_to_end_from_cache_writes_peft_adapter_and_card() {
     // Same seed, same machine: the same adapter bytes.
     assert_eq!(std::fs::read(out.join("adapter_model.safetensors")).unwrap(), before);
     // The trained adapter is evaluated by `eval --adapter`.
-    let o = bin().env("HF_HUB_CACHE", &cache).args(["eval", "--base", "peftkit-test/tiny-llama", "--json", "--adapter"]).arg(&out).arg("--data").arg(&data).output().unwrap();
+    let o = bin()
+        .env("HF_HUB_CACHE", &cache)
+        .args(["eval", "--base", "peftkit-test/tiny-llama", "--json", "--adapter"])
+        .arg(&out)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -191,7 +221,9 @@ fn sigint_checkpoints_and_resume_finishes() {
     let d = tmp("sigint");
     let cache = hf_cache(&d.join("hub"));
     let data = d.join("train.jsonl");
-    let lines: String = (0..16).map(|i| serde_json::json!({"text": format!("line {i}: the quick brown fox {}", i * 13)}).to_string() + "\n").collect();
+    let lines: String = (0..16)
+        .map(|i| serde_json::json!({"text": format!("line {i}: the quick brown fox {}", i * 13)}).to_string() + "\n")
+        .collect();
     std::fs::write(&data, lines).unwrap();
     let out = d.join("adapter");
     let r = write_recipe(
@@ -203,7 +235,8 @@ fn sigint_checkpoints_and_resume_finishes() {
             out.display()
         ),
     );
-    let child = bin().env("HF_HUB_CACHE", &cache).arg("train").arg(&r).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child =
+        bin().env("HF_HUB_CACHE", &cache).arg("train").arg(&r).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Wait until training is under way (the metrics log has lines), then interrupt.
     let started = std::time::Instant::now();
     while std::fs::read_to_string(out.join("metrics.jsonl")).map(|s| s.lines().count() < 3).unwrap_or(true) {
@@ -241,7 +274,11 @@ fn every_recipe_in_recipes_validates() {
         let o = bin().current_dir(env!("CARGO_MANIFEST_DIR")).arg("inspect").arg(&p).output().unwrap();
         assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
         let text = std::fs::read_to_string(&p).unwrap();
-        assert!(text.starts_with('#'), "{} should open with a comment saying the command, hardware and time", p.display());
+        assert!(
+            text.starts_with('#'),
+            "{} should open with a comment saying the command, hardware and time",
+            p.display()
+        );
         n += 1;
     }
     assert!(n >= 2, "found {n} recipes");

@@ -58,10 +58,7 @@ struct Request {
 
 impl Request {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -76,11 +73,7 @@ struct Response {
 
 impl Response {
     fn new(status: u16) -> Self {
-        Response {
-            status,
-            headers: Vec::new(),
-            body: Vec::new(),
-        }
+        Response { status, headers: Vec::new(), body: Vec::new() }
     }
     fn header(mut self, k: &str, v: impl Into<String>) -> Self {
         self.headers.push((k.to_string(), v.into()));
@@ -156,8 +149,7 @@ fn route(repos: &Repos, req: &Request) -> Response {
                     r.body = bytes.clone();
                     r
                 }
-                None => Response::error(404, "EntryNotFound", "Entry not found")
-                    .header("X-Repo-Commit", COMMIT),
+                None => Response::error(404, "EntryNotFound", "Entry not found").header("X-Repo-Commit", COMMIT),
             }
         }
         ["resolve", ..] => Response::error(404, "RevisionNotFound", "Invalid rev id"),
@@ -192,8 +184,7 @@ impl FakeHub {
                         Ok((stream, _)) => {
                             let requests = requests.clone();
                             let repos = repos.clone();
-                            workers
-                                .push(std::thread::spawn(move || serve(stream, &repos, &requests)));
+                            workers.push(std::thread::spawn(move || serve(stream, &repos, &requests)));
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(5))
@@ -206,12 +197,7 @@ impl FakeHub {
                 }
             })
         };
-        FakeHub {
-            addr,
-            stop,
-            requests,
-            thread: Some(thread),
-        }
+        FakeHub { addr, stop, requests, thread: Some(thread) }
     }
 
     fn endpoint(&self) -> String {
@@ -258,11 +244,7 @@ fn serve(mut stream: TcpStream, repos: &Repos, requests: &Mutex<Vec<Request>>) {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    let req = Request {
-        method,
-        target,
-        headers,
-    };
+    let req = Request { method, target, headers };
     if let Ok(mut r) = requests.lock() {
         r.push(req.clone());
     }
@@ -277,10 +259,7 @@ fn serve(mut stream: TcpStream, repos: &Repos, requests: &Mutex<Vec<Request>>) {
     for (k, v) in &resp.headers {
         out.push_str(&format!("{k}: {v}\r\n"));
     }
-    out.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        resp.body.len()
-    ));
+    out.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", resp.body.len()));
     let mut bytes = out.into_bytes();
     if req.method != "HEAD" {
         bytes.extend_from_slice(&resp.body);
@@ -291,10 +270,7 @@ fn serve(mut stream: TcpStream, repos: &Repos, requests: &Mutex<Vec<Request>>) {
 
 fn repos() -> Repos {
     let mut repos = Repos::new();
-    let tiny: BTreeMap<String, Vec<u8>> = FIXTURE_FILES
-        .iter()
-        .map(|f| (f.to_string(), fixture(f)))
-        .collect();
+    let tiny: BTreeMap<String, Vec<u8>> = FIXTURE_FILES.iter().map(|f| (f.to_string(), fixture(f))).collect();
     repos.insert(TINY.to_string(), tiny.clone());
     repos.insert(BROKEN_CDN.to_string(), tiny.clone());
 
@@ -305,18 +281,9 @@ fn repos() -> Repos {
         "b": "model-00001-of-00002.safetensors",
         "c": "model-00002-of-00002.safetensors"
     }});
-    sharded.insert(
-        "model.safetensors.index.json".into(),
-        index.to_string().into_bytes(),
-    );
-    sharded.insert(
-        "model-00001-of-00002.safetensors".into(),
-        b"first shard".to_vec(),
-    );
-    sharded.insert(
-        "model-00002-of-00002.safetensors".into(),
-        b"second shard".to_vec(),
-    );
+    sharded.insert("model.safetensors.index.json".into(), index.to_string().into_bytes());
+    sharded.insert("model-00001-of-00002.safetensors".into(), b"first shard".to_vec());
+    sharded.insert("model-00002-of-00002.safetensors".into(), b"second shard".to_vec());
     repos.insert(SHARDED.to_string(), sharded);
 
     let mut pickle = BTreeMap::new();
@@ -358,19 +325,14 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 fn downloads_into_the_hf_cache_then_works_offline() {
     let hub = FakeHub::start(repos());
     let cache = tempfile::tempdir().expect("tmp");
-    let files = resolve_model(TINY, None, &online(&hub, cache.path(), Some(TOKEN)))
-        .expect("online resolve");
+    let files = resolve_model(TINY, None, &online(&hub, cache.path(), Some(TOKEN))).expect("online resolve");
 
     // Every file arrives, byte for byte.
     let repo_dir = cache.path().join("models--peftkit-test--tiny-llama");
     let snap = repo_dir.join("snapshots").join(COMMIT);
     assert_eq!(
         files.source,
-        ModelSource::Hub {
-            repo: TINY.into(),
-            revision: "main".into(),
-            commit: Some(COMMIT.into())
-        }
+        ModelSource::Hub { repo: TINY.into(), revision: "main".into(), commit: Some(COMMIT.into()) }
     );
     assert_eq!(files.dir, snap);
     let pairs = [
@@ -384,22 +346,13 @@ fn downloads_into_the_hf_cache_then_works_offline() {
     for (path, name) in pairs {
         let path = path.unwrap_or_else(|| panic!("{name} not resolved"));
         assert_eq!(path, snap.join(name));
-        assert_eq!(
-            std::fs::read(&path).expect("read"),
-            fixture(name),
-            "{name} differs"
-        );
+        assert_eq!(std::fs::read(&path).expect("read"), fixture(name), "{name} differs");
     }
     assert_eq!(files.weights.len(), 1);
     assert_eq!(files.special_tokens_map, None);
 
     // The cache has the huggingface_hub layout.
-    assert_eq!(
-        std::fs::read_to_string(repo_dir.join("refs/main"))
-            .expect("ref")
-            .trim(),
-        COMMIT
-    );
+    assert_eq!(std::fs::read_to_string(repo_dir.join("refs/main")).expect("ref").trim(), COMMIT);
     for name in FIXTURE_FILES {
         let blob = repo_dir.join("blobs").join(etag(&fixture(name)));
         assert!(blob.is_file(), "blob of {name}");
@@ -409,56 +362,32 @@ fn downloads_into_the_hf_cache_then_works_offline() {
             assert_eq!(link, Path::new("../../blobs").join(etag(&fixture(name))));
         }
     }
-    assert!(repo_dir
-        .join(".no_exist")
-        .join(COMMIT)
-        .join("special_tokens_map.json")
-        .exists());
+    assert!(repo_dir.join(".no_exist").join(COMMIT).join("special_tokens_map.json").exists());
 
     // The token went out only as a Bearer header, on every request, and nowhere else.
     let reqs = hub.requests();
     assert!(!reqs.is_empty());
     for r in &reqs {
-        assert_eq!(
-            r.header("authorization"),
-            Some(format!("Bearer {TOKEN}").as_str()),
-            "{r:?}"
-        );
+        assert_eq!(r.header("authorization"), Some(format!("Bearer {TOKEN}").as_str()), "{r:?}");
         assert!(!r.target.contains(TOKEN), "token in the URL: {}", r.target);
         for (k, v) in &r.headers {
-            assert!(
-                k == "authorization" || !v.contains(TOKEN),
-                "token in header {k}"
-            );
+            assert!(k == "authorization" || !v.contains(TOKEN), "token in header {k}");
         }
     }
     // Only the needed files were asked for.
     for r in &reqs {
-        assert!(
-            !r.target.ends_with(".bin") && !r.target.contains("gguf"),
-            "{}",
-            r.target
-        );
+        assert!(!r.target.ends_with(".bin") && !r.target.contains("gguf"), "{}", r.target);
     }
     // …and it is in no file of the cache.
     for f in files_under(cache.path()) {
         if let Ok(bytes) = std::fs::read(&f) {
-            assert!(
-                !bytes.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()),
-                "token in {}",
-                f.display()
-            );
+            assert!(!bytes.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()), "token in {}", f.display());
         }
     }
 
     // Offline, from the cache alone: same answer, no request.
     let before = hub.requests().len();
-    let offline = HubOptions {
-        offline: true,
-        endpoint: None,
-        token: None,
-        ..online(&hub, cache.path(), None)
-    };
+    let offline = HubOptions { offline: true, endpoint: None, token: None, ..online(&hub, cache.path(), None) };
     let again = resolve_model(TINY, None, &offline).expect("offline resolve");
     assert_eq!(again, files);
     let by_sha = resolve_model(TINY, Some(COMMIT), &offline).expect("offline by sha");
@@ -466,8 +395,7 @@ fn downloads_into_the_hf_cache_then_works_offline() {
     assert_eq!(hub.requests().len(), before);
 
     // Online again with a warm cache: one HEAD for config.json (revision main), nothing downloaded.
-    let warm =
-        resolve_model(TINY, None, &online(&hub, cache.path(), Some(TOKEN))).expect("warm resolve");
+    let warm = resolve_model(TINY, None, &online(&hub, cache.path(), Some(TOKEN))).expect("warm resolve");
     assert_eq!(warm, files);
     let new: Vec<Request> = hub.requests().into_iter().skip(before).collect();
     assert!(new.iter().all(|r| r.method == "HEAD"), "{new:?}");
@@ -478,71 +406,34 @@ fn downloads_into_the_hf_cache_then_works_offline() {
 fn sharded_repo_fetches_the_index_and_its_shards() {
     let hub = FakeHub::start(repos());
     let cache = tempfile::tempdir().expect("tmp");
-    let files = resolve_model(
-        SHARDED,
-        Some("main"),
-        &online(&hub, cache.path(), Some(TOKEN)),
-    )
-    .expect("resolve");
-    let snap = cache
-        .path()
-        .join("models--peftkit-test--tiny-llama-sharded/snapshots")
-        .join(COMMIT);
+    let files = resolve_model(SHARDED, Some("main"), &online(&hub, cache.path(), Some(TOKEN))).expect("resolve");
+    let snap = cache.path().join("models--peftkit-test--tiny-llama-sharded/snapshots").join(COMMIT);
     assert_eq!(
         files.weights,
-        vec![
-            snap.join("model-00001-of-00002.safetensors"),
-            snap.join("model-00002-of-00002.safetensors")
-        ]
+        vec![snap.join("model-00001-of-00002.safetensors"), snap.join("model-00002-of-00002.safetensors")]
     );
-    assert_eq!(
-        std::fs::read(&files.weights[0]).expect("read"),
-        b"first shard"
-    );
-    assert_eq!(
-        std::fs::read(&files.weights[1]).expect("read"),
-        b"second shard"
-    );
+    assert_eq!(std::fs::read(&files.weights[0]).expect("read"), b"first shard");
+    assert_eq!(std::fs::read(&files.weights[1]).expect("read"), b"second shard");
     // Offline works too (no model.safetensors marker needed: hf-hub wrote one on the 404 anyway).
-    let offline = HubOptions {
-        offline: true,
-        ..online(&hub, cache.path(), None)
-    };
-    assert_eq!(
-        resolve_model(SHARDED, None, &offline)
-            .expect("offline")
-            .weights,
-        files.weights
-    );
+    let offline = HubOptions { offline: true, ..online(&hub, cache.path(), None) };
+    assert_eq!(resolve_model(SHARDED, None, &offline).expect("offline").weights, files.weights);
 }
 
 #[test]
 fn repo_without_safetensors_is_refused_without_downloading_other_formats() {
     let hub = FakeHub::start(repos());
     let cache = tempfile::tempdir().expect("tmp");
-    let err = resolve_model(PICKLE, None, &online(&hub, cache.path(), Some(TOKEN)))
-        .expect_err("no safetensors");
+    let err = resolve_model(PICKLE, None, &online(&hub, cache.path(), Some(TOKEN))).expect_err("no safetensors");
     match &err {
         HubError::NoSafetensors { repo, found } => {
             assert_eq!(repo, PICKLE);
-            assert!(
-                found.contains("pytorch_model.bin") && found.contains("model.gguf"),
-                "{found}"
-            );
+            assert!(found.contains("pytorch_model.bin") && found.contains("model.gguf"), "{found}");
         }
         other => panic!("expected NoSafetensors, got {other:?}"),
     }
-    assert!(
-        err.to_string()
-            .contains("only safetensors weights are supported"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("only safetensors weights are supported"), "{err}");
     for r in hub.requests() {
-        assert!(
-            !r.target.contains("pytorch_model.bin") && !r.target.contains("model.gguf"),
-            "{}",
-            r.target
-        );
+        assert!(!r.target.contains("pytorch_model.bin") && !r.target.contains("model.gguf"), "{}", r.target);
     }
 }
 
@@ -550,32 +441,21 @@ fn repo_without_safetensors_is_refused_without_downloading_other_formats() {
 fn unknown_repo_is_repo_not_found() {
     let hub = FakeHub::start(repos());
     let cache = tempfile::tempdir().expect("tmp");
-    let err = resolve_model(
-        "peftkit-test/does-not-exist",
-        None,
-        &online(&hub, cache.path(), Some(TOKEN)),
-    )
-    .expect_err("404");
+    let err =
+        resolve_model("peftkit-test/does-not-exist", None, &online(&hub, cache.path(), Some(TOKEN))).expect_err("404");
     match &err {
         HubError::RepoNotFound { repo } => assert_eq!(repo, "peftkit-test/does-not-exist"),
         other => panic!("expected RepoNotFound, got {other:?}"),
     }
     let msg = err.to_string();
-    assert!(
-        msg.contains("not found on the Hub") && msg.contains("HF_TOKEN"),
-        "{msg}"
-    );
+    assert!(msg.contains("not found on the Hub") && msg.contains("HF_TOKEN"), "{msg}");
 }
 
 #[test]
 fn unknown_revision_is_revision_not_found() {
     let hub = FakeHub::start(repos());
     let cache = tempfile::tempdir().expect("tmp");
-    match resolve_model(
-        TINY,
-        Some("no-such-branch"),
-        &online(&hub, cache.path(), Some(TOKEN)),
-    ) {
+    match resolve_model(TINY, Some("no-such-branch"), &online(&hub, cache.path(), Some(TOKEN))) {
         Err(HubError::RevisionNotFound { repo, revision }) => {
             assert_eq!(repo, TINY);
             assert_eq!(revision, "no-such-branch");
@@ -588,14 +468,9 @@ fn unknown_revision_is_revision_not_found() {
 fn unauthorized_is_gated_and_never_shows_the_token() {
     let hub = FakeHub::start(repos());
     let cache = tempfile::tempdir().expect("tmp");
-    let err =
-        resolve_model(GATED, None, &online(&hub, cache.path(), Some(TOKEN))).expect_err("401");
+    let err = resolve_model(GATED, None, &online(&hub, cache.path(), Some(TOKEN))).expect_err("401");
     match &err {
-        HubError::Gated {
-            repo,
-            status,
-            token_sent,
-        } => {
+        HubError::Gated { repo, status, token_sent } => {
             assert_eq!(repo, GATED);
             assert_eq!(*status, 401);
             assert!(*token_sent);
@@ -604,14 +479,8 @@ fn unauthorized_is_gated_and_never_shows_the_token() {
     }
     let display = err.to_string();
     let debug = format!("{err:?}");
-    assert!(
-        display.contains("HF_TOKEN") && display.contains("huggingface-cli login"),
-        "{display}"
-    );
-    assert!(
-        !display.contains(TOKEN) && !debug.contains(TOKEN),
-        "token leaked: {display} / {debug}"
-    );
+    assert!(display.contains("HF_TOKEN") && display.contains("huggingface-cli login"), "{display}");
+    assert!(!display.contains(TOKEN) && !debug.contains(TOKEN), "token leaked: {display} / {debug}");
     let mut chain = std::error::Error::source(&err);
     while let Some(cause) = chain {
         assert!(!cause.to_string().contains(TOKEN));
@@ -622,11 +491,7 @@ fn unauthorized_is_gated_and_never_shows_the_token() {
 #[test]
 fn unreachable_endpoint_is_a_network_error() {
     // Bind then free a port: connections to it are refused.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let cache = tempfile::tempdir().expect("tmp");
     let opts = HubOptions {
         cache_dir: Some(cache.path().to_path_buf()),
@@ -651,42 +516,20 @@ fn unreachable_endpoint_is_a_network_error() {
 fn an_error_page_in_place_of_weights_is_caught_and_removed() {
     let hub = FakeHub::start(repos());
     let cache = tempfile::tempdir().expect("tmp");
-    let err = resolve_model(BROKEN_CDN, None, &online(&hub, cache.path(), Some(TOKEN)))
-        .expect_err("corrupt");
+    let err = resolve_model(BROKEN_CDN, None, &online(&hub, cache.path(), Some(TOKEN))).expect_err("corrupt");
     let want = etag(&fixture("model.safetensors"));
     match &err {
-        HubError::Corrupted {
-            repo,
-            file,
-            expected,
-            actual,
-        } => {
-            assert_eq!(
-                (repo.as_str(), file.as_str()),
-                (BROKEN_CDN, "model.safetensors")
-            );
+        HubError::Corrupted { repo, file, expected, actual } => {
+            assert_eq!((repo.as_str(), file.as_str()), (BROKEN_CDN, "model.safetensors"));
             assert_eq!(expected, &want);
             assert_ne!(actual, &want);
         }
         other => panic!("expected Corrupted, got {other:?}"),
     }
     let repo_dir = cache.path().join("models--peftkit-test--broken-cdn");
-    assert!(
-        !repo_dir.join("blobs").join(&want).exists(),
-        "bad blob kept"
-    );
-    let pointer = repo_dir
-        .join("snapshots")
-        .join(COMMIT)
-        .join("model.safetensors");
-    assert!(
-        std::fs::symlink_metadata(pointer).is_err(),
-        "bad snapshot entry kept"
-    );
+    assert!(!repo_dir.join("blobs").join(&want).exists(), "bad blob kept");
+    let pointer = repo_dir.join("snapshots").join(COMMIT).join("model.safetensors");
+    assert!(std::fs::symlink_metadata(pointer).is_err(), "bad snapshot entry kept");
     // The config and tokenizer files (fine) stay cached.
-    assert!(repo_dir
-        .join("snapshots")
-        .join(COMMIT)
-        .join("config.json")
-        .is_file());
+    assert!(repo_dir.join("snapshots").join(COMMIT).join("config.json").is_file());
 }

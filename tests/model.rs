@@ -56,6 +56,40 @@ fn peft_lora_fixture_matches_unmerged_logits() {
 }
 
 #[test]
+fn peft_ia3_fixture_matches_logits() {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let (mut model, expected) = load(name);
+        let cfg = peft_format::load_adapter(&mut model, &fixture(name).join("peft-ia3")).unwrap();
+        assert_eq!(cfg.adapter.peft_type(), "IA3");
+        // k_proj, v_proj (output scaled) and down_proj (input scaled) in each of the 2 layers.
+        assert_eq!(model.linears().filter(|l| l.adapter.is_some()).count(), 6);
+        let d = rel_diff(&logits(&model, &expected), &expected["logits_ia3"]);
+        println!("{name}: IA3 logits max rel diff {d:e}");
+        assert!(d <= 1e-4, "{name}: {d}");
+        assert!(rel_diff(&expected["logits_base"], &expected["logits_ia3"]) > 1e-2);
+    }
+}
+
+#[test]
+fn ia3_with_all_ones_vectors_is_the_identity() {
+    use peftkit::adapter::{attach, AdapterConfig, Ia3Config, TargetModules};
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let (mut model, expected) = load(name);
+        let base = logits(&model, &expected);
+        // Every projection, so that output scaling (with Qwen2's biases) and input scaling are both covered.
+        let cfg = Ia3Config {
+            target_modules: TargetModules::AllLinear,
+            feedforward_modules: peftkit::adapter::FeedforwardModules::List(vec!["down_proj".into(), "up_proj".into()]),
+            init_ia3_weights: true,
+        };
+        assert_eq!(attach(&mut model, &AdapterConfig::Ia3(cfg), 0).unwrap(), 14);
+        let d =
+            (logits(&model, &expected) - base).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{name}");
+    }
+}
+
+#[test]
 fn prequantized_bnb4_checkpoint_matches_bitsandbytes_logits() {
     use peftkit::linear::FrozenWeight;
     let (model, expected) = load("tiny-llama-bnb4");

@@ -2,7 +2,7 @@
 //! interrupted and resumed writes the same adapter bytes as an uninterrupted one.
 
 use candle_core::{DType, Device, Tensor};
-use peftkit::adapter::{self, peft_format, AdapterConfig, LoraConfig, LoraInit, TargetModules};
+use peftkit::adapter::{self, peft_format, AdapterConfig, Ia3Config, LoraConfig, LoraInit, TargetModules};
 use peftkit::data::Example;
 use peftkit::model::{load_llama, Llama};
 use peftkit::recipe::LrScheduler;
@@ -97,7 +97,7 @@ fn training_lowers_loss_and_adapter_round_trips() {
     let mut fresh = tiny();
     let loaded = peft_format::load_adapter(&mut fresh, &out).unwrap();
     // all-linear is saved expanded to module names, as PEFT does.
-    let AdapterConfig::Lora(l) = &loaded.adapter;
+    let AdapterConfig::Lora(l) = &loaded.adapter else { panic!("not LoRA") };
     assert_eq!((l.r, l.lora_alpha, l.lora_dropout), (4, 8.0, 0.05));
     assert!(matches!(&l.target_modules, TargetModules::List(v) if v.len() == 7));
     let got = fresh.forward(&ids).unwrap();
@@ -108,6 +108,45 @@ fn training_lowers_loss_and_adapter_round_trips() {
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn ia3_training_lowers_loss_and_adapter_round_trips() {
+    let data = examples(24);
+    let valid = data[..8].to_vec();
+    let mut model = tiny();
+    let cfg_a = AdapterConfig::Ia3(Ia3Config::default());
+    assert_eq!(adapter::attach(&mut model, &cfg_a, 7).unwrap(), 6); // k, v, down in 2 layers
+    let before = train::evaluate(&model, &valid, 4, 0).unwrap();
+    let out = tmpdir("ia3");
+    let mut cfg = config(30);
+    cfg.learning_rate = 0.2;
+    cfg.weight_decay = 0.0;
+    let s = train::train(&mut model, &cfg_a, &data, Some(&valid), &cfg, "tiny-llama", &out, &TrainOptions::default())
+        .unwrap();
+    let after = s.final_eval.unwrap();
+    println!("IA3 eval loss {} -> {}", before.loss, after.loss);
+    assert!(after.loss < before.loss - 0.05, "loss did not drop: {} -> {}", before.loss, after.loss);
+
+    peft_format::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
+    let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250]], &Device::Cpu).unwrap();
+    let want = model.forward(&ids).unwrap();
+    let mut fresh = tiny();
+    let loaded = peft_format::load_adapter(&mut fresh, &out).unwrap();
+    assert_eq!(loaded.adapter, cfg_a);
+    let diff =
+        (want - fresh.forward(&ids).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0);
+    // PEFT's names and shapes: (out, 1) for k/v, (1, in) for the feedforward down_proj.
+    let t = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(t.len(), 6);
+    assert_eq!(t["base_model.model.model.layers.0.self_attn.k_proj.ia3_l"].dims(), [32, 1]);
+    assert_eq!(t["base_model.model.model.layers.1.mlp.down_proj.ia3_l"].dims(), [1, 160]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "IA3");
+    assert_eq!(cfg["feedforward_modules"], serde_json::json!(["down_proj"]));
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -172,11 +211,28 @@ fn interrupted_and_resumed_run_writes_identical_adapter_bytes() {
 /// finite differences of the loss.
 #[test]
 fn model_lora_gradients_match_finite_differences() {
-    let mut model = tiny();
     let mut cfg = lora(0.0);
-    let AdapterConfig::Lora(l) = &mut cfg;
+    let AdapterConfig::Lora(l) = &mut cfg else { unreachable!() };
     l.init = LoraInit::Random;
-    adapter::attach(&mut model, &cfg, 3).unwrap();
+    let checked = check_gradients(&cfg, &["layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"]);
+    assert!(checked >= 20);
+}
+
+/// IA3's gradients, for output-scaled (k_proj, v_proj) and input-scaled (down_proj) vectors, against finite differences.
+#[test]
+fn model_ia3_gradients_match_finite_differences() {
+    // Random vectors (init_ia3_weights: false), so that no gradient vanishes by symmetry.
+    let cfg = AdapterConfig::Ia3(Ia3Config { init_ia3_weights: false, ..Default::default() });
+    let checked =
+        check_gradients(&cfg, &["layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj", "layers.1.mlp.down_proj"]);
+    assert!(checked >= 15);
+}
+
+/// Compares the backward pass with central finite differences of the loss, for a few entries of every trainable
+/// tensor whose name contains one of `modules`; returns how many entries were checked.
+fn check_gradients(cfg: &AdapterConfig, modules: &[&str]) -> usize {
+    let mut model = tiny();
+    adapter::attach(&mut model, cfg, 3).unwrap();
     let batch = peftkit::data::make_batch(&examples(3).iter().collect::<Vec<_>>(), 0);
     let ids = Tensor::from_vec(batch.input_ids.clone(), (batch.batch, batch.seq), &Device::Cpu).unwrap();
     let ctx = peftkit::linear::ForwardCtx::default();
@@ -188,9 +244,7 @@ fn model_lora_gradients_match_finite_differences() {
     let grads = model.loss(&h, &batch.labels, 10.0).unwrap().backward().unwrap();
     let params = adapter::trainable(&model);
     let mut checked = 0;
-    for (name, var) in
-        params.iter().filter(|(n, _)| n.contains("layers.0.self_attn.q_proj") || n.contains("layers.1.mlp.down_proj"))
-    {
+    for (name, var) in params.iter().filter(|(n, _)| modules.iter().any(|m| n.contains(m))) {
         let g: Vec<f32> = grads.get(var.as_tensor()).expect(name).flatten_all().unwrap().to_vec1().unwrap();
         let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         for i in (0..base.len()).step_by(base.len() / 5 + 1) {
@@ -211,7 +265,7 @@ fn model_lora_gradients_match_finite_differences() {
             checked += 1;
         }
     }
-    assert!(checked >= 20);
+    checked
 }
 
 #[test]

@@ -2,10 +2,12 @@
 //!
 //! The set is closed: [`AdapterConfig`] is an enum and `match` is the registry.
 
+pub mod ia3;
 pub mod lora;
 pub mod peft_format;
 pub mod target;
 
+pub use ia3::{FeedforwardModules, Ia3Config, Ia3Layer};
 pub use lora::{LoraConfig, LoraInit, LoraLayer};
 pub use target::TargetModules;
 
@@ -24,8 +26,6 @@ pub enum AdapterError {
     Format { path: std::path::PathBuf, msg: String },
     #[error("{path}: {source}")]
     Io { path: std::path::PathBuf, source: std::io::Error },
-    #[error("adapter.type: `{0}` adapters cannot be trained by this version of peftkit (available: lora)")]
-    UnsupportedType(String),
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -34,12 +34,20 @@ pub enum AdapterError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum AdapterConfig {
     Lora(LoraConfig),
+    Ia3(Ia3Config),
 }
 
 impl AdapterConfig {
     /// The adapter described by a recipe's `adapter` section.
     pub fn from_spec(spec: &crate::recipe::AdapterSpec) -> Result<Self, AdapterError> {
         use crate::recipe::InitLoraWeights;
+        if let crate::recipe::AdapterSpec::Ia3(i) = spec {
+            return Ok(AdapterConfig::Ia3(Ia3Config {
+                target_modules: i.target_modules.clone(),
+                feedforward_modules: FeedforwardModules::List(i.feedforward_modules.clone()),
+                init_ia3_weights: i.init_ia3_weights,
+            }));
+        }
         // QLoRA trains the same LoRA adapter; only the base's storage differs (see `base_quant`).
         match spec.lora() {
             Some(l) => Ok(AdapterConfig::Lora(LoraConfig {
@@ -57,7 +65,7 @@ impl AdapterConfig {
                 rank_pattern: Default::default(),
                 alpha_pattern: Default::default(),
             })),
-            None => Err(AdapterError::UnsupportedType(spec.type_name().to_string())),
+            None => unreachable!("every adapter type other than ia3 has LoRA settings"),
         }
     }
 
@@ -76,6 +84,7 @@ impl AdapterConfig {
     pub fn peft_type(&self) -> &'static str {
         match self {
             AdapterConfig::Lora(_) => "LORA",
+            AdapterConfig::Ia3(_) => "IA3",
         }
     }
 }
@@ -107,6 +116,26 @@ pub fn attach(model: &mut Llama, config: &AdapterConfig, seed: u64) -> Result<us
                 count += 1;
             }
         }
+        AdapterConfig::Ia3(cfg) => {
+            let matcher = cfg.target_modules.matcher(None)?;
+            let device = model.device.clone();
+            for lin in model.linears_mut() {
+                if !matcher.matches(&lin.path) {
+                    continue;
+                }
+                let feedforward = cfg.feedforward_modules.matches(&lin.path);
+                let layer = Ia3Layer::init(
+                    lin.in_features,
+                    lin.out_features,
+                    feedforward,
+                    cfg.init_ia3_weights,
+                    &mut rng,
+                    &device,
+                )?;
+                lin.adapter = Some(LayerAdapter::Ia3(layer));
+                count += 1;
+            }
+        }
     }
     if count == 0 {
         let example = model.linears().next().map(|l| l.path.clone()).unwrap_or_default();
@@ -124,6 +153,7 @@ pub fn trainable(model: &Llama) -> Vec<(String, Var)> {
                 out.push((format!("base_model.model.{}.lora_A.weight", lin.path), l.a.clone()));
                 out.push((format!("base_model.model.{}.lora_B.weight", lin.path), l.b.clone()));
             }
+            Some(LayerAdapter::Ia3(l)) => out.push((format!("base_model.model.{}.ia3_l", lin.path), l.l.clone())),
             None => {}
         }
     }

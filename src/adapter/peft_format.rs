@@ -7,6 +7,7 @@
 //! `modules_to_save`, a LoRA bias) are refused with a clear error rather than silently dropped.
 //! Reference: PEFT `config.py`, `utils/save_and_load.py` (`get_peft_model_state_dict`).
 
+use super::ia3::{FeedforwardModules, Ia3Config, Ia3Layer};
 use super::lora::{LoraConfig, LoraInit, LoraLayer};
 use super::target::TargetModules;
 use super::{AdapterConfig, AdapterError};
@@ -126,7 +127,31 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig, AdapterError> {
                 alpha_pattern: pattern("alpha_pattern"),
             })
         }
-        other => return Err(format_err(&path, format!("peft_type `{other}` is not supported (supported: LORA)"))),
+        "IA3" => {
+            let target_modules = match get("target_modules") {
+                Some(v) => target_from_json(v, &path, "target_modules")?,
+                None => Ia3Config::default().target_modules,
+            };
+            let feedforward_modules = match get("feedforward_modules") {
+                Some(Value::String(r)) => FeedforwardModules::Regex(r.clone()),
+                Some(v) => match target_from_json(v, &path, "feedforward_modules")? {
+                    TargetModules::List(l) => FeedforwardModules::List(l),
+                    _ => {
+                        return Err(format_err(
+                            &path,
+                            "feedforward_modules: expected a list of module names or a regex string",
+                        ))
+                    }
+                },
+                None => Ia3Config::default().feedforward_modules,
+            };
+            AdapterConfig::Ia3(Ia3Config {
+                target_modules,
+                feedforward_modules,
+                init_ia3_weights: get("init_ia3_weights").and_then(|v| v.as_bool()).unwrap_or(true),
+            })
+        }
+        other => return Err(format_err(&path, format!("peft_type `{other}` is not supported (supported: LORA, IA3)"))),
     };
     Ok(PeftConfig { adapter, base_model_name_or_path: str_of("base_model_name_or_path"), revision: str_of("revision") })
 }
@@ -162,9 +187,15 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<(PeftConfig, Vec<Load
             return Err(format_err(&wpath, format!("tensor `{key}` is not named `{PREFIX}<module>.<adapter tensor>`")));
         };
         let (module, leaf) = match cfg.adapter {
-            AdapterConfig::Lora(_) => match rest.strip_suffix(".lora_A.weight").or_else(|| rest.strip_suffix(".lora_B.weight")) {
-                Some(m) => (m.to_string(), rest[m.len() + 1..].to_string()),
-                None => return Err(format_err(&wpath, format!("tensor `{key}` is not a lora_A / lora_B weight"))),
+            AdapterConfig::Lora(_) => {
+                match rest.strip_suffix(".lora_A.weight").or_else(|| rest.strip_suffix(".lora_B.weight")) {
+                    Some(m) => (m.to_string(), rest[m.len() + 1..].to_string()),
+                    None => return Err(format_err(&wpath, format!("tensor `{key}` is not a lora_A / lora_B weight"))),
+                }
+            }
+            AdapterConfig::Ia3(_) => match rest.strip_suffix(".ia3_l") {
+                Some(m) => (m.to_string(), "ia3_l".to_string()),
+                None => return Err(format_err(&wpath, format!("tensor `{key}` is not an ia3_l vector"))),
             },
         };
         by_module.entry(module).or_default().push((leaf, t));
@@ -182,7 +213,11 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<(PeftConfig, Vec<Load
                 if a.rank() != 2 || b.rank() != 2 || a.dims()[0] != b.dims()[1] {
                     return Err(format_err(
                         &wpath,
-                        format!("{a_key}: lora_A (r × in) and lora_B (out × r) do not fit together: {:?} and {:?}", a.dims(), b.dims()),
+                        format!(
+                            "{a_key}: lora_A (r × in) and lora_B (out × r) do not fit together: {:?} and {:?}",
+                            a.dims(),
+                            b.dims()
+                        ),
                     ));
                 }
                 let r = a.dims()[0];
@@ -193,6 +228,23 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<(PeftConfig, Vec<Load
                     lcfg.scaling(r, alpha),
                     lcfg.lora_dropout,
                 )?)
+            }
+            AdapterConfig::Ia3(icfg) => {
+                let l = parts.pop().map(|(_, t)| t).expect("one ia3_l per module");
+                let feedforward = icfg.feedforward_modules.matches(&module);
+                let d = l.dims();
+                let fits = d.len() == 2 && if feedforward { d[0] == 1 } else { d[1] == 1 };
+                if !fits {
+                    return Err(format_err(
+                        &wpath,
+                        format!(
+                            "{PREFIX}{module}.ia3_l: shape {d:?}, expected {} for {} module",
+                            if feedforward { "(1, in)" } else { "(out, 1)" },
+                            if feedforward { "a feedforward (input-scaled)" } else { "an output-scaled" }
+                        ),
+                    ));
+                }
+                LayerAdapter::Ia3(Ia3Layer::from_weights(l.to_device(device)?, feedforward)?)
             }
         };
         out.push(LoadedAdapter { path: module, adapter });
@@ -257,7 +309,11 @@ pub fn save_adapter(
                 }
                 // PEFT refuses a regex together with layers_to_transform: name the adapted modules instead.
                 TargetModules::Regex(_) if l.layers_to_transform.is_some() => {
-                    json!(model.linears().filter(|lin| lin.adapter.is_some()).map(|lin| lin.path.clone()).collect::<Vec<_>>())
+                    json!(model
+                        .linears()
+                        .filter(|lin| lin.adapter.is_some())
+                        .map(|lin| lin.path.clone())
+                        .collect::<Vec<_>>())
                 }
                 t => target_to_json(t),
             };
@@ -265,7 +321,8 @@ pub fn save_adapter(
                 TargetModules::Regex(_) => None,
                 _ => l.layers_to_transform.clone(),
             };
-            let pattern_json = |p: &[(String, f64)]| Value::Object(p.iter().map(|(k, v)| (k.clone(), json!(v))).collect());
+            let pattern_json =
+                |p: &[(String, f64)]| Value::Object(p.iter().map(|(k, v)| (k.clone(), json!(v))).collect());
             cfg.insert("alpha_pattern".into(), pattern_json(&l.alpha_pattern));
             cfg.insert("auto_mapping".into(), Value::Null);
             cfg.insert("base_model_name_or_path".into(), json!(base_model_name_or_path));
@@ -293,6 +350,36 @@ pub fn save_adapter(
             cfg.insert("target_modules".into(), targets);
             cfg.insert("task_type".into(), json!("CAUSAL_LM"));
             cfg.insert("use_rslora".into(), json!(l.use_rslora));
+        }
+        AdapterConfig::Ia3(c) => {
+            // Long-standing IA3Config keys only. As for LoRA, `all-linear` is saved as the module names it resolved to.
+            let adapted: Vec<&str> =
+                model.linears().filter(|lin| lin.adapter.is_some()).map(|lin| lin.path.as_str()).collect();
+            let targets = match &c.target_modules {
+                TargetModules::AllLinear => {
+                    let mut names: Vec<String> =
+                        adapted.iter().filter_map(|p| p.rsplit('.').next().map(str::to_string)).collect();
+                    names.sort();
+                    names.dedup();
+                    json!(names)
+                }
+                t => target_to_json(t),
+            };
+            let feedforward = match &c.feedforward_modules {
+                FeedforwardModules::List(l) => json!(l),
+                FeedforwardModules::Regex(r) => json!(r),
+            };
+            cfg.insert("auto_mapping".into(), Value::Null);
+            cfg.insert("base_model_name_or_path".into(), json!(base_model_name_or_path));
+            cfg.insert("fan_in_fan_out".into(), json!(false));
+            cfg.insert("feedforward_modules".into(), feedforward);
+            cfg.insert("inference_mode".into(), json!(true));
+            cfg.insert("init_ia3_weights".into(), json!(c.init_ia3_weights));
+            cfg.insert("modules_to_save".into(), Value::Null);
+            cfg.insert("peft_type".into(), json!("IA3"));
+            cfg.insert("revision".into(), json!(revision));
+            cfg.insert("target_modules".into(), targets);
+            cfg.insert("task_type".into(), json!("CAUSAL_LM"));
         }
     }
     // The weights first, then the config that describes them.

@@ -59,9 +59,7 @@ impl TargetMatcher {
         let hit = match &self.targets {
             // The output head is never a target of all-linear (PEFT excludes it).
             TargetModules::AllLinear => path != "lm_head" && !path.ends_with(".lm_head"),
-            TargetModules::List(names) => {
-                names.iter().any(|n| path == n || path.ends_with(&format!(".{n}")))
-            }
+            TargetModules::List(names) => names.iter().any(|n| path == n || path.ends_with(&format!(".{n}"))),
             TargetModules::Regex(_) => self.regex.as_ref().is_some_and(|r| r.is_match(path)),
         };
         hit && match &self.layers {
@@ -77,7 +75,8 @@ mod tests {
 
     #[test]
     fn peft_matching_rules() {
-        let list = TargetModules::List(vec!["q_proj".into(), "model.layers.1.mlp.up_proj".into()]).matcher(None).unwrap();
+        let list =
+            TargetModules::List(vec!["q_proj".into(), "model.layers.1.mlp.up_proj".into()]).matcher(None).unwrap();
         assert!(list.matches("model.layers.0.self_attn.q_proj"));
         assert!(list.matches("model.layers.1.mlp.up_proj"));
         assert!(!list.matches("model.layers.0.mlp.up_proj"));

@@ -30,6 +30,10 @@ pub fn run(a: Args) -> Result<()> {
                 );
                 println!("  target_modules: {:?}", l.target_modules);
             }
+            AdapterConfig::Ia3(c) => {
+                println!("  target_modules: {:?}", c.target_modules);
+                println!("  feedforward_modules (input scaled): {:?}", c.feedforward_modules);
+            }
         }
         println!("  tensors: {}, parameters: {params}", tensors.len());
     } else if p.is_file() && peftkit::base::is_gguf_path(&p.to_string_lossy()) {

@@ -106,7 +106,10 @@ pub fn run(args: Args) -> Result<()> {
         tracing::info!("base projections held in NF4: {:.1} MB", bytes as f64 / 1e6);
         if let peftkit::recipe::AdapterSpec::Qlora(q) = &recipe.adapter {
             // The CPU computes in f32; bnb_4bit_compute_dtype is the GPU's compute type.
-            tracing::info!("computing in f32 on the CPU (bnb_4bit_compute_dtype {:?} applies on a GPU)", q.bnb_4bit_compute_dtype);
+            tracing::info!(
+                "computing in f32 on the CPU (bnb_4bit_compute_dtype {:?} applies on a GPU)",
+                q.bnb_4bit_compute_dtype
+            );
         }
     }
     let opts = EncodeOptions { sequence_len: recipe.data.sequence_len, train_on_inputs: recipe.data.train_on_inputs };

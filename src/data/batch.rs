@@ -39,11 +39,7 @@ impl Batch {
 
 /// Stacks `examples` into a batch right-padded with `pad_id` to the longest one.
 pub fn make_batch(examples: &[&Example], pad_id: u32) -> Batch {
-    let seq = examples
-        .iter()
-        .map(|example| example.input_ids.len())
-        .max()
-        .unwrap_or(0);
+    let seq = examples.iter().map(|example| example.input_ids.len()).max().unwrap_or(0);
     let batch = examples.len();
     let mut input_ids = Vec::with_capacity(batch * seq);
     let mut labels = Vec::with_capacity(batch * seq);
@@ -53,26 +49,12 @@ pub fn make_batch(examples: &[&Example], pad_id: u32) -> Batch {
         input_ids.extend_from_slice(&example.input_ids);
         input_ids.resize(input_ids.len() + (seq - len), pad_id);
         // Labels are padded to the same row length even if an example broke the length invariant.
-        let row: Vec<i32> = (0..seq)
-            .map(|i| {
-                example
-                    .labels
-                    .get(i)
-                    .copied()
-                    .filter(|_| i < len)
-                    .unwrap_or(IGNORE_INDEX)
-            })
-            .collect();
+        let row: Vec<i32> =
+            (0..seq).map(|i| example.labels.get(i).copied().filter(|_| i < len).unwrap_or(IGNORE_INDEX)).collect();
         labels.extend(row);
         lengths.push(len);
     }
-    Batch {
-        input_ids,
-        labels,
-        lengths,
-        batch,
-        seq,
-    }
+    Batch { input_ids, labels, lengths, batch, seq }
 }
 
 /// The order in which epoch `epoch` visits `n` examples: the identity without `shuffle`, else a
@@ -128,14 +110,8 @@ mod tests {
 
     #[test]
     fn batch_pads_right_with_masked_labels() {
-        let a = Example {
-            input_ids: vec![5, 6, 7],
-            labels: vec![-100, 6, 7],
-        };
-        let b = Example {
-            input_ids: vec![8],
-            labels: vec![8],
-        };
+        let a = Example { input_ids: vec![5, 6, 7], labels: vec![-100, 6, 7] };
+        let b = Example { input_ids: vec![8], labels: vec![8] };
         let batch = make_batch(&[&a, &b], 0);
         assert_eq!((batch.batch, batch.seq), (2, 3));
         assert_eq!(batch.input_ids, vec![5, 6, 7, 8, 0, 0]);
@@ -179,21 +155,11 @@ mod tests {
     fn pad_token_from_config_then_eos() {
         let tokenizer = fixture_tokenizer();
         let config = fixture_dir().join("tokenizer_config.json");
-        assert_eq!(
-            pad_token_id(&tokenizer, Some(&config)),
-            tokenizer.token_to_id("<|endoftext|>")
-        );
+        assert_eq!(pad_token_id(&tokenizer, Some(&config)), tokenizer.token_to_id("<|endoftext|>"));
         let dir = tempfile::tempdir().unwrap();
         let only_eos = dir.path().join("tokenizer_config.json");
-        std::fs::write(
-            &only_eos,
-            r#"{"pad_token": null, "eos_token": {"content": "<|im_end|>"}}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            pad_token_id(&tokenizer, Some(&only_eos)),
-            tokenizer.token_to_id("<|im_end|>")
-        );
+        std::fs::write(&only_eos, r#"{"pad_token": null, "eos_token": {"content": "<|im_end|>"}}"#).unwrap();
+        assert_eq!(pad_token_id(&tokenizer, Some(&only_eos)), tokenizer.token_to_id("<|im_end|>"));
         assert_eq!(pad_token_id(&tokenizer, None), None);
     }
 }

@@ -132,35 +132,21 @@ impl<'a> Encoder<'a> {
         );
         end_markers.sort();
         end_markers.dedup();
-        Self {
-            tokenizer,
-            template,
-            eos_id,
-            end_markers,
-            train_on_inputs,
-        }
+        Self { tokenizer, template, eos_id, end_markers, train_on_inputs }
     }
 
     /// Encodes one record (no truncation). Errors are messages; the caller adds file:line.
     pub fn encode(&self, record: &Record) -> Result<Example, String> {
         match record {
             Record::Chat(messages) => self.encode_chat(messages),
-            Record::Alpaca {
-                instruction,
-                input,
-                output,
-            } => self.encode_alpaca(&alpaca_prompt(instruction, input.as_deref()), output),
+            Record::Alpaca { instruction, input, output } => {
+                self.encode_alpaca(&alpaca_prompt(instruction, input.as_deref()), output)
+            }
             Record::Completion { prompt: None, text } => {
                 let (ids, _) = self.tokenize(text, true)?;
-                Ok(Example {
-                    labels: all_labels(&ids),
-                    input_ids: ids,
-                })
+                Ok(Example { labels: all_labels(&ids), input_ids: ids })
             }
-            Record::Completion {
-                prompt: Some(prompt),
-                text,
-            } => {
+            Record::Completion { prompt: Some(prompt), text } => {
                 let full = format!("{prompt}{text}");
                 let (ids, offsets) = self.tokenize(&full, true)?;
                 let labels = self.labels(&ids, &offsets, prompt.len()..full.len());
@@ -211,10 +197,7 @@ impl<'a> Encoder<'a> {
 
     /// Token ids and their byte offsets into `text`.
     fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Tokenized, String> {
-        let encoding = self
-            .tokenizer
-            .encode(text, add_special_tokens)
-            .map_err(|err| format!("tokenizer: {err}"))?;
+        let encoding = self.tokenizer.encode(text, add_special_tokens).map_err(|err| format!("tokenizer: {err}"))?;
         Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
 }
@@ -278,32 +261,25 @@ pub(crate) fn assistant_spans(
         let before = if index == 0 {
             String::new()
         } else {
-            template
-                .render(&messages[..index], true)
-                .map_err(|err| err.to_string())?
+            template.render(&messages[..index], true).map_err(|err| err.to_string())?
         };
-        let through = template
-            .render(&messages[..=index], false)
-            .map_err(|err| err.to_string())?;
+        let through = template.render(&messages[..=index], false).map_err(|err| err.to_string())?;
         let turn = if through.starts_with(&before) && full.starts_with(&through) && before.len() >= cursor {
             before.len()..through.len()
         } else {
             let added = &through[common_prefix_len(&before, &through)..];
             if added.trim().is_empty() {
-                return Err(format!(
-                    "the chat template renders nothing for messages[{index}] (assistant)"
-                ));
+                return Err(format!("the chat template renders nothing for messages[{index}] (assistant)"));
             }
-            let start = full
-                .get(cursor..)
-                .and_then(|rest| rest.find(added))
-                .map(|position| cursor + position)
-                .ok_or_else(|| {
-                    format!(
-                        "cannot locate messages[{index}] (assistant) in the rendered conversation: the chat \
+            let start =
+                full.get(cursor..).and_then(|rest| rest.find(added)).map(|position| cursor + position).ok_or_else(
+                    || {
+                        format!(
+                            "cannot locate messages[{index}] (assistant) in the rendered conversation: the chat \
                          template renders that turn differently when it is not the last one"
-                    )
-                })?;
+                        )
+                    },
+                )?;
             start..start + added.len()
         };
         cursor = turn.end;
@@ -421,20 +397,13 @@ mod tests {
         let template = fixture_template();
         let encoder = Encoder::new(&tokenizer, Some(&template), None, None, false);
         let example = encoder.encode(&Record::Chat(conversation())).unwrap();
-        assert_eq!(
-            supervised_runs(&tokenizer, &example),
-            vec!["It is 4.<|im_end|>", "Six, of course.<|im_end|>"]
-        );
+        assert_eq!(supervised_runs(&tokenizer, &example), vec!["It is 4.<|im_end|>", "Six, of course.<|im_end|>"]);
         // The ids are exactly the rendered text tokenized without added special tokens.
         let text = template.render(&conversation(), false).unwrap();
-        assert_eq!(
-            example.input_ids,
-            tokenizer.encode(text.as_str(), false).unwrap().get_ids()
-        );
+        assert_eq!(example.input_ids, tokenizer.encode(text.as_str(), false).unwrap().get_ids());
 
-        let all = Encoder::new(&tokenizer, Some(&template), None, None, true)
-            .encode(&Record::Chat(conversation()))
-            .unwrap();
+        let all =
+            Encoder::new(&tokenizer, Some(&template), None, None, true).encode(&Record::Chat(conversation())).unwrap();
         assert_eq!(all.supervised(), all.len());
     }
 
@@ -444,40 +413,23 @@ mod tests {
         for source in [SMOLLM2, QWEN25] {
             let template = ChatTemplate::new(source.into(), String::new(), "<|im_end|>".into()).unwrap();
             let encoder = Encoder::new(&tokenizer, Some(&template), None, None, false);
-            let messages = vec![
-                m("user", "Hi"),
-                m("assistant", "Hello!"),
-                m("user", "Bye"),
-                m("assistant", " Bye. "),
-            ];
+            let messages = vec![m("user", "Hi"), m("assistant", "Hello!"), m("user", "Bye"), m("assistant", " Bye. ")];
             let example = encoder.encode(&Record::Chat(messages.clone())).unwrap();
-            assert_eq!(
-                supervised_runs(&tokenizer, &example),
-                vec!["Hello!<|im_end|>", " Bye. <|im_end|>"]
-            );
+            assert_eq!(supervised_runs(&tokenizer, &example), vec!["Hello!<|im_end|>", " Bye. <|im_end|>"]);
             // Also with the system message given, and with an assistant turn first.
             let mut with_system = vec![m("system", "S")];
             with_system.extend(messages);
             let example = encoder.encode(&Record::Chat(with_system)).unwrap();
-            assert_eq!(
-                supervised_runs(&tokenizer, &example),
-                vec!["Hello!<|im_end|>", " Bye. <|im_end|>"]
-            );
-            let example = encoder
-                .encode(&Record::Chat(vec![m("assistant", "First."), m("user", "ok")]))
-                .unwrap();
+            assert_eq!(supervised_runs(&tokenizer, &example), vec!["Hello!<|im_end|>", " Bye. <|im_end|>"]);
+            let example = encoder.encode(&Record::Chat(vec![m("assistant", "First."), m("user", "ok")])).unwrap();
             assert_eq!(supervised_runs(&tokenizer, &example), vec!["First.<|im_end|>"]);
         }
     }
 
     #[test]
     fn llama3_masks_content_plus_eot() {
-        let tokenizer = tokenizer_with_specials(&[
-            "<|begin_of_text|>",
-            "<|start_header_id|>",
-            "<|end_header_id|>",
-            "<|eot_id|>",
-        ]);
+        let tokenizer =
+            tokenizer_with_specials(&["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]);
         let template = ChatTemplate::new(LLAMA3.into(), "<|begin_of_text|>".into(), "<|eot_id|>".into()).unwrap();
         let messages = vec![
             m("system", "Sys."),
@@ -497,31 +449,19 @@ mod tests {
         );
         let encoder = Encoder::new(&tokenizer, Some(&template), None, None, false);
         let example = encoder.encode(&Record::Chat(messages)).unwrap();
-        assert_eq!(
-            supervised_runs(&tokenizer, &example),
-            vec!["Hello there.<|eot_id|>", "Bye.<|eot_id|>"]
-        );
+        assert_eq!(supervised_runs(&tokenizer, &example), vec!["Hello there.<|eot_id|>", "Bye.<|eot_id|>"]);
         // bos is a single token at the start, placed by the template.
-        assert_eq!(
-            example.input_ids[0],
-            tokenizer.token_to_id("<|begin_of_text|>").unwrap()
-        );
+        assert_eq!(example.input_ids[0], tokenizer.token_to_id("<|begin_of_text|>").unwrap());
 
         // Assistant first: the prefix rendering differs (no bos without messages), the fallback finds it.
-        let example = encoder
-            .encode(&Record::Chat(vec![m("assistant", "a"), m("user", "u")]))
-            .unwrap();
+        let example = encoder.encode(&Record::Chat(vec![m("assistant", "a"), m("user", "u")])).unwrap();
         assert_eq!(supervised_runs(&tokenizer, &example), vec!["a<|eot_id|>"]);
     }
 
     #[test]
     fn llama31_system_header_with_date_is_masked() {
-        let tokenizer = tokenizer_with_specials(&[
-            "<|begin_of_text|>",
-            "<|start_header_id|>",
-            "<|end_header_id|>",
-            "<|eot_id|>",
-        ]);
+        let tokenizer =
+            tokenizer_with_specials(&["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]);
         let template = ChatTemplate::new(LLAMA31.into(), "<|begin_of_text|>".into(), "<|eot_id|>".into()).unwrap();
         let messages = vec![
             m("system", " Sys. "),
@@ -536,10 +476,7 @@ mod tests {
         let encoder = Encoder::new(&tokenizer, Some(&template), None, None, false);
         for messages in [messages.clone(), messages[1..].to_vec()] {
             let example = encoder.encode(&Record::Chat(messages)).unwrap();
-            assert_eq!(
-                supervised_runs(&tokenizer, &example),
-                vec!["Hello.<|eot_id|>", "Bye.<|eot_id|>"]
-            );
+            assert_eq!(supervised_runs(&tokenizer, &example), vec!["Hello.<|eot_id|>", "Bye.<|eot_id|>"]);
         }
     }
 
@@ -548,25 +485,13 @@ mod tests {
         let tokenizer = tokenizer_with_specials(&["<s>", "</s>", "[INST]", "[/INST]"]);
         let template = ChatTemplate::new(MISTRAL.into(), "<s>".into(), "</s>".into()).unwrap();
         let encoder = Encoder::new(&tokenizer, Some(&template), None, Some("</s>"), false);
-        let messages = vec![
-            m("user", "Hi"),
-            m("assistant", "Hello."),
-            m("user", "More"),
-            m("assistant", "Sure."),
-        ];
+        let messages = vec![m("user", "Hi"), m("assistant", "Hello."), m("user", "More"), m("assistant", "Sure.")];
         let example = encoder.encode(&Record::Chat(messages)).unwrap();
         assert_eq!(supervised_runs(&tokenizer, &example), vec!["Hello.</s>", "Sure.</s>"]);
 
-        let err = encoder
-            .encode(&Record::Chat(vec![m("user", "a"), m("user", "b")]))
-            .unwrap_err();
-        assert!(
-            err.contains("Conversation roles must alternate user/assistant/user/assistant/..."),
-            "{err}"
-        );
-        let err = encoder
-            .encode(&Record::Chat(vec![m("system", "s"), m("user", "b")]))
-            .unwrap_err();
+        let err = encoder.encode(&Record::Chat(vec![m("user", "a"), m("user", "b")])).unwrap_err();
+        assert!(err.contains("Conversation roles must alternate user/assistant/user/assistant/..."), "{err}");
+        let err = encoder.encode(&Record::Chat(vec![m("system", "s"), m("user", "b")])).unwrap_err();
         assert!(err.contains("Conversation roles must alternate"), "{err}");
     }
 
@@ -587,38 +512,23 @@ mod tests {
         let example = encoder.encode(&Record::Chat(messages)).unwrap();
         let runs = supervised_runs(&tokenizer, &example);
         assert_eq!(runs.len(), 2, "{runs:?}");
-        assert!(
-            runs[0].trim_start() == "Hello.</s>" && runs[1].trim_start() == "Sure.</s>",
-            "{runs:?}"
-        );
+        assert!(runs[0].trim_start() == "Hello.</s>" && runs[1].trim_start() == "Sure.</s>", "{runs:?}");
     }
 
     #[test]
     fn alpaca_masks_prompt() {
         let tokenizer = fixture_tokenizer();
         let eos = tokenizer.token_to_id("<|im_end|>").unwrap();
-        let record = Record::Alpaca {
-            instruction: "Add.".into(),
-            input: Some("2 and 2".into()),
-            output: "4".into(),
-        };
-        let example = Encoder::new(&tokenizer, None, Some(eos), None, false)
-            .encode(&record)
-            .unwrap();
+        let record = Record::Alpaca { instruction: "Add.".into(), input: Some("2 and 2".into()), output: "4".into() };
+        let example = Encoder::new(&tokenizer, None, Some(eos), None, false).encode(&record).unwrap();
         let prompt = alpaca_prompt("Add.", Some("2 and 2"));
         assert!(prompt.ends_with("### Input:\n2 and 2\n\n### Response:\n"));
-        let expected: Vec<u32> = tokenizer
-            .encode(format!("{prompt}4").as_str(), true)
-            .unwrap()
-            .get_ids()
-            .to_vec();
+        let expected: Vec<u32> = tokenizer.encode(format!("{prompt}4").as_str(), true).unwrap().get_ids().to_vec();
         assert_eq!(&example.input_ids[..expected.len()], &expected[..]);
         assert_eq!(example.input_ids.len(), expected.len() + 1);
         assert_eq!(*example.input_ids.last().unwrap(), eos);
         assert_eq!(supervised_runs(&tokenizer, &example), vec!["4<|im_end|>"]);
-        let all = Encoder::new(&tokenizer, None, Some(eos), None, true)
-            .encode(&record)
-            .unwrap();
+        let all = Encoder::new(&tokenizer, None, Some(eos), None, true).encode(&record).unwrap();
         assert_eq!(all.supervised(), all.len());
         assert_eq!(all.input_ids, example.input_ids);
         assert!(alpaca_prompt("I", None).contains(
@@ -631,21 +541,13 @@ mod tests {
         let tokenizer = fixture_tokenizer();
         let text = "The quick brown fox<|im_end|> jumps.";
         let example = Encoder::new(&tokenizer, None, None, None, false)
-            .encode(&Record::Completion {
-                prompt: None,
-                text: text.into(),
-            })
+            .encode(&Record::Completion { prompt: None, text: text.into() })
             .unwrap();
         assert_eq!(example.input_ids, tokenizer.encode(text, true).unwrap().get_ids());
         assert_eq!(example.supervised(), example.len());
 
-        let record = Record::Completion {
-            prompt: Some("Q: hi\nA:".into()),
-            text: " hello".into(),
-        };
-        let example = Encoder::new(&tokenizer, None, None, None, false)
-            .encode(&record)
-            .unwrap();
+        let record = Record::Completion { prompt: Some("Q: hi\nA:".into()), text: " hello".into() };
+        let example = Encoder::new(&tokenizer, None, None, None, false).encode(&record).unwrap();
         assert_eq!(supervised_runs(&tokenizer, &example), vec![" hello"]);
     }
 
@@ -661,18 +563,9 @@ mod tests {
 
     #[test]
     fn truncation_keeps_head() {
-        let mut example = Example {
-            input_ids: vec![1, 2, 3],
-            labels: vec![-100, 2, 3],
-        };
+        let mut example = Example { input_ids: vec![1, 2, 3], labels: vec![-100, 2, 3] };
         assert!(!example.truncate(3));
         assert!(example.truncate(2));
-        assert_eq!(
-            example,
-            Example {
-                input_ids: vec![1, 2],
-                labels: vec![-100, 2]
-            }
-        );
+        assert_eq!(example, Example { input_ids: vec![1, 2], labels: vec![-100, 2] });
     }
 }

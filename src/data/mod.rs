@@ -129,37 +129,23 @@ pub fn load_dataset(
     eos_token: Option<&str>,
     opts: &EncodeOptions,
 ) -> Result<Dataset, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
     let sha256 = hex(&Sha256::digest(&bytes));
-    let text = std::str::from_utf8(&bytes).map_err(|err| DataError::Utf8 {
-        path: path.to_path_buf(),
-        line: line_of_offset(&bytes, err.valid_up_to()),
-    })?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|err| DataError::Utf8 { path: path.to_path_buf(), line: line_of_offset(&bytes, err.valid_up_to()) })?;
 
     let raw = read_records(path, text)?;
-    let first = raw.first().ok_or_else(|| DataError::Empty {
-        path: path.to_path_buf(),
-    })?;
+    let first = raw.first().ok_or_else(|| DataError::Empty { path: path.to_path_buf() })?;
     let format = match format {
         Some(format) => format,
         None => detect_format(path, first)?,
     };
-    let records: Vec<Record> = raw
-        .iter()
-        .map(|record| parse_record(path, record, format))
-        .collect::<Result<_, _>>()?;
+    let records: Vec<Record> = raw.iter().map(|record| parse_record(path, record, format)).collect::<Result<_, _>>()?;
 
     if format == Format::Chat && template.is_none() {
-        return Err(DataError::NoTemplate {
-            path: path.to_path_buf(),
-        });
+        return Err(DataError::NoTemplate { path: path.to_path_buf() });
     }
-    let eos_token = eos_token
-        .filter(|t| !t.is_empty())
-        .or(template.map(|t| t.eos_token()).filter(|t| !t.is_empty()));
+    let eos_token = eos_token.filter(|t| !t.is_empty()).or(template.map(|t| t.eos_token()).filter(|t| !t.is_empty()));
     let eos_id = match (format, eos_token) {
         (Format::Alpaca, None) => {
             return Err(DataError::Token {
@@ -183,19 +169,13 @@ pub fn load_dataset(
         .par_iter()
         .zip(raw.par_iter())
         .map(|(record, raw)| {
-            let mut example = encoder
-                .encode(record)
-                .map_err(|message| raw.location(path).record(message))?;
+            let mut example = encoder.encode(record).map_err(|message| raw.location(path).record(message))?;
             let truncated = example.truncate(opts.sequence_len);
             Ok((example, truncated))
         })
         .collect();
 
-    let mut stats = DatasetStats {
-        records: records.len(),
-        sha256,
-        ..DatasetStats::default()
-    };
+    let mut stats = DatasetStats { records: records.len(), sha256, ..DatasetStats::default() };
     let mut examples = Vec::with_capacity(records.len());
     for result in encoded {
         let (example, truncated) = result?;
@@ -217,12 +197,7 @@ pub fn load_dataset(
             sequence_len: opts.sequence_len,
         });
     }
-    Ok(Dataset {
-        path: path.to_path_buf(),
-        format,
-        examples,
-        stats,
-    })
+    Ok(Dataset { path: path.to_path_buf(), format, examples, stats })
 }
 
 /// Lowercase hex of `bytes`.
@@ -242,10 +217,7 @@ mod tests {
     }
 
     fn opts(sequence_len: usize) -> EncodeOptions {
-        EncodeOptions {
-            sequence_len,
-            train_on_inputs: false,
-        }
+        EncodeOptions { sequence_len, train_on_inputs: false }
     }
 
     const CHAT: &str = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"}]}
@@ -258,10 +230,7 @@ mod tests {
             assert_eq!(format.to_string().parse::<Format>().unwrap(), format);
         }
         assert_eq!(" Chat ".parse::<Format>().unwrap(), Format::Chat);
-        assert!(matches!(
-            "sharegpt".parse::<Format>(),
-            Err(DataError::UnknownFormat { .. })
-        ));
+        assert!(matches!("sharegpt".parse::<Format>(), Err(DataError::UnknownFormat { .. })));
     }
 
     #[test]
@@ -273,15 +242,9 @@ mod tests {
         assert_eq!(dataset.format, Format::Chat);
         assert_eq!(dataset.examples.len(), 2);
         let stats = &dataset.stats;
-        assert_eq!(
-            (stats.records, stats.examples, stats.truncated, stats.dropped),
-            (2, 2, 0, 0)
-        );
+        assert_eq!((stats.records, stats.examples, stats.truncated, stats.dropped), (2, 2, 0, 0));
         assert_eq!(stats.tokens, dataset.examples.iter().map(Example::len).sum::<usize>());
-        assert_eq!(
-            stats.supervised_tokens,
-            dataset.examples.iter().map(Example::supervised).sum::<usize>()
-        );
+        assert_eq!(stats.supervised_tokens, dataset.examples.iter().map(Example::supervised).sum::<usize>());
         assert_eq!(stats.sha256, hex(&Sha256::digest(CHAT.as_bytes())));
         assert_eq!(stats.sha256.len(), 64);
         let supervised: Vec<u32> = dataset.examples[1]
@@ -309,23 +272,13 @@ mod tests {
         // Record 1 fits partly into 12 tokens (it keeps some supervised tokens), record 2's
         // assistant turn falls past the cut, record 3 has no assistant turn at all.
         let first_len = fixture_template()
-            .render(
-                &[
-                    Message::new("user", "Hi"),
-                    Message::new("assistant", "Hello there, friend."),
-                ],
-                false,
-            )
+            .render(&[Message::new("user", "Hi"), Message::new("assistant", "Hello there, friend.")], false)
             .map(|text| tokenizer.encode(text.as_str(), false).unwrap().len())
             .unwrap();
         let sequence_len = first_len - 2;
         let dataset = load_dataset(&path, None, &tokenizer, Some(&template), None, &opts(sequence_len)).unwrap();
         let stats = &dataset.stats;
-        assert_eq!(
-            (stats.records, stats.examples, stats.truncated, stats.dropped),
-            (3, 1, 2, 2),
-            "{stats:?}"
-        );
+        assert_eq!((stats.records, stats.examples, stats.truncated, stats.dropped), (3, 1, 2, 2), "{stats:?}");
         assert_eq!(dataset.examples[0].len(), sequence_len);
         assert_eq!(stats.tokens, sequence_len);
 
@@ -337,37 +290,20 @@ mod tests {
     fn alpaca_and_completion_files() {
         let dir = tempfile::tempdir().unwrap();
         let tokenizer = fixture_tokenizer();
-        let alpaca = write(
-            &dir,
-            "a.jsonl",
-            r#"{"instruction": "Say hi", "input": "", "output": "hi"}"#,
-        );
+        let alpaca = write(&dir, "a.jsonl", r#"{"instruction": "Say hi", "input": "", "output": "hi"}"#);
         let dataset = load_dataset(&alpaca, None, &tokenizer, None, Some("<|im_end|>"), &opts(512)).unwrap();
         assert_eq!(dataset.format, Format::Alpaca);
         let example = &dataset.examples[0];
-        assert_eq!(
-            example.labels[example.len() - 1],
-            tokenizer.token_to_id("<|im_end|>").unwrap() as i32
-        );
+        assert_eq!(example.labels[example.len() - 1], tokenizer.token_to_id("<|im_end|>").unwrap() as i32);
         assert_eq!(example.supervised(), tokenizer.encode("hi", false).unwrap().len() + 1);
         // Without any eos token: a clear error.
         let err = load_dataset(&alpaca, None, &tokenizer, None, None, &opts(512)).unwrap_err();
-        assert!(
-            matches!(&err, DataError::Token { key, .. } if key == "eos_token"),
-            "{err:?}"
-        );
+        assert!(matches!(&err, DataError::Token { key, .. } if key == "eos_token"), "{err:?}");
 
-        let completion = write(
-            &dir,
-            "c.json",
-            "[\n {\"text\": \"hello world\"},\n {\"text\": \"bye\"}\n]\n",
-        );
+        let completion = write(&dir, "c.json", "[\n {\"text\": \"hello world\"},\n {\"text\": \"bye\"}\n]\n");
         let dataset = load_dataset(&completion, None, &tokenizer, None, None, &opts(512)).unwrap();
         assert_eq!(dataset.format, Format::Completion);
-        assert_eq!(
-            dataset.examples[0].input_ids,
-            tokenizer.encode("hello world", true).unwrap().get_ids()
-        );
+        assert_eq!(dataset.examples[0].input_ids, tokenizer.encode("hello world", true).unwrap().get_ids());
         assert_eq!(dataset.stats.supervised_tokens, dataset.stats.tokens);
     }
 
@@ -378,10 +314,7 @@ mod tests {
         let template = fixture_template();
 
         let empty = write(&dir, "empty.jsonl", "\n  \n");
-        assert!(matches!(
-            load_dataset(&empty, None, &tokenizer, None, None, &opts(8)),
-            Err(DataError::Empty { .. })
-        ));
+        assert!(matches!(load_dataset(&empty, None, &tokenizer, None, None, &opts(8)), Err(DataError::Empty { .. })));
         let empty_array = write(&dir, "empty.json", " [ ] ");
         assert!(matches!(
             load_dataset(&empty_array, None, &tokenizer, None, None, &opts(8)),
@@ -394,11 +327,7 @@ mod tests {
 
         let bad = write(&dir, "bad.jsonl", &format!("{CHAT}{{\"messages\": [}}\n"));
         let err = load_dataset(&bad, None, &tokenizer, Some(&template), None, &opts(8)).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with(&format!("{}:3: malformed JSON", bad.display())),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with(&format!("{}:3: malformed JSON", bad.display())), "{err}");
 
         let wrong = write(
             &dir,
@@ -411,26 +340,13 @@ mod tests {
         let err = load_dataset(&wrong, None, &tokenizer, Some(&template), None, &opts(8)).unwrap_err();
         assert_eq!(
             err.to_string(),
-            format!(
-                "{}:4: `messages[1].content`: expected a string, found an array",
-                wrong.display()
-            )
+            format!("{}:4: `messages[1].content`: expected a string, found an array", wrong.display())
         );
 
         // An explicit format that does not fit the records names the missing field.
-        let err = load_dataset(
-            &chat,
-            Some(Format::Alpaca),
-            &tokenizer,
-            None,
-            Some("<|im_end|>"),
-            &opts(8),
-        )
-        .unwrap_err();
-        assert!(
-            matches!(&err, DataError::Field { key, line: 1, .. } if key == "instruction"),
-            "{err:?}"
-        );
+        let err =
+            load_dataset(&chat, Some(Format::Alpaca), &tokenizer, None, Some("<|im_end|>"), &opts(8)).unwrap_err();
+        assert!(matches!(&err, DataError::Field { key, line: 1, .. } if key == "instruction"), "{err:?}");
 
         let latin1 = dir.path().join("latin1.jsonl");
         std::fs::write(&latin1, b"{\"text\": \"a\"}\n{\"text\": \"caf\xe9\"}\n").unwrap();
@@ -440,10 +356,7 @@ mod tests {
         ));
 
         let missing = dir.path().join("missing.jsonl");
-        assert!(matches!(
-            load_dataset(&missing, None, &tokenizer, None, None, &opts(8)),
-            Err(DataError::Io { .. })
-        ));
+        assert!(matches!(load_dataset(&missing, None, &tokenizer, None, None, &opts(8)), Err(DataError::Io { .. })));
     }
 
     #[test]
@@ -460,13 +373,7 @@ mod tests {
         let err = load_dataset(&path, None, &tokenizer, Some(&template), None, &opts(64)).unwrap_err();
         assert!(matches!(err, DataError::Record { line: 2, .. }), "{err:?}");
         let message = err.to_string();
-        assert!(
-            message.starts_with(&format!("{}:2: chat template (<inline>", path.display())),
-            "{message}"
-        );
-        assert!(
-            message.ends_with("Conversation roles must alternate user/assistant/user/assistant/..."),
-            "{message}"
-        );
+        assert!(message.starts_with(&format!("{}:2: chat template (<inline>", path.display())), "{message}");
+        assert!(message.ends_with("Conversation roles must alternate user/assistant/user/assistant/..."), "{message}");
     }
 }

@@ -32,11 +32,7 @@ pub(crate) struct RawRecord {
 impl RawRecord {
     /// This record's location in `path`, for errors.
     pub fn location<'a>(&self, path: &'a Path) -> Location<'a> {
-        Location {
-            path,
-            line: self.line,
-            element: self.element,
-        }
+        Location { path, line: self.line, element: self.element }
     }
 }
 
@@ -46,11 +42,7 @@ pub(crate) enum Record {
     /// A conversation (roles checked, at least one message).
     Chat(Vec<Message>),
     /// An instruction; `input` is `None` when absent, null or empty.
-    Alpaca {
-        instruction: String,
-        input: Option<String>,
-        output: String,
-    },
+    Alpaca { instruction: String, input: Option<String>, output: String },
     /// Raw text; with `prompt` set, the prompt precedes `text` and is not supervised.
     Completion { prompt: Option<String>, text: String },
 }
@@ -80,11 +72,7 @@ fn read_jsonl(path: &Path, text: &str) -> Result<Vec<RawRecord>, DataError> {
             element: None,
             message: describe_json_error(&err),
         })?;
-        records.push(RawRecord {
-            line: line_no,
-            element: None,
-            value,
-        });
+        records.push(RawRecord { line: line_no, element: None, value });
     }
     Ok(records)
 }
@@ -104,11 +92,7 @@ fn read_json_array(path: &Path, text: &str) -> Result<Vec<RawRecord>, DataError>
     Ok(values
         .into_iter()
         .enumerate()
-        .map(|(index, value)| RawRecord {
-            line: lines.get(index).copied().unwrap_or(1),
-            element: Some(index),
-            value,
-        })
+        .map(|(index, value)| RawRecord { line: lines.get(index).copied().unwrap_or(1), element: Some(index), value })
         .collect())
 }
 
@@ -237,10 +221,7 @@ pub(crate) fn parse_record(path: &Path, record: &RawRecord, format: Format) -> R
         }),
         Format::Completion => {
             if object.contains_key("text") || !object.contains_key("prompt") {
-                Ok(Record::Completion {
-                    prompt: None,
-                    text: required_str(object, "text", "text", &loc)?,
-                })
+                Ok(Record::Completion { prompt: None, text: required_str(object, "text", "text", &loc)? })
             } else {
                 Ok(Record::Completion {
                     prompt: Some(required_str(object, "prompt", "prompt", &loc)?),
@@ -256,10 +237,7 @@ fn parse_chat(object: &Map<String, Value>, loc: &Location) -> Result<Record, Dat
         None => return Err(loc.field("messages", "missing")),
         Some(Value::Array(items)) => items,
         Some(other) => {
-            return Err(loc.field(
-                "messages",
-                format!("expected an array of messages, found {}", kind(other)),
-            ))
+            return Err(loc.field("messages", format!("expected an array of messages, found {}", kind(other))))
         }
     };
     if messages.is_empty() {
@@ -342,17 +320,7 @@ mod tests {
     fn malformed_jsonl_line_names_file_and_line() {
         let text = "{\"text\": \"a\"}\n{\"text\": \"b\"\n";
         let err = read_records(p(), text).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DataError::Json {
-                    line: 2,
-                    element: None,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DataError::Json { line: 2, element: None, .. }), "{err:?}");
         assert!(err.to_string().starts_with("d.jsonl:2: malformed JSON"), "{err}");
     }
 
@@ -369,14 +337,8 @@ mod tests {
         let text = "[\n{\"text\": \"a\"},\n{\"text\": 3}\n]";
         let records = read_records(p(), text).unwrap();
         let err = parse_record(p(), &records[1], Format::Completion).unwrap_err();
-        assert!(
-            matches!(&err, DataError::Field { line: 3, element: Some(1), key, .. } if key == "text"),
-            "{err:?}"
-        );
-        assert_eq!(
-            err.to_string(),
-            "d.jsonl:3 (element 1): `text`: expected a string, found a number"
-        );
+        assert!(matches!(&err, DataError::Field { line: 3, element: Some(1), key, .. } if key == "text"), "{err:?}");
+        assert_eq!(err.to_string(), "d.jsonl:3 (element 1): `text`: expected a string, found a number");
     }
 
     #[test]
@@ -392,15 +354,9 @@ mod tests {
             detect_format(p(), &records[0])
         };
         assert_eq!(detect(r#"{"messages": []}"#).unwrap(), Format::Chat);
-        assert_eq!(
-            detect(r#"{"instruction": "x", "output": "y"}"#).unwrap(),
-            Format::Alpaca
-        );
+        assert_eq!(detect(r#"{"instruction": "x", "output": "y"}"#).unwrap(), Format::Alpaca);
         assert_eq!(detect(r#"{"text": "x"}"#).unwrap(), Format::Completion);
-        assert_eq!(
-            detect(r#"{"prompt": "x", "completion": "y"}"#).unwrap(),
-            Format::Completion
-        );
+        assert_eq!(detect(r#"{"prompt": "x", "completion": "y"}"#).unwrap(), Format::Completion);
         let err = detect("\n{\"question\": \"x\", \"answer\": \"y\"}").unwrap_err();
         assert!(matches!(&err, DataError::UnknownLayout { line: 2, keys, .. } if keys == &["answer", "question"]));
         assert!(err.to_string().contains("d.jsonl:2"), "{err}");
@@ -423,11 +379,7 @@ mod tests {
             "messages[1].content",
             "expected a string, found a number",
         );
-        check(
-            r#"{"messages": [{"role": "bot", "content": "hi"}]}"#,
-            "messages[0].role",
-            "unknown role \"bot\"",
-        );
+        check(r#"{"messages": [{"role": "bot", "content": "hi"}]}"#, "messages[0].role", "unknown role \"bot\"");
         check(r#"{"messages": [{"content": "hi"}]}"#, "messages[0].role", "missing");
         check(r#"{"messages": "hi"}"#, "messages", "expected an array");
         check(r#"{"messages": []}"#, "messages", "empty");
@@ -438,14 +390,7 @@ mod tests {
     fn alpaca_input_is_optional() {
         let records = read_records(p(), r#"{"instruction": "i", "input": "", "output": "o"}"#).unwrap();
         let record = parse_record(p(), &records[0], Format::Alpaca).unwrap();
-        assert_eq!(
-            record,
-            Record::Alpaca {
-                instruction: "i".into(),
-                input: None,
-                output: "o".into()
-            }
-        );
+        assert_eq!(record, Record::Alpaca { instruction: "i".into(), input: None, output: "o".into() });
         let records = read_records(p(), r#"{"instruction": "i", "output": 1}"#).unwrap();
         let err = parse_record(p(), &records[0], Format::Alpaca).unwrap_err();
         assert!(matches!(&err, DataError::Field { key, .. } if key == "output"));

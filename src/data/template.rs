@@ -34,10 +34,7 @@ pub struct Message {
 impl Message {
     /// A message with `role` and `content`.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
 }
 
@@ -93,10 +90,8 @@ impl ChatTemplate {
         };
 
         let (source, origin) = if let Some(path) = chat_template_jinja.filter(|path| path.is_file()) {
-            let source = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            let source =
+                std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
             (source, path.display().to_string())
         } else if let Some((path, value)) = &config {
             match config_template(path, value)? {
@@ -126,13 +121,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(TEMPLATE_NAME, strip_generation_tags(&source))
             .map_err(|err| template_error(&origin, &err))?;
-        Ok(Self {
-            env,
-            source,
-            origin,
-            bos_token,
-            eos_token,
-        })
+        Ok(Self { env, source, origin, bos_token, eos_token })
     }
 
     /// Renders `messages` (with `add_generation_prompt`) to the text the model sees.
@@ -140,10 +129,7 @@ impl ChatTemplate {
     /// The context holds `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, and
     /// `tools` / `documents` set to none, as transformers passes them.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, DataError> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|err| template_error(&self.origin, &err))?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|err| template_error(&self.origin, &err))?;
         template
             .render(context! {
                 messages => messages,
@@ -186,12 +172,8 @@ fn raise_exception(message: String) -> Result<Value, Error> {
 fn strftime_now(format: String) -> Result<String, Error> {
     let mut out = String::new();
     // `write!` (not `to_string`) so that an invalid directive is an error instead of a panic.
-    write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
-        Error::new(
-            ErrorKind::InvalidOperation,
-            format!("strftime_now: invalid format {format:?}"),
-        )
-    })?;
+    write!(out, "{}", chrono::Local::now().format(&format))
+        .map_err(|_| Error::new(ErrorKind::InvalidOperation, format!("strftime_now: invalid format {format:?}")))?;
     Ok(out)
 }
 
@@ -236,19 +218,12 @@ fn template_error(origin: &str, err: &Error) -> DataError {
         message.push_str(&inner.to_string());
         cause = inner.source();
     }
-    DataError::Template {
-        origin: origin.to_string(),
-        line: err.line(),
-        message,
-    }
+    DataError::Template { origin: origin.to_string(), line: err.line(), message }
 }
 
 /// Reads and parses a JSON file.
 pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
     serde_json::from_str(&text).map_err(|err| DataError::Json {
         path: path.to_path_buf(),
         line: err.line().max(1),
@@ -282,11 +257,8 @@ pub(crate) fn special_token(path: &Path, config: &serde_json::Value, key: &str) 
 /// `chat_template` of tokenizer_config.json: a string, or a list of `{name, template}` (take `default`).
 fn config_template(path: &Path, config: &serde_json::Value) -> Result<Option<String>, DataError> {
     use serde_json::Value as J;
-    let bad = |message: String| DataError::Config {
-        path: path.to_path_buf(),
-        key: "chat_template".to_string(),
-        message,
-    };
+    let bad =
+        |message: String| DataError::Config { path: path.to_path_buf(), key: "chat_template".to_string(), message };
     match config.get("chat_template") {
         None | Some(J::Null) => Ok(None),
         Some(J::String(source)) => Ok(Some(source.clone())),
@@ -299,16 +271,11 @@ fn config_template(path: &Path, config: &serde_json::Value) -> Result<Option<Str
                     (Some("default"), Some(template)) => return Ok(Some(template.to_string())),
                     (Some(name), Some(_)) => names.push(name.to_string()),
                     _ => {
-                        return Err(bad(format!(
-                            "entry {index}: expected {{\"name\": string, \"template\": string}}"
-                        )))
+                        return Err(bad(format!("entry {index}: expected {{\"name\": string, \"template\": string}}")))
                     }
                 }
             }
-            Err(bad(format!(
-                "no template named `default` (found: {})",
-                names.join(", ")
-            )))
+            Err(bad(format!("no template named `default` (found: {})", names.join(", "))))
         }
         Some(_) => Err(bad("expected a string or a list of {name, template}".to_string())),
     }
@@ -334,11 +301,7 @@ mod tests {
         .unwrap();
         assert_eq!(template.bos_token(), "<|im_start|>");
         assert_eq!(template.eos_token(), "<|im_end|>");
-        let messages = [
-            m("system", "Be brief."),
-            m("user", "Hi there"),
-            m("assistant", "Hello!"),
-        ];
+        let messages = [m("system", "Be brief."), m("user", "Hi there"), m("assistant", "Hello!")];
         assert_eq!(
             template.render(&messages, false).unwrap(),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n\
@@ -363,17 +326,11 @@ mod tests {
     #[test]
     fn mistral_raise_exception_is_a_data_error() {
         let template = ChatTemplate::new(MISTRAL.into(), "<s>".into(), "</s>".into()).unwrap();
-        assert_eq!(
-            template.render(&[m("user", "a"), m("assistant", "b")], false).unwrap(),
-            "<s>[INST] a [/INST]b</s>"
-        );
+        assert_eq!(template.render(&[m("user", "a"), m("assistant", "b")], false).unwrap(), "<s>[INST] a [/INST]b</s>");
         let err = template.render(&[m("user", "a"), m("user", "b")], false).unwrap_err();
         match &err {
             DataError::Template { message, origin, .. } => {
-                assert_eq!(
-                    message,
-                    "Conversation roles must alternate user/assistant/user/assistant/..."
-                );
+                assert_eq!(message, "Conversation roles must alternate user/assistant/user/assistant/...");
                 assert_eq!(origin, "<inline>");
             }
             other => panic!("unexpected {other:?}"),
@@ -395,10 +352,7 @@ mod tests {
     fn generation_tags_are_ignored() {
         let source = "{% for m in messages %}{% if m.role == 'assistant' %}{%- generation %}{{ m.content }}{% endgeneration -%}{% else %}[{{ m.content }}]{% endif %}{% endfor %}";
         let template = ChatTemplate::new(source.into(), String::new(), String::new()).unwrap();
-        assert_eq!(
-            template.render(&[m("user", "q"), m("assistant", "a")], false).unwrap(),
-            "[q]a"
-        );
+        assert_eq!(template.render(&[m("user", "q"), m("assistant", "a")], false).unwrap(), "[q]a");
     }
 
     #[test]
@@ -418,27 +372,20 @@ mod tests {
         )
         .unwrap();
         let missing = dir.path().join("chat_template.jinja");
-        let template = ChatTemplate::from_model_files(Some(&config), Some(&missing))
-            .unwrap()
-            .unwrap();
+        let template = ChatTemplate::from_model_files(Some(&config), Some(&missing)).unwrap().unwrap();
         assert_eq!(template.render(&[], false).unwrap(), "D<s>");
         assert_eq!(template.eos_token(), "</s>");
 
         std::fs::write(&config, r#"{"chat_template": [{"name": "tool_use", "template": "T"}]}"#).unwrap();
         let err = ChatTemplate::from_model_files(Some(&config), None).unwrap_err();
-        assert!(
-            matches!(&err, DataError::Config { key, .. } if key == "chat_template"),
-            "{err:?}"
-        );
+        assert!(matches!(&err, DataError::Config { key, .. } if key == "chat_template"), "{err:?}");
 
         std::fs::write(&config, r#"{"eos_token": "</s>"}"#).unwrap();
         assert!(ChatTemplate::from_model_files(Some(&config), None).unwrap().is_none());
         assert!(ChatTemplate::from_model_files(None, None).unwrap().is_none());
 
         std::fs::write(&missing, "J{{ eos_token }}\n").unwrap();
-        let template = ChatTemplate::from_model_files(Some(&config), Some(&missing))
-            .unwrap()
-            .unwrap();
+        let template = ChatTemplate::from_model_files(Some(&config), Some(&missing)).unwrap().unwrap();
         assert_eq!(template.render(&[], false).unwrap(), "J</s>");
     }
 }

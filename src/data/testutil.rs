@@ -21,12 +21,9 @@ pub(crate) fn fixture_tokenizer() -> Tokenizer {
 /// The fixture's ChatML template with its bos/eos.
 pub(crate) fn fixture_template() -> ChatTemplate {
     let dir = fixture_dir();
-    ChatTemplate::from_model_files(
-        Some(&dir.join("tokenizer_config.json")),
-        Some(&dir.join("chat_template.jinja")),
-    )
-    .unwrap()
-    .unwrap()
+    ChatTemplate::from_model_files(Some(&dir.join("tokenizer_config.json")), Some(&dir.join("chat_template.jinja")))
+        .unwrap()
+        .unwrap()
 }
 
 /// The fixture tokenizer with extra special tokens (to stand in for Llama-3's or Mistral's).

@@ -101,7 +101,6 @@ impl TrainConfig {
         cfg
     }
 
-
     /// Micro-batches in one pass over `n` examples.
     pub fn micro_per_epoch(&self, n: usize) -> usize {
         n.div_ceil(self.micro_batch_size)
@@ -157,7 +156,12 @@ pub struct EvalResult {
 }
 
 /// Evaluates `model` on `examples`: mean next-token NLL over supervised positions.
-pub fn evaluate(model: &Llama, examples: &[Example], micro_batch: usize, pad_id: u32) -> candle_core::Result<EvalResult> {
+pub fn evaluate(
+    model: &Llama,
+    examples: &[Example],
+    micro_batch: usize,
+    pad_id: u32,
+) -> candle_core::Result<EvalResult> {
     let ctx = ForwardCtx { dropout_seed: None, no_grad: true };
     let (mut sum, mut count) = (0f64, 0usize);
     let refs: Vec<&Example> = examples.iter().collect();
@@ -265,7 +269,12 @@ fn save_checkpoint(
 
 /// Restores adapter weights and optimizer moments from a checkpoint; returns the step it was taken after and the
 /// run's progress facts saved with it.
-fn load_checkpoint(dir: &Path, opt: &mut AdamW, names: &[String], fp: &str) -> Result<(usize, serde_json::Value), TrainError> {
+fn load_checkpoint(
+    dir: &Path,
+    opt: &mut AdamW,
+    names: &[String],
+    fp: &str,
+) -> Result<(usize, serde_json::Value), TrainError> {
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
     let state: serde_json::Value =
@@ -277,10 +286,12 @@ fn load_checkpoint(dir: &Path, opt: &mut AdamW, names: &[String], fp: &str) -> R
             dir.display()
         )));
     }
-    let step = state["step"].as_u64().ok_or_else(|| TrainError::Resume(format!("{}: no step", state_path.display())))?;
+    let step =
+        state["step"].as_u64().ok_or_else(|| TrainError::Resume(format!("{}: no step", state_path.display())))?;
     let read = |f: &str| {
         let p = dir.join(f);
-        candle_core::safetensors::load(&p, &Device::Cpu).map_err(|e| TrainError::Resume(format!("{}: {e}", p.display())))
+        candle_core::safetensors::load(&p, &Device::Cpu)
+            .map_err(|e| TrainError::Resume(format!("{}: {e}", p.display())))
     };
     let weights = read(peft_format::WEIGHTS_FILE)?;
     let moments = read(OPTIMIZER_FILE)?;
@@ -302,7 +313,10 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
     let kept: String = text
         .lines()
         .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step)
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
         })
         .map(|l| format!("{l}\n"))
         .collect();
@@ -373,14 +387,18 @@ pub fn train(
         let _ = std::fs::remove_file(&metrics_path);
         let _ = std::fs::remove_dir_all(out.join(CHECKPOINTS));
     }
-    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io_err(&metrics_path))?;
-    let mut log = |v: serde_json::Value| -> Result<(), TrainError> {
-        writeln!(metrics, "{v}").map_err(io_err(&metrics_path))
-    };
+    let mut metrics =
+        std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io_err(&metrics_path))?;
+    let mut log =
+        |v: serde_json::Value| -> Result<(), TrainError> { writeln!(metrics, "{v}").map_err(io_err(&metrics_path)) };
 
     let eval_batch = cfg.micro_batch_size;
     let eval_from_json = |v: &serde_json::Value| -> Option<EvalResult> {
-        Some(EvalResult { loss: v["loss"].as_f64()?, perplexity: v["perplexity"].as_f64()?, tokens: v["tokens"].as_u64()? as usize })
+        Some(EvalResult {
+            loss: v["loss"].as_f64()?,
+            perplexity: v["perplexity"].as_f64()?,
+            tokens: v["tokens"].as_u64()? as usize,
+        })
     };
     let initial_eval = match valid_set {
         Some(v) if start_step == 0 && !v.is_empty() => {
@@ -397,8 +415,10 @@ pub fn train(
     let bar = if opts.progress {
         let pb = indicatif::ProgressBar::new(total_steps as u64);
         pb.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         pb.set_position(start_step as u64);
         Some(pb)
@@ -429,14 +449,16 @@ pub fn train(
                 make_batch(&exs, cfg.pad_id)
             })
             .collect();
-        let denom = batches.iter().map(|b| Llama::count_targets(&b.labels, b.batch, b.seq)).sum::<usize>().max(1) as f64;
+        let denom =
+            batches.iter().map(|b| Llama::count_targets(&b.labels, b.batch, b.seq)).sum::<usize>().max(1) as f64;
 
         // Forward + backward over the micro-batches, summing gradients.
         let mut grads: Vec<Tensor> = Vec::new();
         let mut step_loss = 0f64;
         let mut step_tokens = 0usize;
         for (mi, batch) in batches.iter().enumerate() {
-            let ctx = ForwardCtx { dropout_seed: Some(ops::seed_of(&[cfg.seed, step as u64, mi as u64])), no_grad: false };
+            let ctx =
+                ForwardCtx { dropout_seed: Some(ops::seed_of(&[cfg.seed, step as u64, mi as u64])), no_grad: false };
             let ids = Tensor::from_vec(batch.input_ids.clone(), (batch.batch, batch.seq), &model.device)?;
             let hidden = model.forward_hidden(&ids, &ctx, None)?;
             let loss = model.loss(&hidden, &batch.labels, denom)?;
@@ -488,7 +510,9 @@ pub fn train(
         if let (Some(every), Some(v)) = (cfg.eval_every, valid_set) {
             if step % every == 0 && step < total_steps && !v.is_empty() {
                 let r = evaluate(model, v, eval_batch, cfg.pad_id)?;
-                log(json!({"step": step, "eval_loss": r.loss, "eval_perplexity": r.perplexity, "eval_tokens": r.tokens}))?;
+                log(
+                    json!({"step": step, "eval_loss": r.loss, "eval_perplexity": r.perplexity, "eval_tokens": r.tokens}),
+                )?;
                 if let Some(pb) = &bar {
                     pb.println(format!("step {step}: eval loss {:.4} (perplexity {:.2})", r.loss, r.perplexity));
                 }
@@ -503,8 +527,18 @@ pub fn train(
                 "wall_s": prior_wall + started.elapsed().as_secs_f64(),
                 "initial_eval": initial_eval.map(|r| json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens})),
             });
-            let dir =
-                save_checkpoint(model, adapter, &opt, &names, step, &fp, &progress, base_model, out, opts.keep_checkpoints)?;
+            let dir = save_checkpoint(
+                model,
+                adapter,
+                &opt,
+                &names,
+                step,
+                &fp,
+                &progress,
+                base_model,
+                out,
+                opts.keep_checkpoints,
+            )?;
             last_checkpoint = Some(dir.clone());
             if stop {
                 interrupted_at = Some(dir);

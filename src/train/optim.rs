@@ -97,7 +97,8 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_max_norm() {
-        let mut g = vec![Tensor::new(&[3.0f32, 0.0], &Device::Cpu).unwrap(), Tensor::new(&[4.0f32], &Device::Cpu).unwrap()];
+        let mut g =
+            vec![Tensor::new(&[3.0f32, 0.0], &Device::Cpu).unwrap(), Tensor::new(&[4.0f32], &Device::Cpu).unwrap()];
         let n = clip_grad_norm(&mut g, 1.0).unwrap();
         assert!((n - 5.0).abs() < 1e-9);
         assert!((global_norm(&g).unwrap() - 1.0).abs() < 1e-5);
