@@ -71,6 +71,37 @@ fn peft_ia3_fixture_matches_logits() {
 }
 
 #[test]
+fn peftkit_ia3_adapter_loads_in_peft_and_merges_like_peft() {
+    // PEFT computed these logits with this peftkit-trained IA3 adapter on transformers' tiny-qwen2, unmerged and
+    // after merge_and_unload() (tests/fixtures/tiny-qwen2-ia3-peftkit/make_peft_logits.py).
+    let (mut model, _) = load("tiny-qwen2");
+    let dir = fixture("tiny-qwen2-ia3-peftkit");
+    peft_format::load_adapter(&mut model, &dir).unwrap();
+    let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
+    let want = candle_core::safetensors::load(dir.join("peft_logits.safetensors"), &Device::Cpu).unwrap();
+    let d = rel_diff(&model.forward(&ids).unwrap(), &want["logits"]);
+    println!("peftkit IA3 adapter in PEFT: max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+    peftkit::adapter::merge_and_unload(&mut model).unwrap();
+    assert!(model.linears().all(|l| l.adapter.is_none()));
+    let d = rel_diff(&model.forward(&ids).unwrap(), &want["merged_logits"]);
+    println!("merged IA3 vs PEFT merge_and_unload: max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+}
+
+#[test]
+fn merge_and_unload_reproduces_peft_lora_merged_logits() {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let (mut model, expected) = load(name);
+        peft_format::load_adapter(&mut model, &fixture(name).join("peft-lora")).unwrap();
+        peftkit::adapter::merge_and_unload(&mut model).unwrap();
+        let d = rel_diff(&logits(&model, &expected), &expected["logits_lora_merged"]);
+        println!("{name}: merged LoRA vs PEFT merge_and_unload: max rel diff {d:e}");
+        assert!(d <= 1e-4, "{name}: {d}");
+    }
+}
+
+#[test]
 fn ia3_with_all_ones_vectors_is_the_identity() {
     use peftkit::adapter::{attach, AdapterConfig, Ia3Config, TargetModules};
     for name in ["tiny-llama", "tiny-qwen2"] {

@@ -166,3 +166,21 @@ pub fn detach_all(model: &mut Llama) {
         lin.adapter = None;
     }
 }
+
+/// Folds every attached adapter into its projection's weight (and bias) and removes it, like PEFT's
+/// `merge_and_unload()`: the model then computes the same function without adapter overhead. An NF4 weight
+/// becomes dense (its dequantized values plus the update).
+pub fn merge_and_unload(model: &mut Llama) -> candle_core::Result<()> {
+    use crate::linear::FrozenWeight;
+    for lin in model.linears_mut() {
+        let Some(adapter) = lin.adapter.take() else { continue };
+        let w = lin.weight.dense()?;
+        let dtype = w.dtype();
+        let merged = adapter.merge_weight(&w)?.to_dtype(dtype)?;
+        lin.weight = FrozenWeight::Dense(merged);
+        if let Some(b) = &lin.bias {
+            lin.bias = Some(adapter.merge_bias(b)?.to_dtype(b.dtype())?);
+        }
+    }
+    Ok(())
+}
