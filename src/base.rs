@@ -188,3 +188,51 @@ fn stop_ids(
     ids.retain(|id| seen.insert(*id));
     ids
 }
+
+/// The license the base model declares, when it declares one: `general.license` of a GGUF file, else the
+/// `license:` of the model card's front matter (`README.md` in the folder or Hub snapshot; for a Hub model the card
+/// is fetched, best effort), else a `license` key of `config.json`.
+pub fn license_of(base: &BaseModel, opts: &HubOptions) -> Option<String> {
+    if let Some(path) = &base.gguf {
+        return gguf::GgufFile::open(path).ok()?.string("general.license").ok().flatten();
+    }
+    let card = base.files.as_ref().and_then(|f| {
+        let local = f.dir.join("README.md");
+        if local.is_file() {
+            return Some(local);
+        }
+        match &f.source {
+            ModelSource::Hub { repo, commit, revision } => {
+                let rev = commit.as_deref().unwrap_or(revision);
+                hub::resolve_repo_file(repo, Some(rev), "README.md", opts).ok().map(|(p, _)| p)
+            }
+            _ => None,
+        }
+    });
+    card.and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| card_license(&text))
+        .or_else(|| base.model.config.raw.get("license").and_then(|l| l.as_str()).map(str::to_string))
+}
+
+/// `license:` of a model card's YAML front matter.
+fn card_license(card: &str) -> Option<String> {
+    let rest = card.strip_prefix("---")?;
+    let end = rest.find("\n---")?;
+    let meta: serde_yaml::Value = serde_yaml::from_str(&rest[..end]).ok()?;
+    match meta.get("license")? {
+        serde_yaml::Value::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn license_from_card_front_matter() {
+        assert_eq!(
+            super::card_license("---\nlicense: apache-2.0\ntags: [x]\n---\n# hi\n").as_deref(),
+            Some("apache-2.0")
+        );
+        assert_eq!(super::card_license("# no front matter\nlicense: mit\n"), None);
+    }
+}

@@ -110,9 +110,10 @@ pub fn adapter_card(f: &TrainingRecord, recipe_yaml: &str) -> String {
     s.push_str("---\n\n");
     let title = method_title(&f.method);
     let _ = writeln!(s, "# {title} adapter for {}\n", f.base_model);
+    let article = if title.starts_with(['A', 'E', 'I', 'O', 'U']) { "An" } else { "A" };
     let _ = writeln!(
         s,
-        "A {title} adapter ({} trainable parameters) for `{}`{}, trained with peftkit {}. It is stored in PEFT's format \
+        "{article} {title} adapter ({} trainable parameters) for `{}`{}, trained with peftkit {}. It is stored in PEFT's format \
          (`adapter_config.json` + `adapter_model.safetensors`).\n",
         f.trainable_params,
         f.base_model,
@@ -138,12 +139,17 @@ pub fn adapter_card(f: &TrainingRecord, recipe_yaml: &str) -> String {
     let _ = writeln!(s, "peftkit merge --base {} --adapter {} --out merged", f.base_model, f.adapter_dir);
     s.push_str("```\n\nWith Python (transformers + PEFT):\n\n```python\n");
     let _ = writeln!(s, "from transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n");
-    if f.base_model.ends_with(".gguf") {
-        let _ = writeln!(s, "# the base is a GGUF file: transformers dequantizes it when loading with gguf_file=");
-    }
-    let _ = writeln!(s, "base = AutoModelForCausalLM.from_pretrained(\"{}\")", f.base_model);
+    // transformers reads a GGUF file as (folder, gguf_file=name) and dequantizes it, as peftkit does.
+    let load_args = match f.base_model.rsplit_once('/') {
+        Some((dir, file)) if file.to_ascii_lowercase().ends_with(".gguf") => format!("\"{dir}\", gguf_file=\"{file}\""),
+        None if f.base_model.to_ascii_lowercase().ends_with(".gguf") => {
+            format!("\".\", gguf_file=\"{}\"", f.base_model)
+        }
+        _ => format!("\"{}\"", f.base_model),
+    };
+    let _ = writeln!(s, "base = AutoModelForCausalLM.from_pretrained({load_args})");
     let _ = writeln!(s, "model = PeftModel.from_pretrained(base, \"{}\")", f.adapter_dir);
-    let _ = writeln!(s, "tokenizer = AutoTokenizer.from_pretrained(\"{}\")", f.base_model);
+    let _ = writeln!(s, "tokenizer = AutoTokenizer.from_pretrained({load_args})");
     s.push_str("```\n\n");
     training_sections(&mut s, f, Some(recipe_yaml));
     s
@@ -193,5 +199,74 @@ pub fn training_sections(s: &mut String, f: &TrainingRecord, recipe_yaml: Option
     s.push_str("\n## Framework versions\n\n");
     for v in &f.frameworks {
         let _ = writeln!(s, "- {v}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn record(base: &str, hub: bool) -> TrainingRecord {
+        let data = DataFacts {
+            path: "datasets/x/train.jsonl".into(),
+            sha256: "ab".repeat(32),
+            format: "chat".into(),
+            examples: 10,
+            tokens: 1000,
+            supervised_tokens: 400,
+        };
+        TrainingRecord {
+            base_model: base.into(),
+            base_is_hub: hub,
+            revision: hub.then(|| "0123abcd".into()),
+            license: hub.then(|| "apache-2.0".into()),
+            method: "ia3".into(),
+            adapter_dir: "adapters/x".into(),
+            sequence_len: 256,
+            train: data.clone(),
+            validation: Some(data),
+            trainable_params: 57600,
+            steps: 40,
+            total_steps: 40,
+            last_train_loss: Some(1.5),
+            initial_eval: Some(EvalResult { loss: 2.9, perplexity: 18.2, tokens: 400 }),
+            final_eval: Some(EvalResult { loss: 1.5, perplexity: 4.5, tokens: 400 }),
+            tokens: 9000,
+            wall_s: 12.0,
+            peak_rss_mb: Some(1400.0),
+            device: "CPU (2 threads)".into(),
+            frameworks: framework_versions(),
+        }
+    }
+
+    fn front_matter(card: &str) -> serde_yaml::Value {
+        let rest = card.strip_prefix("---\n").expect("front matter");
+        serde_yaml::from_str(&rest[..rest.find("\n---\n").expect("end of front matter")]).unwrap()
+    }
+
+    #[test]
+    fn adapter_card_front_matter_is_hub_metadata() {
+        let card = adapter_card(&record("HuggingFaceTB/SmolLM2-135M-Instruct", true), "base_model: x\n");
+        let m = front_matter(&card);
+        assert_eq!(m["base_model"], "HuggingFaceTB/SmolLM2-135M-Instruct");
+        assert_eq!(m["base_model_relation"], "adapter");
+        assert_eq!(m["library_name"], "peft");
+        assert_eq!(m["pipeline_tag"], "text-generation");
+        assert_eq!(m["license"], "apache-2.0");
+        let tags: Vec<&str> = m["tags"].as_sequence().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        assert_eq!(tags, ["peftkit", "ia3", "base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct"]);
+        assert!(card.contains("An IA3 adapter (57600 trainable parameters)"), "{card}");
+        assert!(card.contains("| base model | 2.9000 | 18.20 | 400 |"));
+        assert!(card.contains(&format!("- candle-core {}", env!("PEFTKIT_CANDLE_VERSION"))));
+        assert!(!env!("PEFTKIT_CANDLE_VERSION").contains("unknown"));
+    }
+
+    #[test]
+    fn local_base_leaves_hub_keys_out_and_gguf_snippet_uses_gguf_file() {
+        let card = adapter_card(&record("/models/smol/SmolLM2.Q4_1.gguf", false), "x: 1\n");
+        let m = front_matter(&card);
+        assert!(m.get("base_model").is_none() && m.get("license").is_none());
+        assert_eq!(m["tags"].as_sequence().unwrap().len(), 2);
+        assert!(card.contains("from_pretrained(\"/models/smol\", gguf_file=\"SmolLM2.Q4_1.gguf\")"), "{card}");
     }
 }

@@ -1,4 +1,4 @@
-//! `peftkit bench [--model M | --config config.json] …`: LoRA training speed (median step) and peak memory, or
+//! `peftkit bench [--model M | --config config.json] …`: LoRA (or `--qlora`, `--ia3`) training speed (median step) and peak memory, or
 //! with `--generate` the speed of generation (prompt processing and decoding with the KV cache).
 //!
 //! Training: the same measurement as `shared/bench/peft_cpu_bench.py` does for HF PEFT: random token batches with
@@ -7,7 +7,7 @@
 use super::user;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use peftkit::adapter::{self, AdapterConfig, LoraConfig, LoraInit, TargetModules};
+use peftkit::adapter::{self, AdapterConfig, Ia3Config, LoraConfig, LoraInit, TargetModules};
 use peftkit::linear::ForwardCtx;
 use peftkit::model::{self, ModelConfig};
 use peftkit::train::optim::AdamW;
@@ -29,9 +29,10 @@ pub struct Args {
     pub seq: usize,
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
-    /// target_modules: all-linear, or a comma-separated list of module names.
-    #[arg(long, default_value = "all-linear")]
-    pub targets: String,
+    /// target_modules: all-linear, or a comma-separated list of module names (default: all-linear for LoRA,
+    /// k_proj,v_proj,down_proj for IA3).
+    #[arg(long)]
+    pub targets: Option<String>,
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
@@ -51,6 +52,9 @@ pub struct Args {
     /// QLoRA: hold the base's projections in NF4 (double quantization), quantized at load.
     #[arg(long)]
     pub qlora: bool,
+    /// IA3 instead of LoRA (down_proj input-scaled, the other targets output-scaled; --rank is ignored).
+    #[arg(long, conflicts_with = "qlora")]
+    pub ia3: bool,
     /// Measure NF4 dequantization throughput instead (GB/s of bytes read plus f32 bytes written).
     #[arg(long)]
     pub dequant: bool,
@@ -124,22 +128,37 @@ pub fn run(a: Args) -> Result<()> {
     if a.generate {
         return bench_generate(&m, &source, &a);
     }
-    let targets = if a.targets == "all-linear" {
-        TargetModules::AllLinear
-    } else {
-        TargetModules::List(a.targets.split(',').map(|s| s.trim().to_string()).collect())
+    let targets = match a.targets.as_deref() {
+        None if a.ia3 => Ia3Config::default().target_modules,
+        None | Some("all-linear") => TargetModules::AllLinear,
+        Some(list) => TargetModules::List(list.split(',').map(|s| s.trim().to_string()).collect()),
     };
-    let cfg = AdapterConfig::Lora(LoraConfig {
-        r: a.rank,
-        lora_alpha: 2.0 * a.rank as f64,
-        lora_dropout: 0.0,
-        target_modules: targets,
-        use_rslora: false,
-        init: LoraInit::Kaiming,
-        layers_to_transform: None,
-        rank_pattern: Default::default(),
-        alpha_pattern: Default::default(),
-    });
+    let targets_text = match &targets {
+        TargetModules::List(l) => l.join(","),
+        _ => "all-linear".to_string(),
+    };
+    let method = if a.ia3 {
+        "ia3"
+    } else if a.qlora {
+        "qlora"
+    } else {
+        "lora"
+    };
+    let cfg = if a.ia3 {
+        AdapterConfig::Ia3(Ia3Config { target_modules: targets, ..Default::default() })
+    } else {
+        AdapterConfig::Lora(LoraConfig {
+            r: a.rank,
+            lora_alpha: 2.0 * a.rank as f64,
+            lora_dropout: 0.0,
+            target_modules: targets,
+            use_rslora: false,
+            init: LoraInit::Kaiming,
+            layers_to_transform: None,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
+        })
+    };
     adapter::attach(&mut m, &cfg, 0).map_err(user)?;
     let vars: Vec<_> = adapter::trainable(&m).into_iter().map(|(_, v)| v).collect();
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
@@ -188,18 +207,20 @@ pub fn run(a: Args) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"system": "peftkit", "method": if a.qlora { "qlora" } else { "lora" }, "threads": threads, "batch": b, "seq": t, "rank": a.rank,
+            serde_json::json!({"system": "peftkit", "method": method, "threads": threads, "batch": b, "seq": t, "rank": a.rank,
                 "trainable_params": trainable, "step_s": median, "tokens_per_s": tps, "peak_rss_mb": rss,
                 "loss_first": losses[0], "loss_last": losses[losses.len() - 1]})
         );
     } else {
         println!("model: {source}");
         let base_mb = m.linears().map(|l| l.weight.bytes()).sum::<usize>() as f64 / 1e6;
+        let what = match method {
+            "ia3" => "IA3".to_string(),
+            "qlora" => format!("QLoRA (NF4 base) r={}", a.rank),
+            _ => format!("LoRA r={}", a.rank),
+        };
         println!(
-            "{} r={} on {}; {trainable} trainable parameters; base projections {base_mb:.0} MB; batch {b} × {t}; {threads} threads",
-            if a.qlora { "QLoRA (NF4 base)" } else { "LoRA" },
-            a.rank,
-            a.targets
+            "{what} on {targets_text}; {trainable} trainable parameters; base projections {base_mb:.0} MB; batch {b} × {t}; {threads} threads"
         );
         println!("median step {median:.3} s → {tps:.1} tokens/s; peak RSS {rss:.0} MiB");
     }

@@ -201,7 +201,7 @@ pub fn run(args: Args) -> Result<()> {
     peft_format::save_adapter(&base.model, &adapter_cfg, &base.name, revision, &out)?;
     let recipe_yaml = recipe.to_yaml();
     peft_format::write_atomic(&out.join("peftkit_recipe.yaml"), recipe_yaml.as_bytes())?;
-    let license = base.model.config.raw.get("license").and_then(|l| l.as_str()).map(str::to_string);
+    let license = peftkit::base::license_of(&base, &hub_options());
     let record = TrainingRecord {
         base_model: base.name.clone(),
         base_is_hub: matches!(base.source, peftkit::hub::ModelSource::Hub { .. }),
