@@ -247,7 +247,12 @@ pub fn merged_card(f: &MergedFacts, training: Option<&TrainingRecord>, recipe_ya
     s.push_str("---\n\n");
 
     let title = method_title(&f.method);
-    let _ = writeln!(s, "# {} with a {title} adapter merged in\n", f.base_model);
+    // A local base is named by its last path component in the heading (the full path follows in the text).
+    let shown = match std::path::Path::new(&f.base_model).file_name() {
+        Some(name) if !f.base_is_hub => name.to_string_lossy().to_string(),
+        _ => f.base_model.clone(),
+    };
+    let _ = writeln!(s, "# {shown} with a {title} adapter merged in\n");
     let _ = writeln!(
         s,
         "`{}`{} with the {title} adapter `{}` merged into its weights by peftkit {} (`peftkit merge`): a plain \
@@ -260,7 +265,7 @@ pub fn merged_card(f: &MergedFacts, training: Option<&TrainingRecord>, recipe_ya
     );
     let _ = writeln!(
         s,
-        "The adapter was merged into {}. It changed {} projections; every other tensor is the base's, in {}.\n",
+        "The adapter was merged into {}. It changed {} projections; all tensors are stored in {}.\n",
         f.weights, f.merged_modules, f.dtype
     );
 

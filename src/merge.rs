@@ -308,6 +308,12 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
         return Err(MergeError::PreQuantized { base: base.name.clone() });
     }
     let requantize = opts.from_quantized && !prequantized;
+    if opts.from_quantized && trained.method.as_deref() == Some("lora") {
+        tracing::warn!(
+            "{} was trained as LoRA on unquantized weights; --from-quantized merges it into NF4-rounded weights anyway",
+            opts.adapter.display()
+        );
+    }
     if method == "qlora" && !opts.from_quantized {
         tracing::info!(
             "{} is a QLoRA adapter: merging it into the base's original weights, not the NF4-rounded ones it was \
@@ -731,7 +737,7 @@ fn describe_weights(base: &Base, from_quantized: bool, prequantized: bool, doubl
     match &base.reader {
         Reader::Gguf { file, quant, .. } => {
             let name = file.path().file_name().unwrap_or_default().to_string_lossy().to_string();
-            let q = quant.map(|q| format!(", quantization type {q}")).unwrap_or_default();
+            let q = quant.map(|q| format!(" (llama.cpp file type {q})")).unwrap_or_default();
             let mut s = format!("the weights dequantized to f32 from the GGUF file `{name}`{q}");
             if from_quantized {
                 s.push_str(&format!("; the projections then {nf4}"));

@@ -449,6 +449,7 @@ fn card_of_a_bare_adapter_on_a_local_base_says_only_what_is_known() {
     let tags: Vec<&str> = fm["tags"].as_sequence().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     assert_eq!(tags, ["peftkit", "lora"]);
     assert!(card.contains("neither a training record"), "{card}");
+    assert!(card.contains("# tiny-llama with a LoRA adapter merged in"), "{card}");
     assert!(!card.contains("## Training data") && !card.contains("## Results"), "{card}");
     assert!(!out.join("peftkit_recipe.yaml").exists());
 }
@@ -703,7 +704,7 @@ fn gguf_base_merges_into_a_folder_with_peft_logits_and_the_same_tokenizer() {
         assert_eq!(cfg["tie_word_embeddings"], false);
         let card = std::fs::read_to_string(out.join("README.md")).unwrap();
         assert!(
-            card.contains(&format!("dequantized to f32 from the GGUF file `{name}.gguf`, quantization type F32")),
+            card.contains(&format!("dequantized to f32 from the GGUF file `{name}.gguf` (llama.cpp file type F32)")),
             "{card}"
         );
         assert_eq!(front_matter(&card)["license"].as_str(), Some("mit"));
@@ -781,6 +782,6 @@ fn smollm2_gguf_merged_folder_computes_the_unmerged_adapter() {
     assert!(r <= 1e-4, "{r}");
     assert_eq!(merged.stop_ids.first(), unmerged.stop_ids.first());
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(card.contains("quantization type Q4_1") && card.contains("license: apache-2.0"), "{card}");
+    assert!(card.contains("(llama.cpp file type Q4_1)") && card.contains("license: apache-2.0"), "{card}");
     let _ = std::fs::remove_dir_all(&d);
 }
