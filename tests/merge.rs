@@ -322,6 +322,52 @@ fn qlora_without_flag_on_16bit_base_is_w_plus_s_b_a_of_the_original_weights() {
 }
 
 #[test]
+fn qlora_recipe_in_the_adapter_folder_sets_method_and_double_quantization() {
+    // A QLoRA adapter folder whose recipe turned double quantization off: --from-quantized rounds each projection
+    // through NF4 with plain f32 block scales, as that training did.
+    let d = tmp("qlora-recipe");
+    let adapter = d.join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture("tiny-llama-bnb4-qlora").join(f), adapter.join(f)).unwrap();
+    }
+    std::fs::write(
+        adapter.join("peftkit_recipe.yaml"),
+        "adapter:\n  type: qlora\n  bnb_4bit_use_double_quant: false\n",
+    )
+    .unwrap();
+    let out = d.join("merged");
+    merge_ok(&fixture("tiny-llama"), &adapter, &out, &["--from-quantized", "--dtype", "f32"]);
+    let cfg = json(&adapter.join("adapter_config.json"));
+    let s = cfg["lora_alpha"].as_f64().unwrap() / cfg["r"].as_f64().unwrap();
+    let ad = candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let base = candle_core::safetensors::load(fixture("tiny-llama").join("model.safetensors"), &Device::Cpu).unwrap();
+    let merged = tensors(&out);
+    let name = "model.layers.1.self_attn.k_proj";
+    let w = &base[&format!("{name}.weight")];
+    // (With double quantization the block scales, hence the weights, differ: this check fails for `true`.)
+    let nf4 = peftkit::quant::nf4::Nf4Tensor::quantize(&f32s(w), w.dims(), false).unwrap().dequantize();
+    let a: Vec<Vec<f32>> = ad[&format!("base_model.model.{name}.lora_A.weight")].to_vec2().unwrap();
+    let b: Vec<Vec<f32>> = ad[&format!("base_model.model.{name}.lora_B.weight")].to_vec2().unwrap();
+    let got = f32s(&merged[&format!("{name}.weight")]);
+    let (out_f, in_f) = (w.dims()[0], w.dims()[1]);
+    for o in 0..out_f {
+        for i in 0..in_f {
+            let ba: f64 = (0..a.len()).map(|k| b[o][k] as f64 * a[k][i] as f64).sum();
+            let want = nf4[o * in_f + i] as f64 + s * ba;
+            assert!((got[o * in_f + i] as f64 - want).abs() <= 1e-6, "{name}[{o}, {i}]");
+        }
+    }
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("- qlora") && card.contains("without double quantization"), "{card}");
+    assert!(card.contains("## Training procedure") && card.contains("bnb_4bit_use_double_quant: false"), "{card}");
+    assert_eq!(
+        std::fs::read(out.join("peftkit_recipe.yaml")).unwrap(),
+        std::fs::read(adapter.join("peftkit_recipe.yaml")).unwrap()
+    );
+}
+
+#[test]
 fn prequantized_base_without_from_quantized_exits_2() {
     let d = tmp("qlora-noflag");
     let out = d.join("merged");
