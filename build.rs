@@ -16,11 +16,10 @@ const KERNEL_SRC: &str = "src/quant/cuda/nf4.cu";
 const ENV_VARS: [&str; 5] = ["NVCC", "CUDA_ROOT", "CUDA_PATH", "CUDA_HOME", "PEFTKIT_CUDA_ARCH"];
 
 /// Crates whose versions the model cards state, and the variable each is exported as.
-const VERSIONED: [(&str, &str); 4] = [
+const VERSIONED: [(&str, &str); 3] = [
     ("candle-core", "PEFTKIT_CANDLE_VERSION"),
     ("tokenizers", "PEFTKIT_TOKENIZERS_VERSION"),
     ("hf-hub", "PEFTKIT_HF_HUB_VERSION"),
-    ("safetensors", "PEFTKIT_SAFETENSORS_VERSION"),
 ];
 
 fn main() {

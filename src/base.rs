@@ -190,28 +190,33 @@ fn stop_ids(
 }
 
 /// The license the base model declares, when it declares one: `general.license` of a GGUF file, else the
-/// `license:` of the model card's front matter (`README.md` in the folder or Hub snapshot; for a Hub model the card
-/// is fetched, best effort), else a `license` key of `config.json`.
+/// `license:` of the model card's front matter ([`card_license_of`]), else a `license` key of `config.json`.
 pub fn license_of(base: &BaseModel, opts: &HubOptions) -> Option<String> {
     if let Some(path) = &base.gguf {
         return gguf::GgufFile::open(path).ok()?.string("general.license").ok().flatten();
     }
-    let card = base.files.as_ref().and_then(|f| {
-        let local = f.dir.join("README.md");
-        if local.is_file() {
-            return Some(local);
-        }
-        match &f.source {
+    base.files
+        .as_ref()
+        .and_then(|f| card_license_of(f, opts))
+        .or_else(|| base.model.config.raw.get("license").and_then(|l| l.as_str()).map(str::to_string))
+}
+
+/// `license:` of the front matter of a safetensors model's card (`README.md` in the folder or Hub snapshot; for a
+/// Hub model the card is fetched when not cached, best effort: any failure means "not known").
+pub fn card_license_of(files: &ModelFiles, opts: &HubOptions) -> Option<String> {
+    let local = files.dir.join("README.md");
+    let card = if local.is_file() {
+        Some(local)
+    } else {
+        match &files.source {
             ModelSource::Hub { repo, commit, revision } => {
                 let rev = commit.as_deref().unwrap_or(revision);
                 hub::resolve_repo_file(repo, Some(rev), "README.md", opts).ok().map(|(p, _)| p)
             }
             _ => None,
         }
-    });
-    card.and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|text| card_license(&text))
-        .or_else(|| base.model.config.raw.get("license").and_then(|l| l.as_str()).map(str::to_string))
+    };
+    card.and_then(|p| std::fs::read_to_string(p).ok()).and_then(|text| card_license(&text))
 }
 
 /// `license:` of a model card's YAML front matter.

@@ -68,7 +68,6 @@ pub fn framework_versions() -> Vec<String> {
         format!("candle-core {}", env!("PEFTKIT_CANDLE_VERSION")),
         format!("tokenizers {}", env!("PEFTKIT_TOKENIZERS_VERSION")),
         format!("hf-hub {}", env!("PEFTKIT_HF_HUB_VERSION")),
-        format!("safetensors {}", env!("PEFTKIT_SAFETENSORS_VERSION")),
     ]
 }
 
@@ -269,4 +268,131 @@ mod tests {
         assert_eq!(m["tags"].as_sequence().unwrap().len(), 2);
         assert!(card.contains("from_pretrained(\"/models/smol\", gguf_file=\"SmolLM2.Q4_1.gguf\")"), "{card}");
     }
+}
+
+/// What the card of a merged model (`peftkit merge`) states about the merge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedFacts {
+    /// The base as given to `peftkit merge`: a Hub id, or a local folder or .gguf path.
+    pub base_model: String,
+    /// True when `base_model` is a Hub id.
+    pub base_is_hub: bool,
+    /// The Hub revision (a commit when known) the base was resolved at.
+    pub revision: Option<String>,
+    /// The license the base declares, when it declares one.
+    pub license: Option<String>,
+    /// `lora`, `qlora` or `ia3`.
+    pub method: String,
+    /// PEFT's `peft_type` of the adapter (`LORA`, `IA3`).
+    pub peft_type: String,
+    /// The adapter folder as given.
+    pub adapter_dir: String,
+    /// Projections the adapter changed.
+    pub merged_modules: usize,
+    /// Which weights the adapter was merged into, as a phrase ("the base's original (unquantized) weights").
+    pub weights: String,
+    /// transformers' name of the output dtype (`bfloat16`, `float16`, `float32`).
+    pub dtype: String,
+    /// The merged model's folder as given.
+    pub out_dir: String,
+    pub shards: usize,
+    /// Bytes of tensor data.
+    pub total_bytes: u64,
+    /// Whether the folder holds tokenizer files.
+    pub has_tokenizer: bool,
+}
+
+/// The card (`README.md`) of a merged model: front matter for the Hub, what the model is, how to use it, the merge,
+/// and how the adapter was trained when its folder recorded it (`training`, from `peftkit_training.json`, and the
+/// recipe from `peftkit_recipe.yaml`). What is not known is left out.
+pub fn merged_card(f: &MergedFacts, training: Option<&TrainingRecord>, recipe_yaml: Option<&str>) -> String {
+    let mut s = String::from("---\n");
+    if f.base_is_hub {
+        let _ = writeln!(s, "base_model: {}", yaml_scalar(&f.base_model));
+    }
+    let _ = writeln!(s, "base_model_relation: merge");
+    let _ = writeln!(s, "library_name: transformers");
+    let _ = writeln!(s, "pipeline_tag: text-generation");
+    if let Some(l) = &f.license {
+        let _ = writeln!(s, "license: {}", yaml_scalar(l));
+    }
+    let _ = writeln!(s, "tags:\n- peftkit\n- {}", yaml_scalar(&f.method));
+    if f.base_is_hub {
+        let _ = writeln!(s, "- {}", yaml_scalar(&format!("base_model:merge:{}", f.base_model)));
+    }
+    s.push_str("---\n\n");
+
+    let title = method_title(&f.method);
+    // A local base is named by its last path component in the heading (the full path follows in the text).
+    let shown = match std::path::Path::new(&f.base_model).file_name() {
+        Some(name) if !f.base_is_hub => name.to_string_lossy().to_string(),
+        _ => f.base_model.clone(),
+    };
+    let _ = writeln!(s, "# {shown} with a {title} adapter merged in\n");
+    let _ = writeln!(
+        s,
+        "`{}`{} with the {title} adapter `{}` merged into its weights by peftkit {} (`peftkit merge`): a plain \
+         transformers model in {}, which runs without PEFT or the adapter.\n",
+        f.base_model,
+        f.revision.as_deref().map(|r| format!(" at revision `{r}`")).unwrap_or_default(),
+        f.adapter_dir,
+        env!("CARGO_PKG_VERSION"),
+        f.dtype,
+    );
+    let _ = writeln!(
+        s,
+        "The adapter was merged into {}. It changed {} projections; all tensors are stored in {}.\n",
+        f.weights, f.merged_modules, f.dtype
+    );
+
+    s.push_str("## How to use\n\nWith peftkit:\n\n```sh\n");
+    let _ = writeln!(s, "peftkit chat --base {}", f.out_dir);
+    let _ = writeln!(s, "peftkit generate --base {} --prompt \"Hello\"", f.out_dir);
+    s.push_str("```\n\nWith Python (transformers):\n\n```python\n");
+    let tok_import = if f.has_tokenizer { ", AutoTokenizer" } else { "" };
+    let _ = writeln!(s, "from transformers import AutoModelForCausalLM{tok_import}\n");
+    let _ = writeln!(s, "model = AutoModelForCausalLM.from_pretrained(\"{}\")", f.out_dir);
+    if f.has_tokenizer {
+        let _ = writeln!(s, "tokenizer = AutoTokenizer.from_pretrained(\"{}\")", f.out_dir);
+    }
+    s.push_str("```\n\n");
+    if !f.has_tokenizer {
+        s.push_str("The base had no tokenizer files, so this folder has none either.\n\n");
+    }
+
+    s.push_str("## Merge\n\n");
+    let _ = writeln!(
+        s,
+        "- base: `{}`{}",
+        f.base_model,
+        f.revision.as_deref().map(|r| format!(" (revision `{r}`)")).unwrap_or_default()
+    );
+    let _ = writeln!(s, "- adapter: `{}` ({title}, PEFT type {})", f.adapter_dir, f.peft_type);
+    let _ = writeln!(s, "- merged into: {}", f.weights);
+    let _ = writeln!(s, "- dtype: {}", f.dtype);
+    let _ = writeln!(
+        s,
+        "- weights: {} safetensors file{}, {:.1} MB",
+        f.shards,
+        if f.shards == 1 { "" } else { "s" },
+        f.total_bytes as f64 / 1e6
+    );
+    let _ = writeln!(s, "- merged with: {}\n", framework_versions().join(", "));
+
+    match (training, recipe_yaml) {
+        (Some(record), recipe) => training_sections(&mut s, record, recipe),
+        (None, Some(yaml)) => {
+            s.push_str(
+                "## Training procedure\n\nThe adapter folder has no training record (`peftkit_training.json`); its \
+                 recipe (also saved as `peftkit_recipe.yaml`):\n\n```yaml\n",
+            );
+            s.push_str(yaml.trim_end());
+            s.push_str("\n```\n");
+        }
+        (None, None) => s.push_str(
+            "## Training\n\nThe adapter folder has neither a training record (`peftkit_training.json`) nor a recipe \
+             (`peftkit_recipe.yaml`): how the adapter was trained is not recorded here.\n",
+        ),
+    }
+    s
 }

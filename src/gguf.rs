@@ -334,12 +334,22 @@ pub fn permute_rotary_rows(t: &Tensor, n_heads: usize) -> candle_core::Result<Te
     t.reshape((n_heads, 2, half, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)
 }
 
-/// Reads a GGUF file's tensors under their transformers names.
-struct GgufTensors<'a> {
+/// Reads a GGUF file's tensors under their transformers names, dequantized, with Q/K rows in transformers' order
+/// (what [`load`] builds the model from, and what `peftkit merge` writes out).
+pub struct GgufTensors<'a> {
     file: &'a GgufFile,
     config: &'a ModelConfig,
     /// One open handle, reused for every tensor.
     reader: Mutex<std::fs::File>,
+}
+
+impl<'a> GgufTensors<'a> {
+    /// The tensors of `file`, whose configuration (from [`GgufFile::config`]) is `config`.
+    pub fn new(file: &'a GgufFile, config: &'a ModelConfig) -> Result<Self, GgufError> {
+        let reader =
+            std::fs::File::open(&file.path).map_err(|source| GgufError::Open { path: file.path.clone(), source })?;
+        Ok(Self { file, config, reader: Mutex::new(reader) })
+    }
 }
 
 impl TensorSource for GgufTensors<'_> {
@@ -406,9 +416,8 @@ pub fn load(path: &Path, device: &Device, dtype: DType, quant: model::BaseQuant)
     let name = file.string("general.name")?;
     let eot_token_id = file.uint("tokenizer.ggml.eot_token_id")?.map(|v| v as u32);
     let eom_token_id = file.uint("tokenizer.ggml.eom_token_id")?.map(|v| v as u32);
-    let reader = std::fs::File::open(path).map_err(|source| GgufError::Open { path: path.into(), source })?;
     let model = {
-        let src = GgufTensors { file: &file, config: &config, reader: Mutex::new(reader) };
+        let src = GgufTensors::new(&file, &config)?;
         model::assemble_llama(config.clone(), &src, device, dtype, quant)
             .map_err(|source| GgufError::Model { path: path.into(), source })?
     };

@@ -22,6 +22,8 @@ enum Command {
     Bench(cli::bench::Args),
     /// Describe an adapter folder, a model folder or a recipe.
     Inspect(cli::inspect::Args),
+    /// Merge an adapter into its base model and write a Hugging Face model folder (safetensors, 16-bit).
+    Merge(cli::merge::Args),
     /// Generate text from a prompt (greedy unless --temperature is set), streamed to stdout.
     Generate(cli::generate::GenerateArgs),
     /// Chat with a model: one user message per stdin line, replies streamed to stdout.
@@ -45,6 +47,7 @@ fn main() {
         Command::Eval(a) => cli::eval::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
+        Command::Merge(a) => cli::merge::run(a),
         Command::Generate(a) => cli::generate::run_generate(a),
         Command::Chat(a) => cli::generate::run_chat(a),
     };

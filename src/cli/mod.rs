@@ -4,6 +4,7 @@ pub mod bench;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
+pub mod merge;
 pub mod train;
 
 use std::fmt;

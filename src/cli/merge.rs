@@ -1,0 +1,98 @@
+//! `peftkit merge --base M --adapter DIR --out DIR [--dtype bf16|f16|f32] [--max-shard-size 5GB]
+//! [--from-quantized] [--overwrite]`: the adapter folded into the base, written as a Hugging Face model folder
+//! (see [`peftkit::merge`]).
+
+use super::{hub_options, user};
+use anyhow::Result;
+use peftkit::merge::{merge, parse_size, MergeError, MergeOptions, OutDtype, DEFAULT_MAX_SHARD_SIZE};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Base model: a Hub id (owner/name), a local folder or a local .gguf file.
+    #[arg(long)]
+    pub base: String,
+    /// Hub revision (branch, tag or commit) of the base model.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// A GGUF file of the Hub repo given by --base, used instead of its safetensors weights.
+    #[arg(long)]
+    pub gguf_file: Option<String>,
+    /// The PEFT adapter folder to merge.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// The model folder to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Dtype of the merged weights: bf16, f16 or f32 [default: the base's dtype when it is bf16 or f16, else bf16].
+    #[arg(long, value_parser = OutDtype::parse)]
+    pub dtype: Option<OutDtype>,
+    /// Largest weight file, in bytes of tensor data (5GB, 500MB, 2GiB…; GB = 10⁹ bytes, GiB = 2³⁰); larger models
+    /// are split into shards with an index.
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_MAX_SHARD_SIZE, hide_default_value = true)]
+    pub max_shard_size: u64,
+    /// Merge into the NF4-dequantized weights a QLoRA adapter was trained against (required for a pre-quantized
+    /// bitsandbytes base), rather than the base's original 16-bit weights.
+    #[arg(long)]
+    pub from_quantized: bool,
+    /// Replace --out if it exists and is not empty (only once the new model is complete).
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupt.clone();
+        let _ = ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond Ctrl-C: exiting at once (a .tmp folder may be left beside --out)");
+                std::process::exit(130);
+            }
+            eprintln!("\nCtrl-C: stopping after this tensor and removing the partial output");
+        });
+    }
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let opts = MergeOptions {
+        base: args.base,
+        revision: args.revision,
+        gguf_file: args.gguf_file,
+        adapter: args.adapter,
+        out: args.out,
+        dtype: args.dtype,
+        max_shard_size: args.max_shard_size,
+        from_quantized: args.from_quantized,
+        overwrite: args.overwrite,
+        hub: hub_options(),
+        progress,
+        interrupt: Some(interrupt),
+    };
+    let started = std::time::Instant::now();
+    let report = match merge(&opts) {
+        Ok(r) => r,
+        Err(MergeError::Interrupted) => {
+            eprintln!("interrupted: nothing was written to {}", opts.out.display());
+            std::process::exit(130);
+        }
+        Err(e) if e.is_user_error() => return Err(user(e)),
+        Err(e) => return Err(e.into()),
+    };
+    let rss = peftkit::util::peak_rss_mb().map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "unknown".into());
+    println!(
+        "merged {} projections of {} ({}) into {}: {} ({} tensors, {} file{}, {:.1} MB, {}) in {:.1} s; peak RSS {rss}",
+        report.merged_modules,
+        opts.adapter.display(),
+        peftkit::card::method_title(&report.method),
+        opts.base,
+        report.out.display(),
+        report.tensors,
+        report.shards.len(),
+        if report.shards.len() == 1 { "" } else { "s" },
+        report.total_bytes as f64 / 1e6,
+        report.dtype.hf_name(),
+        started.elapsed().as_secs_f64(),
+    );
+    Ok(())
+}
