@@ -1,7 +1,10 @@
 //! The `peftkit` binary: exit codes and messages for bad input, a model resolved by repo id from an HF cache
 //! with HF_HUB_OFFLINE=1, `eval` against transformers' loss, and a short `train` run end to end.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::hf_cache;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -25,30 +28,6 @@ fn tmp(name: &str) -> PathBuf {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-/// An HF hub cache (as huggingface_hub writes it) holding tiny-llama as `peftkit-test/tiny-llama`.
-fn hf_cache(root: &Path) -> PathBuf {
-    let repo = root.join("models--peftkit-test--tiny-llama");
-    let commit = "0123456789abcdef0123456789abcdef01234567";
-    let snap = repo.join("snapshots").join(commit);
-    std::fs::create_dir_all(&snap).unwrap();
-    std::fs::create_dir_all(repo.join("blobs")).unwrap();
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), commit).unwrap();
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-        "generation_config.json",
-    ] {
-        let blob = repo.join("blobs").join(format!("blob-{f}"));
-        std::fs::copy(fixtures().join("tiny-llama").join(f), &blob).unwrap();
-        std::os::unix::fs::symlink(format!("../../blobs/blob-{f}"), snap.join(f)).unwrap();
-    }
-    root.to_path_buf()
 }
 
 fn write_recipe(dir: &Path, body: &str) -> PathBuf {

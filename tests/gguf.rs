@@ -2,6 +2,8 @@
 //! (tests/fixtures/smollm2/). The model is fetched by `scripts/fetch-smollm2.sh` (run by `.ci/run`); without it
 //! these tests say that they skipped.
 
+mod common;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use peftkit::base::{load_base, BaseModel};
 use peftkit::data::Message;
@@ -119,126 +121,16 @@ fn gguf_logits_and_greedy_answer_match_transformers() {
 // Tiny models written as GGUF the way llama.cpp's converter writes them (always run)
 // ---------------------------------------------------------------------------------------------
 
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
-
-fn tiny(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-/// Writes the safetensors fixture `name` as a GGUF file: llama.cpp's tensor names, Q/K rows permuted for the
-/// Llama architecture, f32 tensors, the metadata keys llama.cpp writes, the tokenizer from tokenizer.json.
-fn write_tiny_gguf(name: &str, out: &Path) {
-    let dir = tiny(name);
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let arch = if config["model_type"] == "qwen2" { "qwen2" } else { "llama" };
-    let tok: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
-    let vocab = tok["model"]["vocab"].as_object().unwrap();
-    let mut tokens = vec![String::new(); vocab.len()];
-    for (t, id) in vocab {
-        tokens[id.as_u64().unwrap() as usize] = t.clone();
-    }
-    let mut types = vec![1i32; tokens.len()];
-    for a in tok["added_tokens"].as_array().unwrap() {
-        let id = a["id"].as_u64().unwrap() as usize;
-        if id < tokens.len() {
-            types[id] = if a["special"].as_bool().unwrap() { 3 } else { 4 };
-        } else {
-            tokens.push(a["content"].as_str().unwrap().to_string());
-            types.push(3);
-        }
-    }
-    let merges: Vec<Value> = tok["model"]["merges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| match m {
-            serde_json::Value::String(s) => Value::String(s.clone()),
-            pair => Value::String(format!("{} {}", pair[0].as_str().unwrap(), pair[1].as_str().unwrap())),
-        })
-        .collect();
-    let u = |k: &str| Value::U32(config[k].as_u64().unwrap() as u32);
-    let k = |s: &str| format!("{arch}.{s}");
-    let meta: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String(arch.into())),
-        ("general.name".into(), Value::String(name.into())),
-        (k("block_count"), u("num_hidden_layers")),
-        (k("context_length"), u("max_position_embeddings")),
-        (k("embedding_length"), u("hidden_size")),
-        (k("feed_forward_length"), u("intermediate_size")),
-        (k("attention.head_count"), u("num_attention_heads")),
-        (k("attention.head_count_kv"), u("num_key_value_heads")),
-        (k("rope.freq_base"), Value::F32(config["rope_parameters"]["rope_theta"].as_f64().unwrap() as f32)),
-        (k("attention.layer_norm_rms_epsilon"), Value::F32(config["rms_norm_eps"].as_f64().unwrap() as f32)),
-        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types.iter().map(|&t| Value::I32(t)).collect())),
-        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
-        ("tokenizer.ggml.bos_token_id".into(), u("bos_token_id")),
-        ("tokenizer.ggml.eos_token_id".into(), u("eos_token_id")),
-        ("tokenizer.ggml.padding_token_id".into(), u("pad_token_id")),
-        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
-        (
-            "tokenizer.chat_template".into(),
-            Value::String(std::fs::read_to_string(dir.join("chat_template.jinja")).unwrap()),
-        ),
-    ];
-    let (nh, nkv) = (
-        config["num_attention_heads"].as_u64().unwrap() as usize,
-        config["num_key_value_heads"].as_u64().unwrap() as usize,
-    );
-    let st = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    for (hf, t) in &st {
-        let g = match hf.as_str() {
-            "model.embed_tokens.weight" => "token_embd.weight".to_string(),
-            "model.norm.weight" => "output_norm.weight".to_string(),
-            "lm_head.weight" => "output.weight".to_string(),
-            other => {
-                let rest = other.strip_prefix("model.layers.").unwrap();
-                let (layer, rest) = rest.split_once('.').unwrap();
-                let (module, kind) = rest.rsplit_once('.').unwrap();
-                let m = match module {
-                    "input_layernorm" => "attn_norm",
-                    "post_attention_layernorm" => "ffn_norm",
-                    "self_attn.q_proj" => "attn_q",
-                    "self_attn.k_proj" => "attn_k",
-                    "self_attn.v_proj" => "attn_v",
-                    "self_attn.o_proj" => "attn_output",
-                    "mlp.gate_proj" => "ffn_gate",
-                    "mlp.up_proj" => "ffn_up",
-                    "mlp.down_proj" => "ffn_down",
-                    m => panic!("unexpected module {m}"),
-                };
-                format!("blk.{layer}.{m}.{kind}")
-            }
-        };
-        let mut t = t.to_dtype(DType::F32).unwrap();
-        if arch == "llama" && hf.contains("q_proj") {
-            t = peftkit::gguf::permute_rotary_rows(&t, nh).unwrap();
-        } else if arch == "llama" && hf.contains("k_proj") {
-            t = peftkit::gguf::permute_rotary_rows(&t, nkv).unwrap();
-        }
-        tensors.push((g, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
-    }
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut f = std::fs::File::create(out).unwrap();
-    gguf_file::write(&mut f, &meta_refs, &tensor_refs).unwrap();
-}
-
 #[test]
 fn tiny_models_from_gguf_match_transformers_and_their_tokenizers() {
     let tmp = std::env::temp_dir().join(format!("peftkit-gguf-test-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     for name in ["tiny-llama", "tiny-qwen2"] {
         let path = tmp.join(format!("{name}.gguf"));
-        write_tiny_gguf(name, &path);
+        common::write_tiny_gguf(name, &path, false);
         let base = load_base(path.to_str().unwrap(), None, None, &HubOptions::from_env(), &Device::Cpu).unwrap();
-        let expected = candle_core::safetensors::load(tiny(name).join("expected.safetensors"), &Device::Cpu).unwrap();
+        let expected =
+            candle_core::safetensors::load(common::fixture(name).join("expected.safetensors"), &Device::Cpu).unwrap();
         let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
         let logits = base.model.forward(&ids).unwrap();
         let want = &expected["logits_base"];
@@ -246,7 +138,7 @@ fn tiny_models_from_gguf_match_transformers_and_their_tokenizers() {
             / want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d <= 1e-4, "{name}: logits from GGUF differ from transformers' by {d}");
         // The rebuilt tokenizer agrees with the model's tokenizer.json, special tokens included.
-        let reference = tokenizers::Tokenizer::from_file(tiny(name).join("tokenizer.json")).unwrap();
+        let reference = tokenizers::Tokenizer::from_file(common::fixture(name).join("tokenizer.json")).unwrap();
         for text in
             ["Hello world", "  two  spaces\tand\nnewlines", "digits 12345, café", "<|im_start|>user\nhi<|im_end|>"]
         {
@@ -255,7 +147,7 @@ fn tiny_models_from_gguf_match_transformers_and_their_tokenizers() {
             assert_eq!(a, b, "{name}: {text:?}");
         }
         assert!(base.template.is_some());
-        let adapter_dir = tiny(name).join("peft-lora");
+        let adapter_dir = common::fixture(name).join("peft-lora");
         // A PEFT adapter trained on the safetensors model applies unchanged to the GGUF one.
         let mut model = base.model.clone();
         peftkit::adapter::peft_format::load_adapter(&mut model, &adapter_dir).unwrap();

@@ -2,7 +2,10 @@
 //! bitsandbytes logits (tests/fixtures, made by the Python stack), the closed form W + s·B·A, bf16's
 //! round-to-nearest-even — and its format (what transformers' `from_pretrained` reads), the card, and the errors.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{fixture, hf_cache, write_tiny_gguf};
 use peftkit::hub::HubOptions;
 use peftkit::model::{load_llama, Llama};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -15,10 +18,6 @@ fn bin() -> Command {
     // Never reach for a real Hub or a user's cache from tests.
     c.env("HF_HUB_OFFLINE", "1").env("NO_COLOR", "1").env_remove("HF_TOKEN");
     c
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 /// A fresh folder for one test.
@@ -412,34 +411,6 @@ fn prequantized_base_without_from_quantized_exits_2() {
 
 /// An HF hub cache (as huggingface_hub writes it) holding tiny-llama as `peftkit-test/tiny-llama`, its config
 /// declaring a license.
-fn hf_cache(root: &Path) -> PathBuf {
-    let repo = root.join("models--peftkit-test--tiny-llama");
-    let commit = "0123456789abcdef0123456789abcdef01234567";
-    let snap = repo.join("snapshots").join(commit);
-    std::fs::create_dir_all(&snap).unwrap();
-    std::fs::create_dir_all(repo.join("blobs")).unwrap();
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), commit).unwrap();
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-        "generation_config.json",
-    ] {
-        let blob = repo.join("blobs").join(format!("blob-{f}"));
-        if f == "config.json" {
-            let mut cfg = json(&fixture("tiny-llama").join(f));
-            cfg.as_object_mut().unwrap().insert("license".into(), "apache-2.0".into());
-            std::fs::write(&blob, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
-        } else {
-            std::fs::copy(fixture("tiny-llama").join(f), &blob).unwrap();
-        }
-        std::os::unix::fs::symlink(format!("../../blobs/blob-{f}"), snap.join(f)).unwrap();
-    }
-    root.to_path_buf()
-}
 
 /// The front matter of a card, parsed.
 fn front_matter(card: &str) -> serde_yaml::Mapping {
@@ -617,114 +588,6 @@ fn bad_input_exits_2_naming_what_is_wrong_and_writes_nothing() {
 // ---------------------------------------------------------------------------------------------
 // 7. GGUF bases
 // ---------------------------------------------------------------------------------------------
-
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
-
-/// Writes the safetensors fixture `name` as a GGUF file the way llama.cpp's converter does (as tests/gguf.rs):
-/// llama.cpp's tensor names, Q/K rows permuted for the Llama architecture, f32 tensors, the tokenizer from
-/// tokenizer.json. `tied`: leave `output.weight` out (a tied head).
-fn write_tiny_gguf(name: &str, out: &Path, tied: bool) {
-    let dir = fixture(name);
-    let config = json(&dir.join("config.json"));
-    let arch = if config["model_type"] == "qwen2" { "qwen2" } else { "llama" };
-    let tok = json(&dir.join("tokenizer.json"));
-    let vocab = tok["model"]["vocab"].as_object().unwrap();
-    let mut tokens = vec![String::new(); vocab.len()];
-    for (t, id) in vocab {
-        tokens[id.as_u64().unwrap() as usize] = t.clone();
-    }
-    let mut types = vec![1i32; tokens.len()];
-    for a in tok["added_tokens"].as_array().unwrap() {
-        let id = a["id"].as_u64().unwrap() as usize;
-        if id < tokens.len() {
-            types[id] = if a["special"].as_bool().unwrap() { 3 } else { 4 };
-        } else {
-            tokens.push(a["content"].as_str().unwrap().to_string());
-            types.push(3);
-        }
-    }
-    let merges: Vec<Value> = tok["model"]["merges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| match m {
-            serde_json::Value::String(s) => Value::String(s.clone()),
-            pair => Value::String(format!("{} {}", pair[0].as_str().unwrap(), pair[1].as_str().unwrap())),
-        })
-        .collect();
-    let u = |k: &str| Value::U32(config[k].as_u64().unwrap() as u32);
-    let k = |s: &str| format!("{arch}.{s}");
-    let meta: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String(arch.into())),
-        ("general.name".into(), Value::String(name.into())),
-        ("general.license".into(), Value::String("mit".into())),
-        ("general.file_type".into(), Value::U32(0)),
-        (k("block_count"), u("num_hidden_layers")),
-        (k("context_length"), u("max_position_embeddings")),
-        (k("embedding_length"), u("hidden_size")),
-        (k("feed_forward_length"), u("intermediate_size")),
-        (k("attention.head_count"), u("num_attention_heads")),
-        (k("attention.head_count_kv"), u("num_key_value_heads")),
-        (k("rope.freq_base"), Value::F32(config["rope_parameters"]["rope_theta"].as_f64().unwrap() as f32)),
-        (k("attention.layer_norm_rms_epsilon"), Value::F32(config["rms_norm_eps"].as_f64().unwrap() as f32)),
-        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types.iter().map(|&t| Value::I32(t)).collect())),
-        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
-        ("tokenizer.ggml.bos_token_id".into(), u("bos_token_id")),
-        ("tokenizer.ggml.eos_token_id".into(), u("eos_token_id")),
-        ("tokenizer.ggml.padding_token_id".into(), u("pad_token_id")),
-        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
-        (
-            "tokenizer.chat_template".into(),
-            Value::String(std::fs::read_to_string(dir.join("chat_template.jinja")).unwrap()),
-        ),
-    ];
-    let (nh, nkv) = (
-        config["num_attention_heads"].as_u64().unwrap() as usize,
-        config["num_key_value_heads"].as_u64().unwrap() as usize,
-    );
-    let st = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    for (hf, t) in &st {
-        let g = match hf.as_str() {
-            "model.embed_tokens.weight" => "token_embd.weight".to_string(),
-            "model.norm.weight" => "output_norm.weight".to_string(),
-            "lm_head.weight" if tied => continue,
-            "lm_head.weight" => "output.weight".to_string(),
-            other => {
-                let rest = other.strip_prefix("model.layers.").unwrap();
-                let (layer, rest) = rest.split_once('.').unwrap();
-                let (module, kind) = rest.rsplit_once('.').unwrap();
-                let m = match module {
-                    "input_layernorm" => "attn_norm",
-                    "post_attention_layernorm" => "ffn_norm",
-                    "self_attn.q_proj" => "attn_q",
-                    "self_attn.k_proj" => "attn_k",
-                    "self_attn.v_proj" => "attn_v",
-                    "self_attn.o_proj" => "attn_output",
-                    "mlp.gate_proj" => "ffn_gate",
-                    "mlp.up_proj" => "ffn_up",
-                    "mlp.down_proj" => "ffn_down",
-                    m => panic!("unexpected module {m}"),
-                };
-                format!("blk.{layer}.{m}.{kind}")
-            }
-        };
-        let mut t = t.to_dtype(DType::F32).unwrap();
-        if arch == "llama" && hf.contains("q_proj") {
-            t = peftkit::gguf::permute_rotary_rows(&t, nh).unwrap();
-        } else if arch == "llama" && hf.contains("k_proj") {
-            t = peftkit::gguf::permute_rotary_rows(&t, nkv).unwrap();
-        }
-        tensors.push((g, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
-    }
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut std::fs::File::create(out).unwrap(), &meta_refs, &tensor_refs).unwrap();
-}
 
 #[test]
 fn gguf_base_merges_into_a_folder_with_peft_logits_and_the_same_tokenizer() {

@@ -11,15 +11,8 @@ use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Base model: a Hub id (owner/name), a local folder or a local .gguf file.
-    #[arg(long)]
-    pub base: String,
-    /// Hub revision (branch, tag or commit) of the base model.
-    #[arg(long)]
-    pub revision: Option<String>,
-    /// A GGUF file of the Hub repo given by --base, used instead of its safetensors weights.
-    #[arg(long)]
-    pub gguf_file: Option<String>,
+    #[command(flatten)]
+    pub base: super::BaseArgs,
     /// The PEFT adapter folder to merge.
     #[arg(long)]
     pub adapter: PathBuf,
@@ -56,9 +49,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let opts = MergeOptions {
-        base: args.base,
-        revision: args.revision,
-        gguf_file: args.gguf_file,
+        base: args.base.base,
+        revision: args.base.revision,
+        gguf_file: args.base.gguf_file,
         adapter: args.adapter,
         out: args.out,
         dtype: args.dtype,

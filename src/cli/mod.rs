@@ -37,9 +37,9 @@ pub fn hub_options() -> peftkit::hub::HubOptions {
     o
 }
 
-/// Which model to load, for `eval`, `generate` and `chat`.
+/// Which base model, for every command that reads one.
 #[derive(clap::Args)]
-pub struct ModelArgs {
+pub struct BaseArgs {
     /// Base model: a Hub id (owner/name), a local folder or a local .gguf file.
     #[arg(long)]
     pub base: String,
@@ -49,6 +49,13 @@ pub struct ModelArgs {
     /// A GGUF file of the Hub repo given by --base, used instead of its safetensors weights.
     #[arg(long)]
     pub gguf_file: Option<String>,
+}
+
+/// Which model to load, for `eval`, `generate` and `chat`.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    pub base: BaseArgs,
     /// A PEFT adapter folder to apply (unmerged).
     #[arg(long)]
     pub adapter: Option<std::path::PathBuf>,
@@ -66,9 +73,9 @@ pub fn load_model(m: &ModelArgs) -> anyhow::Result<peftkit::base::BaseModel> {
         peftkit::model::BaseQuant::None
     };
     let mut base = peftkit::base::load_base_quant(
-        &m.base,
-        m.revision.as_deref(),
-        m.gguf_file.as_deref(),
+        &m.base.base,
+        m.base.revision.as_deref(),
+        m.base.gguf_file.as_deref(),
         quant,
         &hub_options(),
         &candle_core::Device::Cpu,
