@@ -1,4 +1,4 @@
-//! `peftkit`: fine-tune LoRA adapters on Llama-family models. Errors print as `error: …` with their causes;
+//! `peftkit`: fine-tune LoRA, QLoRA and IA3 adapters on Llama-family models. Errors print as `error: …` with their causes;
 //! the exit code is 2 for a user error (bad input), 1 for anything else.
 
 mod cli;
@@ -6,7 +6,11 @@ mod cli;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "peftkit", version, about = "Parameter-efficient fine-tuning (LoRA) of Llama-family models")]
+#[command(
+    name = "peftkit",
+    version,
+    about = "Parameter-efficient fine-tuning (LoRA, QLoRA, IA3) of Llama-family models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,7 +22,7 @@ enum Command {
     Train(cli::train::Args),
     /// Measure a model (with or without an adapter) on a dataset: mean NLL and perplexity.
     Eval(cli::eval::Args),
-    /// Measure LoRA training speed and memory.
+    /// Measure adapter training speed and memory (LoRA, --qlora, --ia3), generation, dequantization or GEMM.
     Bench(cli::bench::Args),
     /// Describe an adapter folder, a model folder or a recipe.
     Inspect(cli::inspect::Args),
