@@ -4,15 +4,18 @@
 #   2. measure the base model on the held-out split of datasets/sprigbox-support/,
 #   3. fine-tune a LoRA adapter on the training split with recipes/smollm2-135m-lora.yaml for STEPS steps,
 #   4. measure the adapted model on the held-out split,
-#   5. ask the base model and the adapted model a held-out question (greedy, with the chat template).
+#   5. ask the base model and the adapted model a held-out question (greedy, with the chat template),
+#   6. merge the adapter into the base (an HF-format bf16 model folder, with its model card) and ask the merged
+#      model the same question, with its peak memory.
 #
-#   usage: scripts/smollm2-end-to-end.sh            (STEPS=40 OUT=target/e2e/smollm2-lora by default)
+#   usage: scripts/smollm2-end-to-end.sh   (STEPS=40 OUT=target/e2e/smollm2-lora MERGED=target/e2e/smollm2-merged)
 #
 # Time on 2 CPU cores: about 10 minutes after the build (the first build of peftkit takes about 10 more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-40}
 OUT=${OUT:-target/e2e/smollm2-lora}
+MERGED=${MERGED:-target/e2e/smollm2-merged}
 VALID=datasets/sprigbox-support/valid.jsonl
 QUESTION=${QUESTION:-"What's the length of the Sprigbox warranty?"}
 SYSTEM="You are Pip, the support assistant for Larkmoor Labs, maker of the Sprigbox indoor garden. Answer briefly and accurately."
@@ -43,4 +46,11 @@ echo
 echo "-- with the adapter:"
 $PEFTKIT generate --base "$GGUF" --adapter "$OUT" --chat --system "$SYSTEM" --prompt "$QUESTION" --max-new-tokens 48
 echo
-stamp "done; the adapter is in $OUT"
+
+stamp "== 5. merge the adapter into the base: $MERGED"
+$PEFTKIT merge --base "$GGUF" --adapter "$OUT" --out "$MERGED" --overwrite
+ls -l "$MERGED"
+echo "-- the merged model (bf16 weights):"
+$PEFTKIT generate --base "$MERGED" --chat --system "$SYSTEM" --prompt "$QUESTION" --max-new-tokens 48
+echo
+stamp "done; the adapter is in $OUT, the merged model in $MERGED"
