@@ -62,17 +62,6 @@ const TOKENIZER_FILES: [&str; 7] = [
     "vocab.json",
     "merges.txt",
 ];
-/// The Llama-family projections (`model.layers.N.<name>.weight`): what QLoRA holds in NF4, as
-/// [`crate::model::assemble_llama`] does.
-const PROJECTIONS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
 /// How bitsandbytes names the quant state of a 4-bit weight `W`: `W.quant_state.bitsandbytes__nf4` (or `__fp4`).
 const BNB_STATE: &str = ".quant_state.bitsandbytes__";
 /// bitsandbytes' other parts of a 4-bit weight `W`: `W.absmax`, `W.quant_map`, ….
@@ -986,7 +975,9 @@ impl Planned {
 /// Whether `name` is a projection weight that QLoRA holds in NF4.
 fn is_projection(name: &str) -> bool {
     name.starts_with("model.layers.")
-        && PROJECTIONS.iter().any(|p| name.strip_suffix(".weight").is_some_and(|m| m.ends_with(&format!(".{p}"))))
+        && crate::model::LAYER_PROJECTIONS
+            .iter()
+            .any(|p| name.strip_suffix(".weight").is_some_and(|m| m.ends_with(&format!(".{p}"))))
 }
 
 /// Every output tensor, with the adapter of its module; checks that every adapter module is in the base with a

@@ -226,6 +226,18 @@ pub fn load_llama_quant(
     assemble_llama(cfg, &src, device, dtype, quant)
 }
 
+/// The linear projections of a decoder layer (`model.layers.N.<name>`), in the order [`assemble_llama`] builds
+/// them: the modules adapters attach to and QLoRA holds in NF4.
+pub const LAYER_PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 /// Builds the model of `cfg` from the tensors of `src`, named as transformers names them. Projections stored
 /// pre-quantized load as NF4 whatever `quant` says; `BaseQuant::Nf4` quantizes the others as they are read.
 pub fn assemble_llama(
@@ -318,13 +330,13 @@ pub fn random_llama(config: ModelConfig, seed: u64, device: &Device, dtype: DTyp
             Ok(AdaptedLinear::new(format!("{p}.{name}"), next(&[out, inp])?, None, lid)?)
         };
         layers.push(Block {
-            q_proj: lin("self_attn.q_proj", q_out, h)?,
-            k_proj: lin("self_attn.k_proj", kv_out, h)?,
-            v_proj: lin("self_attn.v_proj", kv_out, h)?,
-            o_proj: lin("self_attn.o_proj", h, q_out)?,
-            gate_proj: lin("mlp.gate_proj", i, h)?,
-            up_proj: lin("mlp.up_proj", i, h)?,
-            down_proj: lin("mlp.down_proj", h, i)?,
+            q_proj: lin(LAYER_PROJECTIONS[0], q_out, h)?,
+            k_proj: lin(LAYER_PROJECTIONS[1], kv_out, h)?,
+            v_proj: lin(LAYER_PROJECTIONS[2], kv_out, h)?,
+            o_proj: lin(LAYER_PROJECTIONS[3], h, q_out)?,
+            gate_proj: lin(LAYER_PROJECTIONS[4], i, h)?,
+            up_proj: lin(LAYER_PROJECTIONS[5], i, h)?,
+            down_proj: lin(LAYER_PROJECTIONS[6], h, i)?,
             input_layernorm: ones(h)?,
             post_attention_layernorm: ones(h)?,
         });
