@@ -404,7 +404,7 @@ impl UpstreamError {
         &self.message
     }
 
-    fn from_hf(err: &HFError, token: Option<&str>) -> Self {
+    pub(crate) fn from_hf(err: &HFError, token: Option<&str>) -> Self {
         let mut message = err.to_string();
         let mut source = std::error::Error::source(err);
         while let Some(cause) = source {
@@ -428,7 +428,7 @@ impl fmt::Display for UpstreamError {
 impl std::error::Error for UpstreamError {}
 
 /// Removes the token, and anything shaped like an HF token (`hf_…`), from a message.
-fn redact(message: &str, token: Option<&str>) -> String {
+pub(crate) fn redact(message: &str, token: Option<&str>) -> String {
     let mut out = message.to_string();
     if let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) {
         out = out.replace(token, "***");
@@ -462,7 +462,8 @@ pub fn is_hub_id(s: &str) -> bool {
     valid_repo_id(s) && !Path::new(s).exists()
 }
 
-fn valid_repo_id(s: &str) -> bool {
+/// Whether `s` has the shape of a Hub repo id `owner/name` (see [`is_hub_id`]), whether or not a path exists.
+pub fn valid_repo_id(s: &str) -> bool {
     let Some((owner, name)) = s.split_once('/') else {
         return false;
     };
@@ -503,7 +504,7 @@ fn is_safe_relative(name: &str) -> bool {
         && Path::new(name).components().all(|c| matches!(c, Component::Normal(_)))
 }
 
-fn valid_revision(rev: &str) -> bool {
+pub(crate) fn valid_revision(rev: &str) -> bool {
     rev.trim() == rev && is_safe_relative(rev)
 }
 

@@ -16,6 +16,7 @@ pub mod linear;
 pub mod merge;
 pub mod model;
 pub mod ops;
+pub mod push;
 pub mod quant;
 pub mod recipe;
 pub mod train;

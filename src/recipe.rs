@@ -775,9 +775,12 @@ pub struct OutputSpec {
     /// Hub repository (`owner/name`) to push the adapter to.
     #[serde(default)]
     pub hub_model_id: Option<String>,
-    /// Create the Hub repository as private.
+    /// Create the Hub repository as private (a repository that exists keeps its visibility).
     #[serde(default)]
     pub private: bool,
+    /// The branch to push to (default `main`; created when missing).
+    #[serde(default)]
+    pub hub_revision: Option<String>,
 }
 
 /// The YAML shape of a recipe before the adapter's `type` is dispatched on.
@@ -1148,23 +1151,19 @@ fn check_output(output: &OutputSpec) -> Result<(), Problem> {
         return Err(Problem::invalid("output.dir", "must not be empty"));
     }
     if let Some(id) = &output.hub_model_id {
-        if !is_hub_id(id) {
+        if !crate::hub::valid_repo_id(id) {
             return Err(Problem::invalid("output.hub_model_id", format!("must look like owner/name (got \"{id}\")")));
         }
     }
-    Ok(())
-}
-
-/// `owner/name`, each part made of letters, digits, `-`, `_`, `.`, not starting with a punctuation.
-fn is_hub_id(id: &str) -> bool {
-    let part_ok = |part: &str| {
-        part.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-            && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    };
-    match id.split_once('/') {
-        Some((owner, name)) => part_ok(owner) && part_ok(name),
-        None => false,
+    if let Some(rev) = &output.hub_revision {
+        if output.hub_model_id.is_none() {
+            return Err(Problem::invalid("output.hub_revision", "is only used with output.hub_model_id"));
+        }
+        if !crate::hub::valid_revision(rev) {
+            return Err(Problem::invalid("output.hub_revision", format!("\"{rev}\" is not a valid branch name")));
+        }
     }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

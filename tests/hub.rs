@@ -1,21 +1,18 @@
 //! `peftkit::hub::resolve_model` against a loopback stand-in for the Hugging Face Hub.
 //!
-//! The server (std `TcpListener` on 127.0.0.1:0, one thread per connection, every read bounded by
-//! timeouts, stopped when the test drops it) answers the endpoints hf-hub 1.0 uses:
+//! The server (`common::loopback`: 127.0.0.1:0, one thread per connection, stopped when the test drops
+//! it) answers the endpoints hf-hub 1.0 uses:
 //! `HEAD`/`GET {endpoint}/{repo}/resolve/{revision}/{file}` (with `X-Repo-Commit`, `ETag`,
 //! `Content-Length`), `GET /api/models/{repo}` (exists), `GET /api/models/{repo}/revision/{rev}`
 //! (revision exists) and `GET /api/models/{repo}/tree/{rev}` (listing). It records every request so
 //! the tests can check where the token went.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
+mod common;
+
+use common::loopback::{Loopback, Reply, Request};
 use peftkit::hub::{resolve_model, HubError, HubOptions, ModelSource};
 use sha2::{Digest, Sha256};
 
@@ -35,9 +32,6 @@ const FIXTURE_FILES: &[&str] = &[
     "chat_template.jinja",
     "generation_config.json",
 ];
-/// How long a server lives at most, whatever the test does.
-const SERVER_LIFETIME: Duration = Duration::from_secs(120);
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama")
@@ -47,55 +41,14 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(fixture_dir().join(name)).expect("read fixture")
 }
 
-/// One request as the server saw it.
-#[derive(Debug, Clone)]
-struct Request {
-    method: String,
-    target: String,
-    /// Lower-cased names.
-    headers: Vec<(String, String)>,
-}
-
-impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
-}
-
 /// What the fake Hub holds: repo → files (name → bytes). `GATED` answers 401 to everything.
 type Repos = BTreeMap<String, BTreeMap<String, Vec<u8>>>;
-
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Response {
-    fn new(status: u16) -> Self {
-        Response { status, headers: Vec::new(), body: Vec::new() }
-    }
-    fn header(mut self, k: &str, v: impl Into<String>) -> Self {
-        self.headers.push((k.to_string(), v.into()));
-        self
-    }
-    fn json(mut self, v: serde_json::Value) -> Self {
-        self.body = v.to_string().into_bytes();
-        self.header("Content-Type", "application/json")
-    }
-    fn error(status: u16, code: &str, message: &str) -> Self {
-        Response::new(status)
-            .header("X-Error-Code", code)
-            .header("X-Error-Message", message)
-            .json(serde_json::json!({ "error": message }))
-    }
-}
 
 fn etag(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
-fn route(repos: &Repos, req: &Request) -> Response {
+fn route(repos: &Repos, req: &Request) -> Reply {
     let path = req.target.split('?').next().unwrap_or("");
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     // /api/models/{owner}/{name}[/revision/{rev} | /tree/{rev}]
@@ -104,26 +57,26 @@ fn route(repos: &Repos, req: &Request) -> Response {
     } else if parts.len() >= 2 {
         (format!("{}/{}", parts[0], parts[1]), &parts[2..], false)
     } else {
-        return Response::error(404, "RepoNotFound", "not found");
+        return Reply::error(404, "RepoNotFound", "not found");
     };
     if repo == GATED {
-        return Response::error(
+        return Reply::error(
             401,
             "GatedRepo",
             "Access to model peftkit-test/gated is restricted. You must have access to it and be authenticated to access it. Please log in.",
         );
     }
     let Some(files) = repos.get(&repo) else {
-        return Response::error(404, "RepoNotFound", "Repository not found");
+        return Reply::error(404, "RepoNotFound", "Repository not found");
     };
     let rev_ok = |rev: &str| rev == "main" || rev == COMMIT;
     if is_api {
         return match rest {
-            [] => Response::new(200).json(serde_json::json!({ "id": repo, "sha": COMMIT })),
+            [] => Reply::new(200).json(serde_json::json!({ "id": repo, "sha": COMMIT })),
             ["revision", rev] if rev_ok(rev) => {
-                Response::new(200).json(serde_json::json!({ "id": repo, "sha": COMMIT }))
+                Reply::new(200).json(serde_json::json!({ "id": repo, "sha": COMMIT }))
             }
-            ["tree", rev] if rev_ok(rev) => Response::new(200).json(serde_json::Value::Array(
+            ["tree", rev] if rev_ok(rev) => Reply::new(200).json(serde_json::Value::Array(
                 files
                     .iter()
                     .map(|(name, bytes)| {
@@ -131,141 +84,39 @@ fn route(repos: &Repos, req: &Request) -> Response {
                     })
                     .collect(),
             )),
-            _ => Response::error(404, "RevisionNotFound", "Invalid rev id"),
+            _ => Reply::error(404, "RevisionNotFound", "Invalid rev id"),
         };
     }
     match rest {
         ["resolve", rev, file @ ..] if rev_ok(rev) => {
             let file = file.join("/");
             if repo == BROKEN_CDN && req.method == "GET" && file == "model.safetensors" {
-                return Response::error(403, "Forbidden", "Request has expired");
+                return Reply::error(403, "Forbidden", "Request has expired");
             }
             match files.get(&file) {
                 Some(bytes) => {
-                    let mut r = Response::new(200)
+                    let mut r = Reply::new(200)
                         .header("X-Repo-Commit", COMMIT)
                         .header("ETag", format!("\"{}\"", etag(bytes)))
                         .header("Content-Type", "application/octet-stream");
                     r.body = bytes.clone();
                     r
                 }
-                None => Response::error(404, "EntryNotFound", "Entry not found").header("X-Repo-Commit", COMMIT),
+                None => Reply::error(404, "EntryNotFound", "Entry not found").header("X-Repo-Commit", COMMIT),
             }
         }
-        ["resolve", ..] => Response::error(404, "RevisionNotFound", "Invalid rev id"),
-        _ => Response::error(404, "RepoNotFound", "Repository not found"),
+        ["resolve", ..] => Reply::error(404, "RevisionNotFound", "Invalid rev id"),
+        _ => Reply::error(404, "RepoNotFound", "Repository not found"),
     }
 }
 
-/// A loopback HTTP/1.1 server, one request per connection, stopped (and joined) on drop.
-struct FakeHub {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    requests: Arc<Mutex<Vec<Request>>>,
-    thread: Option<JoinHandle<()>>,
-}
+/// The fake Hub: a loopback server answering from `repos`.
+struct FakeHub;
 
 impl FakeHub {
-    fn start(repos: Repos) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("addr");
-        let stop = Arc::new(AtomicBool::new(false));
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let repos = Arc::new(repos);
-        let thread = {
-            let stop = stop.clone();
-            let requests = requests.clone();
-            std::thread::spawn(move || {
-                let deadline = Instant::now() + SERVER_LIFETIME;
-                let mut workers = Vec::new();
-                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let requests = requests.clone();
-                            let repos = repos.clone();
-                            workers.push(std::thread::spawn(move || serve(stream, &repos, &requests)));
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(5))
-                        }
-                        Err(_) => break,
-                    }
-                }
-                for w in workers {
-                    let _ = w.join();
-                }
-            })
-        };
-        FakeHub { addr, stop, requests, thread: Some(thread) }
+    fn start(repos: Repos) -> Loopback {
+        Loopback::start(move |req| route(&repos, req))
     }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn requests(&self) -> Vec<Request> {
-        self.requests.lock().expect("lock").clone()
-    }
-}
-
-impl Drop for FakeHub {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn serve(mut stream: TcpStream, repos: &Repos, requests: &Mutex<Vec<Request>>) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    // Read the head (these requests have no body), at most 64 KiB.
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-        if buf.len() > 64 * 1024 {
-            return;
-        }
-    }
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let mut lines = text.split("\r\n");
-    let mut first = lines.next().unwrap_or("").split(' ');
-    let method = first.next().unwrap_or("").to_string();
-    let target = first.next().unwrap_or("").to_string();
-    let headers = lines
-        .take_while(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let req = Request { method, target, headers };
-    if let Ok(mut r) = requests.lock() {
-        r.push(req.clone());
-    }
-    let resp = route(repos, &req);
-    let reason = match resp.status {
-        200 => "OK",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        _ => "Other",
-    };
-    let mut out = format!("HTTP/1.1 {} {reason}\r\n", resp.status);
-    for (k, v) in &resp.headers {
-        out.push_str(&format!("{k}: {v}\r\n"));
-    }
-    out.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", resp.body.len()));
-    let mut bytes = out.into_bytes();
-    if req.method != "HEAD" {
-        bytes.extend_from_slice(&resp.body);
-    }
-    let _ = stream.write_all(&bytes);
-    let _ = stream.flush();
 }
 
 fn repos() -> Repos {
@@ -294,7 +145,7 @@ fn repos() -> Repos {
     repos
 }
 
-fn online(hub: &FakeHub, cache: &Path, token: Option<&str>) -> HubOptions {
+fn online(hub: &Loopback, cache: &Path, token: Option<&str>) -> HubOptions {
     HubOptions {
         cache_dir: Some(cache.to_path_buf()),
         token: token.map(str::to_string),
@@ -491,7 +342,7 @@ fn unauthorized_is_gated_and_never_shows_the_token() {
 #[test]
 fn unreachable_endpoint_is_a_network_error() {
     // Bind then free a port: connections to it are refused.
-    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let cache = tempfile::tempdir().expect("tmp");
     let opts = HubOptions {
         cache_dir: Some(cache.path().to_path_buf()),

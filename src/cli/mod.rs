@@ -5,6 +5,7 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
+pub mod push;
 pub mod train;
 
 use std::fmt;

@@ -7,6 +7,7 @@ use peftkit::adapter::{self, peft_format, AdapterConfig};
 use peftkit::base::load_base_quant;
 use peftkit::card::{adapter_card, framework_versions, DataFacts, TrainingRecord, TRAINING_RECORD_FILE};
 use peftkit::data::{self, Dataset, EncodeOptions, Format};
+use peftkit::push::PushOptions;
 use peftkit::recipe::{DataFormat, Recipe};
 use peftkit::train::{self, TrainConfig, TrainOptions};
 use std::path::{Path, PathBuf};
@@ -63,12 +64,22 @@ pub fn run(args: Args) -> Result<()> {
     // Everything about the recipe is checked before any download or computation.
     let recipe = Recipe::load(&args.recipe, &args.set).map_err(user)?;
     let adapter_cfg = AdapterConfig::from_spec(&recipe.adapter).map_err(user)?;
-    if let Some(id) = &recipe.output.hub_model_id {
-        return Err(user(anyhow::anyhow!(
-            "{}: output.hub_model_id ({id}): pushing to the Hub is not available in this version of peftkit; remove \
-             the key and upload the output folder with `huggingface-cli upload {id} <output.dir>`",
-            args.recipe.display()
-        )));
+    // A push at the end needs a token and the network: found out now, not after hours of training.
+    let push_opts = recipe.output.hub_model_id.as_ref().map(|id| {
+        let hub = hub_options();
+        PushOptions {
+            folder: recipe.output.dir.clone(),
+            repo: id.clone(),
+            private: recipe.output.private,
+            revision: recipe.output.hub_revision.clone().unwrap_or_else(|| peftkit::hub::DEFAULT_REVISION.into()),
+            message: None,
+            progress: hub.progress,
+            hub,
+        }
+    });
+    if let Some(p) = &push_opts {
+        peftkit::push::preflight(p)
+            .map_err(|e| user(anyhow::anyhow!("{}: output.hub_model_id ({}): {e}", args.recipe.display(), p.repo)))?;
     }
     let out = recipe.output.dir.clone();
     if args.resume && train::latest_checkpoint(&out).is_none() {
@@ -243,5 +254,17 @@ pub fn run(args: Args) -> Result<()> {
         summary.tokens as f64 / summary.wall_s.max(1e-9),
         out.display()
     );
+    if let Some(p) = &push_opts {
+        let report = super::push::run_push(p).with_context(|| {
+            format!(
+                "the adapter is saved in {}, but pushing it to {} failed; push it again with `peftkit push {} --repo {}`",
+                out.display(),
+                p.repo,
+                out.display(),
+                p.repo
+            )
+        })?;
+        super::push::print_report(&report);
+    }
     Ok(())
 }

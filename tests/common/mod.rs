@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests (each test file includes this module with `mod common;`).
 #![allow(dead_code)]
 
+pub mod loopback;
+
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};

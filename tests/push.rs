@@ -1,0 +1,753 @@
+//! `peftkit push` (and `train` with `output.hub_model_id`) against a loopback stand-in for the Hugging Face Hub.
+//!
+//! The fake Hub answers the calls a push makes, as the Hub does for a repo without Xet storage:
+//! `GET /api/whoami-v2`, `POST /api/repos/create` (409 when the repo exists), `POST /api/models/{repo}/branch/{b}`,
+//! `POST /api/models/{repo}/preupload/{rev}` (`lfs` for safetensors/binary files), the Git LFS batch API
+//! `POST /{repo}.git/info/lfs/objects/batch` (transfer `basic`, or `multipart` with per-part URLs above a chunk
+//! size), presigned storage URLs on *another origin* (`http://localhost:PORT/s3/…`, as S3 is for the real Hub),
+//! the LFS `verify` action, and `POST /api/models/{repo}/commit/{rev}` (NDJSON). It keeps the repos' files and
+//! commits, and records every request, so the tests check that files arrive intact (sha256), that a push is one
+//! commit, where the token went, and how failures (401/403/5xx) are reported and retried.
+
+mod common;
+
+use base64::Engine;
+use common::loopback::{Loopback, Reply, Request};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+
+const TOKEN: &str = "hf_PushTestToken0123456789abcdefXYZ";
+const USER: &str = "alice";
+
+// ---------------------------------------------------------------------------------------------
+// The fake Hub
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct RepoState {
+    private: bool,
+    /// branch → path → bytes
+    branches: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    commits: usize,
+}
+
+/// An injected failure: answer `status` to requests whose method and path match, `times` times (then behave).
+#[derive(Clone)]
+struct Fail {
+    method: &'static str,
+    path_contains: &'static str,
+    status: u16,
+    times: usize,
+}
+
+#[derive(Default)]
+struct State {
+    port: u16,
+    repos: BTreeMap<String, RepoState>,
+    /// LFS storage: sha256 → bytes.
+    lfs: BTreeMap<String, Vec<u8>>,
+    /// Multipart parts received: (oid, part number) → bytes.
+    parts: BTreeMap<(String, usize), Vec<u8>>,
+    /// Objects larger than this go multipart with parts of this size.
+    multipart_chunk: Option<usize>,
+    /// The transfer the batch call answers for non-multipart objects (`basic`, or `xet` to test the hand-off).
+    transfer: Option<&'static str>,
+    fails: Vec<Fail>,
+}
+
+struct FakeHub {
+    server: Loopback,
+    state: Arc<Mutex<State>>,
+}
+
+impl FakeHub {
+    fn start() -> FakeHub {
+        let state = Arc::new(Mutex::new(State::default()));
+        let s = state.clone();
+        let server = Loopback::start(move |req| route(&mut s.lock().expect("state"), req));
+        state.lock().unwrap().port = server.port();
+        FakeHub { server, state }
+    }
+
+    fn endpoint(&self) -> String {
+        self.server.endpoint()
+    }
+
+    fn requests(&self) -> Vec<Request> {
+        self.server.requests()
+    }
+
+    fn fail(&self, method: &'static str, path_contains: &'static str, status: u16, times: usize) {
+        self.state.lock().unwrap().fails.push(Fail { method, path_contains, status, times });
+    }
+
+    fn files(&self, repo: &str, branch: &str) -> BTreeMap<String, Vec<u8>> {
+        let st = self.state.lock().unwrap();
+        st.repos.get(repo).and_then(|r| r.branches.get(branch)).cloned().unwrap_or_default()
+    }
+
+    fn commits(&self, repo: &str) -> usize {
+        self.state.lock().unwrap().repos.get(repo).map(|r| r.commits).unwrap_or(0)
+    }
+
+    fn count(&self, method: &str, path_contains: &str) -> usize {
+        self.requests().iter().filter(|r| r.method == method && r.path().contains(path_contains)).count()
+    }
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+fn authorized(req: &Request) -> bool {
+    req.header("authorization") == Some(&format!("Bearer {TOKEN}"))
+}
+
+fn route(st: &mut State, req: &Request) -> Reply {
+    let path = req.path().to_string();
+    if let Some(f) =
+        st.fails.iter_mut().find(|f| f.times > 0 && f.method == req.method && path.contains(f.path_contains))
+    {
+        f.times -= 1;
+        let msg = match f.status {
+            401 => "Invalid credentials in Authorization header",
+            403 => "You don't have the rights to create a model under this namespace",
+            _ => "Internal Error - We're working hard to fix this as soon as possible!",
+        };
+        return Reply::error(f.status, "Injected", msg);
+    }
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let storage = format!("http://localhost:{}/s3", st.port);
+    let hub = format!("http://127.0.0.1:{}", st.port);
+
+    // Presigned storage: no token expected (and none should be sent).
+    if parts.first() == Some(&"s3") {
+        return match (req.method.as_str(), &parts[1..]) {
+            ("PUT", ["upload", oid]) => {
+                if sha256(&req.body) != *oid {
+                    return Reply::error(400, "BadDigest", "content does not match the oid");
+                }
+                st.lfs.insert(oid.to_string(), req.body.clone());
+                Reply::new(200)
+            }
+            ("PUT", ["part", oid, n]) => {
+                let n: usize = n.parse().unwrap_or(0);
+                st.parts.insert((oid.to_string(), n), req.body.clone());
+                Reply::new(200).header("ETag", format!("\"etag-{n}-{}\"", &sha256(&req.body)[..8]))
+            }
+            ("POST", ["complete", oid]) => {
+                let body = req.json();
+                let mut bytes = Vec::new();
+                for (i, p) in body["parts"].as_array().cloned().unwrap_or_default().iter().enumerate() {
+                    let n = p["partNumber"].as_u64().unwrap_or(0) as usize;
+                    let Some(part) = st.parts.get(&(oid.to_string(), n)) else {
+                        return Reply::error(400, "MissingPart", "a part was not uploaded");
+                    };
+                    let want = format!("\"etag-{n}-{}\"", &sha256(part)[..8]);
+                    if n != i + 1 || p["etag"].as_str() != Some(want.as_str()) {
+                        return Reply::error(400, "BadPart", "parts out of order or wrong ETag");
+                    }
+                    bytes.extend_from_slice(part);
+                }
+                if sha256(&bytes) != *oid || body["oid"].as_str() != Some(*oid) {
+                    return Reply::error(400, "BadDigest", "assembled content does not match the oid");
+                }
+                st.lfs.insert(oid.to_string(), bytes);
+                Reply::new(200).json(serde_json::json!({}))
+            }
+            _ => Reply::error(404, "NotFound", "no such storage action"),
+        };
+    }
+
+    if !authorized(req) {
+        return Reply::error(401, "Unauthorized", "Invalid credentials in Authorization header");
+    }
+    match (req.method.as_str(), parts.as_slice()) {
+        ("GET", ["api", "whoami-v2"]) => Reply::new(200).json(serde_json::json!({"name": USER, "type": "user"})),
+        ("POST", ["api", "repos", "create"]) => {
+            let body = req.json();
+            let name = body["name"].as_str().unwrap_or("");
+            let owner = body["organization"].as_str().unwrap_or(USER);
+            let repo = format!("{owner}/{name}");
+            if st.repos.contains_key(&repo) {
+                return Reply::error(409, "Conflict", "You already created this model repo").json(
+                    serde_json::json!({"error": "You already created this model repo", "url": format!("{hub}/{repo}")}),
+                );
+            }
+            let mut r = RepoState { private: body["private"].as_bool().unwrap_or(false), ..Default::default() };
+            r.branches.insert("main".into(), BTreeMap::new());
+            st.repos.insert(repo.clone(), r);
+            Reply::new(200).json(serde_json::json!({"url": format!("{hub}/{repo}"), "name": repo}))
+        }
+        ("POST", ["api", "models", owner, name, "branch", branch]) => {
+            let Some(r) = st.repos.get_mut(&format!("{owner}/{name}")) else {
+                return Reply::error(404, "RepoNotFound", "Repository not found");
+            };
+            if r.branches.contains_key(*branch) {
+                return Reply::error(409, "Conflict", "Reference already exists");
+            }
+            let main = r.branches.get("main").cloned().unwrap_or_default();
+            r.branches.insert(branch.to_string(), main);
+            Reply::new(200).json(serde_json::json!({}))
+        }
+        ("POST", ["api", "models", owner, name, "preupload", rev]) => {
+            let Some(r) = st.repos.get(&format!("{owner}/{name}")) else {
+                return Reply::error(404, "RepoNotFound", "Repository not found");
+            };
+            if !r.branches.contains_key(*rev) {
+                return Reply::error(404, "RevisionNotFound", "Invalid rev id");
+            }
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let files: Vec<serde_json::Value> = req.json()["files"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|f| {
+                    let path = f["path"].as_str().unwrap_or("");
+                    let sample = b64.decode(f["sample"].as_str().unwrap_or("")).unwrap_or_default();
+                    let size = f["size"].as_u64().unwrap_or(0);
+                    let lfs = path.ends_with(".safetensors") || size > 10 << 20 || sample.contains(&0);
+                    serde_json::json!({"path": path, "uploadMode": if lfs {"lfs"} else {"regular"}, "shouldIgnore": false})
+                })
+                .collect();
+            Reply::new(200).json(serde_json::json!({"files": files, "commitOid": "0".repeat(40)}))
+        }
+        ("POST", [owner, repo_git, "info", "lfs", "objects", "batch"]) if repo_git.ends_with(".git") => {
+            let repo = format!("{owner}/{}", repo_git.trim_end_matches(".git"));
+            if !st.repos.contains_key(&repo) {
+                return Reply::error(404, "RepoNotFound", "Repository not found");
+            }
+            if req.header("accept") != Some("application/vnd.git-lfs+json") {
+                return Reply::error(406, "NotAcceptable", "LFS media type expected");
+            }
+            let body = req.json();
+            if st.transfer == Some("xet") {
+                return Reply::new(200).json(serde_json::json!({"transfer": "xet", "objects": []}));
+            }
+            let mut multipart = false;
+            let objects: Vec<serde_json::Value> = body["objects"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|o| {
+                    let oid = o["oid"].as_str().unwrap_or("").to_string();
+                    let size = o["size"].as_u64().unwrap_or(0) as usize;
+                    if st.lfs.contains_key(&oid) {
+                        return serde_json::json!({"oid": oid, "size": size});
+                    }
+                    let verify =
+                        serde_json::json!({"href": format!("{hub}/{repo}.git/info/lfs/objects/verify"), "header": {}});
+                    match st.multipart_chunk {
+                        Some(chunk) if size > chunk => {
+                            multipart = true;
+                            let mut header = serde_json::Map::new();
+                            header.insert("chunk_size".into(), chunk.to_string().into());
+                            for n in 1..=size.div_ceil(chunk) {
+                                header.insert(format!("{n:05}"), format!("{storage}/part/{oid}/{n}").into());
+                            }
+                            serde_json::json!({"oid": oid, "size": size, "authenticated": true, "actions": {
+                                "upload": {"href": format!("{storage}/complete/{oid}"), "header": header},
+                                "verify": verify}})
+                        }
+                        _ => serde_json::json!({"oid": oid, "size": size, "authenticated": true, "actions": {
+                            "upload": {"href": format!("{storage}/upload/{oid}")},
+                            "verify": verify}}),
+                    }
+                })
+                .collect();
+            let transfer = if multipart { "multipart" } else { "basic" };
+            Reply::new(200)
+                .json(serde_json::json!({"transfer": transfer, "objects": objects}))
+                .header("Content-Type", "application/vnd.git-lfs+json")
+        }
+        ("POST", [_, _, "info", "lfs", "objects", "verify"]) => {
+            let body = req.json();
+            let oid = body["oid"].as_str().unwrap_or("");
+            match st.lfs.get(oid) {
+                Some(b) if b.len() as u64 == body["size"].as_u64().unwrap_or(u64::MAX) => Reply::new(200),
+                _ => Reply::error(404, "ObjectNotFound", "object not found"),
+            }
+        }
+        ("POST", ["api", "models", owner, name, "commit", rev]) => {
+            let repo = format!("{owner}/{name}");
+            if req.header("content-type") != Some("application/x-ndjson") {
+                return Reply::error(400, "BadRequest", "NDJSON expected");
+            }
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let mut staged = BTreeMap::new();
+            for (i, line) in req.body.split(|&b| b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+                let v: serde_json::Value = serde_json::from_slice(line).unwrap_or_default();
+                let value = &v["value"];
+                match (i, v["key"].as_str()) {
+                    (0, Some("header")) if value["summary"].is_string() => {}
+                    (0, _) => return Reply::error(400, "BadRequest", "the first line must be the header"),
+                    (_, Some("file")) => {
+                        let Ok(bytes) = b64.decode(value["content"].as_str().unwrap_or("")) else {
+                            return Reply::error(400, "BadRequest", "bad base64");
+                        };
+                        staged.insert(value["path"].as_str().unwrap_or("").to_string(), bytes);
+                    }
+                    (_, Some("lfsFile")) => {
+                        let oid = value["oid"].as_str().unwrap_or("");
+                        match st.lfs.get(oid) {
+                            Some(b) if b.len() as u64 == value["size"].as_u64().unwrap_or(0) => {
+                                staged.insert(value["path"].as_str().unwrap_or("").to_string(), b.clone());
+                            }
+                            _ => {
+                                return Reply::error(
+                                    422,
+                                    "LfsMissing",
+                                    "an LFS object of the commit was never uploaded",
+                                )
+                            }
+                        }
+                    }
+                    _ => return Reply::error(400, "BadRequest", "unknown line"),
+                }
+            }
+            let Some(r) = st.repos.get_mut(&repo) else {
+                return Reply::error(404, "RepoNotFound", "Repository not found");
+            };
+            let Some(files) = r.branches.get_mut(*rev) else {
+                return Reply::error(404, "RevisionNotFound", "Invalid rev id");
+            };
+            files.extend(staged);
+            r.commits += 1;
+            let oid = format!("{:040x}", r.commits);
+            Reply::new(200).json(serde_json::json!({"commitUrl": format!("{hub}/{repo}/commit/{oid}"), "commitOid": oid, "success": true}))
+        }
+        ("GET", ["api", "models", owner, name, "xet-write-token", _]) => {
+            let _ = (owner, name);
+            Reply::error(503, "Unavailable", "no Xet storage on this test server")
+        }
+        _ => Reply::error(404, "NotFound", "no such endpoint"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn bin(hub: &FakeHub, home: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_peftkit"));
+    c.env("HF_ENDPOINT", hub.endpoint())
+        .env("HF_TOKEN", TOKEN)
+        .env("HF_HOME", home)
+        .env("NO_COLOR", "1")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_TOKEN_PATH")
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("ALL_PROXY");
+    c
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// A PEFT LoRA adapter folder (from the fixture) with a model card and a metrics log.
+fn adapter_folder(root: &Path) -> PathBuf {
+    let src = common::fixture("tiny-llama/peft-lora");
+    let dir = root.join("adapter");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    assert!(dir.join("adapter_model.safetensors").is_file() && dir.join("adapter_config.json").is_file());
+    std::fs::write(dir.join("README.md"), "---\nlibrary_name: peft\n---\n# A test adapter\n").unwrap();
+    std::fs::write(dir.join("metrics.jsonl"), "{\"step\":1,\"loss\":2.5}\n").unwrap();
+    dir
+}
+
+/// A safetensors file of `n` f32 values (random-looking bytes), `4n + header` bytes long.
+fn write_safetensors(path: &Path, n: usize) {
+    let data: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.618).sin()).collect();
+    let t = candle_core::Tensor::from_vec(data, n, &candle_core::Device::Cpu).unwrap();
+    candle_core::safetensors::save(&std::collections::HashMap::from([("w".to_string(), t)]), path).unwrap();
+}
+
+/// Every file under `dir` by `/`-path, as the repo should hold them.
+fn local_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().replace('\\', "/");
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn assert_same_files(remote: &BTreeMap<String, Vec<u8>>, local: &BTreeMap<String, Vec<u8>>) {
+    let names = |m: &BTreeMap<String, Vec<u8>>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(remote), names(local));
+    for (name, bytes) in local {
+        assert_eq!(sha256(&remote[name]), sha256(bytes), "{name} differs");
+    }
+}
+
+/// The token appears in no URL, no body and no header other than `Authorization`, and `Authorization` is only
+/// ever sent to the Hub endpoint (never to presigned storage URLs), and never in the output.
+fn assert_token_only_in_authorization(hub: &FakeHub, output: &Output) {
+    for r in hub.requests() {
+        assert!(!r.target.contains(TOKEN), "token in a URL: {}", r.target);
+        assert!(!String::from_utf8_lossy(&r.body).contains(TOKEN), "token in the body of {} {}", r.method, r.target);
+        for (k, v) in &r.headers {
+            if k != "authorization" {
+                assert!(!v.contains(TOKEN), "token in header {k} of {}", r.target);
+            }
+        }
+        if r.path().starts_with("/s3/") {
+            assert!(r.header("authorization").is_none(), "Authorization sent to storage: {} {}", r.method, r.target);
+            assert_eq!(r.header("host").map(|h| h.starts_with("localhost")), Some(true));
+        }
+    }
+    let (out, err) = text(output);
+    assert!(!out.contains(TOKEN) && !err.contains(TOKEN), "token printed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn push_creates_the_repo_and_commits_every_file_once() {
+    let hub = FakeHub::start();
+    let d = tmp();
+    let dir = adapter_folder(d.path());
+    let o =
+        bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/tiny-lora", "--private"]).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains(&format!("{}/alice/tiny-lora", hub.endpoint())), "{out}");
+    assert!(out.contains("(new repo)"), "{out}");
+
+    assert_same_files(&hub.files("alice/tiny-lora", "main"), &local_files(&dir));
+    assert_eq!(hub.commits("alice/tiny-lora"), 1);
+    assert!(hub.state.lock().unwrap().repos["alice/tiny-lora"].private);
+    assert_eq!(hub.count("POST", "/commit/main"), 1);
+    // The safetensors went through LFS (one PUT to storage, verified), the rest inline in the commit.
+    assert_eq!(hub.count("PUT", "/s3/upload/"), 1);
+    assert_eq!(hub.count("POST", "/objects/verify"), 1);
+    let commit = hub.requests().into_iter().find(|r| r.path().ends_with("/commit/main")).unwrap();
+    let body = String::from_utf8_lossy(&commit.body).to_string();
+    assert!(body.contains("\"lfsFile\"") && body.contains("adapter_model.safetensors"), "{body}");
+    assert!(body.contains("Upload adapter trained with peftkit"), "{body}");
+    assert_token_only_in_authorization(&hub, &o);
+
+    // Pushing again: the LFS object is already stored, so nothing large is sent; one more commit.
+    let o = bin(&hub, d.path())
+        .args(["push"])
+        .arg(&dir)
+        .args(["--repo", "alice/tiny-lora", "--message", "again"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(hub.count("PUT", "/s3/upload/"), 1);
+    assert_eq!(hub.commits("alice/tiny-lora"), 2);
+    assert!(!text(&o).0.contains("(new repo)"));
+}
+
+#[test]
+fn large_files_go_multipart_and_arrive_intact() {
+    let hub = FakeHub::start();
+    hub.state.lock().unwrap().multipart_chunk = Some(100_000);
+    let d = tmp();
+    let dir = adapter_folder(d.path());
+    // A merged-model-like folder: config, index, two shards, one above the chunk size (3 parts).
+    let model = d.path().join("merged");
+    std::fs::create_dir_all(&model).unwrap();
+    write_safetensors(&model.join("model-00001-of-00002.safetensors"), 60_000);
+    write_safetensors(&model.join("model-00002-of-00002.safetensors"), 1_000);
+    std::fs::write(
+        model.join("model.safetensors.index.json"),
+        r#"{"metadata":{},"weight_map":{"w":"model-00001-of-00002.safetensors","v":"model-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    std::fs::copy(common::fixture("tiny-llama/config.json"), model.join("config.json")).unwrap();
+    std::fs::write(model.join("README.md"), "---\nlibrary_name: transformers\n---\n# merged\n").unwrap();
+    let _ = dir;
+    let o = bin(&hub, d.path()).args(["push"]).arg(&model).args(["--repo", "tiny-merged"]).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    // A bare name goes under the token's account.
+    assert!(out.contains("alice/tiny-merged"), "{out}");
+    assert_same_files(&hub.files("alice/tiny-merged", "main"), &local_files(&model));
+    assert_eq!(hub.count("PUT", "/s3/part/"), 3);
+    assert_eq!(hub.count("POST", "/s3/complete/"), 1);
+    assert_eq!(hub.count("PUT", "/s3/upload/"), 1); // the small shard
+    assert_eq!(hub.commits("alice/tiny-merged"), 1);
+    assert!(
+        out.contains("Upload model merged with peftkit")
+            || hub
+                .requests()
+                .iter()
+                .any(|r| String::from_utf8_lossy(&r.body).contains("Upload model merged with peftkit"))
+    );
+    assert_token_only_in_authorization(&hub, &o);
+}
+
+#[test]
+fn a_branch_is_created_and_committed_to() {
+    let hub = FakeHub::start();
+    let d = tmp();
+    let dir = adapter_folder(d.path());
+    let o =
+        bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/b", "--revision", "dev"]).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("/alice/b/tree/dev"), "{out}");
+    assert_eq!(hub.count("POST", "/branch/dev"), 1);
+    assert_eq!(hub.count("POST", "/commit/dev"), 1);
+    assert!(hub.files("alice/b", "main").is_empty());
+    assert_same_files(&hub.files("alice/b", "dev"), &local_files(&dir));
+}
+
+#[test]
+fn checkpoints_are_not_pushed() {
+    let hub = FakeHub::start();
+    let d = tmp();
+    let dir = adapter_folder(d.path());
+    std::fs::create_dir_all(dir.join("checkpoints/step-000002")).unwrap();
+    std::fs::write(dir.join("checkpoints/step-000002/state.json"), "{}").unwrap();
+    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/c"]).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("not pushed: checkpoints/"), "{out}");
+    assert!(hub.files("alice/c", "main").keys().all(|k| !k.starts_with("checkpoints")));
+}
+
+#[test]
+fn folders_that_are_not_ready_are_refused_before_any_request() {
+    let hub = FakeHub::start();
+    let d = tmp();
+    let dir = adapter_folder(d.path());
+    let push = |dir: &Path| bin(&hub, d.path()).args(["push"]).arg(dir).args(["--repo", "alice/x"]).output().unwrap();
+
+    std::fs::remove_file(dir.join("README.md")).unwrap();
+    let o = push(&dir);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("no model card (README.md)"), "{}", text(&o).1);
+    std::fs::write(dir.join("README.md"), "# card\n").unwrap();
+
+    // A half-written file: a temporary name, as peftkit's writers use before the rename.
+    let tmp_file = dir.join(".adapter_model.safetensors.tmp-4242");
+    std::fs::write(&tmp_file, b"partial").unwrap();
+    let o = push(&dir);
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o).1;
+    assert!(err.contains(".adapter_model.safetensors.tmp-4242") && err.contains("temporary file"), "{err}");
+    std::fs::remove_file(&tmp_file).unwrap();
+
+    // A truncated safetensors file.
+    let weights = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() - 10]).unwrap();
+    let o = push(&dir);
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o).1;
+    assert!(err.contains("adapter_model.safetensors") && err.contains("truncated"), "{err}");
+    std::fs::write(&weights, &bytes).unwrap();
+
+    // A JSON file cut short.
+    std::fs::write(dir.join("adapter_config.json"), "{\"peft_type\": \"LORA\", \"r\":").unwrap();
+    let o = push(&dir);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("adapter_config.json: not complete JSON"), "{}", text(&o).1);
+
+    assert!(
+        hub.requests().is_empty(),
+        "requests were made: {:?}",
+        hub.requests().iter().map(|r| &r.target).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn no_token_and_bad_repo_ids_are_user_errors() {
+    let hub = FakeHub::start();
+    let d = tmp();
+    let dir = adapter_folder(d.path());
+    let o = bin(&hub, d.path())
+        .env_remove("HF_TOKEN")
+        .args(["push"])
+        .arg(&dir)
+        .args(["--repo", "alice/x"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o).1;
+    assert!(err.contains("HF_TOKEN") && err.contains("token"), "{err}");
+    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/bad name"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("--repo"), "{}", text(&o).1);
+    let o = bin(&hub, d.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["push"])
+        .arg(&dir)
+        .args(["--repo", "alice/x"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("HF_HUB_OFFLINE"), "{}", text(&o).1);
+    assert!(hub.requests().is_empty());
+}
+
+#[test]
+fn a_refused_token_is_reported_once_without_retries_or_leaks() {
+    let hub = FakeHub::start();
+    let d = tmp();
+    let dir = adapter_folder(d.path());
+    // A wrong token: the Hub answers 401 to the first call (repo creation); nothing is retried.
+    let o = bin(&hub, d.path())
+        .env("HF_TOKEN", "hf_WrongTokenWrongToken123456")
+        .args(["push"])
+        .arg(&dir)
+        .args(["--repo", "alice/x"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o).1;
+    assert!(err.contains("401") || err.contains("Authentication"), "{err}");
+    assert!(!err.contains("hf_WrongTokenWrongToken123456"), "{err}");
+    assert_eq!(hub.requests().len(), 1, "{:?}", hub.requests().iter().map(|r| &r.target).collect::<Vec<_>>());
+
+    // 403 on the preupload call (a read-only token): clear, not retried, nothing committed.
+    hub.fail("POST", "/preupload/", 403, usize::MAX);
+    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/y"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o).1;
+    assert!(err.contains("403 Forbidden") && err.contains("write"), "{err}");
+    assert_eq!(hub.count("POST", "/preupload/"), 1);
+    assert_eq!(hub.commits("alice/y"), 0);
+
+    // 401 on the commit itself.
+    hub.state.lock().unwrap().fails.clear();
+    hub.fail("POST", "/commit/", 401, usize::MAX);
+    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/z"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("401 Unauthorized"), "{}", text(&o).1);
+    assert_eq!(hub.count("POST", "/commit/"), 1);
+    assert_token_only_in_authorization(&hub, &o);
+}
+
+#[test]
+fn server_errors_are_retried_a_few_times_then_reported() {
+    let hub = FakeHub::start();
+    let d = tmp();
+    let dir = adapter_folder(d.path());
+    // A 503 that lasts: the preupload call is tried MAX_ATTEMPTS (3) times, then a clear error; exit 1.
+    hub.fail("POST", "/preupload/", 503, usize::MAX);
+    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/s"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o).1;
+    assert!(err.contains("503") && err.contains("after 3 attempts") && err.contains("Nothing was committed"), "{err}");
+    assert_eq!(hub.count("POST", "/preupload/"), 3);
+    assert_eq!(hub.commits("alice/s"), 0);
+
+    // A 500 on the commit is not retried (it may have been made).
+    hub.state.lock().unwrap().fails.clear();
+    hub.fail("POST", "/commit/", 500, usize::MAX);
+    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/s"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("was not retried"), "{}", text(&o).1);
+    assert_eq!(hub.count("POST", "/commit/"), 1);
+
+    // One passing 502 on the storage PUT is retried and the push succeeds.
+    hub.state.lock().unwrap().fails.clear();
+    hub.fail("PUT", "/s3/upload/", 502, 1);
+    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/t"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_same_files(&hub.files("alice/t", "main"), &local_files(&dir));
+}
+
+#[test]
+fn train_pushes_when_the_recipe_names_a_hub_repo() {
+    let hub = FakeHub::start();
+    let d = tmp();
+    let data = d.path().join("train.jsonl");
+    let lines: String = (0..8)
+        .map(|i| {
+            serde_json::json!({"messages": [{"role": "user", "content": format!("What is code E{i}?")},
+                {"role": "assistant", "content": format!("Code E{i} means tank {i} is empty.")}]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let out = d.path().join("adapter");
+    let recipe = d.path().join("recipe.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "base_model: {}\nadapter: {{type: lora, r: 2}}\ndata: {{train: {}, format: chat, sequence_len: 32}}\n\
+             training: {{max_steps: 2, micro_batch_size: 4, save_every: 1}}\n\
+             output: {{dir: {}, hub_model_id: alice/trained, private: true, hub_revision: exp}}\n",
+            common::fixture("tiny-llama").display(),
+            data.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    // Without a token, training does not even start.
+    let o = bin(&hub, d.path()).env_remove("HF_TOKEN").arg("train").arg(&recipe).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("output.hub_model_id"), "{}", text(&o).1);
+    assert!(!out.join("metrics.jsonl").exists());
+
+    let o = bin(&hub, d.path()).arg("train").arg(&recipe).output().unwrap();
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{err}");
+    assert!(stdout.contains("/alice/trained/tree/exp"), "{stdout}");
+    let remote = hub.files("alice/trained", "exp");
+    let mut local = local_files(&out);
+    local.retain(|k, _| !k.starts_with("checkpoints/"));
+    assert_same_files(&remote, &local);
+    for f in ["adapter_config.json", "adapter_model.safetensors", "README.md"] {
+        assert!(remote.contains_key(f), "{f} not pushed");
+    }
+    assert!(hub.state.lock().unwrap().repos["alice/trained"].private);
+    assert_token_only_in_authorization(&hub, &o);
+}
+
+#[test]
+fn when_the_hub_picks_xet_the_upload_is_handed_to_hf_hub() {
+    let hub = FakeHub::start();
+    hub.state.lock().unwrap().transfer = Some("xet");
+    let d = tmp();
+    let dir = adapter_folder(d.path());
+    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/xet"]).output().unwrap();
+    // This server has no Xet storage, so hf-hub's Xet upload fails; the error is clear and nothing is committed.
+    assert_ne!(o.status.code(), Some(0));
+    let err = text(&o).1;
+    assert!(err.contains("Xet upload"), "{err}");
+    assert_eq!(hub.commits("alice/xet"), 0);
+    // hf-hub made its own preupload and batch calls (the hand-off happened), then asked for a Xet token.
+    assert!(
+        hub.count("POST", "/preupload/") >= 2,
+        "{:?}",
+        hub.requests().iter().map(|r| &r.target).collect::<Vec<_>>()
+    );
+    assert_token_only_in_authorization(&hub, &o);
+}
