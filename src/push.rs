@@ -591,7 +591,8 @@ fn push_with_backoff(opts: &PushOptions, backoff: Duration) -> Result<PushReport
         .endpoint(endpoint.as_str())
         .token(token.as_str())
         .user_agent(format!("peftkit/{}", env!("CARGO_PKG_VERSION")))
-        .retry_max_attempts(MAX_ATTEMPTS)
+        // hf-hub counts retries after the first try.
+        .retry_max_attempts(MAX_ATTEMPTS - 1)
         .cache_enabled(false)
         .build_sync()
         .map_err(|e| PushError::HfHub {

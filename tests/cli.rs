@@ -262,3 +262,59 @@ fn every_recipe_in_recipes_validates() {
     }
     assert!(n >= 2, "found {n} recipes");
 }
+
+/// `eval --questions`: each greedy reply (the same text `generate --chat` gives) is checked for its expected fact.
+#[test]
+fn eval_questions_checks_greedy_replies_for_the_expected_fact() {
+    let d = tmp("questions");
+    let cache = hf_cache(&d.join("hub"));
+    let reply = bin()
+        .env("HF_HUB_CACHE", &cache)
+        .args(["generate", "--base", "peftkit-test/tiny-llama", "--chat", "--prompt", "Where is it?"])
+        .args(["--max-new-tokens", "6"])
+        .output()
+        .unwrap();
+    assert!(reply.status.success(), "{}", stderr(&reply));
+    let reply = String::from_utf8_lossy(&reply.stdout).trim().to_string();
+    let fact: String = reply.chars().take(6).collect::<String>().to_uppercase();
+    assert!(!fact.trim().is_empty(), "empty reply");
+    let q = d.join("q.jsonl");
+    std::fs::write(
+        &q,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"question": "Where is it?", "expected": fact}),
+            serde_json::json!({"question": "Who made it?", "expected": ["zz-not-a-reply-zz"]})
+        ),
+    )
+    .unwrap();
+    let answers = d.join("answers.jsonl");
+    let o = bin()
+        .env("HF_HUB_CACHE", &cache)
+        .args(["eval", "--base", "peftkit-test/tiny-llama", "--max-new-tokens", "6", "--json", "--questions"])
+        .arg(&q)
+        .arg("--answers")
+        .arg(&answers)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["questions"]["total"], 2);
+    assert_eq!(v["questions"]["correct"], 1, "{v} (reply was {reply:?})");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&answers).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0]["reply"].as_str(), Some(reply.as_str()));
+    assert_eq!(lines[0]["correct"], true);
+    assert_eq!(lines[1]["correct"], false);
+
+    // A malformed questions file is refused before the model loads, naming the line.
+    std::fs::write(&q, "{\"question\": \"a?\", \"expected\": \"b\"}\n{\"question\": 1}\n").unwrap();
+    let o = bin()
+        .env("HF_HUB_CACHE", &cache)
+        .args(["eval", "--base", "peftkit-test/tiny-llama", "--questions"])
+        .arg(&q)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("q.jsonl:2"), "{}", stderr(&o));
+}

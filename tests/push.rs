@@ -666,6 +666,14 @@ fn server_errors_are_retried_a_few_times_then_reported() {
     assert_eq!(hub.count("POST", "/preupload/"), 3);
     assert_eq!(hub.commits("alice/s"), 0);
 
+    // The same bound holds for the calls hf-hub makes (repo creation).
+    hub.state.lock().unwrap().fails.clear();
+    hub.fail("POST", "/api/repos/create", 503, usize::MAX);
+    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/r"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("503"), "{}", text(&o).1);
+    assert_eq!(hub.count("POST", "/api/repos/create"), 4, "one create for alice/s, then 3 tries for alice/r");
+
     // A 500 on the commit is not retried (it may have been made).
     hub.state.lock().unwrap().fails.clear();
     hub.fail("POST", "/commit/", 500, usize::MAX);
