@@ -24,8 +24,9 @@
 //!
 //! The token is sent only as an `Authorization: Bearer` header, and only to the Hub endpoint (never to a
 //! presigned storage URL); it is never printed, logged, or put into an error message. Requests that are safe
-//! to repeat are retried at most [`MAX_ATTEMPTS`] times on 429/5xx or a failed connection; the commit itself
-//! is never retried; 401 and 403 are never retried.
+//! to repeat are tried at most [`MAX_ATTEMPTS`] times in all on 429/5xx or a failed connection; the commit
+//! itself is never retried (on the Xet path hf-hub's own policy applies: the same bound, commit included);
+//! 401 and 403 are never retried.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -56,6 +57,12 @@ const SAMPLE_LEN: usize = 512;
 /// Longest server error text kept in a message.
 const MAX_DETAIL: usize = 600;
 const LFS_MEDIA_TYPE: &str = "application/vnd.git-lfs+json";
+/// Time allowed for an API call (JSON in, JSON out), and for an upload on top of its size at 512 KiB/s.
+const API_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn upload_timeout(bytes: u64) -> Duration {
+    API_TIMEOUT + Duration::from_secs(bytes / (512 * 1024))
+}
 
 /// What to push where.
 #[derive(Clone, Debug)]
@@ -149,8 +156,13 @@ pub enum PushError {
     Refused { status: u16, action: String, repo: String, detail: String },
     #[error("the Hub answered {status} to {action} for {repo}{}: {detail}. {hint}", attempts_note(*.attempts))]
     Server { status: u16, action: String, repo: String, detail: String, attempts: usize, hint: &'static str },
-    #[error("could not reach the Hub at {endpoint} for {action}{}: {detail}. {hint}", attempts_note(*.attempts))]
-    Network { endpoint: String, action: String, detail: String, attempts: usize, hint: &'static str },
+    #[error("could not reach {target} for {action}{}: {detail}. {hint}", attempts_note(*.attempts))]
+    Network { target: String, action: String, detail: String, attempts: usize, hint: &'static str },
+    #[error(
+        "the storage service answered {status} to {action}{}: {detail}. Its upload link may have expired; {hint}",
+        attempts_note(*.attempts)
+    )]
+    Storage { status: u16, action: String, detail: String, attempts: usize, hint: &'static str },
     #[error("unexpected answer from the Hub to {action} for {repo}: {detail}")]
     Protocol { action: String, repo: String, detail: String },
     #[error("{} changed while it was being pushed; nothing was committed. Push again once it is final", .path.display())]
@@ -227,6 +239,15 @@ fn scan_folder(folder: &Path) -> Result<(Vec<LocalFile>, Vec<(String, &'static s
     if !meta.is_dir() {
         return Err(bad("not a folder; push takes an adapter or model folder".into()));
     }
+    let own_name = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if is_temporary_name(&own_name) {
+        return Err(PushError::HalfWritten {
+            path: folder.to_path_buf(),
+            reason: "a temporary folder: a job (e.g. `peftkit merge`) is still writing it, or stopped before it \
+                     finished"
+                .into(),
+        });
+    }
     let mut found = Vec::new();
     let mut skipped = Vec::new();
     walk(folder, folder, &mut found, &mut skipped)?;
@@ -251,6 +272,12 @@ fn scan_folder(folder: &Path) -> Result<(Vec<LocalFile>, Vec<(String, &'static s
     }
     if names.iter().any(|n| n.starts_with("adapter_model.")) && !has("adapter_config.json") {
         return Err(bad("adapter weights without adapter_config.json: the adapter is incomplete".into()));
+    }
+    let weights = |n: &&str| n.ends_with(".safetensors") || n.ends_with(".bin") || n.ends_with(".gguf");
+    if has("config.json") && !has("adapter_config.json") && !names.iter().any(weights) {
+        return Err(
+            bad("config.json without weights (no .safetensors, .bin or .gguf): the model is incomplete".into()),
+        );
     }
     for (rel, path) in &found {
         check_complete(rel, path, folder)?;
@@ -280,8 +307,27 @@ fn walk(
             .strip_prefix(root)
             .map(|r| r.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/"))
             .unwrap_or_else(|_| name.clone());
-        let meta = std::fs::metadata(&path).map_err(|source| PushError::Io { path: path.clone(), source })?;
-        if meta.is_dir() {
+        let link = std::fs::symlink_metadata(&path).map(|m| m.file_type().is_symlink()).unwrap_or(false);
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(_) if link => {
+                return Err(PushError::Folder {
+                    folder: root.to_path_buf(),
+                    reason: format!("{rel} is a link to nothing (a dangling symlink); fix or delete it"),
+                })
+            }
+            Err(source) => return Err(PushError::Io { path: path.clone(), source }),
+        };
+        if meta.is_dir() && link {
+            // A linked folder may lead outside the folder (or back into it): not followed.
+            skipped.push((format!("{rel}/"), "a link to a folder, not followed"));
+        } else if meta.is_dir() {
+            if is_temporary_name(&name) {
+                return Err(PushError::HalfWritten {
+                    path,
+                    reason: "a temporary folder: a job is still writing it (or stopped before it finished)".into(),
+                });
+            }
             if dir == root && SKIPPED_DIRS.contains(&name.as_str()) {
                 let why = if name == "checkpoints" { "training resume state" } else { "not model content" };
                 skipped.push((format!("{rel}/"), why));
@@ -332,16 +378,23 @@ fn check_complete(rel: &str, path: &Path, folder: &Path) -> Result<(), PushError
                 value.get("weight_map").and_then(Value::as_object).ok_or_else(|| half("no weight_map".into()))?;
             let dir = Path::new(rel).parent().map(|p| folder.join(p)).unwrap_or_else(|| folder.to_path_buf());
             for shard in shards.values().filter_map(Value::as_str) {
+                if Path::new(shard).components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                    return Err(half(format!("names the shard {shard:?}, which is not a plain file name")));
+                }
                 if !dir.join(shard).is_file() {
                     return Err(half(format!("names the shard {shard}, which is missing")));
                 }
             }
         }
     } else if rel.ends_with(".jsonl") {
-        let text = std::fs::read_to_string(path).map_err(io)?;
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            serde_json::from_str::<Value>(line)
-                .map_err(|e| half(format!("line {}: not complete JSON ({e})", i + 1)))?;
+        use std::io::BufRead;
+        let reader = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+        for (i, line) in reader.lines().enumerate() {
+            let line = line.map_err(io)?;
+            if !line.trim().is_empty() {
+                serde_json::from_str::<Value>(&line)
+                    .map_err(|e| half(format!("line {}: not complete JSON ({e})", i + 1)))?;
+            }
         }
     }
     Ok(())
@@ -366,7 +419,7 @@ fn safetensors_length(path: &Path) -> Result<u64, String> {
         let stop = offsets.get(1).and_then(Value::as_u64).ok_or(format!("{name}: bad data_offsets"))?;
         end = end.max(stop);
     }
-    Ok(8 + n + end)
+    (8 + n).checked_add(end).ok_or_else(|| "data offsets overflow".to_string())
 }
 
 fn hash_file(path: &Path) -> Result<(String, Vec<u8>), PushError> {
@@ -439,23 +492,28 @@ impl Api {
         hub::redact(text, Some(&self.token))
     }
 
-    /// Sends the request `build` makes, retrying transient failures when `retry` allows, and turns every
-    /// non-success answer into a [`PushError`].
+    /// Sends the request `build` makes to `url`, retrying transient failures when `retry` allows, and turns every
+    /// non-success answer into a [`PushError`]. A refusal (401/403) is the token's only from the Hub itself; from
+    /// a storage URL it is an expired or refused upload link.
     fn send(
         &self,
         action: &str,
+        url: &str,
         retry: Retry,
+        timeout: Duration,
         hint: &'static str,
         build: impl Fn() -> Result<RequestBuilder, PushError>,
     ) -> Result<Response, PushError> {
+        let hub = self.is_hub_url(url);
         let max = if retry == Retry::Transient { MAX_ATTEMPTS } else { 1 };
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let result = build()?.send();
+            // A storage URL is signed: it stays out of errors and logs.
+            let result = build()?.timeout(timeout).send().map_err(|e| if hub { e } else { e.without_url() });
             let transient = match &result {
                 Ok(r) => matches!(r.status().as_u16(), 408 | 429 | 500 | 502 | 503 | 504),
-                Err(e) => e.is_connect() || e.is_timeout(),
+                Err(e) => e.is_connect() || e.is_timeout() || e.is_request() || e.is_body(),
             };
             if transient && attempt < max {
                 let wait = match &result {
@@ -473,12 +531,13 @@ impl Api {
                     let detail = self.detail(r);
                     let (action, repo) = (action.to_string(), self.repo.clone());
                     Err(match status {
-                        401 | 403 => PushError::Refused { status, action, repo, detail },
-                        _ => PushError::Server { status, action, repo, detail, attempts: attempt, hint },
+                        401 | 403 if hub => PushError::Refused { status, action, repo, detail },
+                        _ if hub => PushError::Server { status, action, repo, detail, attempts: attempt, hint },
+                        _ => PushError::Storage { status, action, detail, attempts: attempt, hint },
                     })
                 }
                 Err(e) => Err(PushError::Network {
-                    endpoint: self.endpoint.clone(),
+                    target: if hub { format!("the Hub at {}", self.endpoint) } else { "the Hub's storage".into() },
                     action: action.to_string(),
                     detail: self.redact(&error_chain(&e)),
                     attempts: attempt,
@@ -490,7 +549,7 @@ impl Api {
 
     fn describe(&self, result: &Result<Response, reqwest::Error>) -> String {
         match result {
-            Ok(r) => format!("the Hub answered {}", r.status()),
+            Ok(r) => format!("the answer was {}", r.status()),
             Err(e) => self.redact(&error_chain(e)),
         }
     }
@@ -623,6 +682,13 @@ fn push_with_backoff(opts: &PushOptions, backoff: Duration) -> Result<PushReport
         match hf.create_repository().repo_id(&repo).repo_type(hf_hub::RepoTypeModel).private(opts.private).send() {
             Ok(_) => true,
             Err(hf_hub::HFError::Conflict { .. }) => false,
+            // A fine-grained token may write to a repo without being allowed to create repos in its namespace.
+            Err(e @ hf_hub::HFError::Forbidden { .. }) => {
+                match hf.model(hf_hub::split_id(&repo).0, hf_hub::split_id(&repo).1).exists().send() {
+                    Ok(true) => false,
+                    _ => return Err(hf_err("creating the repo", &repo, &e)),
+                }
+            }
             Err(e) => return Err(hf_err("creating the repo", &repo, &e)),
         };
     if created {
@@ -635,7 +701,8 @@ fn push_with_backoff(opts: &PushOptions, backoff: Duration) -> Result<PushReport
     let (owner, name) = hf_hub::split_id(&repo);
     let handle = hf.model(owner, name);
     let revision = opts.revision.clone();
-    let created_branch = if revision != hub::DEFAULT_REVISION {
+    // Pull-request refs (`refs/pr/N`) exist already; branches are created from main when missing.
+    let created_branch = if revision != hub::DEFAULT_REVISION && !revision.starts_with("refs/") {
         match handle.create_branch().branch(&revision).send() {
             Ok(()) => true,
             Err(hf_hub::HFError::Conflict { .. }) => false,
@@ -648,9 +715,11 @@ fn push_with_backoff(opts: &PushOptions, backoff: Duration) -> Result<PushReport
     let http = Client::builder()
         .user_agent(format!("peftkit/{}", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(30))
+        // No overall default: every request sets its own (uploads get time in proportion to their size).
+        .timeout(None::<Duration>)
         .build()
         .map_err(|e| PushError::Network {
-            endpoint: endpoint.clone(),
+            target: format!("the Hub at {endpoint}"),
             action: "starting the HTTP client".into(),
             detail: error_chain(&e),
             attempts: 1,
@@ -676,13 +745,20 @@ fn push_with_backoff(opts: &PushOptions, backoff: Duration) -> Result<PushReport
     }
 
     // 2. The large files, through the LFS batch API.
-    let lfs: Vec<&LocalFile> = to_push.iter().filter(|(_, lfs)| *lfs).map(|(f, _)| *f).collect();
+    // One upload per content: files with the same bytes share one LFS object.
+    let mut lfs: Vec<&LocalFile> = Vec::new();
+    for (f, is_lfs) in &to_push {
+        if *is_lfs && !lfs.iter().any(|o| o.sha256 == f.sha256) {
+            lfs.push(f);
+        }
+    }
     let mut uploaded = std::collections::HashSet::new();
     let mut transfer = None;
     for chunk in lfs.chunks(FILES_PER_REQUEST) {
         let batch = lfs_batch(&api, chunk, &revision)?;
         if batch.transfer == "xet" {
             tracing::info!("the Hub chose Xet storage for the large files; handing the upload to hf-hub");
+            recheck(&files)?;
             let ops =
                 to_push.iter().map(|(f, _)| hf_hub::repository::CommitOperation::add_file(&f.rel, &f.path)).collect();
             let message = commit_message(opts, &files);
@@ -694,7 +770,6 @@ fn push_with_backoff(opts: &PushOptions, backoff: Duration) -> Result<PushReport
                 .revision(revision.clone())
                 .send()
                 .map_err(|e| hf_err("the Xet upload and commit", &repo, &e))?;
-            recheck(&files)?;
             let files = to_push
                 .iter()
                 .map(|(f, lfs)| PushedFile {
@@ -722,7 +797,7 @@ fn push_with_backoff(opts: &PushOptions, backoff: Duration) -> Result<PushReport
         let bar = progress_bar(opts.progress, total);
         for (file, actions) in &batch.actions {
             if upload_object(&api, file, actions, &bar)? {
-                uploaded.insert(file.rel.clone());
+                uploaded.insert(file.sha256.clone());
             }
         }
         bar.finish_and_clear();
@@ -739,7 +814,7 @@ fn push_with_backoff(opts: &PushOptions, backoff: Duration) -> Result<PushReport
             size: f.size,
             sha256: f.sha256.clone(),
             lfs: *lfs,
-            uploaded: !*lfs || uploaded.contains(&f.rel),
+            uploaded: !*lfs || uploaded.contains(&f.sha256),
         })
         .collect();
     Ok(PushReport {
@@ -803,7 +878,8 @@ fn preupload(api: &Api, files: &[LocalFile], revision: &str) -> Result<HashMap<S
             "files": chunk.iter().map(|f| json!({"path": f.rel, "size": f.size, "sample": b64.encode(&f.sample)})).collect::<Vec<_>>(),
         });
         let action = "the preupload request";
-        let r = api.send(action, Retry::Transient, NOTHING_COMMITTED, || Ok(api.post_json(&url, &body)))?;
+        let r = api
+            .send(action, &url, Retry::Transient, API_TIMEOUT, NOTHING_COMMITTED, || Ok(api.post_json(&url, &body)))?;
         let answer = api.json(action, r)?;
         let listed = answer.get("files").and_then(Value::as_array).ok_or_else(|| PushError::Protocol {
             action: action.into(),
@@ -824,10 +900,19 @@ fn preupload(api: &Api, files: &[LocalFile], revision: &str) -> Result<HashMap<S
 }
 
 /// An LFS action: where to send, and the headers to send with it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct LfsAction {
     href: String,
     header: BTreeMap<String, String>,
+}
+
+/// Presigned URLs and action headers (which may hold credentials) are not shown.
+impl fmt::Debug for LfsAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LfsAction")
+            .field("header_keys", &self.header.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -851,7 +936,7 @@ fn lfs_batch<'a>(api: &Api, files: &[&'a LocalFile], revision: &str) -> Result<B
         "ref": {"name": revision},
     });
     let action = "the large-file (LFS) batch request";
-    let r = api.send(action, Retry::Transient, NOTHING_COMMITTED, || {
+    let r = api.send(action, &url, Retry::Transient, API_TIMEOUT, NOTHING_COMMITTED, || {
         Ok(api
             .http
             .post(&url)
@@ -940,7 +1025,9 @@ fn upload_object(
             let offset = i as u64 * chunk;
             let len = chunk.min(file.size - offset);
             let action = format!("uploading part {} of {} of {}", i + 1, parts.len(), file.rel);
-            let r = api.send(&action, Retry::Transient, hint, || {
+            let start = bar.position();
+            let r = api.send(&action, url, Retry::Transient, upload_timeout(len), hint, || {
+                bar.set_position(start);
                 let reader = open_at(file, offset)?.take(len);
                 Ok(api.http.put(url.as_str()).body(Body::sized(Progress(reader, bar.clone()), len)))
             })?;
@@ -954,7 +1041,7 @@ fn upload_object(
         }
         let body = json!({"oid": file.sha256, "parts": etags});
         let action = format!("completing the multipart upload of {}", file.rel);
-        api.send(&action, Retry::Transient, hint, || {
+        api.send(&action, &upload.href, Retry::Transient, API_TIMEOUT, hint, || {
             let mut req =
                 api.http.post(&upload.href).header(ACCEPT, LFS_MEDIA_TYPE).header(CONTENT_TYPE, LFS_MEDIA_TYPE);
             if api.is_hub_url(&upload.href) {
@@ -964,7 +1051,9 @@ fn upload_object(
         })?;
     } else {
         let action = format!("uploading {}", file.rel);
-        api.send(&action, Retry::Transient, hint, || {
+        let start = bar.position();
+        api.send(&action, &upload.href, Retry::Transient, upload_timeout(file.size), hint, || {
+            bar.set_position(start);
             let reader = open_at(file, 0)?;
             let req = api.http.put(&upload.href).headers(action_headers(&upload.header));
             Ok(req.body(Body::sized(Progress(reader, bar.clone()), file.size)))
@@ -973,9 +1062,12 @@ fn upload_object(
     if let Some(verify) = &actions.verify {
         let body = json!({"oid": file.sha256, "size": file.size});
         let action = format!("verifying the upload of {}", file.rel);
-        api.send(&action, Retry::Transient, hint, || {
-            let mut req = api.http.post(&verify.href).headers(action_headers(&verify.header));
-            if api.is_hub_url(&verify.href) {
+        api.send(&action, &verify.href, Retry::Transient, API_TIMEOUT, hint, || {
+            let own = action_headers(&verify.header);
+            // The action's own Authorization (the Hub sends one) is used as given; else the token, to the Hub only.
+            let has_auth = own.contains_key(AUTHORIZATION);
+            let mut req = api.http.post(&verify.href).headers(own);
+            if !has_auth && api.is_hub_url(&verify.href) {
                 req = req.header(AUTHORIZATION, api.auth());
             }
             Ok(req.header(ACCEPT, LFS_MEDIA_TYPE).header(CONTENT_TYPE, LFS_MEDIA_TYPE).body(body.to_string()))
@@ -992,7 +1084,8 @@ fn action_headers(header: &BTreeMap<String, String>) -> HeaderMap {
         if k == "chunk_size" || k.parse::<u64>().is_ok() {
             continue;
         }
-        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+        if let (Ok(name), Ok(mut value)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            value.set_sensitive(true);
             map.insert(name, value);
         }
     }
@@ -1054,7 +1147,8 @@ fn commit(api: &Api, files: &[(&LocalFile, bool)], revision: &str, message: &str
     }
     let url = api.api_url(&format!("commit/{}", encode_path(revision)));
     let action = "the commit";
-    let r = api.send(action, Retry::Never, COMMIT_NOT_RETRIED, || {
+    let timeout = upload_timeout(body.len() as u64);
+    let r = api.send(action, &url, Retry::Never, timeout, COMMIT_NOT_RETRIED, || {
         Ok(api
             .http
             .post(&url)

@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex};
 
 const TOKEN: &str = "hf_PushTestToken0123456789abcdefXYZ";
 const USER: &str = "alice";
+/// The credential the fake Hub puts in its verify actions (as the Hub puts a Basic one).
+const VERIFY_AUTH: &str = "Basic dmVyaWZ5LW9ubHk=";
 
 // ---------------------------------------------------------------------------------------------
 // The fake Hub
@@ -162,10 +164,20 @@ fn route(st: &mut State, req: &Request) -> Reply {
         };
     }
 
-    if !authorized(req) {
+    let verify_call = path.ends_with("/info/lfs/objects/verify");
+    if verify_call && req.headers.iter().filter(|(k, _)| k == "authorization").count() != 1 {
+        return Reply::error(400, "BadRequest", "exactly one Authorization header expected");
+    }
+    if !(authorized(req) || verify_call && req.header("authorization") == Some(VERIFY_AUTH)) {
         return Reply::error(401, "Unauthorized", "Invalid credentials in Authorization header");
     }
     match (req.method.as_str(), parts.as_slice()) {
+        ("GET", ["api", "models", owner, name]) => match st.repos.get(&format!("{owner}/{name}")) {
+            Some(_) => {
+                Reply::new(200).json(serde_json::json!({"id": format!("{owner}/{name}"), "sha": "0".repeat(40)}))
+            }
+            None => Reply::error(404, "RepoNotFound", "Repository not found"),
+        },
         ("GET", ["api", "whoami-v2"]) => Reply::new(200).json(serde_json::json!({"name": USER, "type": "user"})),
         ("POST", ["api", "repos", "create"]) => {
             let body = req.json();
@@ -240,8 +252,9 @@ fn route(st: &mut State, req: &Request) -> Reply {
                     if st.lfs.contains_key(&oid) {
                         return serde_json::json!({"oid": oid, "size": size});
                     }
-                    let verify =
-                        serde_json::json!({"href": format!("{hub}/{repo}.git/info/lfs/objects/verify"), "header": {}});
+                    // As the Hub does, the verify action carries its own Authorization header.
+                    let verify = serde_json::json!({"href": format!("{hub}/{repo}.git/info/lfs/objects/verify"),
+                        "header": {"Authorization": VERIFY_AUTH}});
                     match st.multipart_chunk {
                         Some(chunk) if size > chunk => {
                             multipart = true;
@@ -758,4 +771,68 @@ fn when_the_hub_picks_xet_the_upload_is_handed_to_hf_hub() {
         hub.requests().iter().map(|r| &r.target).collect::<Vec<_>>()
     );
     assert_token_only_in_authorization(&hub, &o);
+}
+
+#[test]
+fn a_token_that_cannot_create_repos_still_pushes_to_an_existing_one() {
+    let hub = FakeHub::start();
+    let d = tmp();
+    let dir = adapter_folder(d.path());
+    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "team/shared"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+    // A fine-grained token with write access to team/shared only: creating repos is forbidden.
+    hub.fail("POST", "/api/repos/create", 403, usize::MAX);
+    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "team/shared"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(hub.commits("team/shared"), 2);
+    // …but a repo that does not exist is still a clear refusal.
+    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "team/new"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("403 Forbidden"), "{}", text(&o).1);
+}
+
+#[test]
+fn identical_files_are_uploaded_once_and_links_are_handled() {
+    let hub = FakeHub::start();
+    let d = tmp();
+    let dir = adapter_folder(d.path());
+    std::fs::copy(dir.join("adapter_model.safetensors"), dir.join("copy.safetensors")).unwrap();
+    #[cfg(unix)]
+    {
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret.txt"), "not part of the adapter").unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("linked")).unwrap();
+    }
+    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/dups"]).output().unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert_eq!(hub.count("PUT", "/s3/upload/"), 1, "one object for two identical files");
+    let remote = hub.files("alice/dups", "main");
+    assert_eq!(sha256(&remote["copy.safetensors"]), sha256(&remote["adapter_model.safetensors"]));
+    #[cfg(unix)]
+    {
+        assert!(out.contains("linked/ (a link to a folder, not followed)"), "{out}");
+        assert!(!remote.keys().any(|k| k.contains("secret")));
+        std::fs::remove_file(dir.join("linked")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("nowhere"), dir.join("dangling")).unwrap();
+        let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/dups"]).output().unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        assert!(text(&o).1.contains("dangling symlink"), "{}", text(&o).1);
+    }
+}
+
+#[test]
+fn an_expired_storage_link_is_not_blamed_on_the_token() {
+    let hub = FakeHub::start();
+    let d = tmp();
+    let dir = adapter_folder(d.path());
+    hub.fail("PUT", "/s3/upload/", 403, usize::MAX);
+    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/exp"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o).1;
+    assert!(err.contains("storage service answered 403") && err.contains("expired"), "{err}");
+    assert!(!err.contains("write access") && !err.contains("/s3/"), "{err}");
+    assert_eq!(hub.count("PUT", "/s3/upload/"), 1);
+    assert_eq!(hub.commits("alice/exp"), 0);
 }

@@ -257,11 +257,14 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(p) = &push_opts {
         let report = super::push::run_push(p).with_context(|| {
             format!(
-                "the adapter is saved in {}, but pushing it to {} failed; push it again with `peftkit push {} --repo {}`",
+                "the adapter is saved in {}, but pushing it to {} failed; push it again with `peftkit push {} --repo {} \
+                 --revision {}{}`",
                 out.display(),
                 p.repo,
                 out.display(),
-                p.repo
+                p.repo,
+                p.revision,
+                if p.private { " --private" } else { "" }
             )
         })?;
         super::push::print_report(&report);
