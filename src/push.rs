@@ -754,43 +754,12 @@ fn push_with_backoff(opts: &PushOptions, backoff: Duration) -> Result<PushReport
     }
     let mut uploaded = std::collections::HashSet::new();
     let mut transfer = None;
+    let mut xet = false;
     for chunk in lfs.chunks(FILES_PER_REQUEST) {
         let batch = lfs_batch(&api, chunk, &revision)?;
         if batch.transfer == "xet" {
-            tracing::info!("the Hub chose Xet storage for the large files; handing the upload to hf-hub");
-            recheck(&files)?;
-            let ops =
-                to_push.iter().map(|(f, _)| hf_hub::repository::CommitOperation::add_file(&f.rel, &f.path)).collect();
-            let message = commit_message(opts, &files);
-            let info = handle
-                .create_commit()
-                .operations(ops)
-                .commit_message(message)
-                .commit_description(commit_description())
-                .revision(revision.clone())
-                .send()
-                .map_err(|e| hf_err("the Xet upload and commit", &repo, &e))?;
-            let files = to_push
-                .iter()
-                .map(|(f, lfs)| PushedFile {
-                    path: f.rel.clone(),
-                    size: f.size,
-                    sha256: f.sha256.clone(),
-                    lfs: *lfs,
-                    uploaded: true,
-                })
-                .collect();
-            return Ok(PushReport {
-                url: repo_url(&endpoint, &repo, &revision),
-                repo,
-                commit_url: info.commit_url,
-                commit_oid: info.commit_oid,
-                created,
-                created_branch,
-                transfer: Some("xet".into()),
-                files,
-                skipped,
-            });
+            xet = true;
+            break;
         }
         transfer = Some(batch.transfer.clone());
         let total: u64 = batch.actions.iter().filter(|(_, a)| a.upload.is_some()).map(|(f, _)| f.size).sum();
@@ -806,7 +775,24 @@ fn push_with_backoff(opts: &PushOptions, backoff: Duration) -> Result<PushReport
     // 3. One commit with every file.
     recheck(&files)?;
     let message = commit_message(opts, &files);
-    let info = commit(&api, &to_push, &revision, &message)?;
+    let (commit_url, commit_oid) = if xet {
+        tracing::info!("the Hub chose Xet storage for the large files; handing the upload to hf-hub");
+        transfer = Some("xet".into());
+        let ops = to_push.iter().map(|(f, _)| hf_hub::repository::CommitOperation::add_file(&f.rel, &f.path)).collect();
+        let info = handle
+            .create_commit()
+            .operations(ops)
+            .commit_message(message)
+            .commit_description(commit_description())
+            .revision(revision.clone())
+            .send()
+            .map_err(|e| hf_err("the Xet upload and commit", &repo, &e))?;
+        (info.commit_url, info.commit_oid)
+    } else {
+        let info = commit(&api, &to_push, &revision, &message)?;
+        let field = |k: &str| info.get(k).and_then(Value::as_str).map(str::to_string);
+        (field("commitUrl"), field("commitOid"))
+    };
     let files = to_push
         .iter()
         .map(|(f, lfs)| PushedFile {
@@ -814,14 +800,15 @@ fn push_with_backoff(opts: &PushOptions, backoff: Duration) -> Result<PushReport
             size: f.size,
             sha256: f.sha256.clone(),
             lfs: *lfs,
-            uploaded: !*lfs || uploaded.contains(&f.sha256),
+            // Xet deduplicates below the file level: what it sent is its own business.
+            uploaded: xet || !*lfs || uploaded.contains(&f.sha256),
         })
         .collect();
     Ok(PushReport {
         url: repo_url(&endpoint, &repo, &revision),
         repo,
-        commit_url: info.get("commitUrl").and_then(Value::as_str).map(str::to_string),
-        commit_oid: info.get("commitOid").and_then(Value::as_str).map(str::to_string),
+        commit_url,
+        commit_oid,
         created,
         created_branch,
         transfer,

@@ -364,6 +364,11 @@ fn bin(hub: &FakeHub, home: &Path) -> Command {
     c
 }
 
+/// `peftkit push DIR ARGS…` against the fake Hub, with the test token.
+fn push(hub: &FakeHub, home: &Path, dir: &Path, args: &[&str]) -> Output {
+    bin(hub, home).arg("push").arg(dir).args(args).output().unwrap()
+}
+
 fn text(o: &Output) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
 }
@@ -450,8 +455,7 @@ fn push_creates_the_repo_and_commits_every_file_once() {
     let hub = FakeHub::start();
     let d = tmp();
     let dir = adapter_folder(d.path());
-    let o =
-        bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/tiny-lora", "--private"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/tiny-lora", "--private"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
     assert!(out.contains(&format!("{}/alice/tiny-lora", hub.endpoint())), "{out}");
@@ -502,7 +506,7 @@ fn large_files_go_multipart_and_arrive_intact() {
     std::fs::copy(common::fixture("tiny-llama/config.json"), model.join("config.json")).unwrap();
     std::fs::write(model.join("README.md"), "---\nlibrary_name: transformers\n---\n# merged\n").unwrap();
     let _ = dir;
-    let o = bin(&hub, d.path()).args(["push"]).arg(&model).args(["--repo", "tiny-merged"]).output().unwrap();
+    let o = push(&hub, d.path(), &model, &["--repo", "tiny-merged"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
     // A bare name goes under the token's account.
@@ -527,8 +531,7 @@ fn a_branch_is_created_and_committed_to() {
     let hub = FakeHub::start();
     let d = tmp();
     let dir = adapter_folder(d.path());
-    let o =
-        bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/b", "--revision", "dev"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/b", "--revision", "dev"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
     assert!(out.contains("/alice/b/tree/dev"), "{out}");
@@ -545,7 +548,7 @@ fn checkpoints_are_not_pushed() {
     let dir = adapter_folder(d.path());
     std::fs::create_dir_all(dir.join("checkpoints/step-000002")).unwrap();
     std::fs::write(dir.join("checkpoints/step-000002/state.json"), "{}").unwrap();
-    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/c"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/c"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
     assert!(out.contains("not pushed: checkpoints/"), "{out}");
@@ -557,7 +560,7 @@ fn folders_that_are_not_ready_are_refused_before_any_request() {
     let hub = FakeHub::start();
     let d = tmp();
     let dir = adapter_folder(d.path());
-    let push = |dir: &Path| bin(&hub, d.path()).args(["push"]).arg(dir).args(["--repo", "alice/x"]).output().unwrap();
+    let push = |dir: &Path| push(&hub, d.path(), dir, &["--repo", "alice/x"]);
 
     std::fs::remove_file(dir.join("README.md")).unwrap();
     let o = push(&dir);
@@ -612,7 +615,7 @@ fn no_token_and_bad_repo_ids_are_user_errors() {
     assert_eq!(o.status.code(), Some(2));
     let err = text(&o).1;
     assert!(err.contains("HF_TOKEN") && err.contains("token"), "{err}");
-    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/bad name"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/bad name"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).1.contains("--repo"), "{}", text(&o).1);
     let o = bin(&hub, d.path())
@@ -648,7 +651,7 @@ fn a_refused_token_is_reported_once_without_retries_or_leaks() {
 
     // 403 on the preupload call (a read-only token): clear, not retried, nothing committed.
     hub.fail("POST", "/preupload/", 403, usize::MAX);
-    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/y"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/y"]);
     assert_eq!(o.status.code(), Some(2));
     let err = text(&o).1;
     assert!(err.contains("403 Forbidden") && err.contains("write"), "{err}");
@@ -658,7 +661,7 @@ fn a_refused_token_is_reported_once_without_retries_or_leaks() {
     // 401 on the commit itself.
     hub.state.lock().unwrap().fails.clear();
     hub.fail("POST", "/commit/", 401, usize::MAX);
-    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/z"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/z"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).1.contains("401 Unauthorized"), "{}", text(&o).1);
     assert_eq!(hub.count("POST", "/commit/"), 1);
@@ -672,7 +675,7 @@ fn server_errors_are_retried_a_few_times_then_reported() {
     let dir = adapter_folder(d.path());
     // A 503 that lasts: the preupload call is tried MAX_ATTEMPTS (3) times, then a clear error; exit 1.
     hub.fail("POST", "/preupload/", 503, usize::MAX);
-    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/s"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/s"]);
     assert_eq!(o.status.code(), Some(1));
     let err = text(&o).1;
     assert!(err.contains("503") && err.contains("after 3 attempts") && err.contains("Nothing was committed"), "{err}");
@@ -682,7 +685,7 @@ fn server_errors_are_retried_a_few_times_then_reported() {
     // The same bound holds for the calls hf-hub makes (repo creation).
     hub.state.lock().unwrap().fails.clear();
     hub.fail("POST", "/api/repos/create", 503, usize::MAX);
-    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/r"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/r"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("503"), "{}", text(&o).1);
     assert_eq!(hub.count("POST", "/api/repos/create"), 4, "one create for alice/s, then 3 tries for alice/r");
@@ -690,7 +693,7 @@ fn server_errors_are_retried_a_few_times_then_reported() {
     // A 500 on the commit is not retried (it may have been made).
     hub.state.lock().unwrap().fails.clear();
     hub.fail("POST", "/commit/", 500, usize::MAX);
-    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/s"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/s"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("was not retried"), "{}", text(&o).1);
     assert_eq!(hub.count("POST", "/commit/"), 1);
@@ -698,7 +701,7 @@ fn server_errors_are_retried_a_few_times_then_reported() {
     // One passing 502 on the storage PUT is retried and the push succeeds.
     hub.state.lock().unwrap().fails.clear();
     hub.fail("PUT", "/s3/upload/", 502, 1);
-    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/t"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/t"]);
     assert!(o.status.success(), "{}", text(&o).1);
     assert_same_files(&hub.files("alice/t", "main"), &local_files(&dir));
 }
@@ -758,7 +761,7 @@ fn when_the_hub_picks_xet_the_upload_is_handed_to_hf_hub() {
     hub.state.lock().unwrap().transfer = Some("xet");
     let d = tmp();
     let dir = adapter_folder(d.path());
-    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/xet"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/xet"]);
     // This server has no Xet storage, so hf-hub's Xet upload fails; the error is clear and nothing is committed.
     assert_ne!(o.status.code(), Some(0));
     let err = text(&o).1;
@@ -778,15 +781,15 @@ fn a_token_that_cannot_create_repos_still_pushes_to_an_existing_one() {
     let hub = FakeHub::start();
     let d = tmp();
     let dir = adapter_folder(d.path());
-    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "team/shared"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "team/shared"]);
     assert!(o.status.success(), "{}", text(&o).1);
     // A fine-grained token with write access to team/shared only: creating repos is forbidden.
     hub.fail("POST", "/api/repos/create", 403, usize::MAX);
-    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "team/shared"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "team/shared"]);
     assert!(o.status.success(), "{}", text(&o).1);
     assert_eq!(hub.commits("team/shared"), 2);
     // …but a repo that does not exist is still a clear refusal.
-    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "team/new"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "team/new"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).1.contains("403 Forbidden"), "{}", text(&o).1);
 }
@@ -804,7 +807,7 @@ fn identical_files_are_uploaded_once_and_links_are_handled() {
         std::fs::write(outside.join("secret.txt"), "not part of the adapter").unwrap();
         std::os::unix::fs::symlink(&outside, dir.join("linked")).unwrap();
     }
-    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/dups"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/dups"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
     assert_eq!(hub.count("PUT", "/s3/upload/"), 1, "one object for two identical files");
@@ -816,7 +819,7 @@ fn identical_files_are_uploaded_once_and_links_are_handled() {
         assert!(!remote.keys().any(|k| k.contains("secret")));
         std::fs::remove_file(dir.join("linked")).unwrap();
         std::os::unix::fs::symlink(d.path().join("nowhere"), dir.join("dangling")).unwrap();
-        let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/dups"]).output().unwrap();
+        let o = push(&hub, d.path(), &dir, &["--repo", "alice/dups"]);
         assert_eq!(o.status.code(), Some(2));
         assert!(text(&o).1.contains("dangling symlink"), "{}", text(&o).1);
     }
@@ -828,7 +831,7 @@ fn an_expired_storage_link_is_not_blamed_on_the_token() {
     let d = tmp();
     let dir = adapter_folder(d.path());
     hub.fail("PUT", "/s3/upload/", 403, usize::MAX);
-    let o = bin(&hub, d.path()).args(["push"]).arg(&dir).args(["--repo", "alice/exp"]).output().unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/exp"]);
     assert_eq!(o.status.code(), Some(1));
     let err = text(&o).1;
     assert!(err.contains("storage service answered 403") && err.contains("expired"), "{err}");
