@@ -16,6 +16,12 @@
 //! 4. `POST /api/models/{repo}/commit/{revision}`, an NDJSON body: a header line (summary, description), then
 //!    `lfsFile` lines (path, sha256, size) for the large files and `file` lines (base64 content) for the rest.
 //!
+//! Checked against `huggingface_hub` 2.4 (`HfApi.upload_folder` with Xet disabled) pushing the same folder to a
+//! recording server: the same calls in the same order, the same JSON keys, the same NDJSON lines, no token on the
+//! storage PUT. Differences: it validates the card's YAML with `POST /api/validate-yaml` first (peftkit does not),
+//! offers only `basic`/`multipart` to the batch call, and sends its Bearer token to `verify` where peftkit sends
+//! the action's own `Authorization` header (as Git LFS clients do).
+//!
 //! Why not hf-hub's `upload_folder` alone: hf-hub 1.0 sends large files only through Xet. When the Hub answers
 //! the batch call with `basic` or `multipart` (a repo without Xet storage, or a Hub mirror), hf-hub puts every
 //! file inline in the commit as base64 instead, which the Hub refuses for binary files and which would hold a
