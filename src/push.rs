@@ -6,7 +6,8 @@
 //!
 //! 1. `POST /api/repos/create` (409 when the repo exists) and, for a branch other than `main`,
 //!    `POST /api/models/{repo}/branch/{branch}` — both through hf-hub.
-//! 2. `POST /api/models/{repo}/preupload/{revision}` with each file's path, size and first 512 bytes: the Hub
+//! 2. `POST /api/validate-yaml` with the model card: the Hub says whether its metadata is valid (it would refuse
+//!    the commit otherwise). Then `POST /api/models/{repo}/preupload/{revision}` with each file's path, size and first 512 bytes: the Hub
 //!    answers `lfs` (large or binary files) or `regular` for each, and whether to ignore it.
 //! 3. `POST /{repo}.git/info/lfs/objects/batch` (Git LFS batch API) with the sha256 and size of every `lfs` file.
 //!    The Hub picks a transfer: `basic` (one `PUT` to a presigned URL), `multipart` (the upload action's header
@@ -18,7 +19,7 @@
 //!
 //! Checked against `huggingface_hub` 2.4 (`HfApi.upload_folder` with Xet disabled) pushing the same folder to a
 //! recording server: the same calls in the same order, the same JSON keys, the same NDJSON lines, no token on the
-//! storage PUT. Differences: it validates the card's YAML with `POST /api/validate-yaml` first (peftkit does not),
+//! storage PUT. Differences: it
 //! offers only `basic`/`multipart` to the batch call, and sends its Bearer token to `verify` where peftkit sends
 //! the action's own `Authorization` header (as Git LFS clients do).
 //!
@@ -147,6 +148,12 @@ pub enum PushError {
     #[error("{}: {reason}; nothing was pushed", .path.display())]
     HalfWritten { path: PathBuf, reason: String },
     #[error(
+        "{}: the Hub refuses the model card's metadata (the YAML between the `---` lines): {detail}. Fix it and push \
+         again; nothing was pushed",
+        .path.display()
+    )]
+    CardMetadata { path: PathBuf, detail: String },
+    #[error(
         "pushing needs a Hugging Face token with write access: set HF_TOKEN, or log in with `hf auth login` \
          (it writes {}), or point HF_TOKEN_PATH at a token file",
         .token_file.display()
@@ -185,6 +192,7 @@ impl PushError {
         match self {
             PushError::Folder { .. }
             | PushError::HalfWritten { .. }
+            | PushError::CardMetadata { .. }
             | PushError::NoToken { .. }
             | PushError::Offline
             | PushError::BadRepo(_)
@@ -733,6 +741,9 @@ fn push_with_backoff(opts: &PushOptions, backoff: Duration) -> Result<PushReport
         })?;
     let api = Api { http, endpoint: endpoint.clone(), token: token.clone(), repo: repo.clone(), backoff };
 
+    // 0. The card's metadata, as the Hub will judge it (huggingface_hub asks the same before an upload).
+    validate_card(&api, &opts.folder.join(MODEL_CARD))?;
+
     // 1. Which files are large (LFS) and which the Hub ignores.
     let modes = preupload(&api, &files, &revision)?;
     let mut to_push = Vec::new();
@@ -859,6 +870,27 @@ fn recheck(files: &[LocalFile]) -> Result<(), PushError> {
         }
     }
     Ok(())
+}
+
+/// Asks the Hub whether the card's front matter is valid (`POST /api/validate-yaml`): 400 means it is not, and the
+/// commit would be refused after the upload. An endpoint without this call (404: some mirrors) is not an error.
+fn validate_card(api: &Api, card: &Path) -> Result<(), PushError> {
+    let content = std::fs::read(card).map_err(|source| PushError::Io { path: card.to_path_buf(), source })?;
+    let body = json!({"content": String::from_utf8_lossy(&content), "repoType": "model"});
+    let url = format!("{}/api/validate-yaml", api.endpoint);
+    match api.send("validating the model card", &url, Retry::Transient, API_TIMEOUT, NOTHING_COMMITTED, || {
+        Ok(api.post_json(&url, &body))
+    }) {
+        Ok(_) => Ok(()),
+        Err(PushError::Server { status: 400, detail, .. }) => {
+            Err(PushError::CardMetadata { path: card.to_path_buf(), detail })
+        }
+        Err(PushError::Server { status: 404, .. }) => {
+            tracing::warn!("{} has no card validation (404); the card is not checked before the upload", api.endpoint);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `path → (lfs, should_ignore)` for every file, from the preupload endpoint.

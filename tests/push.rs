@@ -178,6 +178,17 @@ fn route(st: &mut State, req: &Request) -> Reply {
             }
             None => Reply::error(404, "RepoNotFound", "Repository not found"),
         },
+        ("POST", ["api", "validate-yaml"]) => {
+            let content = req.json()["content"].as_str().unwrap_or("").to_string();
+            let front = content.strip_prefix("---\n").and_then(|rest| rest.split_once("\n---").map(|(y, _)| y));
+            match front.map(serde_yaml::from_str::<serde_yaml::Value>) {
+                Some(Err(e)) => Reply::error(400, "BadRequest", &format!("Invalid YAML in README.md: {e}")),
+                Some(Ok(v)) if v.get("license").and_then(|l| l.as_str()) == Some("not-a-license") => {
+                    Reply::error(400, "BadRequest", "\"license\" must be one of [apache-2.0, mit, …]")
+                }
+                _ => Reply::new(200).json(serde_json::json!({"errors": [], "warnings": []})),
+            }
+        }
         ("GET", ["api", "whoami-v2"]) => Reply::new(200).json(serde_json::json!({"name": USER, "type": "user"})),
         ("POST", ["api", "repos", "create"]) => {
             let body = req.json();
@@ -838,4 +849,23 @@ fn an_expired_storage_link_is_not_blamed_on_the_token() {
     assert!(!err.contains("write access") && !err.contains("/s3/"), "{err}");
     assert_eq!(hub.count("PUT", "/s3/upload/"), 1);
     assert_eq!(hub.commits("alice/exp"), 0);
+}
+
+#[test]
+fn card_metadata_the_hub_refuses_stops_the_push_before_any_upload() {
+    let hub = FakeHub::start();
+    let d = tmp();
+    let dir = adapter_folder(d.path());
+    std::fs::write(dir.join("README.md"), "---\nlicense: not-a-license\n---\n# card\n").unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/card"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o).1;
+    assert!(err.contains("README.md") && err.contains("must be one of") && err.contains("nothing was pushed"), "{err}");
+    assert_eq!(hub.count("POST", "/api/validate-yaml"), 1);
+    assert_eq!(hub.count("POST", "/preupload/") + hub.count("PUT", "/s3/") + hub.count("POST", "/commit/"), 0);
+    // YAML that does not parse is refused the same way.
+    std::fs::write(dir.join("README.md"), "---\nlicense: [apache-2.0\n---\n# card\n").unwrap();
+    let o = push(&hub, d.path(), &dir, &["--repo", "alice/card"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("Invalid YAML"), "{}", text(&o).1);
 }
