@@ -384,6 +384,13 @@ fn text(o: &Output) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
 }
 
+/// A fake Hub, a temporary home, and an adapter folder in it.
+fn setup() -> (FakeHub, tempfile::TempDir, PathBuf) {
+    let d = tmp();
+    let dir = adapter_folder(d.path());
+    (FakeHub::start(), d, dir)
+}
+
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
@@ -463,9 +470,7 @@ fn assert_token_only_in_authorization(hub: &FakeHub, output: &Output) {
 
 #[test]
 fn push_creates_the_repo_and_commits_every_file_once() {
-    let hub = FakeHub::start();
-    let d = tmp();
-    let dir = adapter_folder(d.path());
+    let (hub, d, dir) = setup();
     let o = push(&hub, d.path(), &dir, &["--repo", "alice/tiny-lora", "--private"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
@@ -539,9 +544,7 @@ fn large_files_go_multipart_and_arrive_intact() {
 
 #[test]
 fn a_branch_is_created_and_committed_to() {
-    let hub = FakeHub::start();
-    let d = tmp();
-    let dir = adapter_folder(d.path());
+    let (hub, d, dir) = setup();
     let o = push(&hub, d.path(), &dir, &["--repo", "alice/b", "--revision", "dev"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
@@ -554,9 +557,7 @@ fn a_branch_is_created_and_committed_to() {
 
 #[test]
 fn checkpoints_are_not_pushed() {
-    let hub = FakeHub::start();
-    let d = tmp();
-    let dir = adapter_folder(d.path());
+    let (hub, d, dir) = setup();
     std::fs::create_dir_all(dir.join("checkpoints/step-000002")).unwrap();
     std::fs::write(dir.join("checkpoints/step-000002/state.json"), "{}").unwrap();
     let o = push(&hub, d.path(), &dir, &["--repo", "alice/c"]);
@@ -568,9 +569,7 @@ fn checkpoints_are_not_pushed() {
 
 #[test]
 fn folders_that_are_not_ready_are_refused_before_any_request() {
-    let hub = FakeHub::start();
-    let d = tmp();
-    let dir = adapter_folder(d.path());
+    let (hub, d, dir) = setup();
     let push = |dir: &Path| push(&hub, d.path(), dir, &["--repo", "alice/x"]);
 
     std::fs::remove_file(dir.join("README.md")).unwrap();
@@ -613,9 +612,7 @@ fn folders_that_are_not_ready_are_refused_before_any_request() {
 
 #[test]
 fn no_token_and_bad_repo_ids_are_user_errors() {
-    let hub = FakeHub::start();
-    let d = tmp();
-    let dir = adapter_folder(d.path());
+    let (hub, d, dir) = setup();
     let o = bin(&hub, d.path())
         .env_remove("HF_TOKEN")
         .args(["push"])
@@ -643,9 +640,7 @@ fn no_token_and_bad_repo_ids_are_user_errors() {
 
 #[test]
 fn a_refused_token_is_reported_once_without_retries_or_leaks() {
-    let hub = FakeHub::start();
-    let d = tmp();
-    let dir = adapter_folder(d.path());
+    let (hub, d, dir) = setup();
     // A wrong token: the Hub answers 401 to the first call (repo creation); nothing is retried.
     let o = bin(&hub, d.path())
         .env("HF_TOKEN", "hf_WrongTokenWrongToken123456")
@@ -681,9 +676,7 @@ fn a_refused_token_is_reported_once_without_retries_or_leaks() {
 
 #[test]
 fn server_errors_are_retried_a_few_times_then_reported() {
-    let hub = FakeHub::start();
-    let d = tmp();
-    let dir = adapter_folder(d.path());
+    let (hub, d, dir) = setup();
     // A 503 that lasts: the preupload call is tried MAX_ATTEMPTS (3) times, then a clear error; exit 1.
     hub.fail("POST", "/preupload/", 503, usize::MAX);
     let o = push(&hub, d.path(), &dir, &["--repo", "alice/s"]);
@@ -789,9 +782,7 @@ fn when_the_hub_picks_xet_the_upload_is_handed_to_hf_hub() {
 
 #[test]
 fn a_token_that_cannot_create_repos_still_pushes_to_an_existing_one() {
-    let hub = FakeHub::start();
-    let d = tmp();
-    let dir = adapter_folder(d.path());
+    let (hub, d, dir) = setup();
     let o = push(&hub, d.path(), &dir, &["--repo", "team/shared"]);
     assert!(o.status.success(), "{}", text(&o).1);
     // A fine-grained token with write access to team/shared only: creating repos is forbidden.
@@ -807,9 +798,7 @@ fn a_token_that_cannot_create_repos_still_pushes_to_an_existing_one() {
 
 #[test]
 fn identical_files_are_uploaded_once_and_links_are_handled() {
-    let hub = FakeHub::start();
-    let d = tmp();
-    let dir = adapter_folder(d.path());
+    let (hub, d, dir) = setup();
     std::fs::copy(dir.join("adapter_model.safetensors"), dir.join("copy.safetensors")).unwrap();
     #[cfg(unix)]
     {
@@ -838,9 +827,7 @@ fn identical_files_are_uploaded_once_and_links_are_handled() {
 
 #[test]
 fn an_expired_storage_link_is_not_blamed_on_the_token() {
-    let hub = FakeHub::start();
-    let d = tmp();
-    let dir = adapter_folder(d.path());
+    let (hub, d, dir) = setup();
     hub.fail("PUT", "/s3/upload/", 403, usize::MAX);
     let o = push(&hub, d.path(), &dir, &["--repo", "alice/exp"]);
     assert_eq!(o.status.code(), Some(1));
@@ -853,9 +840,7 @@ fn an_expired_storage_link_is_not_blamed_on_the_token() {
 
 #[test]
 fn card_metadata_the_hub_refuses_stops_the_push_before_any_upload() {
-    let hub = FakeHub::start();
-    let d = tmp();
-    let dir = adapter_folder(d.path());
+    let (hub, d, dir) = setup();
     std::fs::write(dir.join("README.md"), "---\nlicense: not-a-license\n---\n# card\n").unwrap();
     let o = push(&hub, d.path(), &dir, &["--repo", "alice/card"]);
     assert_eq!(o.status.code(), Some(2));
