@@ -405,18 +405,23 @@ impl UpstreamError {
     }
 
     pub(crate) fn from_hf(err: &HFError, token: Option<&str>) -> Self {
-        let mut message = err.to_string();
-        let mut source = std::error::Error::source(err);
-        while let Some(cause) = source {
-            let text = cause.to_string();
-            if !message.contains(&text) {
-                message.push_str(": ");
-                message.push_str(&text);
-            }
-            source = cause.source();
-        }
-        UpstreamError { message: redact(&message, token), status: http_status(err) }
+        UpstreamError { message: redact(&error_chain(err), token), status: http_status(err) }
     }
+}
+
+/// An error and its causes on one line (`a: b: c`), without repeating a cause its parent's text already holds.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
 }
 
 impl fmt::Display for UpstreamError {

@@ -47,7 +47,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION,
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::hub::{self, HubOptions, UpstreamError};
+use crate::hub::{self, error_chain, HubOptions, UpstreamError};
 
 /// The model card every pushed folder must have.
 pub const MODEL_CARD: &str = "README.md";
@@ -57,6 +57,8 @@ pub const SKIPPED_DIRS: &[&str] = &["checkpoints", ".git", ".cache"];
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// Tries per request that is safe to repeat (the first one included).
 pub const MAX_ATTEMPTS: usize = 3;
+/// Pause before the second try (doubled before each further one), unless the answer says `Retry-After`.
+const RETRY_BACKOFF: Duration = Duration::from_secs(1);
 /// Files per preupload / LFS batch request (as `huggingface_hub` chunks them).
 const FILES_PER_REQUEST: usize = 256;
 /// Bytes of each file sent to the preupload call.
@@ -453,11 +455,7 @@ fn hash_file(path: &Path) -> Result<(String, Vec<u8>), PushError> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok((hex(&hasher.finalize()), sample))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Ok((format!("{:x}", hasher.finalize()), sample))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -477,8 +475,6 @@ struct Api {
     endpoint: String,
     token: String,
     repo: String,
-    /// Base delay between attempts (doubled each time).
-    backoff: Duration,
 }
 
 impl fmt::Debug for Api {
@@ -531,8 +527,8 @@ impl Api {
             };
             if transient && attempt < max {
                 let wait = match &result {
-                    Ok(r) => retry_after(r).unwrap_or(self.backoff * (1 << (attempt - 1))),
-                    Err(_) => self.backoff * (1 << (attempt - 1)),
+                    Ok(r) => retry_after(r).unwrap_or(RETRY_BACKOFF * (1 << (attempt - 1))),
+                    Err(_) => RETRY_BACKOFF * (1 << (attempt - 1)),
                 };
                 tracing::warn!("{action}: {}; trying again in {:.1} s", self.describe(&result), wait.as_secs_f32());
                 std::thread::sleep(wait);
@@ -610,28 +606,9 @@ fn retry_after(r: &Response) -> Option<Duration> {
     Some(Duration::from_secs(secs.min(30)))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        source = s.source();
-    }
-    msg
-}
-
 // ---------------------------------------------------------------------------------------------
 // The push
 // ---------------------------------------------------------------------------------------------
-
-/// Pushes `opts.folder` to `opts.repo` in one commit; see the module docs for the protocol.
-pub fn push(opts: &PushOptions) -> Result<PushReport, PushError> {
-    push_with_backoff(opts, Duration::from_secs(1))
-}
 
 /// The checks a push makes before it reads the folder or touches the network: repo id, branch name, offline
 /// mode, a token. Returns the token. `peftkit train` runs it before training when the recipe pushes at the end.
@@ -651,7 +628,8 @@ pub fn preflight(opts: &PushOptions) -> Result<String, PushError> {
     token.ok_or_else(|| PushError::NoToken { token_file: hf_hub::hf_home().join("token") })
 }
 
-fn push_with_backoff(opts: &PushOptions, backoff: Duration) -> Result<PushReport, PushError> {
+/// Pushes `opts.folder` to `opts.repo` in one commit; see the module docs for the protocol.
+pub fn push(opts: &PushOptions) -> Result<PushReport, PushError> {
     let token = preflight(opts)?;
     let repo_arg = opts.repo.trim();
     let bare_name = !repo_arg.contains('/');
@@ -739,7 +717,7 @@ fn push_with_backoff(opts: &PushOptions, backoff: Duration) -> Result<PushReport
             attempts: 1,
             hint: "",
         })?;
-    let api = Api { http, endpoint: endpoint.clone(), token: token.clone(), repo: repo.clone(), backoff };
+    let api = Api { http, endpoint: endpoint.clone(), token: token.clone(), repo: repo.clone() };
 
     // 0. The card's metadata, as the Hub will judge it (huggingface_hub asks the same before an upload).
     validate_card(&api, &opts.folder.join(MODEL_CARD))?;
@@ -1164,7 +1142,7 @@ fn commit(api: &Api, files: &[(&LocalFile, bool)], revision: &str, message: &str
             );
         } else {
             let bytes = std::fs::read(&f.path).map_err(|source| PushError::Io { path: f.path.clone(), source })?;
-            if hex(&Sha256::digest(&bytes)) != f.sha256 {
+            if format!("{:x}", Sha256::digest(&bytes)) != f.sha256 {
                 return Err(PushError::Changed { path: f.path.clone() });
             }
             line(json!({"key": "file", "value": {"path": f.rel, "encoding": "base64", "content": b64.encode(&bytes)}}));

@@ -24,14 +24,7 @@ const PICKLE: &str = "peftkit-test/pickle-only";
 const GATED: &str = "peftkit-test/gated";
 /// HEAD of model.safetensors succeeds, its GET answers 403 (an expired CDN link, say).
 const BROKEN_CDN: &str = "peftkit-test/broken-cdn";
-const FIXTURE_FILES: &[&str] = &[
-    "config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "generation_config.json",
-];
+const FIXTURE_FILES: &[&str] = common::TINY_LLAMA_FILES;
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama")

@@ -86,6 +86,12 @@ impl FakeHub {
         self.state.lock().unwrap().fails.push(Fail { method, path_contains, status, times });
     }
 
+    /// Like [`fail`](Self::fail), after clearing the failures set before.
+    fn fail_only(&self, method: &'static str, path_contains: &'static str, status: u16, times: usize) {
+        self.state.lock().unwrap().fails.clear();
+        self.fail(method, path_contains, status, times);
+    }
+
     fn files(&self, repo: &str, branch: &str) -> BTreeMap<String, Vec<u8>> {
         let st = self.state.lock().unwrap();
         st.repos.get(repo).and_then(|r| r.branches.get(branch)).cloned().unwrap_or_default()
@@ -665,8 +671,7 @@ fn a_refused_token_is_reported_once_without_retries_or_leaks() {
     assert_eq!(hub.commits("alice/y"), 0);
 
     // 401 on the commit itself.
-    hub.state.lock().unwrap().fails.clear();
-    hub.fail("POST", "/commit/", 401, usize::MAX);
+    hub.fail_only("POST", "/commit/", 401, usize::MAX);
     let o = push(&hub, d.path(), &dir, &["--repo", "alice/z"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).1.contains("401 Unauthorized"), "{}", text(&o).1);
@@ -687,24 +692,21 @@ fn server_errors_are_retried_a_few_times_then_reported() {
     assert_eq!(hub.commits("alice/s"), 0);
 
     // The same bound holds for the calls hf-hub makes (repo creation).
-    hub.state.lock().unwrap().fails.clear();
-    hub.fail("POST", "/api/repos/create", 503, usize::MAX);
+    hub.fail_only("POST", "/api/repos/create", 503, usize::MAX);
     let o = push(&hub, d.path(), &dir, &["--repo", "alice/r"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("503"), "{}", text(&o).1);
     assert_eq!(hub.count("POST", "/api/repos/create"), 4, "one create for alice/s, then 3 tries for alice/r");
 
     // A 500 on the commit is not retried (it may have been made).
-    hub.state.lock().unwrap().fails.clear();
-    hub.fail("POST", "/commit/", 500, usize::MAX);
+    hub.fail_only("POST", "/commit/", 500, usize::MAX);
     let o = push(&hub, d.path(), &dir, &["--repo", "alice/s"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("was not retried"), "{}", text(&o).1);
     assert_eq!(hub.count("POST", "/commit/"), 1);
 
     // One passing 502 on the storage PUT is retried and the push succeeds.
-    hub.state.lock().unwrap().fails.clear();
-    hub.fail("PUT", "/s3/upload/", 502, 1);
+    hub.fail_only("PUT", "/s3/upload/", 502, 1);
     let o = push(&hub, d.path(), &dir, &["--repo", "alice/t"]);
     assert!(o.status.success(), "{}", text(&o).1);
     assert_same_files(&hub.files("alice/t", "main"), &local_files(&dir));

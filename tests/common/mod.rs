@@ -8,6 +8,16 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
+/// The files of the tiny-llama fixture a Hub repo of it holds.
+pub const TINY_LLAMA_FILES: &[&str] = &[
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
 /// `tests/fixtures/<name>`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -27,15 +37,7 @@ pub fn hf_cache(root: &Path) -> PathBuf {
     std::fs::create_dir_all(repo.join("blobs")).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), commit).unwrap();
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-        "generation_config.json",
-        "README.md",
-    ] {
+    for f in TINY_LLAMA_FILES.iter().copied().chain(["README.md"]) {
         let blob = repo.join("blobs").join(format!("blob-{f}"));
         if f == "README.md" {
             std::fs::write(&blob, "---\nlicense: apache-2.0\ntags: [test]\n---\n# tiny-llama\n").unwrap();
