@@ -1,6 +1,7 @@
 //! Loading a base model for training, evaluation or benchmarking: resolve its files (local folder or Hub cache),
 //! build the model, the tokenizer, the chat template and the special tokens in one place.
 
+use crate::compute::Compute;
 use crate::data::{self, ChatTemplate, DataError};
 use crate::gguf::{self, GgufError};
 use crate::hub::{self, HubError, HubOptions, ModelFiles, ModelSource};
@@ -54,7 +55,8 @@ pub fn is_gguf_path(base: &str) -> bool {
 }
 
 /// Resolves and loads `base` at `revision`: a Hub id or a local folder (safetensors), a local `.gguf` file, or a
-/// Hub id plus `gguf_file` (one GGUF file of that repo).
+/// Hub id plus `gguf_file` (one GGUF file of that repo). Weights in f32 on `device`; see [`load_base_quant`] for
+/// another compute dtype or NF4.
 pub fn load_base(
     base: &str,
     revision: Option<&str>,
@@ -62,19 +64,21 @@ pub fn load_base(
     hub_opts: &HubOptions,
     device: &Device,
 ) -> Result<BaseModel, LoadError> {
-    load_base_quant(base, revision, gguf_file, BaseQuant::None, hub_opts, device)
+    let compute = Compute { device: device.clone(), dtype: DType::F32 };
+    load_base_quant(base, revision, gguf_file, BaseQuant::None, hub_opts, &compute)
 }
 
-/// [`load_base`] with the projections held as `quant` says (`BaseQuant::Nf4` for QLoRA and `--load-in-4bit`).
+/// [`load_base`] with the projections held as `quant` says (`BaseQuant::Nf4` for QLoRA and `--load-in-4bit`) and
+/// every other weight (dense projections, embeddings, norms, head) in the compute dtype on the compute device.
 pub fn load_base_quant(
     base: &str,
     revision: Option<&str>,
     gguf_file: Option<&str>,
     quant: BaseQuant,
     hub_opts: &HubOptions,
-    device: &Device,
+    compute: &Compute,
 ) -> Result<BaseModel, LoadError> {
-    let dtype = DType::F32;
+    let (device, dtype) = (&compute.device, compute.dtype);
     if gguf_file.is_some() || is_gguf_path(base) {
         let (path, source) = match gguf_file {
             Some(file) => hub::resolve_repo_file(base, revision, file, hub_opts)?,

@@ -8,9 +8,12 @@
 pub mod adapter;
 pub mod base;
 pub mod card;
+pub mod compute;
+pub mod cpu;
 pub mod data;
 pub mod generate;
 pub mod gguf;
+pub mod host;
 pub mod hub;
 pub mod linear;
 pub mod merge;
@@ -21,3 +24,4 @@ pub mod quant;
 pub mod recipe;
 pub mod train;
 pub mod util;
+pub mod weight;

@@ -96,6 +96,18 @@ impl Ia3Layer {
         t.flatten_all()
     }
 
+    /// The adapted projection: (x ⊙ l)·Wᵀ + b for a feedforward (input) vector, (x·Wᵀ + b) ⊙ l otherwise, where
+    /// `base` computes x·Wᵀ + b through the frozen weight. The gradient reaches l through the frozen product's dX
+    /// (input vector) or the product itself (output vector); l (f32) is cast to x's dtype.
+    pub fn forward(&self, x: &Tensor, no_grad: bool, base: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let l = self.vector(no_grad)?.to_dtype(x.dtype())?;
+        if self.feedforward {
+            base(&x.broadcast_mul(&l)?)
+        } else {
+            base(x)?.broadcast_mul(&l)
+        }
+    }
+
     /// W ⊙ ia3_l for W (out, in) in f32: rows scaled for an output vector, columns for an input vector.
     pub fn merge_weight(&self, w: &Tensor) -> Result<Tensor> {
         let l = self.l.as_tensor().detach().to_device(w.device())?;

@@ -118,6 +118,30 @@ impl LoraLayer {
         self.a.dims()[0]
     }
 
+    /// The adapted projection y = x·Wᵀ (+ b) + s·(drop(x)·Aᵀ)·Bᵀ for the frozen `w` (out, in) and `bias`, as one
+    /// fused op ([`crate::ops::lora_linear`]). Dropout is active when `dropout_seed` is given (training) and this
+    /// layer's p > 0; `no_grad` uses A and B as constants (inference).
+    pub fn forward(
+        &self,
+        w: &crate::weight::FrozenWeight,
+        bias: Option<&Tensor>,
+        x: &Tensor,
+        dropout_seed: Option<u64>,
+        no_grad: bool,
+    ) -> Result<Tensor> {
+        let dropout = match dropout_seed {
+            Some(seed) if self.dropout > 0.0 => Some((self.dropout, seed)),
+            _ => None,
+        };
+        let (a, b) = if no_grad {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        } else {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        };
+        let op = crate::ops::LoraLinearOp { w: w.clone(), bias: bias.cloned(), scaling: self.scaling as f32, dropout };
+        crate::ops::lora_linear(x, &a, &b, op)
+    }
+
     /// s·(x·Aᵀ)·Bᵀ for x (m, in) → (m, out). `x` already has dropout applied.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
         self.delta_with(x, self.a.as_tensor(), self.b.as_tensor())

@@ -11,9 +11,9 @@ pub use ia3::{FeedforwardModules, Ia3Config, Ia3Layer};
 pub use lora::{LoraConfig, LoraInit, LoraLayer};
 pub use target::TargetModules;
 
-use crate::linear::LayerAdapter;
 use crate::model::Llama;
 use candle_core::Var;
+use candle_core::{DType, Tensor};
 
 /// Errors attaching, loading or saving adapters.
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +171,7 @@ pub fn detach_all(model: &mut Llama) {
 /// `merge_and_unload()`: the model then computes the same function without adapter overhead. An NF4 weight
 /// becomes dense (its dequantized values plus the update).
 pub fn merge_and_unload(model: &mut Llama) -> candle_core::Result<()> {
-    use crate::linear::FrozenWeight;
+    use crate::weight::FrozenWeight;
     for lin in model.linears_mut() {
         let Some(adapter) = lin.adapter.take() else { continue };
         let w = lin.weight.dense()?;
@@ -183,4 +183,63 @@ pub fn merge_and_unload(model: &mut Llama) -> candle_core::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The adapter attached to one projection, if any.
+#[derive(Debug, Clone)]
+pub enum LayerAdapter {
+    Lora(LoraLayer),
+    Ia3(Ia3Layer),
+}
+
+impl LayerAdapter {
+    /// Checks that the adapter fits a projection `in_features → out_features`; the error says how it does not.
+    pub fn check_fits(&self, out_features: usize, in_features: usize) -> std::result::Result<(), String> {
+        match self {
+            LayerAdapter::Lora(l) => {
+                let (a, b) = (l.a.dims(), l.b.dims());
+                if a[1] != in_features || b[0] != out_features {
+                    return Err(format!(
+                        "lora_A {a:?} / lora_B {b:?} do not fit a projection {in_features} → {out_features} \
+                         (expected (r, {in_features}) and ({out_features}, r))"
+                    ));
+                }
+                Ok(())
+            }
+            LayerAdapter::Ia3(l) => {
+                let want = l.shape_for(in_features, out_features);
+                if l.l.dims() != want {
+                    return Err(format!(
+                        "ia3_l {:?} does not fit a projection {in_features} → {out_features} (expected {want:?}: \
+                         {} scaling)",
+                        l.l.dims(),
+                        if l.feedforward { "a feedforward module, input" } else { "output" }
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The base weight `w` (out, in) with this adapter folded in, in f32: LoRA gives W + s·B·A.
+    /// Merged and unmerged forwards agree (`tests/merge.rs`).
+    pub fn merge_weight(&self, w: &Tensor) -> candle_core::Result<Tensor> {
+        let w = w.to_dtype(DType::F32)?;
+        match self {
+            LayerAdapter::Lora(l) => {
+                let d = l.delta_weight()?.to_device(w.device())?;
+                w + d
+            }
+            LayerAdapter::Ia3(l) => l.merge_weight(&w),
+        }
+    }
+
+    /// The base bias after merging, in f32 (LoRA leaves it unchanged).
+    pub fn merge_bias(&self, b: &Tensor) -> candle_core::Result<Tensor> {
+        let b = b.to_dtype(DType::F32)?;
+        match self {
+            LayerAdapter::Lora(_) => Ok(b),
+            LayerAdapter::Ia3(l) => l.merge_bias(&b),
+        }
+    }
 }

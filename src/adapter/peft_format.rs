@@ -10,8 +10,8 @@
 use super::ia3::{FeedforwardModules, Ia3Config, Ia3Layer};
 use super::lora::{LoraConfig, LoraInit, LoraLayer};
 use super::target::TargetModules;
+use super::LayerAdapter;
 use super::{AdapterConfig, AdapterError};
-use crate::linear::LayerAdapter;
 use crate::model::Llama;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Map, Value};

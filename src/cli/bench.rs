@@ -58,23 +58,46 @@ pub struct Args {
     /// Measure NF4 dequantization throughput instead (GB/s of bytes read plus f32 bytes written).
     #[arg(long)]
     pub dequant: bool,
+    #[command(flatten)]
+    pub compute: super::ComputeArgs,
 }
 
-/// GFLOP/s of candle's f32 matmul for (m×k)·(k×n), best of 3.
-fn gemm_gflops(m: usize, k: usize, n: usize, transposed_rhs: bool) -> Result<f64> {
-    let a = Tensor::ones((m, k), DType::F32, &Device::Cpu)?;
-    let b = if transposed_rhs {
-        Tensor::ones((n, k), DType::F32, &Device::Cpu)?.t()?
-    } else {
-        Tensor::ones((k, n), DType::F32, &Device::Cpu)?
+/// GFLOP/s of (m×k)·(k×n), best of 3: candle's own f32 matmul (`candle`), or peftkit's frozen product
+/// y = x·Wᵀ (the projection training runs, W (n, k)) with operands in `dtype`.
+fn gemm_gflops(m: usize, k: usize, n: usize, transposed_rhs: bool, kind: GemmKind) -> Result<f64> {
+    let x = Tensor::ones((m, k), DType::F32, &Device::Cpu)?;
+    let run: Box<dyn Fn() -> candle_core::Result<Tensor>> = match kind {
+        GemmKind::Candle => {
+            let b = if transposed_rhs {
+                Tensor::ones((n, k), DType::F32, &Device::Cpu)?.t()?
+            } else {
+                Tensor::ones((k, n), DType::F32, &Device::Cpu)?
+            };
+            Box::new(move || x.matmul(&b))
+        }
+        GemmKind::Frozen(dt) => {
+            let (x, w) = (x.to_dtype(dt)?, Tensor::ones((n, k), dt, &Device::Cpu)?);
+            Box::new(move || peftkit::ops::frozen_matmul(&x, &w))
+        }
     };
     let mut best = f64::MAX;
     for _ in 0..3 {
         let t0 = Instant::now();
-        let _c = a.matmul(&b)?;
+        let _c = run()?;
         best = best.min(t0.elapsed().as_secs_f64());
     }
     Ok(2.0 * (m * k * n) as f64 / best / 1e9)
+}
+
+#[derive(Clone, Copy)]
+enum GemmKind {
+    Candle,
+    Frozen(DType),
+}
+
+/// The CPU and instruction sets, for reports.
+fn machine_line() -> String {
+    format!("CPU: {}; {} threads", peftkit::cpu::describe(), candle_core::utils::get_num_threads())
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -82,6 +105,7 @@ pub fn run(a: Args) -> Result<()> {
         return Err(user(anyhow::anyhow!("--batch, --rank, --steps must be positive and --seq at least 2")));
     }
     if a.gemm {
+        println!("{}", machine_line());
         for (m, k, n, t) in [
             (2048, 2048, 2048, false),
             (1024, 576, 1536, true),
@@ -89,11 +113,24 @@ pub fn run(a: Args) -> Result<()> {
             (1024, 576, 576, false),
             (128, 576, 49152, true),
         ] {
-            println!(
-                "gemm {m}×{k}·{k}×{n}{}: {:.1} GFLOP/s",
-                if t { " (rhs transposed)" } else { "" },
-                gemm_gflops(m, k, n, t)?
-            );
+            let f32_candle = gemm_gflops(m, k, n, t, GemmKind::Candle)?;
+            let f32_frozen = gemm_gflops(m, k, n, true, GemmKind::Frozen(DType::F32))?;
+            let bf16_frozen = gemm_gflops(m, k, n, true, GemmKind::Frozen(DType::BF16))?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"system": "peftkit", "mode": "gemm", "m": m, "k": k, "n": n,
+                        "candle_f32_gflops": f32_candle, "frozen_f32_gflops": f32_frozen,
+                        "frozen_bf16_gflops": bf16_frozen, "cpu": peftkit::cpu::features().model,
+                        "cpu_flags": peftkit::cpu::features().flags(), "gemm_kernel": peftkit::cpu::gemm_kernel()})
+                );
+            } else {
+                println!(
+                    "gemm {m}×{k}·{k}×{n}{}: candle f32 {f32_candle:.1} GFLOP/s; peftkit frozen product f32 \
+                     {f32_frozen:.1}, bf16 {bf16_frozen:.1} GFLOP/s",
+                    if t { " (rhs transposed)" } else { "" },
+                );
+            }
         }
         return Ok(());
     }
@@ -108,20 +145,29 @@ pub fn run(a: Args) -> Result<()> {
         }
         return Ok(());
     }
-    let device = Device::Cpu;
+    let compute = a.compute.resolve(Default::default())?;
+    let device = compute.device.clone();
     let quant = if a.qlora { model::BaseQuant::Nf4 { double_quant: true } } else { model::BaseQuant::None };
     let (mut m, source) = match (&a.model, &a.config) {
         (Some(base), _) => {
-            let b = peftkit::base::load_base_quant(base, None, None, quant, &super::hub_options(), &device)
+            let b = peftkit::base::load_base_quant(base, None, None, quant, &super::hub_options(), &compute)
                 .map_err(user)?;
             (b.model, base.clone())
         }
         (None, Some(cfg)) => {
-            if a.qlora {
-                return Err(user(anyhow::anyhow!("--qlora needs --model (weights quantized as they are read)")));
-            }
             let c = ModelConfig::from_file(cfg).map_err(user)?;
-            (model::random_llama(c, 0, &device, DType::F32)?, format!("{} (random weights)", cfg.display()))
+            let mut m = model::random_llama(c, 0, &device, compute.dtype)?;
+            if a.qlora {
+                // The random projections quantized to NF4 (double quantization), as QLoRA holds a real base.
+                for l in m.linears_mut() {
+                    let (out, inp) = l.weight.dims()?;
+                    let w: Vec<f32> = l.weight.dense()?.flatten_all()?.to_vec1()?;
+                    let q = peftkit::quant::nf4::Nf4Tensor::quantize(&w, &[out, inp], true)
+                        .map_err(|e| anyhow::anyhow!(e))?;
+                    l.weight = peftkit::weight::FrozenWeight::Nf4(std::sync::Arc::new(q));
+                }
+            }
+            (m, format!("{} (random weights)", cfg.display()))
         }
         (None, None) => return Err(user(anyhow::anyhow!("give --model DIR or --config config.json"))),
     };
@@ -208,11 +254,15 @@ pub fn run(a: Args) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({"system": "peftkit", "method": method, "threads": threads, "batch": b, "seq": t, "rank": a.rank,
+                "device": compute.describe(), "dtype": peftkit::compute::dtype_name(compute.dtype),
+                "cpu": peftkit::cpu::features().model, "cpu_flags": peftkit::cpu::features().flags(),
+                "isa": peftkit::cpu::isa().name(), "gemm_kernel": peftkit::cpu::gemm_kernel(),
                 "trainable_params": trainable, "step_s": median, "tokens_per_s": tps, "peak_rss_mb": rss,
                 "loss_first": losses[0], "loss_last": losses[losses.len() - 1]})
         );
     } else {
         println!("model: {source}");
+        println!("{}; compute {}", machine_line(), compute.describe());
         let base_mb = m.linears().map(|l| l.weight.bytes()).sum::<usize>() as f64 / 1e6;
         let what = match method {
             "ia3" => "IA3".to_string(),
@@ -270,11 +320,14 @@ fn bench_generate(m: &peftkit::model::Llama, source: &str, a: &Args) -> Result<(
         println!(
             "{}",
             serde_json::json!({"system": "peftkit", "mode": "generate", "threads": threads, "prompt_tokens": a.seq,
+                "dtype": peftkit::compute::dtype_name(m.dtype), "cpu": peftkit::cpu::features().model,
+                "cpu_flags": peftkit::cpu::features().flags(),
                 "new_tokens": a.new_tokens, "prefill_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode,
                 "peak_rss_mb": rss})
         );
     } else {
         println!("model: {source}");
+        println!("{}; dtype {}", machine_line(), peftkit::compute::dtype_name(m.dtype));
         println!(
             "generation, greedy with KV cache, {threads} threads: prompt {} tokens → {best_prefill:.1} tokens/s; decoding {} tokens → {best_decode:.1} tokens/s; peak RSS {rss:.0} MiB",
             a.seq, a.new_tokens

@@ -8,6 +8,7 @@ pub mod merge;
 pub mod push;
 pub mod train;
 
+use peftkit::compute::{Compute, DeviceRequest, DtypeRequest};
 use std::fmt;
 
 /// An error caused by the user's input (bad recipe, missing file, unknown model…): exit code 2.
@@ -52,11 +53,35 @@ pub struct BaseArgs {
     pub gguf_file: Option<String>,
 }
 
+/// Where and in which dtype to compute, for every command that runs a model.
+#[derive(clap::Args, Clone, Default)]
+pub struct ComputeArgs {
+    /// Compute device: auto, cpu, cuda or cuda:N [default: the recipe's training.device, else auto = cpu].
+    #[arg(long)]
+    pub device: Option<DeviceRequest>,
+    /// Dtype of the frozen weights and activations: auto, f32 or bf16 (adapters and optimizer stay f32)
+    /// [default: the recipe's training.dtype, else auto = bf16 where the CPU has AVX512-BF16 or AMX, else f32].
+    #[arg(long)]
+    pub dtype: Option<DtypeRequest>,
+}
+
+impl ComputeArgs {
+    /// The flags over `defaults` (a recipe's choice), resolved against this build and machine; a request that
+    /// cannot be met is the user's error.
+    pub fn resolve(&self, defaults: (DeviceRequest, DtypeRequest)) -> anyhow::Result<Compute> {
+        let c = Compute::resolve(self.device.unwrap_or(defaults.0), self.dtype.unwrap_or(defaults.1)).map_err(user)?;
+        tracing::info!("computing on {} ({})", c.describe(), peftkit::cpu::describe());
+        Ok(c)
+    }
+}
+
 /// Which model to load, for `eval`, `generate` and `chat`.
 #[derive(clap::Args)]
 pub struct ModelArgs {
     #[command(flatten)]
     pub base: BaseArgs,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// A PEFT adapter folder to apply (unmerged).
     #[arg(long)]
     pub adapter: Option<std::path::PathBuf>,
@@ -79,7 +104,7 @@ pub fn load_model(m: &ModelArgs) -> anyhow::Result<peftkit::base::BaseModel> {
         m.base.gguf_file.as_deref(),
         quant,
         &hub_options(),
-        &candle_core::Device::Cpu,
+        &m.compute.resolve(Default::default())?,
     )
     .map_err(user)?;
     if let Some(dir) = &m.adapter {

@@ -2,7 +2,6 @@
 
 use super::{hub_options, user};
 use anyhow::{Context, Result};
-use candle_core::Device;
 use peftkit::adapter::{self, peft_format, AdapterConfig};
 use peftkit::base::load_base_quant;
 use peftkit::card::{adapter_card, framework_versions, DataFacts, TrainingRecord, TRAINING_RECORD_FILE};
@@ -27,6 +26,8 @@ pub struct Args {
     /// Start afresh even if the output folder holds an adapter or checkpoints from an earlier run (they are deleted).
     #[arg(long)]
     pub overwrite: bool,
+    #[command(flatten)]
+    pub compute: super::ComputeArgs,
 }
 
 /// Files of an earlier run in an output folder.
@@ -100,7 +101,7 @@ pub fn run(args: Args) -> Result<()> {
         let _ = std::fs::remove_dir_all(out.join("checkpoints"));
     }
 
-    let device = Device::Cpu;
+    let compute = args.compute.resolve(Default::default())?; // RECIPE-KEYS
     tracing::info!("loading base model {}", recipe.base_model);
     let quant = AdapterConfig::base_quant(&recipe.adapter);
     let mut base = load_base_quant(
@@ -109,16 +110,18 @@ pub fn run(args: Args) -> Result<()> {
         recipe.gguf_file.as_deref(),
         quant,
         &hub_options(),
-        &device,
+        &compute,
     )
     .map_err(user)?;
     if base.model.linears().any(|l| matches!(l.weight, peftkit::linear::FrozenWeight::Nf4(_))) {
         let bytes: usize = base.model.linears().map(|l| l.weight.bytes()).sum();
         tracing::info!("base projections held in NF4: {:.1} MB", bytes as f64 / 1e6);
         if let peftkit::recipe::AdapterSpec::Qlora(q) = &recipe.adapter {
-            // The CPU computes in f32; bnb_4bit_compute_dtype is the GPU's compute type.
+            // training.dtype decides the compute dtype; bnb_4bit_compute_dtype is kept for PEFT's config.
             tracing::info!(
-                "computing in f32 on the CPU (bnb_4bit_compute_dtype {:?} applies on a GPU)",
+                "NF4 weights dequantized for {} compute (training.dtype; the recipe's bnb_4bit_compute_dtype {:?} is \
+                 recorded in the adapter config)",
+                peftkit::compute::dtype_name(compute.dtype),
                 q.bnb_4bit_compute_dtype
             );
         }
@@ -232,7 +235,15 @@ pub fn run(args: Args) -> Result<()> {
         tokens: summary.tokens,
         wall_s: summary.wall_s,
         peak_rss_mb: peftkit::util::peak_rss_mb(),
-        device: format!("CPU ({} threads)", candle_core::utils::get_num_threads()),
+        device: match compute.device {
+            candle_core::Device::Cpu => format!(
+                "CPU: {} ({} threads), {}",
+                peftkit::cpu::features().model,
+                candle_core::utils::get_num_threads(),
+                peftkit::compute::dtype_name(compute.dtype)
+            ),
+            _ => compute.describe(),
+        },
         frameworks: framework_versions(),
     };
     let record_json = serde_json::to_string_pretty(&record)?;

@@ -109,7 +109,7 @@ impl Llama {
         self.layers.iter_mut().flat_map(|b| b.linears_mut())
     }
 
-    /// cos, sin of shape (t, head_dim/2) for positions offset..offset+t.
+    /// cos, sin (f32, whatever the compute dtype) of shape (t, head_dim/2) for positions offset..offset+t.
     fn rope_tables(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(t * half);
@@ -122,12 +122,12 @@ impl Llama {
                 sin.push(a.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (t, half), &Device::Cpu)?.to_device(&self.device)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, (t, half), &Device::Cpu)?.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let cos = Tensor::from_vec(cos, (t, half), &Device::Cpu)?.to_device(&self.device)?;
+        let sin = Tensor::from_vec(sin, (t, half), &Device::Cpu)?.to_device(&self.device)?;
         Ok((cos, sin))
     }
 
-    /// Final-norm hidden states (b, t, hidden) for token ids (b, t). With a cache, the ids continue the cached
+    /// Final-norm hidden states (b, t, hidden), in f32, for token ids (b, t). With a cache, the ids continue the cached
     /// positions and the cache is extended.
     pub fn forward_hidden(&self, ids: &Tensor, ctx: &ForwardCtx, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -146,9 +146,17 @@ impl Llama {
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps;
         // The embedding is frozen: no gradient flows into it.
-        let mut h = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?.detach();
+        // Mixed precision as torch.autocast does it: the residual stream h stays f32 (norm statistics and the sums
+        // of the residual additions in f32); the projections' inputs and outputs are in the compute dtype.
+        let dt = self.dtype;
+        let mut h = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, cfg.hidden_size))?
+            .detach()
+            .to_dtype(DType::F32)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let x = ops::rms_norm(&h, &layer.input_layernorm, eps)?;
+            let x = ops::rms_norm(&h, &layer.input_layernorm, eps)?.to_dtype(dt)?;
             // (b, t, nh·hd) → (b, t, nh, hd): heads stay interleaved; the attention op reads them strided.
             let q = layer.q_proj.forward(&x, ctx)?.reshape((b, t, nh, hd))?;
             let k = layer.k_proj.forward(&x, ctx)?.reshape((b, t, nkv, hd))?;
@@ -169,12 +177,12 @@ impl Llama {
             };
             // (b, t, nh, hd) → (b, t, nh·hd)
             let attn = ops::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt())?.reshape((b, t, nh * hd))?;
-            h = (h + layer.o_proj.forward(&attn, ctx)?)?;
+            h = (h + layer.o_proj.forward(&attn, ctx)?.to_dtype(DType::F32)?)?;
 
-            let x = ops::rms_norm(&h, &layer.post_attention_layernorm, eps)?;
+            let x = ops::rms_norm(&h, &layer.post_attention_layernorm, eps)?.to_dtype(dt)?;
             let gate = layer.gate_proj.forward(&x, ctx)?;
             let up = layer.up_proj.forward(&x, ctx)?;
-            h = (h + layer.down_proj.forward(&ops::swiglu(&gate, &up)?, ctx)?)?;
+            h = (h + layer.down_proj.forward(&ops::swiglu(&gate, &up)?, ctx)?.to_dtype(DType::F32)?)?;
         }
         ops::rms_norm(&h, &self.norm, eps)
     }

@@ -12,6 +12,7 @@
 
 pub mod optim;
 pub mod schedule;
+pub mod step;
 
 use crate::adapter::{self, peft_format, AdapterConfig, AdapterError};
 use crate::data::{epoch_order, make_batch, Example};
@@ -449,44 +450,19 @@ pub fn train(
                 make_batch(&exs, cfg.pad_id)
             })
             .collect();
-        let denom =
-            batches.iter().map(|b| Llama::count_targets(&b.labels, b.batch, b.seq)).sum::<usize>().max(1) as f64;
-
-        // Forward + backward over the micro-batches, summing gradients.
-        let mut grads: Vec<Tensor> = Vec::new();
-        let mut step_loss = 0f64;
-        let mut step_tokens = 0usize;
-        for (mi, batch) in batches.iter().enumerate() {
-            let ctx =
-                ForwardCtx { dropout_seed: Some(ops::seed_of(&[cfg.seed, step as u64, mi as u64])), no_grad: false };
-            let ids = Tensor::from_vec(batch.input_ids.clone(), (batch.batch, batch.seq), &model.device)?;
-            let hidden = model.forward_hidden(&ids, &ctx, None)?;
-            let loss = model.loss(&hidden, &batch.labels, denom)?;
-            let value = loss.to_scalar::<f32>()?;
-            if !value.is_finite() {
-                return Err(TrainError::NonFinite { step: step + 1, value, checkpoint: last_checkpoint });
-            }
-            step_loss += value as f64;
-            step_tokens += batch.lengths.iter().sum::<usize>();
-            let store = loss.backward()?;
-            for (i, var) in vars.iter().enumerate() {
-                let g = match store.get(var.as_tensor()) {
-                    Some(g) => g.clone(),
-                    None => var.zeros_like()?,
-                };
-                if grads.len() <= i {
-                    grads.push(g);
-                } else {
-                    grads[i] = (&grads[i] + g)?;
-                }
-            }
-        }
-        let grad_norm = optim::clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-        if !grad_norm.is_finite() {
-            return Err(TrainError::NonFinite { step: step + 1, value: grad_norm as f32, checkpoint: last_checkpoint });
-        }
         let lr = schedule::lr_at(cfg.lr_scheduler, cfg.learning_rate, cfg.warmup_steps, total_steps, step);
-        opt.step(&grads, lr)?;
+        let seed = |mi: usize| Some(ops::seed_of(&[cfg.seed, step as u64, mi as u64]));
+        let (step_loss, grad_norm, step_tokens) =
+            match step::optimizer_step(model, &mut opt, &batches, seed, cfg.max_grad_norm, lr)? {
+                step::StepOutcome::Updated { loss, grad_norm, tokens } => (loss, grad_norm, tokens),
+                step::StepOutcome::NonFinite { value } => {
+                    return Err(TrainError::NonFinite {
+                        step: step + 1,
+                        value: value as f32,
+                        checkpoint: last_checkpoint,
+                    })
+                }
+            };
         step += 1;
 
         let dt = step_started.elapsed().as_secs_f64();

@@ -1,0 +1,118 @@
+//! Inverted dropout with a counter-based generator: each element is kept with probability 1 − p and scaled by
+//! 1/(1 − p); the mask is a pure function of (seed, element index), so a resumed run draws exactly the masks an
+//! uninterrupted one would, with no generator state to save, and any device can draw the same mask (a CUDA kernel
+//! computing [`mix64`] per element gives the CPU's bits). Backward: g ⊙ mask.
+//! Reference: Srivastava et al. (2014); the mixer is splitmix64's finaliser (Steele et al., 2014).
+
+use crate::host::{f32_view, storage_from_f32};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// A 64-bit mix (splitmix64's finaliser).
+#[inline]
+pub(crate) fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+struct MaskMul {
+    mask: Tensor,
+}
+
+impl CustomOp1 for MaskMul {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_view(s, l, "dropout")?;
+        let out = crate::host::with_f32(&self.mask, |m| {
+            x.par_iter().zip(m.par_iter()).map(|(a, b)| a * b).collect::<Vec<f32>>()
+        })?;
+        Ok((storage_from_f32(out, s.dtype())?, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((g * self.mask.to_dtype(g.dtype())?)?))
+    }
+}
+
+/// Inverted dropout: each element kept with probability 1 − p and scaled by 1/(1 − p). The mask depends only on
+/// `seed` and the element's index.
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    if !super::use_kernel(x, false) {
+        return super::reference::dropout(x, p, seed);
+    }
+    let mask = Tensor::from_vec(dropout_mask(x.elem_count(), p, seed), x.shape(), &Device::Cpu)?;
+    x.contiguous()?.apply_op1(MaskMul { mask })
+}
+
+/// The mask as a tensor of `x`'s shape, dtype and device (for the reference composition).
+pub(crate) fn mask_like(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    Tensor::from_vec(dropout_mask(x.elem_count(), p, seed), x.shape(), &Device::Cpu)?
+        .to_dtype(x.dtype())?
+        .to_device(x.device())
+}
+
+/// The inverted-dropout multipliers (0 or 1/(1 − p)) of `n` elements for `seed`.
+pub(crate) fn dropout_mask(n: usize, p: f64, seed: u64) -> Vec<f32> {
+    let keep = 1.0 / (1.0 - p) as f32;
+    let threshold = (p * (u64::MAX as f64)) as u64;
+    let key = mix64(seed);
+    (0..n as u64)
+        .into_par_iter()
+        .map(|i| if mix64(key ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) < threshold { 0.0 } else { keep })
+        .collect()
+}
+
+/// Mixes several integers into one seed (for per-step, per-layer dropout streams).
+pub fn seed_of(parts: &[u64]) -> u64 {
+    parts.iter().fold(0x5eed_u64, |acc, &p| mix64(acc ^ mix64(p)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::*;
+    use candle_core::DType;
+
+    #[test]
+    fn dropout_gradient_rate_and_determinism() {
+        check_grad(&[4, 16], |x| dropout(x, 0.3, 7).unwrap(), 1e-2);
+        let x = Tensor::ones((100, 100), DType::F32, &Device::Cpu).unwrap();
+        let y: Vec<f32> = dropout(&x, 0.25, 3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let zeros = y.iter().filter(|&&v| v == 0.0).count() as f64 / y.len() as f64;
+        assert!((zeros - 0.25).abs() < 0.02, "dropped {zeros}");
+        assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+        let y2: Vec<f32> = dropout(&x, 0.25, 3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(y, y2);
+    }
+
+    #[test]
+    fn kernel_matches_reference_and_bf16_keeps_the_mask() {
+        let x = rand(&[6, 10], 16);
+        compare_with_reference(
+            &[x.clone()],
+            |t| dropout(&t[0], 0.4, 5).unwrap(),
+            |t| super::super::reference::dropout(&t[0], 0.4, 5).unwrap(),
+            1e-6,
+        );
+        compare_bf16_with_f32(&[x.clone()], |t| dropout(&t[0], 0.4, 5).unwrap(), BF16_TOL);
+        // The same elements are dropped in bf16.
+        let z32: Vec<f32> = dropout(&x, 0.4, 5).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let z16: Vec<f32> = dropout(&x.to_dtype(DType::BF16).unwrap(), 0.4, 5)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(z32.iter().zip(&z16).all(|(a, b)| (*a == 0.0) == (*b == 0.0)));
+    }
+}

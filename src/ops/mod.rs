@@ -1,0 +1,65 @@
+//! Training primitives: one file per op, each a candle custom op whose backward pass we own, with its CPU kernels
+//! (and the place for its CUDA kernels) side by side, and a composed reference version in [`reference`].
+//!
+//! candle's fused ops (`softmax_last_dim`, `rms_norm`, `rope`, …) have no backward: a loss computed through them
+//! back-propagates nothing and says nothing. And candle's matmul backward computes a gradient for a frozen weight
+//! even when nobody asked for it. Every op here is a `CustomOp` with an explicit `bwd`; each file's tests check the
+//! backward against central finite differences, the kernel against [`reference`] (forward and backward), and bf16
+//! against f32.
+//!
+//! | op (file) | forward | backward |
+//! |---|---|---|
+//! | [`frozen_matmul`] | y = x·Wᵀ, W dense | dx = dy·W (no dW: the weight is frozen) |
+//! | [`nf4_matmul`] | y = x·dequant(W)ᵀ, W in NF4 | dx = dy·dequant(W) |
+//! | [`lora_linear`] | y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ | dx, dA, dB (recomputes drop(x)·Aᵀ) |
+//! | [`rms_norm`] | y = x·r·w, r = (mean(x²)+ε)^-½ | dx = r·u − x·r³·mean(u⊙x), u = dy⊙w |
+//! | [`rope`] | HF "rotate_half" rotary embedding | rope with −sin |
+//! | [`causal_softmax`] (softmax.rs) | softmax(s·x) with a causal mask | s·y⊙(g − Σ g⊙y) |
+//! | [`attention`] | causal GQA softmax(s·QKᵀ)·V, fused | recomputes P; dV = Pᵀ·dO, dS = P⊙(dP − Σ dP⊙P) |
+//! | [`swiglu`] | silu(a)·b | da = g·b·σ(a)(1 + a(1−σ(a))), db = g·silu(a) |
+//! | [`linear_cross_entropy`] (cross_entropy.rs) | Σ −log softmax(h·Wᵀ)[label] / n | dh computed in the forward |
+//! | [`dropout`] | x ⊙ mask(seed, index) | g ⊙ mask |
+//!
+//! **Dtypes.** Every kernel takes f32 or bf16 storage and computes in f32 (bf16 is widened on the way in and
+//! rounded on the way out, see [`crate::host`]); outputs and gradients have their input's dtype, so f32 adapter
+//! weights get f32 gradients while bf16 activations get bf16 ones. Matmuls go to the gemm crate
+//! ([`gemm`]); element-wise loops are compiled per instruction-set level ([`crate::cpu::Isa`]).
+//!
+//! **Dispatch** — the one rule, [`use_kernel`]: an op runs its own kernel where the tensor's device and dtype have
+//! one (CPU f32/bf16 for all; CUDA for the ops that have CUDA kernels, today the dense frozen product), else its
+//! [`reference`] composition.
+
+mod attention;
+mod cross_entropy;
+mod dropout;
+mod frozen_matmul;
+pub(crate) mod gemm;
+mod lora_linear;
+mod nf4_matmul;
+pub mod reference;
+mod rms_norm;
+mod rope;
+mod softmax;
+mod swiglu;
+#[cfg(test)]
+mod testutil;
+
+pub use attention::attention;
+pub use cross_entropy::linear_cross_entropy;
+pub use dropout::{dropout, seed_of};
+pub use frozen_matmul::{frozen_matmul, frozen_product};
+pub use lora_linear::{lora_linear, LoraLinearOp};
+pub use nf4_matmul::nf4_matmul;
+pub use rms_norm::rms_norm;
+pub use rope::rope;
+pub use softmax::causal_softmax;
+pub use swiglu::swiglu;
+
+pub use crate::host::with_f32;
+use candle_core::{DType, Tensor};
+
+/// Whether an op runs its own kernel for `t` (its main input): on the CPU for f32 and bf16; on CUDA when the op
+/// has CUDA kernels (`has_cuda`). Otherwise the op runs its [`reference`] composition.
+pub(crate) fn use_kernel(t: &Tensor, has_cuda: bool) -> bool {
+    matches!(t.dtype(), DType::F32 | DType::BF16) && (t.device().is_cpu() || (has_cuda && t.device().is_cuda()))
+}

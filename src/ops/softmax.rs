@@ -1,0 +1,95 @@
+//! Causal softmax over attention scores: y = softmax(s·x + mask) over the last dim, where query i of t may see
+//! keys 0..=i + (s_len − t). Backward: dx = s·y ⊙ (g − Σ g⊙y).
+//!
+//! candle's `softmax_last_dim` has no backward, hence this op. It serves the composed attention (the reference the
+//! fused [`super::attention`] is tested against, and the path of devices without an attention kernel). The row
+//! statistics (max, sum) are f32 whatever the storage dtype.
+
+use crate::host::{f32_view, storage_from_f32};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+struct CausalSoftmax {
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_view(st, l, "causal_softmax")?;
+        let dims = l.dims();
+        let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        if s < t {
+            candle_core::bail!("causal_softmax: {t} queries but only {s} keys");
+        }
+        let offset = s - t; // query i sits at absolute position offset + i
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(s).zip(x.par_chunks(s)).enumerate().for_each(|(row, (o, xr))| {
+            let visible = offset + row % t + 1;
+            let mx = xr[..visible].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v * self.scale));
+            let mut sum = 0f32;
+            for (o, &v) in o[..visible].iter_mut().zip(&xr[..visible]) {
+                *o = (v * self.scale - mx).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            o[..visible].iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((storage_from_f32(out, st.dtype())?, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // dx = scale · y ⊙ (g − Σ g⊙y), in f32
+        let (y, g) = (y.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
+        let gy = (g * &y)?;
+        let s = gy.sum_keepdim(candle_core::D::Minus1)?;
+        let dx = ((gy - y.broadcast_mul(&s)?)? * self.scale as f64)?;
+        Ok(Some(dx.to_dtype(x.dtype())?))
+    }
+}
+
+/// softmax(scale · x) over the last dim of attention scores (…, t, s), where query i may only see keys
+/// 0..=i + (s − t) (the keys before it in the cache, and itself).
+pub fn causal_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
+    if !super::use_kernel(x, false) {
+        return super::reference::causal_softmax(x, scale);
+    }
+    x.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::*;
+
+    #[test]
+    fn causal_softmax_gradient_and_mask() {
+        check_grad(&[2, 4, 4], |x| causal_softmax(x, 0.7).unwrap(), 1e-2);
+        check_grad(&[1, 3, 5], |x| causal_softmax(x, 1.0).unwrap(), 1e-2);
+        let y = causal_softmax(&rand(&[3, 5], 9), 1.0).unwrap();
+        let y: Vec<Vec<f32>> = y.to_vec2().unwrap();
+        // 3 queries over 5 keys: query 0 sees keys 0..=2.
+        assert_eq!(y[0][3], 0.0);
+        assert_eq!(y[0][4], 0.0);
+        assert!(y[2][4] > 0.0);
+        for row in y {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn kernel_matches_reference_and_bf16_matches_f32() {
+        let x = (rand(&[2, 4, 6], 10) * 3.0).unwrap();
+        compare_with_reference(
+            &[x.clone()],
+            |t| causal_softmax(&t[0], 0.7).unwrap(),
+            |t| super::super::reference::causal_softmax(&t[0], 0.7).unwrap(),
+            1e-5,
+        );
+        compare_bf16_with_f32(&[x], |t| causal_softmax(&t[0], 0.7).unwrap(), BF16_TOL);
+    }
+}
