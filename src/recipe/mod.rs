@@ -1,0 +1,210 @@
+//! Training recipes: the YAML file that says what to fine-tune, on which data, and how.
+//!
+//! A recipe names the base model, the adapter (`lora`, `qlora` or `ia3`, chosen by `adapter.type`),
+//! the data files, the training hyper-parameters and the output folder. [`Recipe::load`] reads one,
+//! applies `--set a.b=value` overrides, deserializes it strictly (unknown keys and wrong types are
+//! errors), fills in defaults and validates it. Paths in `data.*` and `output.dir` are kept as written:
+//! relative ones are relative to the current directory.
+//!
+//! Every error names where it comes from: `file:line: key.path: message`, or `--set arg: key.path:
+//! message` when an override caused it. The text is parsed into a [`serde_yaml::Value`] (overrides
+//! are applied to that tree), then deserialized with `serde_path_to_error` to learn the key path of a
+//! failure. Since values deserialized through a `Value` carry no positions, the line is found by a
+//! second pass over the original text ([`locate::line_of`]): a `DeserializeSeed` walks serde_yaml's event
+//! stream down the key path and fails on purpose at the target key, and serde_yaml stamps that
+//! failure with the key's position. This works for block and flow style alike.
+//!
+//! Layout: this file loads (`Recipe::load` / `from_str`: parse, override, build, resolve, check);
+//! `spec` holds the serde types, `names` the enums written by name, `error` [`RecipeError`] and
+//! [`Origin`], `validate` the value checks, `problem` key-path errors before their origin is known,
+//! `overrides` the `--set` arguments and `locate` the positions of keys and syntax errors.
+
+mod error;
+mod locate;
+mod names;
+mod overrides;
+mod problem;
+mod spec;
+#[cfg(test)]
+mod testutil;
+mod validate;
+
+use std::path::Path;
+
+use serde_yaml::Value;
+
+pub use error::{Origin, RecipeError};
+pub use names::{ComputeDtype, DataFormat, InitLoraWeights, LrScheduler};
+pub use spec::{AdapterSpec, DataSpec, Ia3Spec, LoraSpec, OutputSpec, QloraSpec, Recipe, RunLength, TrainingSpec};
+
+use locate::syntax_error;
+use overrides::Override;
+use problem::{describe_value, deserialize_at, Problem, ProblemKind, Seg, Source};
+use spec::{QloraDoc, RecipeDoc};
+
+/// Which modules an adapter attaches to (PEFT's `target_modules`; the matching rules live in
+/// [`crate::adapter::target`]). In YAML: the string `all-linear`, a list of names, or any other string (a regex).
+pub use crate::adapter::target::TargetModules;
+
+impl Recipe {
+    /// Reads the recipe at `path`, applies `--set a.b=value` overrides, deserializes, fills defaults
+    /// and validates. Relative paths in `data.*` and `output.dir` stay as written (relative to the
+    /// current directory).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe, RecipeError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read { file: file.clone(), source })?;
+        Recipe::from_str(&text, &file, overrides)
+    }
+
+    /// Like [`Recipe::load`], from text; `source_name` names the text in error messages.
+    pub fn from_str(text: &str, source_name: &str, overrides: &[String]) -> Result<Recipe, RecipeError> {
+        let mut overrides = overrides.iter().map(|arg| Override::parse(arg)).collect::<Result<Vec<_>, _>>()?;
+        let mut doc: Value = serde_yaml::from_str(text).map_err(|err| syntax_error(source_name, text, &err))?;
+        doc.apply_merge().map_err(|err| syntax_error(source_name, text, &err))?;
+        for item in &mut overrides {
+            item.path = item.apply(&mut doc)?;
+        }
+
+        let source = Source { name: source_name, text, overrides: &overrides };
+        let mut recipe = build(doc).map_err(|problem| source.error(problem))?;
+        recipe.resolve_defaults();
+        recipe.check().map_err(|problem| source.error(problem))?;
+        Ok(recipe)
+    }
+
+    /// Fills in defaults that depend on other keys: `training.epochs = 1` when neither `epochs` nor
+    /// `max_steps` is set, and `training.learning_rate` from the adapter type. Loading calls this.
+    pub fn resolve_defaults(&mut self) {
+        if self.training.epochs.is_none() && self.training.max_steps.is_none() {
+            self.training.epochs = Some(1);
+        }
+        if self.training.learning_rate.is_none() {
+            self.training.learning_rate = Some(self.adapter.default_learning_rate());
+        }
+    }
+
+    /// Checks every value (ranges, files, formats). Loading calls this; errors from a loaded recipe
+    /// name the file and line, errors from this call name only the key path.
+    pub fn validate(&self) -> Result<(), RecipeError> {
+        self.check().map_err(|problem| problem.into_error(Origin::Unknown))
+    }
+
+    /// The resolved recipe (all defaults filled) as YAML, loadable again with [`Recipe::from_str`].
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_else(|err| format!("# cannot serialize the recipe: {err}\n"))
+    }
+}
+
+/// Turns the document tree into a [`Recipe`] (defaults not yet resolved, not validated).
+fn build(doc: Value) -> Result<Recipe, Problem> {
+    if !doc.is_mapping() {
+        return Err(Problem {
+            path: Vec::new(),
+            kind: ProblemKind::WrongType(format!(
+                "a recipe must be a YAML map (base_model, adapter, data, training, output), found {}",
+                describe_value(&doc)
+            )),
+        });
+    }
+    let raw: RecipeDoc = deserialize_at(&[], doc)?;
+    Ok(Recipe {
+        base_model: raw.base_model,
+        revision: raw.revision,
+        gguf_file: raw.gguf_file,
+        adapter: build_adapter(raw.adapter)?,
+        data: raw.data,
+        training: raw.training,
+        output: raw.output,
+    })
+}
+
+/// Dispatches on `adapter.type` (done by hand: serde's internally tagged enums lose key paths).
+fn build_adapter(value: Value) -> Result<AdapterSpec, Problem> {
+    const TYPES: &str = "lora, qlora, ia3";
+    let prefix = [Seg::key("adapter")];
+    let Value::Mapping(mut map) = value else {
+        return Err(Problem {
+            path: prefix.to_vec(),
+            kind: ProblemKind::WrongType(format!(
+                "expected a map with a `type` key ({TYPES}), found {}",
+                describe_value(&value)
+            )),
+        });
+    };
+    let type_path = || vec![Seg::key("adapter"), Seg::key("type")];
+    let type_name = match map.remove("type") {
+        None => return Err(Problem { path: type_path(), kind: ProblemKind::MissingKey }),
+        Some(Value::String(name)) => name,
+        Some(other) => {
+            return Err(Problem {
+                path: type_path(),
+                kind: ProblemKind::WrongType(format!("expected one of {TYPES}, found {}", describe_value(&other))),
+            })
+        }
+    };
+    let rest = Value::Mapping(map);
+    match type_name.as_str() {
+        "lora" => deserialize_at(&prefix, rest).map(AdapterSpec::Lora),
+        "qlora" => deserialize_at::<QloraDoc>(&prefix, rest).map(|doc| AdapterSpec::Qlora(doc.into())),
+        "ia3" => deserialize_at(&prefix, rest).map(AdapterSpec::Ia3),
+        other => Err(Problem {
+            path: type_path(),
+            kind: ProblemKind::Invalid(format!("unknown adapter type \"{other}\" (expected one of {TYPES})")),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use testutil::{assert_msg, fixture, full_block, minimal, ok};
+
+    #[test]
+    fn recipe_to_yaml_round_trip() {
+        let f = fixture();
+        let texts = [
+            full_block(&f),
+            minimal(&f, "ia3"),
+            minimal(&f, "qlora")
+                .replace("type: qlora", "type: qlora\n  init_lora_weights: false\n  target_modules: '.*_proj'"),
+        ];
+        for text in texts {
+            let recipe = ok(&text, &[]);
+            let yaml = recipe.to_yaml();
+            let again = match Recipe::from_str(&yaml, "resolved.yaml", &[]) {
+                Ok(r) => r,
+                Err(e) => panic!("to_yaml output does not load: {e}\n{yaml}"),
+            };
+            assert_eq!(recipe, again, "\n{yaml}");
+            assert!(yaml.contains("learning_rate:"), "{yaml}");
+            assert!(yaml.contains("epochs: 1") || yaml.contains("epochs: 2"), "{yaml}");
+        }
+    }
+
+    #[test]
+    fn recipe_load_from_file() {
+        let f = fixture();
+        let path = std::env::temp_dir().join(format!(
+            "peftkit-recipe-{}-{:?}.yaml",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        if let Err(e) = fs::write(&path, minimal(&f, "lora").replace("  type: lora", "  type: lora\n  r: zero")) {
+            panic!("write: {e}");
+        }
+        let result = Recipe::load(&path, &[]);
+        let _ = fs::remove_file(&path);
+        let e = match result {
+            Err(e) => e,
+            Ok(r) => panic!("should fail: {r:?}"),
+        };
+        assert_msg(
+            &e,
+            &format!("{}:4: adapter.r: expected a whole number ≥ 0, found a string \"zero\"", path.display()),
+            &[],
+        );
+        let missing = Recipe::load(Path::new("/no/such/recipe.yaml"), &[]);
+        assert!(matches!(missing, Err(RecipeError::Read { .. })), "{missing:?}");
+    }
+}

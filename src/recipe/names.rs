@@ -1,0 +1,153 @@
+//! Enums written in recipes by name: [`LrScheduler`], [`DataFormat`] and [`ComputeDtype`] (one of
+//! a fixed set of lowercase names, declared with `name_enum!`), and [`InitLoraWeights`] (`true`,
+//! `false` or `gaussian`).
+
+use std::fmt;
+
+use serde::de::{self, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Declares a fieldless enum written in recipes as one of a fixed set of names.
+macro_rules! name_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident { $( $(#[$vmeta:meta])* $variant:ident = $text:literal ),+ $(,)? }
+        default $default:ident
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $( $(#[$vmeta])* $variant ),+ }
+
+        impl $name {
+            /// Every accepted name, in documentation order.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+
+            /// The name as written in a recipe.
+            pub fn as_str(self) -> &'static str {
+                match self { $( Self::$variant => $text ),+ }
+            }
+
+            /// Parses a name as written in a recipe (exact match).
+            pub fn from_name(name: &str) -> Option<Self> {
+                match name { $( $text => Some(Self::$variant), )+ _ => None }
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self { Self::$default }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let name = String::deserialize(deserializer)?;
+                Self::from_name(&name).ok_or_else(|| {
+                    de::Error::custom(format!(
+                        "unknown value \"{name}\" (expected one of {})",
+                        Self::NAMES.join(", ")
+                    ))
+                })
+            }
+        }
+    };
+}
+
+name_enum! {
+    /// Learning-rate schedule after warmup.
+    pub enum LrScheduler {
+        /// Constant learning rate.
+        Constant = "constant",
+        /// Linear decay to zero.
+        Linear = "linear",
+        /// Cosine decay to zero.
+        Cosine = "cosine",
+    }
+    default Cosine
+}
+
+name_enum! {
+    /// Layout of the training records.
+    pub enum DataFormat {
+        /// Detect from the first record.
+        Auto = "auto",
+        /// `{"messages": [{"role", "content"}, …]}` rendered with the model's chat template.
+        Chat = "chat",
+        /// `{"instruction", "input", "output"}`.
+        Alpaca = "alpaca",
+        /// `{"text"}` (or `{"prompt", "completion"}`).
+        Completion = "completion",
+    }
+    default Auto
+}
+
+name_enum! {
+    /// Dtype in which QLoRA dequantized weights are multiplied.
+    pub enum ComputeDtype {
+        /// 32-bit float.
+        Float32 = "float32",
+        /// bfloat16.
+        Bfloat16 = "bfloat16",
+        /// IEEE half.
+        Float16 = "float16",
+    }
+    default Bfloat16
+}
+
+/// How LoRA matrices are initialized (PEFT's `init_lora_weights`). All but `Random` start as a no-op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InitLoraWeights {
+    /// `true`: Kaiming-uniform A, zero B (PEFT's default).
+    #[default]
+    Default,
+    /// `gaussian`: Gaussian A with std 1/r, zero B.
+    Gaussian,
+    /// `false`: both random, so the adapter is not a no-op (for tests and debugging).
+    Random,
+}
+
+impl Serialize for InitLoraWeights {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            InitLoraWeights::Default => serializer.serialize_bool(true),
+            InitLoraWeights::Random => serializer.serialize_bool(false),
+            InitLoraWeights::Gaussian => serializer.serialize_str("gaussian"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for InitLoraWeights {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct InitVisitor;
+
+        impl Visitor<'_> for InitVisitor {
+            type Value = InitLoraWeights;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false or gaussian")
+            }
+
+            fn visit_bool<E: de::Error>(self, value: bool) -> Result<InitLoraWeights, E> {
+                Ok(if value { InitLoraWeights::Default } else { InitLoraWeights::Random })
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<InitLoraWeights, E> {
+                if text == "gaussian" {
+                    Ok(InitLoraWeights::Gaussian)
+                } else {
+                    Err(E::custom(format!("unknown value \"{text}\" (expected true, false or gaussian)")))
+                }
+            }
+        }
+
+        deserializer.deserialize_any(InitVisitor)
+    }
+}

@@ -1,0 +1,587 @@
+//! The recipe's types as serde sees them: [`Recipe`] and its sections ([`AdapterSpec`] with
+//! [`LoraSpec`] / [`QloraSpec`] / [`Ia3Spec`], [`DataSpec`], [`TrainingSpec`], [`OutputSpec`]),
+//! their defaults and derived values (scaling, learning rate, run length, steps), the YAML forms
+//! of [`TargetModules`], and the raw document shapes (`RecipeDoc`, `QloraDoc`) that loading
+//! deserializes before dispatching on `adapter.type`.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::de::{self, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_yaml::Value;
+
+use super::{ComputeDtype, DataFormat, InitLoraWeights, LrScheduler, TargetModules};
+
+/// A fully resolved, validated training recipe.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Recipe {
+    /// Hub id (`owner/name`), a local model folder, or a `.gguf` file.
+    pub base_model: String,
+    /// Hub revision (branch, tag or commit); Hub ids only.
+    pub revision: Option<String>,
+    /// Name of a GGUF file inside a Hub repository that holds GGUF files.
+    pub gguf_file: Option<String>,
+    /// Which adapter to train, and its settings.
+    pub adapter: AdapterSpec,
+    /// The data files and how to read them.
+    pub data: DataSpec,
+    /// Optimization settings.
+    pub training: TrainingSpec,
+    /// Where the adapter goes.
+    pub output: OutputSpec,
+}
+
+/// The adapter to train, tagged by `type` in the YAML.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum AdapterSpec {
+    /// LoRA on full-precision base weights.
+    Lora(LoraSpec),
+    /// LoRA on NF4-quantized base weights.
+    Qlora(QloraSpec),
+    /// IA3: learned rescaling vectors.
+    Ia3(Ia3Spec),
+}
+
+impl AdapterSpec {
+    /// The `type` name: `lora`, `qlora` or `ia3`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            AdapterSpec::Lora(_) => "lora",
+            AdapterSpec::Qlora(_) => "qlora",
+            AdapterSpec::Ia3(_) => "ia3",
+        }
+    }
+
+    /// The LoRA settings of a `lora` or `qlora` adapter.
+    pub fn lora(&self) -> Option<&LoraSpec> {
+        match self {
+            AdapterSpec::Lora(spec) => Some(spec),
+            AdapterSpec::Qlora(spec) => Some(&spec.lora),
+            AdapterSpec::Ia3(_) => None,
+        }
+    }
+
+    /// Which modules the adapter attaches to.
+    pub fn target_modules(&self) -> &TargetModules {
+        match self {
+            AdapterSpec::Lora(spec) => &spec.target_modules,
+            AdapterSpec::Qlora(spec) => &spec.lora.target_modules,
+            AdapterSpec::Ia3(spec) => &spec.target_modules,
+        }
+    }
+
+    /// Learning rate used when the recipe sets none: 2e-4 for LoRA/QLoRA, 1e-2 for IA3.
+    pub fn default_learning_rate(&self) -> f64 {
+        match self {
+            AdapterSpec::Lora(_) | AdapterSpec::Qlora(_) => 2e-4,
+            AdapterSpec::Ia3(_) => 1e-2,
+        }
+    }
+}
+
+/// LoRA settings (the names follow HF PEFT's `LoraConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraSpec {
+    /// Rank of the update (default 8).
+    pub r: usize,
+    /// Scaling numerator (default 16): the update is scaled by `lora_alpha / r`.
+    pub lora_alpha: f64,
+    /// Dropout on the adapter input, in [0, 1) (default 0).
+    pub lora_dropout: f64,
+    /// Modules to adapt (default `all-linear`).
+    pub target_modules: TargetModules,
+    /// Scale by `lora_alpha / sqrt(r)` instead (rank-stabilized LoRA).
+    pub use_rslora: bool,
+    /// How the A/B matrices start.
+    pub init_lora_weights: InitLoraWeights,
+    /// Bias training; only `none` is supported.
+    pub bias: String,
+    /// Only adapt these decoder layers (indices); all layers when absent.
+    pub layers_to_transform: Option<Vec<usize>>,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        LoraSpec {
+            r: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.0,
+            target_modules: TargetModules::AllLinear,
+            use_rslora: false,
+            init_lora_weights: InitLoraWeights::Default,
+            bias: "none".to_string(),
+            layers_to_transform: None,
+        }
+    }
+}
+
+impl LoraSpec {
+    /// The factor applied to `B·A·x`: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
+    pub fn scaling(&self) -> f64 {
+        let r = self.r as f64;
+        if self.use_rslora {
+            self.lora_alpha / r.sqrt()
+        } else {
+            self.lora_alpha / r
+        }
+    }
+}
+
+/// QLoRA settings: LoRA plus how the base weights are quantized (PEFT/bitsandbytes names).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QloraSpec {
+    /// The LoRA part (written flat, next to the `bnb_4bit_*` keys).
+    #[serde(flatten)]
+    pub lora: LoraSpec,
+    /// Quantization data type; only `nf4` is supported.
+    pub bnb_4bit_quant_type: String,
+    /// Also quantize the per-block scales (default true).
+    pub bnb_4bit_use_double_quant: bool,
+    /// Dtype of the dequantized matmul (default bfloat16).
+    pub bnb_4bit_compute_dtype: ComputeDtype,
+}
+
+impl Default for QloraSpec {
+    fn default() -> Self {
+        QloraSpec {
+            lora: LoraSpec::default(),
+            bnb_4bit_quant_type: "nf4".to_string(),
+            bnb_4bit_use_double_quant: true,
+            bnb_4bit_compute_dtype: ComputeDtype::default(),
+        }
+    }
+}
+
+/// The YAML shape of a `qlora` adapter: every key flat (serde cannot combine `flatten` with
+/// `deny_unknown_fields`, so this mirrors [`LoraSpec`] and converts into [`QloraSpec`]).
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct QloraDoc {
+    r: usize,
+    lora_alpha: f64,
+    lora_dropout: f64,
+    target_modules: TargetModules,
+    use_rslora: bool,
+    init_lora_weights: InitLoraWeights,
+    bias: String,
+    layers_to_transform: Option<Vec<usize>>,
+    bnb_4bit_quant_type: String,
+    bnb_4bit_use_double_quant: bool,
+    bnb_4bit_compute_dtype: ComputeDtype,
+}
+
+impl Default for QloraDoc {
+    fn default() -> Self {
+        QloraSpec::default().into()
+    }
+}
+
+impl From<QloraSpec> for QloraDoc {
+    fn from(spec: QloraSpec) -> Self {
+        let lora = spec.lora;
+        QloraDoc {
+            r: lora.r,
+            lora_alpha: lora.lora_alpha,
+            lora_dropout: lora.lora_dropout,
+            target_modules: lora.target_modules,
+            use_rslora: lora.use_rslora,
+            init_lora_weights: lora.init_lora_weights,
+            bias: lora.bias,
+            layers_to_transform: lora.layers_to_transform,
+            bnb_4bit_quant_type: spec.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant: spec.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype: spec.bnb_4bit_compute_dtype,
+        }
+    }
+}
+
+impl From<QloraDoc> for QloraSpec {
+    fn from(doc: QloraDoc) -> Self {
+        QloraSpec {
+            lora: LoraSpec {
+                r: doc.r,
+                lora_alpha: doc.lora_alpha,
+                lora_dropout: doc.lora_dropout,
+                target_modules: doc.target_modules,
+                use_rslora: doc.use_rslora,
+                init_lora_weights: doc.init_lora_weights,
+                bias: doc.bias,
+                layers_to_transform: doc.layers_to_transform,
+            },
+            bnb_4bit_quant_type: doc.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant: doc.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype: doc.bnb_4bit_compute_dtype,
+        }
+    }
+}
+
+/// IA3 settings (the names follow HF PEFT's `IA3Config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Ia3Spec {
+    /// Modules to rescale (default `[k_proj, v_proj, down_proj]`).
+    pub target_modules: TargetModules,
+    /// Targets whose *input* is rescaled rather than their output (default `[down_proj]`);
+    /// each must also be a target.
+    pub feedforward_modules: Vec<String>,
+    /// Start the vectors at 1 (identity); default true.
+    pub init_ia3_weights: bool,
+}
+
+impl Default for Ia3Spec {
+    fn default() -> Self {
+        Ia3Spec {
+            target_modules: TargetModules::List(vec![
+                "k_proj".to_string(),
+                "v_proj".to_string(),
+                "down_proj".to_string(),
+            ]),
+            feedforward_modules: vec!["down_proj".to_string()],
+            init_ia3_weights: true,
+        }
+    }
+}
+
+impl Serialize for TargetModules {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TargetModules::AllLinear => serializer.serialize_str("all-linear"),
+            TargetModules::List(names) => names.serialize(serializer),
+            TargetModules::Regex(pattern) => serializer.serialize_str(pattern),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetModules {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TargetVisitor;
+
+        impl<'de> Visitor<'de> for TargetVisitor {
+            type Value = TargetModules;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("all-linear, a regex, or a list of module names")
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<TargetModules, E> {
+                Ok(if text == "all-linear" { TargetModules::AllLinear } else { TargetModules::Regex(text.to_string()) })
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TargetModules, A::Error> {
+                let mut names = Vec::new();
+                while let Some(name) = seq.next_element::<String>()? {
+                    names.push(name);
+                }
+                Ok(TargetModules::List(names))
+            }
+        }
+
+        deserializer.deserialize_any(TargetVisitor)
+    }
+}
+
+/// The data files and how they become training sequences.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Training records (JSONL), relative to the current directory unless absolute. Required.
+    pub train: PathBuf,
+    /// Validation records, same format.
+    #[serde(default)]
+    pub validation: Option<PathBuf>,
+    /// Record layout (default `auto`).
+    #[serde(default)]
+    pub format: DataFormat,
+    /// Maximum tokens per sequence (default 512).
+    #[serde(default = "default_sequence_len")]
+    pub sequence_len: usize,
+    /// Also compute the loss on prompt tokens (default false: only on responses).
+    #[serde(default)]
+    pub train_on_inputs: bool,
+    /// Shuffle the training records each epoch (default true).
+    #[serde(default = "default_true")]
+    pub shuffle: bool,
+}
+
+fn default_sequence_len() -> usize {
+    512
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// How long a run lasts: [`TrainingSpec::max_steps`] wins over [`TrainingSpec::epochs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunLength {
+    /// A number of passes over the training data.
+    Epochs(usize),
+    /// A number of optimizer steps.
+    Steps(usize),
+}
+
+/// Optimization settings (AdamW plus a warmup-then-schedule learning rate).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingSpec {
+    /// Passes over the data; 1 when neither this nor `max_steps` is given.
+    pub epochs: Option<usize>,
+    /// Optimizer steps; wins over `epochs` when both are given.
+    pub max_steps: Option<usize>,
+    /// Sequences per forward pass (default 4).
+    pub micro_batch_size: usize,
+    /// Micro-batches per optimizer step (default 1).
+    pub gradient_accumulation_steps: usize,
+    /// Peak learning rate; when absent, the adapter's default (see [`TrainingSpec::learning_rate`]).
+    /// Loading a recipe fills it in.
+    pub learning_rate: Option<f64>,
+    /// Schedule after warmup (default cosine).
+    pub lr_scheduler: LrScheduler,
+    /// Linear warmup steps (default 0).
+    pub warmup_steps: usize,
+    /// Warmup as a fraction of the total steps, in [0, 1); exclusive with `warmup_steps > 0`.
+    pub warmup_ratio: Option<f64>,
+    /// AdamW decoupled weight decay (default 0).
+    pub weight_decay: f64,
+    /// AdamW β1 (default 0.9).
+    pub adam_beta1: f64,
+    /// AdamW β2 (default 0.999).
+    pub adam_beta2: f64,
+    /// AdamW ε (default 1e-8).
+    pub adam_epsilon: f64,
+    /// Gradient clipping by global norm (default 1.0; 0 disables).
+    pub max_grad_norm: f64,
+    /// Seed for initialization, dropout and shuffling (default 42).
+    pub seed: u64,
+    /// Evaluate on the validation set every this many steps (and at the end).
+    pub eval_every: Option<usize>,
+    /// Save a checkpoint every this many steps (the final adapter is written at the end in any case).
+    pub save_every: Option<usize>,
+    /// Log every this many steps (default 1).
+    pub logging_every: usize,
+}
+
+impl Default for TrainingSpec {
+    fn default() -> Self {
+        TrainingSpec {
+            epochs: None,
+            max_steps: None,
+            micro_batch_size: 4,
+            gradient_accumulation_steps: 1,
+            learning_rate: None,
+            lr_scheduler: LrScheduler::default(),
+            warmup_steps: 0,
+            warmup_ratio: None,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 42,
+            eval_every: None,
+            save_every: None,
+            logging_every: 1,
+        }
+    }
+}
+
+impl TrainingSpec {
+    /// The peak learning rate: the recipe's, else the adapter's default (2e-4 LoRA/QLoRA, 1e-2 IA3).
+    pub fn learning_rate(&self, adapter: &AdapterSpec) -> f64 {
+        self.learning_rate.unwrap_or_else(|| adapter.default_learning_rate())
+    }
+
+    /// How long the run lasts: `max_steps` if given, else `epochs` (1 if neither).
+    pub fn run_length(&self) -> RunLength {
+        match (self.max_steps, self.epochs) {
+            (Some(steps), _) => RunLength::Steps(steps),
+            (None, Some(epochs)) => RunLength::Epochs(epochs),
+            (None, None) => RunLength::Epochs(1),
+        }
+    }
+
+    /// Sequences per optimizer step: `micro_batch_size × gradient_accumulation_steps`.
+    pub fn effective_batch_size(&self) -> usize {
+        self.micro_batch_size.saturating_mul(self.gradient_accumulation_steps)
+    }
+
+    /// Total optimizer steps for a run whose epoch has `micro_batches_per_epoch` micro-batches:
+    /// `max_steps`, or `epochs × ceil(micro_batches_per_epoch / gradient_accumulation_steps)`.
+    pub fn total_steps(&self, micro_batches_per_epoch: usize) -> usize {
+        match self.run_length() {
+            RunLength::Steps(steps) => steps,
+            RunLength::Epochs(epochs) => {
+                let accumulation = self.gradient_accumulation_steps.max(1);
+                epochs.saturating_mul(micro_batches_per_epoch.div_ceil(accumulation))
+            }
+        }
+    }
+
+    /// Warmup steps for a run of `total_steps`: `warmup_steps`, or `ceil(warmup_ratio × total_steps)`.
+    pub fn warmup_steps_for(&self, total_steps: usize) -> usize {
+        match self.warmup_ratio {
+            Some(ratio) if self.warmup_steps == 0 => (ratio * total_steps as f64).ceil() as usize,
+            _ => self.warmup_steps,
+        }
+    }
+}
+
+/// Where the trained adapter is written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// Output folder (created if needed), relative to the current directory unless absolute. Required.
+    pub dir: PathBuf,
+    /// Hub repository (`owner/name`) to push the adapter to.
+    #[serde(default)]
+    pub hub_model_id: Option<String>,
+    /// Create the Hub repository as private (a repository that exists keeps its visibility).
+    #[serde(default)]
+    pub private: bool,
+    /// The branch to push to (default `main`; created when missing).
+    #[serde(default)]
+    pub hub_revision: Option<String>,
+}
+
+/// The YAML shape of a recipe before the adapter's `type` is dispatched on.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RecipeDoc {
+    pub(super) base_model: String,
+    #[serde(default)]
+    pub(super) revision: Option<String>,
+    #[serde(default)]
+    pub(super) gguf_file: Option<String>,
+    pub(super) adapter: Value,
+    pub(super) data: DataSpec,
+    #[serde(default)]
+    pub(super) training: TrainingSpec,
+    pub(super) output: OutputSpec,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recipe::testutil::{fixture, full_block, minimal, ok};
+
+    #[test]
+    fn recipe_full_block_style() {
+        let f = fixture();
+        let r = ok(&full_block(&f), &[]);
+        assert_eq!(r.base_model, "HuggingFaceTB/SmolLM2-135M-Instruct");
+        assert_eq!(r.revision.as_deref(), Some("main"));
+        assert_eq!(r.gguf_file, None);
+        let AdapterSpec::Lora(lora) = &r.adapter else { panic!("expected lora, got {:?}", r.adapter) };
+        assert_eq!(lora.r, 16);
+        assert_eq!(lora.lora_alpha, 32.0);
+        assert_eq!(lora.lora_dropout, 0.05);
+        assert_eq!(lora.target_modules, TargetModules::AllLinear);
+        assert!(!lora.use_rslora);
+        assert_eq!(lora.init_lora_weights, InitLoraWeights::Default);
+        assert_eq!(lora.bias, "none");
+        assert_eq!(lora.scaling(), 2.0);
+        assert_eq!(r.data.train, PathBuf::from(&f.train));
+        assert_eq!(r.data.validation, Some(PathBuf::from(&f.valid)));
+        assert_eq!(r.data.format, DataFormat::Chat);
+        assert!(r.data.shuffle);
+        assert!(!r.data.train_on_inputs);
+        let t = &r.training;
+        assert_eq!(t.epochs, Some(2));
+        assert_eq!(t.max_steps, None);
+        assert_eq!(t.learning_rate, Some(2e-4));
+        assert_eq!(t.lr_scheduler, LrScheduler::Cosine);
+        assert_eq!(t.warmup_steps, 10);
+        assert_eq!(t.adam_beta2, 0.999);
+        assert_eq!(t.adam_epsilon, 1e-8);
+        assert_eq!(t.eval_every, Some(50));
+        assert_eq!(t.save_every, Some(100));
+        assert_eq!(t.logging_every, 1);
+        assert_eq!(t.effective_batch_size(), 8);
+        assert_eq!(t.total_steps(9), 10); // 2 epochs × ceil(9 / 2)
+        assert_eq!(r.output.dir, PathBuf::from("adapters/smollm2-135m-lora"));
+        assert!(!r.output.private);
+    }
+
+    #[test]
+    fn recipe_full_flow_style() {
+        let f = fixture();
+        let text = format!(
+            "base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+adapter: {{type: qlora, r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj],
+          bnb_4bit_compute_dtype: float16, init_lora_weights: gaussian}}
+data: {{train: {train}, format: alpaca, sequence_len: 256, train_on_inputs: true}}
+training: {{max_steps: 30, learning_rate: 1e-4, lr_scheduler: linear, warmup_ratio: 0.1}}
+output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
+",
+            train = f.train
+        );
+        let r = ok(&text, &[]);
+        let AdapterSpec::Qlora(q) = &r.adapter else { panic!("expected qlora, got {:?}", r.adapter) };
+        assert_eq!(q.lora.r, 4);
+        assert_eq!(q.lora.target_modules, TargetModules::List(vec!["q_proj".into(), "v_proj".into()]));
+        assert_eq!(q.lora.init_lora_weights, InitLoraWeights::Gaussian);
+        assert_eq!(q.bnb_4bit_quant_type, "nf4");
+        assert!(q.bnb_4bit_use_double_quant);
+        assert_eq!(q.bnb_4bit_compute_dtype, ComputeDtype::Float16);
+        assert_eq!(r.data.format, DataFormat::Alpaca);
+        assert_eq!(r.data.sequence_len, 256);
+        assert!(r.data.train_on_inputs);
+        assert_eq!(r.training.max_steps, Some(30));
+        assert_eq!(r.training.epochs, None);
+        assert_eq!(r.training.run_length(), RunLength::Steps(30));
+        assert_eq!(r.training.learning_rate, Some(1e-4));
+        assert_eq!(r.training.warmup_steps_for(30), 3);
+        assert_eq!(r.output.hub_model_id.as_deref(), Some("me/my-adapter"));
+        assert!(r.output.private);
+    }
+
+    #[test]
+    fn recipe_defaults_filled() {
+        let f = fixture();
+        let r = ok(&minimal(&f, "lora"), &[]);
+        assert_eq!(r.adapter.lora(), Some(&LoraSpec::default()));
+        assert_eq!(r.data.format, DataFormat::Auto);
+        assert_eq!(r.data.sequence_len, 512);
+        assert_eq!(r.data.validation, None);
+        assert_eq!(r.training.epochs, Some(1));
+        assert_eq!(r.training.learning_rate, Some(2e-4));
+        assert_eq!(r.training.micro_batch_size, 4);
+        assert_eq!(r.training.seed, 42);
+        assert_eq!(r.training.lr_scheduler, LrScheduler::Cosine);
+
+        let r = ok(&minimal(&f, "ia3"), &[]);
+        assert_eq!(r.training.learning_rate, Some(1e-2));
+        let AdapterSpec::Ia3(ia3) = &r.adapter else { panic!("expected ia3") };
+        assert_eq!(ia3, &Ia3Spec::default());
+        assert!(r.adapter.target_modules().matches("model.layers.0.mlp.down_proj"));
+        assert!(!r.adapter.target_modules().matches("model.layers.0.mlp.up_proj"));
+    }
+
+    #[test]
+    fn recipe_target_modules_forms() {
+        let f = fixture();
+        let with = |targets: &str| {
+            let text = format!(
+                "base_model: m/x\nadapter: {{type: lora, target_modules: {targets}}}\n\
+                 data: {{train: {}}}\noutput: {{dir: o}}\n",
+                f.train
+            );
+            ok(&text, &[]).adapter.target_modules().clone()
+        };
+        assert_eq!(with("all-linear"), TargetModules::AllLinear);
+        let regex = with("'.*\\.(q|v)_proj'");
+        assert_eq!(regex, TargetModules::Regex(".*\\.(q|v)_proj".into()));
+        assert!(regex.matches("model.layers.1.self_attn.q_proj"));
+        assert!(!regex.matches("model.layers.1.self_attn.k_proj"));
+        let list = with("[q_proj, model.layers.0.mlp.up_proj]");
+        assert!(list.matches("model.layers.3.self_attn.q_proj"));
+        assert!(list.matches("model.layers.0.mlp.up_proj"));
+        assert!(!list.matches("model.layers.1.mlp.up_proj"));
+        assert!(!list.matches("model.layers.3.self_attn.xq_proj"));
+        assert!(TargetModules::AllLinear.matches("model.layers.0.mlp.up_proj"));
+        assert!(!TargetModules::AllLinear.matches("lm_head"));
+    }
+}
