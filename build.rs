@@ -3,7 +3,7 @@
 //!
 //! The PTX targets the virtual architecture `compute_80` (override: `PEFTKIT_CUDA_ARCH`), so one file runs on every
 //! GPU from Ampere (sm_80) on: the driver JIT-compiles it for the actual device (H100/H200: sm_90) when the module
-//! is first loaded. The output is `$OUT_DIR/nf4.ptx`, embedded by `src/quant/cuda/mod.rs` with `include_str!`.
+//! is first loaded. The output is `$OUT_DIR/nf4.ptx`, embedded by `src/quant/cuda/kernels.rs` with `include_str!`.
 //!
 //! nvcc is looked up as `$NVCC`, then `$CUDA_ROOT/bin/nvcc`, `$CUDA_PATH/bin/nvcc`, `$CUDA_HOME/bin/nvcc`, then on
 //! `PATH`. A missing nvcc or a kernel that does not compile fails the build with nvcc's own message. Without the

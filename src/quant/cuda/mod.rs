@@ -18,24 +18,34 @@
 //!
 //! Reference: Dettmers et al., "QLoRA" (2023); bitsandbytes 0.50 `csrc/kernels.cu` (`kDequantizeBlockwise`,
 //! `kgemm_4bit_inference_naive`); the PTX ISA's `mma.m16n8k16` fragment layouts.
+//!
+//! Files: `kernels.rs` loads the PTX module and its functions; `dequant.rs` dequantizes (to a new tensor, into a
+//! reused [`DequantBuffer`], into raw device storage); `gemv.rs` is the fused small-M product and its launch plan;
+//! `bench.rs` holds the measurements; `error.rs` the error type. This file holds the weight itself: upload, accessors
+//! and what every launch shares.
+
+mod bench;
+mod dequant;
+mod error;
+mod gemv;
+mod kernels;
+
+pub use bench::{copy_gbps, dequant_gbps, gemv_vs_cublas, DequantBench, GemvTiming};
+pub use dequant::{DequantBuffer, DequantOut};
+pub use error::Nf4CudaError;
+pub use kernels::PTX;
 
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
 use candle_core::cuda::CudaDType;
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor};
-use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg};
-use half::bf16;
+use candle_core::{CudaDevice, CudaStorage, Device, Storage, Tensor};
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 use crate::quant::nf4::{Absmax, Nf4Tensor};
-
-/// The kernels' PTX, compiled by build.rs from `nf4.cu`.
-pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
-
-/// The module name under which the PTX is registered with candle's device (`get_or_load_custom_func`).
-const MODULE: &str = "peftkit_nf4";
+use error::Result;
+use kernels::Kernels;
 
 /// Threads per block of every kernel (`NF4_THREADS` in nf4.cu).
 const THREADS: u32 = 256;
@@ -46,71 +56,10 @@ pub const GEMV_MAX_M: usize = 64;
 /// The M values [`gemv_vs_cublas`] is meant to be run at.
 pub const GEMV_BENCH_MS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
 
-/// Errors of the CUDA NF4 path. Shapes are carried where a caller's tensor was rejected.
-#[derive(Debug, thiserror::Error)]
-pub enum Nf4CudaError {
-    #[error("NF4 on CUDA needs a CUDA device, got {0:?}")]
-    NotCuda(candle_core::DeviceLocation),
-    #[error("NF4 weight of shape {shape:?}: {what} is on {got:?}, the weight on {expected:?}")]
-    WrongDevice {
-        shape: Vec<usize>,
-        what: &'static str,
-        got: candle_core::DeviceLocation,
-        expected: candle_core::DeviceLocation,
-    },
-    #[error("NF4 gemv with a weight of shape {weight:?} (N = {n}, K = {k}): x has shape {x:?}, expected (M, {k}) with 1 ≤ M ≤ {GEMV_MAX_M}")]
-    XShape { weight: Vec<usize>, n: usize, k: usize, x: Vec<usize> },
-    #[error("NF4 gemv with a weight of shape {weight:?}: x has dtype {got:?}, expected bf16")]
-    XDType { weight: Vec<usize>, got: DType },
-    #[error("NF4 weight of shape {shape:?}: {what} = {value} exceeds the kernels' 32-bit index range")]
-    TooLarge { shape: Vec<usize>, what: &'static str, value: usize },
-    #[error("NF4 weight of shape {shape:?}: output of {got} elements, expected at least {expected}")]
-    OutLen { shape: Vec<usize>, got: usize, expected: usize },
-    #[error("NF4 dequantization buffer: dtype {0:?} is not supported (bf16 or f32)")]
-    BufferDType(DType),
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-    #[error("CUDA driver: {0}")]
-    Driver(#[from] DriverError),
-}
-
-type Result<T> = std::result::Result<T, Nf4CudaError>;
-
 /// The block scales on the device.
 enum Scales {
     Plain { absmax: CudaSlice<f32> },
     Double { q: CudaSlice<u8>, code2: CudaSlice<f32>, absmax2: CudaSlice<f32>, offset: f32, blocksize2: u32 },
-}
-
-/// The kernels one tensor uses (plain or double-quantized scales), loaded from candle's module cache.
-struct Kernels {
-    dequant_bf16: CudaFunction,
-    dequant_f32: CudaFunction,
-    /// `gemm[mt - 1]`: M ≤ 16·mt, K % 32 == 0.
-    gemm: [CudaFunction; 4],
-    gemm_generic: CudaFunction,
-    splitk_reduce: CudaFunction,
-}
-
-impl Kernels {
-    fn load(dev: &CudaDevice, double: bool) -> Result<Self> {
-        let v = if double { "double" } else { "plain" };
-        let f = |name: String| -> Result<CudaFunction> {
-            Ok(dev.get_or_load_custom_func(&name, MODULE, PTX)?.into_cuda_function())
-        };
-        Ok(Self {
-            dequant_bf16: f(format!("nf4_dequant_bf16_{v}"))?,
-            dequant_f32: f(format!("nf4_dequant_f32_{v}"))?,
-            gemm: [
-                f(format!("nf4_gemm_{v}_mt1"))?,
-                f(format!("nf4_gemm_{v}_mt2"))?,
-                f(format!("nf4_gemm_{v}_mt3"))?,
-                f(format!("nf4_gemm_{v}_mt4"))?,
-            ],
-            gemm_generic: f(format!("nf4_gemm_generic_{v}"))?,
-            splitk_reduce: f("nf4_splitk_reduce".to_string())?,
-        })
-    }
 }
 
 /// An NF4 weight on a CUDA device: packed codes, block scales (plain or double-quantized) and the code tables, as
@@ -140,50 +89,6 @@ impl std::fmt::Debug for Nf4Cuda {
             .field("device", &self.device)
             .finish()
     }
-}
-
-/// How [`Nf4Cuda::gemv`] runs a product (chosen from M, N, K and the number of SMs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum GemmPlan {
-    /// Tensor-core kernel with `mt` m16 tiles; K is cut into `splits` ranges of `tiles_per_split` 128-wide tiles
-    /// (`splits > 1`: f32 partials, then a fixed-order reduction).
-    TensorCore { mt: usize, tiles_per_split: usize, splits: usize },
-    /// K % 32 != 0: the generic kernel (one warp per output column).
-    Generic,
-}
-
-/// k-tiles (of 128) per shared-memory stage of the tensor-core kernel for `mt` m16 tiles (KC / 128 in nf4.cu).
-fn gemm_chunk_tiles(mt: usize) -> usize {
-    if mt <= 2 {
-        4
-    } else {
-        2
-    }
-}
-
-/// Picks the kernel and the split of K: enough blocks (about 4 per SM) to keep every SM's memory pipe busy even
-/// when N alone gives few, each split a whole number of shared-memory stages.
-fn gemm_plan(m: usize, n: usize, k: usize, sms: usize) -> GemmPlan {
-    if !k.is_multiple_of(32) {
-        return GemmPlan::Generic;
-    }
-    let mt = m.div_ceil(16).clamp(1, 4);
-    let ct = gemm_chunk_tiles(mt);
-    let k_tiles = k.div_ceil(128);
-    let blocks_n = n.div_ceil(64);
-    let target = (4 * sms.max(1)).max(1);
-    let want = target.div_ceil(blocks_n).clamp(1, k_tiles);
-    let tiles_per_split = k_tiles.div_ceil(want).next_multiple_of(ct);
-    let splits = k_tiles.div_ceil(tiles_per_split);
-    GemmPlan::TensorCore { mt, tiles_per_split, splits }
-}
-
-/// Launch grid of the dequantization kernel: one 32-element chunk per thread, at most 32 blocks per SM (then the
-/// kernel's grid-stride loop takes over).
-fn dequant_grid(n: usize, sms: u32, max_blocks: Option<u32>) -> u32 {
-    let chunks = (n / 32).max(1);
-    let blocks = chunks.div_ceil(THREADS as usize).min(32 * sms.max(1) as usize).max(1) as u32;
-    max_blocks.map_or(blocks, |m| blocks.min(m.max(1)))
 }
 
 fn cfg(blocks: (u32, u32), threads: u32) -> LaunchConfig {
@@ -272,150 +177,6 @@ impl Nf4Cuda {
         &self.device
     }
 
-    /// Dequantizes the whole weight into a new bf16 tensor of the weight's shape.
-    pub fn dequantize_bf16(&self) -> Result<Tensor> {
-        let mut out = unsafe { self.stream.alloc::<bf16>(self.n) }?;
-        self.launch_dequant(&self.kernels.dequant_bf16, &mut out, None)?;
-        Ok(self.wrap(out, &self.shape))
-    }
-
-    /// Dequantizes the whole weight into a new f32 tensor of the weight's shape (bit-identical to
-    /// [`Nf4Tensor::dequantize`]).
-    pub fn dequantize_f32(&self) -> Result<Tensor> {
-        let mut out = unsafe { self.stream.alloc::<f32>(self.n) }?;
-        self.launch_dequant(&self.kernels.dequant_f32, &mut out, None)?;
-        Ok(self.wrap(out, &self.shape))
-    }
-
-    /// Dequantizes into `buf` (grown when too small, reused otherwise) and returns the weight-shaped view of it.
-    ///
-    /// The view shares the buffer's memory: it holds this weight until the next `dequantize_into` on the same
-    /// buffer, which overwrites it (stream order makes that safe for work already queued that reads the view, e.g.
-    /// a matmul). Keep one buffer per device and dtype, sized by the largest weight.
-    pub fn dequantize_into(&self, buf: &mut DequantBuffer) -> Result<Tensor> {
-        if !buf.device.same_device(&self.device) {
-            return Err(Nf4CudaError::WrongDevice {
-                shape: self.shape.clone(),
-                what: "the dequantization buffer",
-                got: buf.device.location(),
-                expected: self.device.location(),
-            });
-        }
-        let storage = match &buf.storage {
-            Some(t) if t.elem_count() >= self.n => t.clone(),
-            _ => {
-                // Grow: the old allocation is freed once no view of it is left.
-                let t = match buf.dtype {
-                    DType::BF16 => self.wrap(unsafe { self.stream.alloc::<bf16>(self.n) }?, &[self.n]),
-                    DType::F32 => self.wrap(unsafe { self.stream.alloc::<f32>(self.n) }?, &[self.n]),
-                    other => return Err(Nf4CudaError::BufferDType(other)),
-                };
-                buf.storage = Some(t.clone());
-                t
-            }
-        };
-        storage.inplace_op1(&DequantInto { w: self })?;
-        Ok(storage.narrow(0, 0, self.n)?.reshape(self.shape.as_slice())?)
-    }
-
-    /// Dequantizes into the first [`n`](Self::n) elements of `out` (bf16 or f32: `T` = `half::bf16` | `f32`), for
-    /// callers that hold raw device storage, e.g. inside a candle `CustomOp`'s `cuda_fwd`. `out` must be a whole
-    /// allocation (its start is 16-byte aligned) on this weight's device.
-    pub fn dequantize_into_slice<T: DequantOut>(&self, out: &mut CudaSlice<T>) -> Result<()> {
-        if out.len() < self.n {
-            return Err(Nf4CudaError::OutLen { shape: self.shape.clone(), got: out.len(), expected: self.n });
-        }
-        let f = if T::BF16 { &self.kernels.dequant_bf16 } else { &self.kernels.dequant_f32 };
-        self.launch_dequant(f, out, None)
-    }
-
-    /// `y = x · Wᵀ` with the dequantized weight, for x of shape (…, K) in bf16 whose leading dimensions hold M ≤ 64
-    /// rows; y is bf16 of shape (…, N), accumulated in f32. W is the 2-D view (N = [`rows`](Self::rows),
-    /// K = [`cols`](Self::cols)). Each packed weight byte is read once for all M rows.
-    pub fn gemv(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, k) = (self.rows(), self.cols());
-        let dims = x.dims().to_vec();
-        let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        if dims.last() != Some(&k) || m == 0 || m > GEMV_MAX_M {
-            return Err(Nf4CudaError::XShape { weight: self.shape.clone(), n, k, x: dims });
-        }
-        if x.dtype() != DType::BF16 {
-            return Err(Nf4CudaError::XDType { weight: self.shape.clone(), got: x.dtype() });
-        }
-        if !x.device().same_device(&self.device) {
-            return Err(Nf4CudaError::WrongDevice {
-                shape: self.shape.clone(),
-                what: "x",
-                got: x.device().location(),
-                expected: self.device.location(),
-            });
-        }
-        for (what, value) in [("N (weight rows)", n), ("K (weight columns)", k), ("M·N", m * n)] {
-            if value > (u32::MAX - 256) as usize {
-                return Err(Nf4CudaError::TooLarge { shape: self.shape.clone(), what, value });
-            }
-        }
-        // The kernels read x as a dense (M, K) array with 16-byte loads from its start.
-        let x = if x.is_contiguous() && x.layout().start_offset().is_multiple_of(8) {
-            x.clone()
-        } else {
-            x.force_contiguous()?
-        };
-        let (x_storage, x_layout) = x.storage_and_layout();
-        let Storage::Cuda(x_cuda) = &*x_storage else {
-            return Err(Nf4CudaError::NotCuda(x.device().location()));
-        };
-        let x_off = x_layout.start_offset();
-        let x_view = x_cuda.as_cuda_slice::<bf16>()?.slice(x_off..x_off + m * k);
-
-        let mut y = unsafe { self.stream.alloc::<bf16>(m * n) }?;
-        let (m32, n32, k32) = (m as u32, n as u32, k as u32);
-        match gemm_plan(m, n, k, self.sms as usize) {
-            GemmPlan::Generic => {
-                let blocks = n.div_ceil((THREADS / 32) as usize).min(8 * self.sms as usize).max(1) as u32;
-                let mut b = self.stream.launch_builder(&self.kernels.gemm_generic);
-                b.arg(&x_view).arg(&self.packed);
-                self.push_scales(&mut b);
-                b.arg(&self.code).arg(&mut y).arg(&m32).arg(&n32).arg(&k32).arg(&self.log2_bs);
-                unsafe { b.launch(cfg((blocks, 1), THREADS)) }?;
-            }
-            GemmPlan::TensorCore { mt, tiles_per_split, splits } => {
-                let grid = (n.div_ceil(64) as u32, splits as u32);
-                let tps = tiles_per_split as u32;
-                let f = &self.kernels.gemm[mt - 1];
-                if splits == 1 {
-                    let null_ws: u64 = 0;
-                    let mut b = self.stream.launch_builder(f);
-                    b.arg(&x_view).arg(&self.packed);
-                    self.push_scales(&mut b);
-                    b.arg(&self.code).arg(&mut y).arg(&null_ws);
-                    b.arg(&m32).arg(&n32).arg(&k32).arg(&self.log2_bs).arg(&tps);
-                    unsafe { b.launch(cfg(grid, THREADS)) }?;
-                } else {
-                    let mut ws = unsafe { self.stream.alloc::<f32>(splits * m * n) }?;
-                    let mut b = self.stream.launch_builder(f);
-                    b.arg(&x_view).arg(&self.packed);
-                    self.push_scales(&mut b);
-                    b.arg(&self.code).arg(&mut y).arg(&mut ws);
-                    b.arg(&m32).arg(&n32).arg(&k32).arg(&self.log2_bs).arg(&tps);
-                    unsafe { b.launch(cfg(grid, THREADS)) }?;
-                    let mn = (m * n) as u32;
-                    let s32 = splits as u32;
-                    let blocks = (m * n).div_ceil(THREADS as usize).min(32 * self.sms as usize).max(1) as u32;
-                    let mut b = self.stream.launch_builder(&self.kernels.splitk_reduce);
-                    b.arg(&ws).arg(&mut y).arg(&mn).arg(&s32);
-                    unsafe { b.launch(cfg((blocks, 1), THREADS)) }?;
-                }
-            }
-        }
-        drop(x_storage);
-        let mut out_dims = dims;
-        if let Some(last) = out_dims.last_mut() {
-            *last = n;
-        }
-        Ok(self.wrap(y, &out_dims))
-    }
-
     /// Pushes the scale arguments in the order of the kernels' signatures (`absmax` | `q, code2, absmax2, offset,
     /// blocksize2`).
     fn push_scales<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
@@ -429,19 +190,6 @@ impl Nf4Cuda {
         }
     }
 
-    /// Launches a dequantization kernel writing `self.n` elements at the start of `out` (16-byte aligned: an
-    /// allocation's start). `max_blocks` caps the grid (tests use it to exercise the grid-stride loop).
-    fn launch_dequant<T>(&self, f: &CudaFunction, out: &mut CudaSlice<T>, max_blocks: Option<u32>) -> Result<()> {
-        let n64 = self.n as u64;
-        let mut out = out.slice_mut(0..self.n);
-        let mut b = self.stream.launch_builder(f);
-        b.arg(&self.packed);
-        self.push_scales(&mut b);
-        b.arg(&self.code).arg(&mut out).arg(&n64).arg(&self.log2_bs);
-        unsafe { b.launch(cfg((dequant_grid(self.n, self.sms, max_blocks), 1), THREADS)) }?;
-        Ok(())
-    }
-
     /// A candle tensor (no gradient history) owning `slice`.
     fn wrap<T: CudaDType>(&self, slice: CudaSlice<T>, shape: &[usize]) -> Tensor {
         let storage = CudaStorage::wrap_cuda_slice(slice, self.cuda.clone());
@@ -449,214 +197,12 @@ impl Nf4Cuda {
     }
 }
 
-/// An output element type of the dequantization kernels: `half::bf16` or `f32`.
-pub trait DequantOut: cudarc::driver::DeviceRepr + private::Sealed {
-    #[doc(hidden)]
-    const BF16: bool;
-}
-
-impl DequantOut for bf16 {
-    const BF16: bool = true;
-}
-
-impl DequantOut for f32 {
-    const BF16: bool = false;
-}
-
-mod private {
-    pub trait Sealed {}
-    impl Sealed for half::bf16 {}
-    impl Sealed for f32 {}
-}
-
-/// A device buffer that [`Nf4Cuda::dequantize_into`] reuses across weights: one per device and dtype, grown to
-/// the largest weight it has held.
-#[derive(Debug)]
-pub struct DequantBuffer {
-    device: Device,
-    dtype: DType,
-    storage: Option<Tensor>,
-}
-
-impl DequantBuffer {
-    /// An empty buffer for `device` that will hold `dtype` (bf16 or f32) values.
-    pub fn new(device: &Device, dtype: DType) -> Result<Self> {
-        if !device.is_cuda() {
-            return Err(Nf4CudaError::NotCuda(device.location()));
-        }
-        if !matches!(dtype, DType::BF16 | DType::F32) {
-            return Err(Nf4CudaError::BufferDType(dtype));
-        }
-        Ok(Self { device: device.clone(), dtype, storage: None })
-    }
-
-    /// Elements the buffer holds now.
-    pub fn capacity(&self) -> usize {
-        self.storage.as_ref().map_or(0, |t| t.elem_count())
-    }
-
-    /// The dtype of the values it holds.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-}
-
-/// The in-place op that writes a weight into a [`DequantBuffer`]'s storage (under candle's storage lock).
-struct DequantInto<'a> {
-    w: &'a Nf4Cuda,
-}
-
-impl InplaceOp1 for DequantInto<'_> {
-    fn name(&self) -> &'static str {
-        "nf4-dequantize-into"
-    }
-
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
-        candle_core::bail!("nf4-dequantize-into: the buffer is on the CPU, the weight on a CUDA device")
-    }
-
-    fn cuda_fwd(&self, storage: &mut CudaStorage, layout: &Layout) -> candle_core::Result<()> {
-        if layout.start_offset() != 0 || !layout.is_contiguous() || layout.shape().elem_count() < self.w.n {
-            candle_core::bail!("nf4-dequantize-into: the buffer is not a dense array of ≥ {} elements", self.w.n)
-        }
-        let r = match storage.dtype() {
-            DType::BF16 => self.w.dequantize_into_slice(storage.as_cuda_slice_mut::<bf16>()?),
-            DType::F32 => self.w.dequantize_into_slice(storage.as_cuda_slice_mut::<f32>()?),
-            other => candle_core::bail!("nf4-dequantize-into: buffer dtype {other:?}, expected bf16 or f32"),
-        };
-        r.map_err(|e| candle_core::Error::Msg(e.to_string()))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Measurements for `peftkit bench`
-// ---------------------------------------------------------------------------------------------------------------
-
-/// A random NF4 weight of the given shape: random codes and scales (throughput does not depend on the values).
-fn random_nf4(rows: usize, cols: usize, double_quant: bool, seed: u64) -> std::result::Result<Nf4Tensor, String> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n = rows * cols;
-    let blocks = n.div_ceil(crate::quant::NF4_BLOCKSIZE);
-    let packed: Vec<u8> = (0..n.div_ceil(2)).map(|_| rng.random()).collect();
-    let absmax = if double_quant {
-        Absmax::Double {
-            q: (0..blocks).map(|_| rng.random()).collect(),
-            offset: 0.02,
-            absmax2: (0..blocks.div_ceil(crate::quant::NESTED_BLOCKSIZE)).map(|_| rng.random::<f32>() * 0.01).collect(),
-            code: crate::quant::dynamic_map_signed().to_vec(),
-            blocksize2: crate::quant::NESTED_BLOCKSIZE,
-        }
-    } else {
-        Absmax::Plain((0..blocks).map(|_| rng.random::<f32>() * 0.05).collect())
-    };
-    Nf4Tensor::from_bnb_parts(packed, absmax, &crate::quant::NF4_CODE, crate::quant::NF4_BLOCKSIZE, &[rows, cols])
-        .map_err(|e| e.to_string())
-}
-
-/// Mean microseconds per call of `f` over `reps` calls (after one warm-up call), timed with CUDA events on
-/// `stream`.
-fn time_us(stream: &Arc<CudaStream>, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let reps = reps.max(1);
-    f()?;
-    stream.synchronize()?;
-    let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    for _ in 0..reps {
-        f()?;
-    }
-    let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    let ms = start.elapsed_ms(&end)?;
-    Ok(f64::from(ms) * 1000.0 / reps as f64)
-}
-
-/// One dequantization measurement.
-#[derive(Clone, Debug)]
-pub struct DequantBench {
-    pub rows: usize,
-    pub cols: usize,
-    pub dtype: DType,
-    pub double_quant: bool,
-    /// Bytes moved per pass: codes + scales read ([`Nf4Tensor::bytes`]) plus the output written.
-    pub bytes: usize,
-    /// Mean time per pass.
-    pub micros: f64,
-    /// `bytes / time`, in 10⁹ bytes per second.
-    pub gbps: f64,
-}
-
-/// Dequantization throughput of a random (rows × cols) NF4 weight into a reused `dtype` (bf16 or f32) buffer,
-/// as (bytes read + bytes written) / time. Compare with [`copy_gbps`]`(device, bench.bytes / 2, reps)`, which moves
-/// the same number of bytes.
-pub fn dequant_gbps(
-    device: &Device,
-    rows: usize,
-    cols: usize,
-    dtype: DType,
-    double_quant: bool,
-    reps: usize,
-) -> Result<DequantBench> {
-    let t = random_nf4(rows, cols, double_quant, 0).map_err(candle_core::Error::Msg)?;
-    let w = Nf4Cuda::upload(&t, device)?;
-    let mut buf = DequantBuffer::new(device, dtype)?;
-    let micros = time_us(&w.stream, reps, || w.dequantize_into(&mut buf).map(|_| ()))?;
-    let bytes = w.bytes() + w.n() * dtype.size_in_bytes();
-    Ok(DequantBench { rows, cols, dtype, double_quant, bytes, micros, gbps: bytes as f64 / micros / 1e3 })
-}
-
-/// Device-to-device copy bandwidth for a copy of `bytes` bytes, as (bytes read + bytes written) / time =
-/// 2·bytes / time, in 10⁹ bytes per second: the ceiling the dequantization kernel is measured against.
-pub fn copy_gbps(device: &Device, bytes: usize, reps: usize) -> Result<f64> {
-    let Device::Cuda(cuda) = device else {
-        return Err(Nf4CudaError::NotCuda(device.location()));
-    };
-    let stream = cuda.cuda_stream();
-    let src = stream.alloc_zeros::<u8>(bytes.max(1))?;
-    let mut dst = unsafe { stream.alloc::<u8>(bytes.max(1)) }?;
-    let micros = time_us(&stream, reps, || Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
-    Ok(2.0 * bytes as f64 / micros / 1e3)
-}
-
-/// One row of [`gemv_vs_cublas`].
-#[derive(Clone, Debug)]
-pub struct GemvTiming {
-    pub m: usize,
-    /// Fused dequantize + GEMM ([`Nf4Cuda::gemv`]), µs per product.
-    pub fused_us: f64,
-    /// Dequantize into a reused bf16 buffer, then candle's bf16 matmul (cuBLAS), µs per product.
-    pub dequant_cublas_us: f64,
-    /// `dequant_cublas_us / fused_us`.
-    pub speedup: f64,
-    /// max |fused − dequantize-then-matmul| over the output, relative to max |dequantize-then-matmul|.
-    pub rel_diff: f32,
-}
-
-/// The fused small-M product against dequantize-then-cuBLAS for a random double-quantized (n × k) weight at each
-/// M in `ms` (≤ 64; [`GEMV_BENCH_MS`] is the usual list).
-pub fn gemv_vs_cublas(device: &Device, n: usize, k: usize, ms: &[usize], reps: usize) -> Result<Vec<GemvTiming>> {
-    let t = random_nf4(n, k, true, 1).map_err(candle_core::Error::Msg)?;
-    let w = Nf4Cuda::upload(&t, device)?;
-    let mut buf = DequantBuffer::new(device, DType::BF16)?;
-    let mut rows = Vec::with_capacity(ms.len());
-    for &m in ms {
-        let x = Tensor::randn(0f32, 1.0, (m, k), device)?.to_dtype(DType::BF16)?;
-        let fused_us = time_us(&w.stream, reps, || w.gemv(&x).map(|_| ()))?;
-        let dequant_cublas_us = time_us(&w.stream, reps, || {
-            let wd = w.dequantize_into(&mut buf)?; // (n, k)
-            x.matmul(&wd.t()?)?; // (m, k)·(k, n) → (m, n)
-            Ok(())
-        })?;
-        let fused = w.gemv(&x)?.to_dtype(DType::F32)?;
-        let reference = x.matmul(&w.dequantize_into(&mut buf)?.t()?)?.to_dtype(DType::F32)?;
-        let scale = reference.abs()?.max_all()?.to_scalar::<f32>()?.max(f32::MIN_POSITIVE);
-        let rel_diff = (fused - &reference)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
-        rows.push(GemvTiming { m, fused_us, dequant_cublas_us, speedup: dequant_cublas_us / fused_us, rel_diff });
-    }
-    Ok(rows)
-}
-
 #[cfg(all(test, feature = "cuda"))]
 mod tests {
+    use super::gemv::{gemm_chunk_tiles, gemm_plan, GemmPlan};
     use super::*;
+    use candle_core::DType;
+    use half::bf16;
     use rand::{Rng, SeedableRng};
     use std::io::Write;
 

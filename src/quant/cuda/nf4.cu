@@ -12,7 +12,7 @@
 // Every product and sum is rounded once in f32 in that order (__fmul_rn / __fadd_rn: no fused multiply-add), so the
 // f32 results equal the CPU codec's bit for bit and the bf16 results are its values rounded to nearest-even.
 //
-// Kernels (all extern "C", launched from src/quant/cuda/mod.rs):
+// Kernels (all extern "C", launched from src/quant/cuda/dequant.rs and gemv.rs):
 //   nf4_dequant_{bf16,f32}_{plain,double}   out[e] = w[e]: one pass, 16 packed bytes (32 elements) per thread and
 //                                           grid-stride step, 16-byte stores; the n % 32 tail element by element.
 //   nf4_gemm_{plain,double}_mt{1,2,3,4}     y (M x N, bf16) = x (M x K, bf16) . W^T for M <= 16*mt and K % 32 == 0,
