@@ -101,7 +101,7 @@ pub fn run(args: Args) -> Result<()> {
         let _ = std::fs::remove_dir_all(out.join("checkpoints"));
     }
 
-    let compute = args.compute.resolve(Default::default())?; // RECIPE-KEYS
+    let compute = args.compute.resolve((recipe.training.device, recipe.training.dtype))?;
     tracing::info!("loading base model {}", recipe.base_model);
     let quant = AdapterConfig::base_quant(&recipe.adapter);
     let mut base = load_base_quant(

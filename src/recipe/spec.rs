@@ -4,6 +4,7 @@
 //! of [`TargetModules`], and the raw document shapes (`RecipeDoc`, `QloraDoc`) that loading
 //! deserializes before dispatching on `adapter.type`.
 
+use crate::compute::{DeviceRequest, DtypeRequest};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -362,6 +363,11 @@ pub struct TrainingSpec {
     pub save_every: Option<usize>,
     /// Log every this many steps (default 1).
     pub logging_every: usize,
+    /// Where to compute: `auto` (default: the CPU), `cpu`, `cuda`, `cuda:N`. `--device` overrides it.
+    pub device: DeviceRequest,
+    /// Dtype of the frozen weights and activations: `auto` (default: bf16 where the CPU has AVX512-BF16 or AMX,
+    /// else f32), `f32`, `bf16` (mixed precision; adapters and optimizer stay f32). `--dtype` overrides it.
+    pub dtype: DtypeRequest,
 }
 
 impl Default for TrainingSpec {
@@ -384,6 +390,8 @@ impl Default for TrainingSpec {
             eval_every: None,
             save_every: None,
             logging_every: 1,
+            device: DeviceRequest::Auto,
+            dtype: DtypeRequest::Auto,
         }
     }
 }
