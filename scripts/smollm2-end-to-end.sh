@@ -8,12 +8,14 @@
 #   6. merge the adapter into the base (an HF-format bf16 model folder, with its model card) and ask the merged
 #      model the same question, with its peak memory.
 #
-#   usage: scripts/smollm2-end-to-end.sh   (STEPS=40 OUT=target/e2e/smollm2-lora MERGED=target/e2e/smollm2-merged)
+#   usage: scripts/smollm2-end-to-end.sh   (STEPS=40 DTYPE=auto OUT=target/e2e/smollm2-lora MERGED=target/e2e/smollm2-merged)
+#   DTYPE: the compute dtype of training and evaluation (auto, f32 or bf16).
 #
 # Time on 2 CPU cores: about 10 minutes after the build (the first build of peftkit takes about 10 more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-40}
+DTYPE=${DTYPE:-auto}
 OUT=${OUT:-target/e2e/smollm2-lora}
 MERGED=${MERGED:-target/e2e/smollm2-merged}
 VALID=datasets/sprigbox-support/valid.jsonl
@@ -29,15 +31,15 @@ cargo build --release --locked --quiet
 PEFTKIT=target/release/peftkit
 
 stamp "== 1. the base model on the held-out split"
-$PEFTKIT eval --base "$GGUF" --data "$VALID" --sequence-len 256
+$PEFTKIT eval --base "$GGUF" --data "$VALID" --sequence-len 256 --dtype "$DTYPE"
 
 stamp "== 2. LoRA fine-tuning, $STEPS steps"
 $PEFTKIT train recipes/smollm2-135m-lora.yaml --overwrite \
   --set base_model="$GGUF" --set training.max_steps="$STEPS" \
-  --set output.dir="$OUT"
+  --set output.dir="$OUT" --dtype "$DTYPE"
 
 stamp "== 3. the adapted model on the held-out split"
-$PEFTKIT eval --base "$GGUF" --adapter "$OUT" --data "$VALID" --sequence-len 256
+$PEFTKIT eval --base "$GGUF" --adapter "$OUT" --data "$VALID" --sequence-len 256 --dtype "$DTYPE"
 
 stamp "== 4. a held-out question: $QUESTION"
 echo "-- base model:"

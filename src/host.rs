@@ -20,18 +20,23 @@ use std::borrow::Cow;
 /// once per instruction-set level so the compiler vectorizes it at that width. The body must be safe code.
 macro_rules! isa_variants {
     ($(#[$m:meta])* pub fn $name:ident / $name_at:ident ($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $crate::host::isa_variants! {
+            $(#[$m])* pub fn $name / $name_at ($($arg: $ty),*) -> () $body
+        }
+    };
+    ($(#[$m:meta])* pub fn $name:ident / $name_at:ident ($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$m])*
-        pub fn $name($($arg: $ty),*) {
+        pub fn $name($($arg: $ty),*) -> $ret {
             $name_at(crate::cpu::isa(), $($arg),*)
         }
         /// The same at a given level; a level above the CPU's runs the highest one it has.
-        pub fn $name_at(isa: crate::cpu::Isa, $($arg: $ty),*) {
+        pub fn $name_at(isa: crate::cpu::Isa, $($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-                fn v512($($arg: $ty),*) $body
+                fn v512($($arg: $ty),*) -> $ret $body
                 #[target_feature(enable = "avx2,fma")]
-                fn v256($($arg: $ty),*) $body
+                fn v256($($arg: $ty),*) -> $ret $body
                 let isa = isa.min(crate::cpu::features().max_isa());
                 match isa {
                     // SAFETY: the level is capped by what the CPU reports.
@@ -81,6 +86,64 @@ pub fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
         tail += x * y;
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// Σ a[i] over 16 independent lanes (vectorizes at any width; the same sum at every level).
+#[inline(always)]
+pub fn sum_lanes(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let n = a.len() / 16 * 16;
+    for c in a[..n].chunks_exact(16) {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + a[n..].iter().sum::<f32>()
+}
+
+/// max over 16 independent lanes (vectorizes at any width); −∞ for an empty slice.
+#[inline(always)]
+pub fn max_lanes(a: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let n = a.len() / 16 * 16;
+    for c in a[..n].chunks_exact(16) {
+        for i in 0..16 {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in acc.iter().chain(&a[n..]) {
+        m = m.max(v);
+    }
+    m
+}
+
+/// eˣ in f32 without a libm call, so that loops over it vectorize: x = n·ln2 + r with |r| ≤ ln2/2, eʳ by Cephes'
+/// degree-6 minimax polynomial (`expf.c`), 2ⁿ by building the exponent bits. Relative error ≤ 2⁻²² (a couple of
+/// ulp) for x in [−87.3, 88.7]; below, the result is that of −87.3 (≈ 1e-38, harmless in the sums and products
+/// it feeds); above, +∞; NaN stays NaN.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    if x > 88.722_83 {
+        return f32::INFINITY;
+    }
+    let x = if x < -87.336_54 { -87.336_54 } else { x }; // (not f32::max, which would turn NaN into the bound)
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    // 2ⁿ as 2^⌊n/2⌋ · 2^(n − ⌊n/2⌋): each factor's exponent field stays valid for n in [−126, 128].
+    let n = n as i32;
+    let h = n >> 1;
+    y * f32::from_bits(((h + 127) as u32) << 23) * f32::from_bits(((n - h + 127) as u32) << 23)
 }
 
 isa_variants! {
@@ -227,6 +290,26 @@ mod tests {
         let mut nan = [0u16];
         narrow_slice(&[f32::NAN], &mut nan);
         assert!(bf16::from_bits(nan[0]).is_nan());
+    }
+
+    #[test]
+    fn fast_exp_is_within_a_few_ulp_of_libm_on_every_level() {
+        // Dense over the range softmax and sigmoid use, plus the ends.
+        let xs: Vec<f32> = (-197_000..=201_000).map(|i| i as f32 * 4.4e-4).chain([-87.0, 88.5, -1e-30, 0.0]).collect();
+        let mut worst = 0f64;
+        for &x in &xs {
+            let (got, want) = (exp_f32(x) as f64, (x as f64).exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 4e-7, "relative error {worst:e}");
+        assert_eq!(exp_f32(100.0), f32::INFINITY);
+        assert!(exp_f32(-1000.0) < 1e-37 && exp_f32(-1000.0) >= 0.0);
+        assert!(exp_f32(88.7).is_finite() && ((exp_f32(88.7) as f64 / (88.7f32 as f64).exp()) - 1.0).abs() < 4e-7);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert!(exp_f32(f32::NEG_INFINITY) < 1e-37);
+        assert_eq!(max_lanes(&[]), f32::NEG_INFINITY);
+        let v: Vec<f32> = (0..37).map(|i| ((i * 7919) % 101) as f32 - 50.0).collect();
+        assert_eq!(max_lanes(&v), 50.0);
     }
 
     #[test]

@@ -47,19 +47,7 @@ impl AttnDims {
         let kb = &k[bi * s * nkv * d + g * d..];
         // S (t×s) = Q (t×d) · Kᵀ (d×s)
         gemm_strided(t, s, d, p, (s, 1), false, qb, (nh * d, 1), kb, (1, nkv * d), 1.0, false);
-        let offset = s - t;
-        for (i, row) in p.chunks_mut(s).enumerate() {
-            let visible = offset + i + 1;
-            let mx = row[..visible].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) * scale;
-            let mut sum = 0f32;
-            for v in row[..visible].iter_mut() {
-                *v = (*v * scale - mx).exp();
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            row[..visible].iter_mut().for_each(|v| *v *= inv);
-            row[visible..].iter_mut().for_each(|v| *v = 0.0);
-        }
+        super::softmax::causal_softmax_rows(p, s, 0, t, s - t, scale);
     }
 }
 

@@ -5,7 +5,7 @@
 //! Reference: the composed [`super::reference::linear_cross_entropy`]; transformers' `ForCausalLMLoss`.
 
 use super::gemm::sgemm;
-use crate::host::{f32_view, tensor_from_f32};
+use crate::host::{exp_f32, f32_view, isa_variants, max_lanes, tensor_from_f32};
 use crate::weight::FrozenWeight;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -14,6 +14,31 @@ use std::sync::Mutex;
 
 /// Rows of logits computed at a time by [`linear_cross_entropy`].
 const CE_CHUNK_ROWS: usize = 128;
+
+isa_variants! {
+    /// One row of logits → its loss lse − logit[label], with lse = log Σ exp in f64 (the exponentials in f32,
+    /// vectorized; their sum in f64). With `want_grad` the row becomes dlogits = (softmax − onehot)·grad_scale;
+    /// otherwise it is left holding the exponentials.
+    pub fn loss_row / loss_row_at(row: &mut [f32], label: usize, grad_scale: f32, want_grad: bool) -> f64 {
+        let target = row[label];
+        let mx = max_lanes(row);
+        row.iter_mut().for_each(|v| *v = exp_f32(*v - mx));
+        let mut acc = [0f64; 8];
+        let n = row.len() / 8 * 8;
+        for c in row[..n].chunks_exact(8) {
+            for i in 0..8 {
+                acc[i] += c[i] as f64;
+            }
+        }
+        let sum = acc.iter().sum::<f64>() + row[n..].iter().map(|&v| v as f64).sum::<f64>();
+        if want_grad {
+            let k = (grad_scale as f64 / sum) as f32;
+            row.iter_mut().for_each(|v| *v *= k);
+            row[label] -= grad_scale;
+        }
+        mx as f64 + sum.ln() - target as f64
+    }
+}
 
 struct LinearCrossEntropy {
     head: Tensor,
@@ -49,21 +74,7 @@ impl LinearCrossEntropy {
             let losses: Vec<f64> = logits[..c * vocab]
                 .par_chunks_mut(vocab)
                 .zip(chunk.par_iter())
-                .map(|(row, &i)| {
-                    let label = self.labels[i] as usize;
-                    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                    let sum: f64 = row.iter().map(|&v| ((v - mx) as f64).exp()).sum();
-                    let lse = mx as f64 + sum.ln();
-                    let loss = lse - row[label] as f64;
-                    if self.want_grad {
-                        // dlogits = (softmax − onehot) / denom, written in place
-                        for v in row.iter_mut() {
-                            *v = ((*v as f64 - lse).exp() as f32) * inv_denom;
-                        }
-                        row[label] -= inv_denom;
-                    }
-                    loss
-                })
+                .map(|(row, &i)| loss_row(row, self.labels[i] as usize, inv_denom, self.want_grad))
                 .collect();
             total += losses.iter().sum::<f64>();
             if let Some(dh) = dh.as_mut() {

@@ -5,10 +5,35 @@
 //! fused [`super::attention`] is tested against, and the path of devices without an attention kernel). The row
 //! statistics (max, sum) are f32 whatever the storage dtype.
 
-use crate::host::{f32_view, storage_from_f32};
+use crate::host::{exp_f32, f32_view, isa_variants, max_lanes, storage_from_f32, sum_lanes};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+isa_variants! {
+    /// In place over the rows of `p` (each `s` wide): row j, query (row0 + j) mod t, sees its first
+    /// offset + (row0 + j) mod t + 1 entries, which become softmax(scale·v); the rest become 0. Vectorized exp
+    /// ([`crate::host::exp_f32`]), max and sum.
+    pub fn causal_softmax_rows / causal_softmax_rows_at(
+        p: &mut [f32],
+        s: usize,
+        row0: usize,
+        t: usize,
+        offset: usize,
+        scale: f32,
+    ) {
+        for (j, row) in p.chunks_exact_mut(s).enumerate() {
+            let visible = (offset + (row0 + j) % t + 1).min(s);
+            let (vis, masked) = row.split_at_mut(visible);
+            vis.iter_mut().for_each(|v| *v *= scale);
+            let mx = max_lanes(vis);
+            vis.iter_mut().for_each(|v| *v = exp_f32(*v - mx));
+            let inv = 1.0 / sum_lanes(vis);
+            vis.iter_mut().for_each(|v| *v *= inv);
+            masked.iter_mut().for_each(|v| *v = 0.0);
+        }
+    }
+}
 
 struct CausalSoftmax {
     scale: f32,
@@ -27,18 +52,12 @@ impl CustomOp1 for CausalSoftmax {
             candle_core::bail!("causal_softmax: {t} queries but only {s} keys");
         }
         let offset = s - t; // query i sits at absolute position offset + i
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(s).zip(x.par_chunks(s)).enumerate().for_each(|(row, (o, xr))| {
-            let visible = offset + row % t + 1;
-            let mx = xr[..visible].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v * self.scale));
-            let mut sum = 0f32;
-            for (o, &v) in o[..visible].iter_mut().zip(&xr[..visible]) {
-                *o = (v * self.scale - mx).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            o[..visible].iter_mut().for_each(|v| *v *= inv);
-        });
+        let mut out = x.into_owned();
+        // Blocks of whole rows per task; the row index decides the query position.
+        let rows_per_task = 64;
+        out.par_chunks_mut(s * rows_per_task)
+            .enumerate()
+            .for_each(|(c, block)| causal_softmax_rows(block, s, c * rows_per_task, t, offset, self.scale));
         Ok((storage_from_f32(out, st.dtype())?, l.shape().clone()))
     }
 
@@ -78,6 +97,23 @@ mod tests {
         assert!(y[2][4] > 0.0);
         for row in y {
             assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn every_instruction_set_level_gives_the_same_rows() {
+        let (t, s) = (5, 37);
+        let x: Vec<f32> = (rand(&[t, s], 11) * 6.0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let run = |isa| {
+            let mut p = x.clone();
+            causal_softmax_rows_at(isa, &mut p, s, 0, t, s - t, 0.9);
+            p
+        };
+        let want = run(crate::cpu::Isa::Scalar);
+        for isa in crate::host::available_isas() {
+            for (a, b) in run(isa).iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{isa:?}: {a} vs {b}");
+            }
         }
     }
 

@@ -3,13 +3,33 @@
 //! One pass over the data instead of candle's four ops (and their four saved tensors). Computed in f32 whatever
 //! the storage dtype. Reference: Shazeer, "GLU Variants Improve Transformer" (2020); transformers' `LlamaMLP`.
 
-use crate::host::{f32_view, storage_from_f32, tensor_from_f32, with_f32};
+use crate::host::{exp_f32, f32_view, isa_variants, storage_from_f32, tensor_from_f32, with_f32};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Elements per rayon task.
 const CHUNK: usize = 4096;
+
+isa_variants! {
+    /// out = silu(a)·b, element-wise.
+    pub fn forward_chunk / forward_chunk_at(a: &[f32], b: &[f32], out: &mut [f32]) {
+        for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+            *o = a / (1.0 + exp_f32(-a)) * b;
+        }
+    }
+}
+
+isa_variants! {
+    /// da = g·b·σ(a)·(1 + a·(1 − σ(a))), db = g·silu(a), element-wise.
+    pub fn backward_chunk / backward_chunk_at(a: &[f32], b: &[f32], g: &[f32], da: &mut [f32], db: &mut [f32]) {
+        for ((((da, db), &a), &b), &g) in da.iter_mut().zip(db.iter_mut()).zip(a).zip(b).zip(g) {
+            let sig = 1.0 / (1.0 + exp_f32(-a));
+            *da = g * b * sig * (1.0 + a * (1.0 - sig));
+            *db = g * a * sig;
+        }
+    }
+}
 
 struct SwiGlu;
 
@@ -25,26 +45,22 @@ impl CustomOp2 for SwiGlu {
             candle_core::bail!("swiglu: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
         }
         let mut out = vec![0f32; a.len()];
-        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
-            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                *o = a / (1.0 + (-a).exp()) * b;
-            }
-        });
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| forward_chunk(a, b, o));
         Ok((storage_from_f32(out, s1.dtype())?, l1.shape().clone()))
     }
 
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (da, db): (Vec<f32>, Vec<f32>) = with_f32(a, |a| {
+        let (da, db) = with_f32(a, |a| {
             with_f32(b, |b| {
                 with_f32(g, |g| {
-                    a.par_iter()
-                        .zip(b.par_iter().zip(g.par_iter()))
-                        .map(|(&a, (&b, &g))| {
-                            let sig = 1.0 / (1.0 + (-a).exp());
-                            let silu = a * sig;
-                            (g * b * sig * (1.0 + a * (1.0 - sig)), g * silu)
-                        })
-                        .unzip()
+                    let (mut da, mut db) = (vec![0f32; a.len()], vec![0f32; a.len()]);
+                    da.par_chunks_mut(CHUNK)
+                        .zip(db.par_chunks_mut(CHUNK))
+                        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).zip(g.par_chunks(CHUNK)))
+                        .for_each(|((da, db), ((a, b), g))| backward_chunk(a, b, g, da, db));
+                    (da, db)
                 })
             })
         })???;
