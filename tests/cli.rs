@@ -318,3 +318,34 @@ fn eval_questions_checks_greedy_replies_for_the_expected_fact() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("q.jsonl:2"), "{}", stderr(&o));
 }
+
+/// The whole training step with peftkit's own kernels held to baseline x86-64 (`PEFTKIT_CPU_ISA=scalar`) against
+/// the default (the widest level this CPU has: AVX-512 or AVX2): the same losses over three steps, in f32 and bf16.
+/// The level is read once per process, hence one `peftkit bench` process per level.
+#[test]
+fn baseline_kernels_give_the_default_losses() {
+    let cfg = fixtures().join("tiny-llama/config.json");
+    let losses = |isa: Option<&str>, dtype: &str| -> (f64, f64) {
+        let mut c = bin();
+        c.args(["bench", "--config", cfg.to_str().unwrap(), "--batch", "2", "--seq", "32", "--rank", "4"]);
+        c.args(["--steps", "2", "--json", "--dtype", dtype]);
+        if let Some(isa) = isa {
+            c.env("PEFTKIT_CPU_ISA", isa);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(o.stdout.trim_ascii()).unwrap();
+        let isa_used = v["isa"].as_str().unwrap().to_string();
+        if isa.is_some() {
+            assert_eq!(isa_used, "scalar");
+        }
+        (v["loss_first"].as_f64().unwrap(), v["loss_last"].as_f64().unwrap())
+    };
+    for dtype in ["f32", "bf16"] {
+        let (a, b) = (losses(Some("scalar"), dtype), losses(None, dtype));
+        let tol = if dtype == "f32" { 1e-5 } else { 1e-3 };
+        for (x, y) in [(a.0, b.0), (a.1, b.1)] {
+            assert!((x - y).abs() <= tol * y.abs(), "{dtype}: baseline {x} vs default {y}");
+        }
+    }
+}
