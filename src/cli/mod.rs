@@ -60,7 +60,7 @@ pub struct ComputeArgs {
     #[arg(long)]
     pub device: Option<DeviceRequest>,
     /// Dtype of the frozen weights and activations: auto, f32 or bf16 (adapters and optimizer stay f32)
-    /// [default: the recipe's training.dtype, else auto = bf16 where the CPU has AVX512-BF16 or AMX, else f32].
+    /// [default: the recipe's training.dtype, else auto = f32 on the CPU, bf16 on CUDA].
     #[arg(long)]
     pub dtype: Option<DtypeRequest>,
 }

@@ -365,8 +365,8 @@ pub struct TrainingSpec {
     pub logging_every: usize,
     /// Where to compute: `auto` (default: the CPU), `cpu`, `cuda`, `cuda:N`. `--device` overrides it.
     pub device: DeviceRequest,
-    /// Dtype of the frozen weights and activations: `auto` (default: bf16 where the CPU has AVX512-BF16 or AMX,
-    /// else f32), `f32`, `bf16` (mixed precision; adapters and optimizer stay f32). `--dtype` overrides it.
+    /// Dtype of the frozen weights and activations: `auto` (default: f32 on the CPU, bf16 on CUDA), `f32`, `bf16`
+    /// (mixed precision; adapters and optimizer stay f32). `--dtype` overrides it.
     pub dtype: DtypeRequest,
 }
 
