@@ -9,7 +9,8 @@
 #          (PEFT_BENCH, default ../shared/bench/peft_cpu_bench.py).
 #   workload: SmolLM2-135M's shape (tests/fixtures/smollm2-135m-config.json) with random weights, batch 4 x 256,
 #          LoRA r=16 all-linear (QLoRA: the same on an NF4 base; IA3: k,v,down), 5 timed steps after a warm-up.
-# Raw JSON lines go to $OUT (default target/bench-vs-peft.jsonl).
+# Raw JSON lines go to $OUT (default target/bench-vs-peft.jsonl). SKIP="peft-bf16 …" leaves configurations out (torch's
+# autocast bf16 takes minutes per step on a CPU without bf16 units).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -43,6 +44,7 @@ configs=(
 for r in $(seq 1 "$rounds"); do
   for c in "${configs[@]}"; do
     name=${c%%|*}; cmd=${c#*|}
+    [[ " ${SKIP:-} " == *" $name "* ]] && continue
     line=$($cmd 2>/dev/null | tail -1)
     echo "{\"round\": $r, \"config\": \"$name\", \"result\": $line}" | tee -a "$out"
   done
@@ -61,7 +63,7 @@ for name in dict.fromkeys(r["config"] for r in rows):
     tps = [x["tokens_per_s"] for x in rs]
     med[name] = statistics.median(tps)
     print(f"| {name} | {', '.join(f'{t:.1f}' for t in tps)} | {med[name]:.1f} | {statistics.median(x['peak_rss_mb'] for x in rs):.0f} |")
-best_peft = max(med.get("peft-f32", 0), med.get("peft-bf16", 0))
+best_peft = max(med.get("peft-f32", 0), med.get("peft-bf16", 0)) or float("nan")
 if med.get("peft-f32"):
     print(f"\npeftkit f32 / PEFT f32: {med['peftkit-lora-f32'] / med['peft-f32']:.2f}x; "
           f"peftkit bf16 / best PEFT: {med['peftkit-lora-bf16'] / best_peft:.2f}x")
