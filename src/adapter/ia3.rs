@@ -9,7 +9,7 @@
 //! N(0, 1) as PEFT does. Reference: PEFT `tuners/ia3/{config,layer,model}.py`.
 
 use super::target::TargetModules;
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{Device, Result, Tensor, Var};
 
 /// Which targets scale their input: PEFT's `feedforward_modules`.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,7 +78,7 @@ impl Ia3Layer {
 
     /// Wraps a loaded vector (an f32 copy becomes the trainable variable).
     pub fn from_weights(l: Tensor, feedforward: bool) -> Result<Self> {
-        Ok(Self { l: Var::from_tensor(&l.to_dtype(DType::F32)?)?, feedforward })
+        Ok(Self { l: Var::from_tensor(&l.to_dtype(crate::compute::Compute::PARAM_DTYPE)?)?, feedforward })
     }
 
     /// The expected `ia3_l` shape for a projection `in_features → out_features`.

@@ -7,7 +7,7 @@
 //! Adaptation of Large Language Models"; PEFT `tuners/lora/layer.py`.
 
 use super::target::TargetModules;
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 /// How fresh LoRA weights are drawn.
@@ -107,8 +107,8 @@ impl LoraLayer {
     /// Wraps loaded weights (f32 copies become the trainable variables).
     pub fn from_weights(a: Tensor, b: Tensor, scaling: f64, dropout: f64) -> Result<Self> {
         Ok(Self {
-            a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
-            b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
+            a: Var::from_tensor(&a.to_dtype(crate::compute::Compute::PARAM_DTYPE)?)?,
+            b: Var::from_tensor(&b.to_dtype(crate::compute::Compute::PARAM_DTYPE)?)?,
             scaling,
             dropout,
         })

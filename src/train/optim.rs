@@ -32,7 +32,7 @@ impl AdamW {
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
         for (i, var) in self.vars.iter().enumerate() {
-            let g = grads[i].to_dtype(DType::F32)?;
+            let g = grads[i].to_dtype(crate::compute::Compute::PARAM_DTYPE)?;
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let p = var.as_tensor();
