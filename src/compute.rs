@@ -133,11 +133,6 @@ impl Compute {
     /// The dtype of trainable parameters, their gradients and the optimizer state, whatever the compute dtype.
     pub const PARAM_DTYPE: DType = DType::F32;
 
-    /// f32 on the CPU: the reference configuration.
-    pub fn cpu_f32() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32 }
-    }
-
     /// Resolves a request against this build and machine.
     pub fn resolve(device: DeviceRequest, dtype: DtypeRequest) -> Result<Self, ComputeError> {
         let device = match device {

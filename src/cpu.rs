@@ -162,6 +162,8 @@ fn detect() -> Features {
             (false, false)
         }
     };
+    // The OS must also enable the tile state (XCR0 bits 17-18): without it AMX cannot run.
+    let os_amx = os_enables_amx();
     Features {
         model: cpuinfo_model().unwrap_or_default(),
         avx2: has!("avx2"),
@@ -170,9 +172,8 @@ fn detect() -> Features {
         avx512bw: has!("avx512bw"),
         avx512vl: has!("avx512vl"),
         avx512_bf16: has!("avx512bf16"),
-        // The OS must also enable the tile state (XCR0 bits 17-18): without it AMX cannot run.
-        amx_bf16: amx_bf16 && os_enables_amx(),
-        amx_tile: amx_tile && os_enables_amx(),
+        amx_bf16: amx_bf16 && os_amx,
+        amx_tile: amx_tile && os_amx,
     }
 }
 

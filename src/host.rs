@@ -9,7 +9,6 @@
 //! [`isa_variants!`] compiles one loop body three times — for AVX-512, AVX2+FMA and baseline x86-64 — and the
 //! `*_at(isa, …)` entry picks one at run time ([`crate::cpu::isa`]); tests call each level and compare.
 
-use crate::cpu::Isa;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use half::bf16;
@@ -210,11 +209,7 @@ pub fn f32_view<'a>(storage: &'a CpuStorage, layout: &Layout, op: &'static str) 
 pub fn storage_from_f32(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
     match dtype {
         DType::F32 => Ok(CpuStorage::F32(v)),
-        DType::BF16 => {
-            let mut out = vec![bf16::ZERO; v.len()];
-            f32_to_bf16(&v, &mut out);
-            Ok(CpuStorage::BF16(out))
-        }
+        DType::BF16 => Ok(CpuStorage::BF16(narrowed(&v))),
         other => candle_core::bail!("CPU kernels store f32 or bf16, not {other:?}"),
     }
 }
@@ -225,11 +220,18 @@ pub fn tensor_from_f32(v: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> Re
     if shape.elem_count() != v.len() {
         candle_core::bail!("tensor_from_f32: {} values for shape {shape:?}", v.len());
     }
-    match storage_from_f32(v, dtype)? {
-        CpuStorage::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu),
-        CpuStorage::BF16(v) => Tensor::from_vec(v, shape, &Device::Cpu),
-        _ => unreachable!("storage_from_f32 makes f32 or bf16"),
+    match dtype {
+        DType::F32 => Tensor::from_vec(v, shape, &Device::Cpu),
+        DType::BF16 => Tensor::from_vec(narrowed(&v), shape, &Device::Cpu),
+        other => candle_core::bail!("CPU kernels store f32 or bf16, not {other:?}"),
     }
+}
+
+/// `v` rounded to bf16 (nearest even).
+fn narrowed(v: &[f32]) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; v.len()];
+    f32_to_bf16(v, &mut out);
+    out
 }
 
 /// Runs `f` on the contiguous data of a CPU tensor (f32 or bf16) as f32.
@@ -252,7 +254,9 @@ pub fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[bf16]) -> R) -> Option<R> {
 }
 
 /// Levels this CPU can run, lowest first (for tests that compare them).
-pub fn available_isas() -> Vec<Isa> {
+#[cfg(test)]
+pub fn available_isas() -> Vec<crate::cpu::Isa> {
+    use crate::cpu::Isa;
     [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= crate::cpu::features().max_isa()).collect()
 }
 

@@ -113,7 +113,7 @@ pub fn run(args: Args) -> Result<()> {
         &compute,
     )
     .map_err(user)?;
-    if base.model.linears().any(|l| matches!(l.weight, peftkit::linear::FrozenWeight::Nf4(_))) {
+    if base.model.linears().any(|l| l.weight.is_nf4()) {
         let bytes: usize = base.model.linears().map(|l| l.weight.bytes()).sum();
         tracing::info!("base projections held in NF4: {:.1} MB", bytes as f64 / 1e6);
         if let peftkit::recipe::AdapterSpec::Qlora(q) = &recipe.adapter {

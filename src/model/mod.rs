@@ -264,7 +264,7 @@ pub fn assemble_llama(
         } else {
             FrozenWeight::Dense(src.get(&name, &[out, inp], dtype, device)?)
         };
-        if matches!(weight, FrozenWeight::Nf4(_)) && !device.is_cpu() {
+        if weight.is_nf4() && !device.is_cpu() {
             return Err(ModelError::Quantized {
                 name,
                 files: src.describe(),

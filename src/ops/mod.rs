@@ -55,7 +55,6 @@ pub use rope::rope;
 pub use softmax::causal_softmax;
 pub use swiglu::swiglu;
 
-pub use crate::host::with_f32;
 use candle_core::{DType, Tensor};
 
 /// Whether an op runs its own kernel for `t` (its main input): on the CPU for f32 and bf16; on CUDA when the op
