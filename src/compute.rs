@@ -178,6 +178,23 @@ pub fn dtype_name(d: DType) -> &'static str {
     }
 }
 
+/// The GPU a test runs on: `cuda:0`, or `None` after a `SKIPPED <test>: …` line on stderr when this build has no
+/// `cuda` feature or the machine no usable GPU. With `PEFTKIT_REQUIRE_GPU=1` (the GPU check script sets it) a
+/// missing GPU fails the test instead: a check that cannot fail proves nothing.
+#[doc(hidden)]
+pub fn test_gpu(test: &str) -> Option<Device> {
+    let why = match cuda_device(0) {
+        Ok(d) => return Some(d),
+        // The first line only: candle appends a backtrace when RUST_BACKTRACE is set.
+        Err(e) => e.to_string().lines().next().unwrap_or_default().to_string(),
+    };
+    if std::env::var("PEFTKIT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!("{test}: PEFTKIT_REQUIRE_GPU=1 but no GPU: {why}");
+    }
+    eprintln!("SKIPPED {test}: no GPU ({why})");
+    None
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_device(index: usize) -> Result<Device, ComputeError> {
     Device::new_cuda(index).map_err(|e| ComputeError::NoGpu { index, msg: e.to_string() })

@@ -204,20 +204,10 @@ mod tests {
     use candle_core::DType;
     use half::bf16;
     use rand::{Rng, SeedableRng};
-    use std::io::Write;
 
-    /// The first CUDA device, or None after a SKIPPED line when there is none.
+    /// The GPU, or None after a SKIPPED line (a failure under `PEFTKIT_REQUIRE_GPU=1`).
     fn gpu(test: &str) -> Option<Device> {
-        match Device::new_cuda(0) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                // The first line only: candle appends a backtrace when RUST_BACKTRACE is set.
-                let e = e.to_string();
-                let e = e.lines().next().unwrap_or_default();
-                let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({e})");
-                None
-            }
-        }
+        crate::compute::test_gpu(test)
     }
 
     fn gaussian(n: usize, seed: u64) -> Vec<f32> {
