@@ -55,9 +55,13 @@ pub struct Args {
     /// IA3 instead of LoRA (down_proj input-scaled, the other targets output-scaled; --rank is ignored).
     #[arg(long, conflicts_with = "qlora")]
     pub ia3: bool,
-    /// Measure NF4 dequantization throughput instead (GB/s of bytes read plus f32 bytes written).
+    /// Measure NF4 dequantization throughput instead (GB/s of bytes read plus bytes written); with `--device cuda`,
+    /// peftkit's kernel into bf16 and f32 against the GPU's device-to-device copy bandwidth.
     #[arg(long)]
     pub dequant: bool,
+    /// (`--device cuda`) The fused NF4 dequantize + GEMM for M = 1…64 rows against dequantize-then-cuBLAS.
+    #[arg(long)]
+    pub gemv: bool,
     #[command(flatten)]
     pub compute: super::ComputeArgs,
 }
@@ -134,6 +138,19 @@ pub fn run(a: Args) -> Result<()> {
         }
         return Ok(());
     }
+    if a.dequant || a.gemv {
+        let compute = a.compute.resolve(Default::default())?;
+        if compute.device.is_cuda() {
+            return if a.gemv {
+                super::bench_cuda::gemv(&compute.device, a.json)
+            } else {
+                super::bench_cuda::dequant(&compute.device, a.json)
+            };
+        }
+        if a.gemv {
+            return Err(user(anyhow::anyhow!("--gemv measures a GPU kernel: add --device cuda")));
+        }
+    }
     if a.dequant {
         let threads = candle_core::utils::get_num_threads();
         for (rows, cols) in [(576, 1536), (4096, 4096), (14336, 4096)] {
@@ -158,13 +175,19 @@ pub fn run(a: Args) -> Result<()> {
             let c = ModelConfig::from_file(cfg).map_err(user)?;
             let mut m = model::random_llama(c, 0, &device, compute.dtype)?;
             if a.qlora {
-                // The random projections quantized to NF4 (double quantization), as QLoRA holds a real base.
-                for l in m.linears_mut() {
+                // The projections in NF4 (double quantization), as QLoRA holds a real base. On the CPU the random
+                // weights are quantized; on a GPU random codes and scales are drawn instead (speed does not depend
+                // on the values, and quantizing an 8B model's floats on the host would take minutes).
+                for (i, l) in m.linears_mut().enumerate() {
                     let (out, inp) = l.weight.dims()?;
-                    let w: Vec<f32> = l.weight.dense()?.flatten_all()?.to_vec1()?;
-                    let q = peftkit::quant::nf4::Nf4Tensor::quantize(&w, &[out, inp], true)
-                        .map_err(|e| anyhow::anyhow!(e))?;
-                    l.weight = peftkit::weight::FrozenWeight::Nf4(std::sync::Arc::new(q));
+                    let q = if device.is_cpu() {
+                        let w: Vec<f32> = l.weight.dense()?.flatten_all()?.to_vec1()?;
+                        peftkit::quant::nf4::Nf4Tensor::quantize(&w, &[out, inp], true)
+                    } else {
+                        peftkit::quant::nf4::Nf4Tensor::random(out, inp, true, i as u64)
+                    }
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                    l.weight = peftkit::weight::FrozenWeight::Nf4(std::sync::Arc::new(q)).to_device(&device)?;
                 }
             }
             (m, format!("{} (random weights)", cfg.display()))
@@ -215,6 +238,8 @@ pub fn run(a: Args) -> Result<()> {
     let mut times = Vec::new();
     let mut losses = Vec::new();
     let ctx = ForwardCtx::default();
+    // On a GPU: peak device memory of the training steps (weights included), and MFU.
+    peftkit::gpu::reset_peak(&device);
     for step in 0..=a.steps {
         let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab)).collect();
         let labels: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
@@ -232,6 +257,8 @@ pub fn run(a: Args) -> Result<()> {
             .map(|v| grads.get(v.as_tensor()).cloned().map_or_else(|| v.zeros_like(), Ok))
             .collect::<candle_core::Result<Vec<Tensor>>>()?;
         opt.step(&g, 2e-4)?;
+        // A GPU runs the step asynchronously: wait for it before reading the clock.
+        device.synchronize()?;
         let dt = started.elapsed().as_secs_f64();
         losses.push(loss.to_scalar::<f32>()?);
         if step > 0 {
@@ -250,10 +277,15 @@ pub fn run(a: Args) -> Result<()> {
     let tps = (b * t) as f64 / median;
     let rss = peftkit::util::peak_rss_mb().unwrap_or(f64::NAN);
     let threads = candle_core::utils::get_num_threads();
+    let gpu = peftkit::gpu::info(&device);
+    let peak_gpu_mb = peftkit::gpu::peak_bytes(&device).map(|b| b as f64 / 1e6);
+    let tflops = super::bench_cuda::train_flops_per_token(&m.config, t) * tps / 1e12;
+    let mfu = gpu.as_ref().and_then(|g| peftkit::gpu::peak_bf16_tflops(&g.name)).map(|peak| tflops / peak);
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"system": "peftkit", "method": method, "threads": threads, "batch": b, "seq": t, "rank": a.rank,
+            serde_json::json!({"system": "peftkit", "method": method, "gpu": gpu.as_ref().map(|g| g.name.clone()),
+                "peak_gpu_mb": peak_gpu_mb, "model_tflops": tflops, "mfu": mfu, "threads": threads, "batch": b, "seq": t, "rank": a.rank,
                 "device": compute.describe(), "dtype": peftkit::compute::dtype_name(compute.dtype),
                 "cpu": peftkit::cpu::features().model, "cpu_flags": peftkit::cpu::features().flags(),
                 "isa": peftkit::cpu::isa().name(), "gemm_kernel": peftkit::cpu::gemm_kernel(),
@@ -273,6 +305,14 @@ pub fn run(a: Args) -> Result<()> {
             "{what} on {targets_text}; {trainable} trainable parameters; base projections {base_mb:.0} MB; batch {b} × {t}; {threads} threads"
         );
         println!("median step {median:.3} s → {tps:.1} tokens/s; peak RSS {rss:.0} MiB");
+        if gpu.is_some() {
+            let peak = peak_gpu_mb.map_or("unknown (no memory pool)".into(), |mb| format!("{mb:.0} MB"));
+            let mfu = mfu.map_or("unknown for this GPU".into(), |x| format!("{:.1}%", 100.0 * x));
+            println!(
+                "{}: peak GPU memory {peak}; {tflops:.1} model TFLOP/s, MFU {mfu}",
+                super::bench_cuda::gpu_line(&device)
+            );
+        }
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Command-line front end: one file per subcommand, each turning flags into library calls.
 
 pub mod bench;
+pub mod bench_cuda;
 pub mod eval;
 pub mod generate;
 pub mod inspect;

@@ -189,6 +189,11 @@ impl Llama {
 
     /// Logits (b, t, vocab) from final hidden states (b, t, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if hidden.device().is_cuda() && hidden.dtype() != self.lm_head.dtype() {
+            // cuBLAS wants one dtype: the (b, t, hidden) activations are cast, never the (vocab, hidden) head.
+            return ops::frozen_matmul(&hidden.to_dtype(self.lm_head.dtype())?, &self.lm_head)?.to_dtype(DType::F32);
+        }
+        // On the CPU the kernel widens a bf16 head itself and multiplies in f32.
         ops::frozen_matmul(hidden, &self.lm_head)
     }
 

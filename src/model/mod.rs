@@ -264,13 +264,17 @@ pub fn assemble_llama(
         } else {
             FrozenWeight::Dense(src.get(&name, &[out, inp], dtype, device)?)
         };
-        if weight.is_nf4() && !device.is_cpu() {
-            return Err(ModelError::Quantized {
-                name,
+        // NF4 is built on the CPU (quantized or read there, one projection at a time); on a GPU its codes and
+        // scales are uploaded, never a dequantized copy.
+        let weight = if weight.is_nf4() && !device.is_cpu() {
+            weight.to_device(device).map_err(|e| ModelError::Quantized {
+                name: name.clone(),
                 files: src.describe(),
-                msg: "NF4 weights run on the CPU only in this build".into(),
-            });
-        }
+                msg: e.to_string(),
+            })?
+        } else {
+            weight
+        };
         let b = if bias { Some(src.get(&format!("{path}.bias"), &[out], dtype, device)?) } else { None };
         id += 1;
         Ok(AdaptedLinear::with_weight(path, weight, b, id)?)
@@ -306,12 +310,17 @@ pub fn assemble_llama(
 }
 
 /// A model of `config`'s shape with random weights (N(0, 0.02²) projections and embeddings, unit norms), for
-/// benchmarks: speed and memory do not depend on the values.
+/// benchmarks: speed and memory do not depend on the values. On the CPU the values are a pure function of `seed`;
+/// on a GPU they are drawn there by candle's generator.
 pub fn random_llama(config: ModelConfig, seed: u64, device: &Device, dtype: DType) -> Result<Llama, ModelError> {
     use rand::SeedableRng;
     let mut id = 0u64;
     let mut next = |shape: &[usize]| -> Result<Tensor, ModelError> {
         id += 1;
+        if device.is_cuda() {
+            // Drawn on the GPU (an 8B model's worth of host draws would take minutes). Not the CPU's values.
+            return Ok(Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?);
+        }
         let n: usize = shape.iter().product();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let v: Vec<f32> = (0..n).map(|_| (crate::adapter::lora::normal(&mut rng) * 0.02) as f32).collect();

@@ -4,7 +4,8 @@
 //! wasted and a weight-sized buffer per layer kept alive through the backward pass): this op's backward is the
 //! transposed product and nothing else. The weight is a [`FrozenWeight`], dense (f32/bf16) or NF4; the CPU kernel
 //! reads it as f32 (in place, widened or dequantized into a reused buffer) and multiplies with the gemm crate.
-//! CUDA: a dense weight goes to candle's cuBLAS matmul; NF4 on CUDA is [`super::nf4_matmul`]'s place.
+//! CUDA: cuBLAS through candle's matmul, on the weight as a dense device tensor of x's dtype — itself, or for NF4
+//! the device's dequantization scratch buffer just filled by peftkit's kernel ([`FrozenWeight::gpu_dense`]).
 
 use super::gemm::sgemm;
 use crate::host::{f32_view, storage_from_f32};
@@ -62,11 +63,10 @@ impl CustomOp1 for FrozenMatmul {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        let FrozenWeight::Dense(w) = &self.w else {
-            candle_core::bail!("frozen_matmul: an NF4 weight on CUDA goes through nf4_matmul's kernels")
-        };
         let (m, k, n) = self.dims(l)?;
         let Some((x_start, _)) = l.contiguous_offsets() else { candle_core::bail!("frozen_matmul: x not contiguous") };
+        // Dense: the weight itself; NF4: the scratch buffer, dequantized now, read by the matmul queued next.
+        let w = self.w.gpu_dense(s.dtype())?;
         let (ws, wl) = w.storage_and_layout();
         let candle_core::Storage::Cuda(wc) = &*ws else { candle_core::bail!("frozen_matmul: weight not on the GPU") };
         if !wl.is_contiguous() {
@@ -96,8 +96,14 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// [`frozen_matmul`] for any [`FrozenWeight`] (dense or NF4).
 pub fn frozen_product(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
-    // candle's CUDA matmul needs both operands in one dtype; a mixed pair takes the reference path there.
-    let has_cuda = matches!(w, FrozenWeight::Dense(t) if t.dtype() == x.dtype());
+    // On CUDA: a dense weight of x's dtype (candle's matmul needs one dtype; a mixed pair takes the reference
+    // path) or an NF4 weight in GPU memory (dequantized to x's dtype).
+    let has_cuda = match w {
+        FrozenWeight::Dense(t) => t.dtype() == x.dtype(),
+        FrozenWeight::Nf4(_) => false,
+        #[cfg(feature = "cuda")]
+        FrozenWeight::Nf4Cuda(_) => matches!(x.dtype(), candle_core::DType::BF16 | candle_core::DType::F32),
+    };
     if !super::use_kernel(x, has_cuda) {
         return super::reference::frozen_product(x, w);
     }

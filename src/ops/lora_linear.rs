@@ -144,10 +144,36 @@ impl candle_core::CustomOp3 for LoraLinearOp {
 /// y = x·Wᵀ (+ bias) + s·(drop(x)·Aᵀ)·Bᵀ as one op. `a` (r, in) and `b` (out, r) get gradients when they are
 /// variables; `w` and `bias` never do. y has x's dtype.
 pub fn lora_linear(x: &Tensor, a: &Tensor, b: &Tensor, op: LoraLinearOp) -> Result<Tensor> {
+    if x.device().is_cuda() {
+        return composed(x, a, b, &op);
+    }
     if !super::use_kernel(x, false) {
         return super::reference::lora_linear(x, a, b, &op);
     }
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+/// The GPU path, composed from ops that each own their backward: the frozen product ([`super::frozen_product`]:
+/// cuBLAS, dx only, NF4 dequantized by peftkit's kernel), the bias, and the low-rank update through candle's
+/// matmuls with A and B cast to x's dtype (their gradients come back in f32 through the casts; the (m, r) product
+/// is the only extra activation kept). Device-generic: the tests run it on the CPU against the fused kernel.
+pub(crate) fn composed(x: &Tensor, a: &Tensor, b: &Tensor, op: &LoraLinearOp) -> Result<Tensor> {
+    let mut y = super::frozen_product(x, &op.w)?;
+    if let Some(bias) = &op.bias {
+        y = y.broadcast_add(&bias.detach().to_dtype(x.dtype())?)?;
+    }
+    let k = a.dims2()?.1;
+    let m = x.elem_count() / k.max(1);
+    let x2 = x.reshape((m, k))?; // (m, in)
+    let x2 = match op.dropout {
+        Some((p, seed)) => super::dropout(&x2, p, seed)?,
+        None => x2,
+    };
+    let (a, b) = (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
+    // (m, in)·(in, r) → (m, r); ·(r, out) → (m, out)
+    let delta = (x2.matmul(&a.t()?)?.matmul(&b.t()?)? * op.scaling as f64)?;
+    let shape = y.shape().clone();
+    y + delta.reshape(shape)?
 }
 
 #[cfg(test)]
@@ -202,6 +228,28 @@ mod tests {
                 |t| reference::lora_linear(&t[0], &t[1], &t[2], &op).unwrap(),
                 1e-5,
             );
+        }
+    }
+
+    #[test]
+    fn gpu_composition_matches_the_kernel_forward_and_backward() {
+        let (w, bias, a, b, x) = setup();
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 3e-2)] {
+            for d in [None, Some((0.3, 11u64))] {
+                let op = LoraLinearOp {
+                    w: FrozenWeight::Dense(w.to_dtype(dt).unwrap()),
+                    bias: Some(bias.to_dtype(dt).unwrap()),
+                    scaling: 1.5,
+                    dropout: d,
+                };
+                // x in the compute dtype, A and B f32 (their gradients too), as in mixed-precision training.
+                compare_with_reference(
+                    &[x.to_dtype(dt).unwrap(), a.clone(), b.clone()],
+                    |t| lora_linear(&t[0], &t[1], &t[2], op.clone()).unwrap(),
+                    |t| composed(&t[0], &t[1], &t[2], &op).unwrap(),
+                    tol,
+                );
+            }
         }
     }
 

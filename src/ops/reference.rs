@@ -21,7 +21,7 @@ fn widen(x: &Tensor) -> Result<(Tensor, DType)> {
 pub fn frozen_product(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
     let w = match w {
         FrozenWeight::Dense(w) => w.detach(),
-        FrozenWeight::Nf4(_) => w.dense()?.to_device(x.device())?,
+        _ => w.dense()?.to_device(x.device())?,
     }
     .to_dtype(x.dtype())?;
     let (out, inp) = w.dims2()?;

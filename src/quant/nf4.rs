@@ -650,6 +650,34 @@ pub fn dequant_gbps(rows: usize, cols: usize, reps: usize) -> Result<f64, QuantE
     Ok(bytes / secs / 1e9)
 }
 
+impl Nf4Tensor {
+    /// A (rows × cols) weight of random codes and random double-quantized (or plain) scales, for benchmarks:
+    /// speed does not depend on the values, and drawing bytes is far faster than quantizing random floats (an
+    /// 8B-parameter base in seconds).
+    pub fn random(rows: usize, cols: usize, double_quant: bool, seed: u64) -> Result<Self, QuantError> {
+        use rand::{Rng, RngCore, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n = rows * cols;
+        let blocks = n.div_ceil(NF4_BLOCKSIZE);
+        let mut packed = vec![0u8; n.div_ceil(2)];
+        rng.fill_bytes(&mut packed);
+        let absmax = if double_quant {
+            let mut q = vec![0u8; blocks];
+            rng.fill_bytes(&mut q);
+            Absmax::Double {
+                q,
+                offset: 0.02,
+                absmax2: (0..blocks.div_ceil(NESTED_BLOCKSIZE)).map(|_| rng.random::<f32>() * 0.01).collect(),
+                code: dynamic_map_signed().to_vec(),
+                blocksize2: NESTED_BLOCKSIZE,
+            }
+        } else {
+            Absmax::Plain((0..blocks).map(|_| rng.random::<f32>() * 0.05).collect())
+        };
+        Self::from_bnb_parts(packed, absmax, &NF4_CODE, NF4_BLOCKSIZE, &[rows, cols])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,29 +10,7 @@ use cudarc::driver::CudaStream;
 use super::dequant::DequantBuffer;
 use super::error::{Nf4CudaError, Result};
 use super::Nf4Cuda;
-use crate::quant::nf4::{Absmax, Nf4Tensor};
-
-/// A random NF4 weight of the given shape: random codes and scales (throughput does not depend on the values).
-fn random_nf4(rows: usize, cols: usize, double_quant: bool, seed: u64) -> std::result::Result<Nf4Tensor, String> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n = rows * cols;
-    let blocks = n.div_ceil(crate::quant::NF4_BLOCKSIZE);
-    let packed: Vec<u8> = (0..n.div_ceil(2)).map(|_| rng.random()).collect();
-    let absmax = if double_quant {
-        Absmax::Double {
-            q: (0..blocks).map(|_| rng.random()).collect(),
-            offset: 0.02,
-            absmax2: (0..blocks.div_ceil(crate::quant::NESTED_BLOCKSIZE)).map(|_| rng.random::<f32>() * 0.01).collect(),
-            code: crate::quant::dynamic_map_signed().to_vec(),
-            blocksize2: crate::quant::NESTED_BLOCKSIZE,
-        }
-    } else {
-        Absmax::Plain((0..blocks).map(|_| rng.random::<f32>() * 0.05).collect())
-    };
-    Nf4Tensor::from_bnb_parts(packed, absmax, &crate::quant::NF4_CODE, crate::quant::NF4_BLOCKSIZE, &[rows, cols])
-        .map_err(|e| e.to_string())
-}
+use crate::quant::nf4::Nf4Tensor;
 
 /// Mean microseconds per call of `f` over `reps` calls (after one warm-up call), timed with CUDA events on
 /// `stream`.
@@ -75,7 +53,7 @@ pub fn dequant_gbps(
     double_quant: bool,
     reps: usize,
 ) -> Result<DequantBench> {
-    let t = random_nf4(rows, cols, double_quant, 0).map_err(candle_core::Error::Msg)?;
+    let t = Nf4Tensor::random(rows, cols, double_quant, 0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let w = Nf4Cuda::upload(&t, device)?;
     let mut buf = DequantBuffer::new(device, dtype)?;
     let micros = time_us(&w.stream, reps, || w.dequantize_into(&mut buf).map(|_| ()))?;
@@ -113,7 +91,7 @@ pub struct GemvTiming {
 /// The fused small-M product against dequantize-then-cuBLAS for a random double-quantized (n × k) weight at each
 /// M in `ms` (≤ 64; [`GEMV_BENCH_MS`](super::GEMV_BENCH_MS) is the usual list).
 pub fn gemv_vs_cublas(device: &Device, n: usize, k: usize, ms: &[usize], reps: usize) -> Result<Vec<GemvTiming>> {
-    let t = random_nf4(n, k, true, 1).map_err(candle_core::Error::Msg)?;
+    let t = Nf4Tensor::random(n, k, true, 1).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let w = Nf4Cuda::upload(&t, device)?;
     let mut buf = DequantBuffer::new(device, DType::BF16)?;
     let mut rows = Vec::with_capacity(ms.len());

@@ -144,6 +144,11 @@ impl DequantBuffer {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+
+    /// The device it lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
 }
 
 /// The in-place op that writes a weight into a [`DequantBuffer`]'s storage (under candle's storage lock).
