@@ -5,7 +5,8 @@
 //! transposed product and nothing else. The weight is a [`FrozenWeight`], dense (f32/bf16) or NF4; the CPU kernel
 //! reads it as f32 (in place, widened or dequantized into a reused buffer) and multiplies with the gemm crate.
 //! CUDA: cuBLAS through candle's matmul, on the weight as a dense device tensor of x's dtype — itself, or for NF4
-//! the device's dequantization scratch buffer just filled by peftkit's kernel ([`FrozenWeight::gpu_dense`]).
+//! the device's dequantization scratch buffer just filled by peftkit's kernel ([`FrozenWeight::gpu_dense`]). An
+//! NF4 product of at most 64 rows outside training (generation) takes the fused dequantize + GEMM kernel instead.
 
 use super::gemm::sgemm;
 use crate::host::{f32_view, storage_from_f32};
@@ -107,6 +108,15 @@ pub fn frozen_product(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
     if !super::use_kernel(x, has_cuda) {
         return super::reference::frozen_product(x, w);
     }
+    #[cfg(feature = "cuda")]
+    if let FrozenWeight::Nf4Cuda(q) = w {
+        // Generation (no graph, few rows): the fused dequantize + GEMM reads each packed byte once for all rows,
+        // instead of writing and re-reading a bf16 copy of the weight.
+        let rows = x.elem_count() / q.cols().max(1);
+        if !x.track_op() && x.dtype() == candle_core::DType::BF16 && rows <= crate::quant::cuda::GEMV_MAX_M {
+            return q.gemv(x).map_err(|e| candle_core::Error::Msg(e.to_string()));
+        }
+    }
     let x = x.contiguous()?;
     let op = FrozenMatmul { w: w.clone(), transposed: false };
     // With no variable upstream there is nothing to differentiate: skip recording the op.
@@ -156,5 +166,18 @@ mod tests {
         compare_bf16_with_f32(&[x], |t| frozen_matmul(&t[0], &w.to_dtype(t[0].dtype()).unwrap()).unwrap(), BF16_TOL);
         let y = frozen_matmul(&rand(&[2, 64], 9).to_dtype(DType::BF16).unwrap(), &w.to_dtype(DType::BF16).unwrap());
         assert_eq!(y.unwrap().dtype(), DType::BF16);
+    }
+
+    #[test]
+    fn gpu_dense_product_matches_the_cpu() {
+        let Some(gpu) = crate::compute::test_gpu("gpu_dense_product_matches_the_cpu") else { return };
+        let w = rand(&[48, 96], 10);
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, BF16_TOL)] {
+            let x = rand(&[2, 9, 96], 11).to_dtype(dt).unwrap();
+            let w = w.to_dtype(dt).unwrap();
+            let wg = w.to_device(&gpu).unwrap();
+            let pick = |t: &Tensor| if t.device().is_cpu() { w.clone() } else { wg.clone() };
+            compare_gpu_with_cpu(&gpu, &[x], |t| frozen_matmul(&t[0], &pick(&t[0])).unwrap(), tol);
+        }
     }
 }

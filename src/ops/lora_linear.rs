@@ -280,4 +280,32 @@ mod tests {
             assert!(e < BF16_TOL, "gradient {i}: {e}");
         }
     }
+
+    /// The GPU path (frozen product on cuBLAS + the low-rank update through candle's matmuls) against the CPU
+    /// kernel: y, dx, dA, dB, with dropout, dense and NF4 bases, f32 and bf16 activations (A, B f32).
+    #[test]
+    fn gpu_lora_linear_matches_the_cpu() {
+        let Some(gpu) = crate::compute::test_gpu("gpu_lora_linear_matches_the_cpu") else { return };
+        let (w, bias, a, b, x) = setup();
+        let (out, inp) = w.dims2().unwrap();
+        let (q, _) = nf4_weight(out, inp, 50);
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, BF16_TOL)] {
+            for base in [FrozenWeight::Dense(w.to_dtype(dt).unwrap()), FrozenWeight::Nf4(q.clone())] {
+                let on_gpu = base.to_device(&gpu).unwrap();
+                let bias_g = bias.to_dtype(dt).unwrap().to_device(&gpu).unwrap();
+                let op = |t: &Tensor| LoraLinearOp {
+                    w: if t.device().is_cpu() { base.clone() } else { on_gpu.clone() },
+                    bias: Some(if t.device().is_cpu() { bias.to_dtype(dt).unwrap() } else { bias_g.clone() }),
+                    scaling: 1.5,
+                    dropout: Some((0.2, 17)),
+                };
+                compare_gpu_with_cpu(
+                    &gpu,
+                    &[x.to_dtype(dt).unwrap(), a.clone(), b.clone()],
+                    |t| lora_linear(&t[0], &t[1], &t[2], op(&t[0])).unwrap(),
+                    tol,
+                );
+            }
+        }
+    }
 }

@@ -56,6 +56,40 @@ mod tests {
         compare_bf16_with_f32(&[x], |t| nf4_matmul(&t[0], &q).unwrap(), BF16_TOL);
     }
 
+    /// The GPU path (the weight uploaded, dequantized per product into the scratch buffer, cuBLAS) against the
+    /// CPU op, forward and dx, f32 and bf16; then the fused small-M kernel generation uses.
+    #[test]
+    fn gpu_nf4_product_matches_the_cpu() {
+        let Some(gpu) = crate::compute::test_gpu("gpu_nf4_product_matches_the_cpu") else { return };
+        let (q, _) = nf4_weight(96, 256, 41);
+        let (w_cpu, w_gpu) = (FrozenWeight::Nf4(q.clone()), FrozenWeight::Nf4(q).to_device(&gpu).unwrap());
+        assert!(w_gpu.device().same_device(&gpu));
+        // Two weights of different sizes in turn: the shared scratch buffer is reused and regrown.
+        let (q2, _) = nf4_weight(300, 64, 43);
+        let w2_gpu = FrozenWeight::Nf4(q2.clone()).to_device(&gpu).unwrap();
+        let x = rand(&[3, 5, 256], 42);
+        let pick = |t: &Tensor| if t.device().is_cpu() { &w_cpu } else { &w_gpu };
+        compare_gpu_with_cpu(&gpu, &[x.clone()], |t| super::super::frozen_product(&t[0], pick(&t[0])).unwrap(), 1e-5);
+        compare_gpu_with_cpu(
+            &gpu,
+            &[x.to_dtype(DType::BF16).unwrap()],
+            |t| super::super::frozen_product(&t[0], pick(&t[0])).unwrap(),
+            BF16_TOL,
+        );
+        let x2 = rand(&[7, 64], 44);
+        let y2 = super::super::frozen_product(&x2.to_device(&gpu).unwrap(), &w2_gpu).unwrap();
+        let d = rel_l2(&y2, &super::super::frozen_product(&x2, &FrozenWeight::Nf4(q2)).unwrap());
+        assert!(d <= 1e-5, "{d}");
+        // Generation: no graph, bf16, M ≤ 64 rows → the fused kernel.
+        for m in [1, 4, 64] {
+            let xb = rand(&[m, 256], 45).to_dtype(DType::BF16).unwrap();
+            let want = super::super::frozen_product(&xb, &w_cpu).unwrap();
+            let got = super::super::frozen_product(&xb.to_device(&gpu).unwrap(), &w_gpu).unwrap();
+            let d = rel_l2(&got, &want);
+            assert!(d <= BF16_TOL, "M = {m}: {d}");
+        }
+    }
+
     #[test]
     fn qlora_gradients_equal_lora_gradients_on_the_dequantized_base() {
         let (out, inp, r) = (24, 40, 4);

@@ -62,7 +62,7 @@ pub fn forward_backward(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) -> (
     let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let y = f(&ts);
-    let p = rand(y.dims(), 99).to_dtype(y.dtype()).unwrap();
+    let p = rand(y.dims(), 99).to_dtype(y.dtype()).unwrap().to_device(y.device()).unwrap();
     let grads = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
     let g = ts
         .iter()
@@ -111,6 +111,24 @@ pub fn compare_bf16_with_f32(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor,
         assert_eq!(a.dtype(), DType::BF16, "gradient {i} of a bf16 input");
         let e = rel_l2(a, b);
         assert!(e <= tol, "bf16 gradient {i}: relative error {e} > {tol}");
+    }
+}
+
+/// The op on `gpu` against the same op on the CPU: output and every input's gradient within `tol` relative L2
+/// error, in the inputs' dtypes. The CPU op is the reference (itself checked against finite differences and the
+/// composed version), so a GPU kernel is checked against an outside result.
+pub fn compare_gpu_with_cpu(gpu: &Device, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, tol: f32) {
+    let (yc, gc) = forward_backward(inputs, &f);
+    let on_gpu: Vec<Tensor> = inputs.iter().map(|t| t.to_device(gpu).unwrap()).collect();
+    let (yg, gg) = forward_backward(&on_gpu, &f);
+    assert!(yg.device().same_device(gpu), "the GPU run's output is not on the GPU");
+    assert_eq!((yg.dims(), yg.dtype()), (yc.dims(), yc.dtype()), "output shape/dtype");
+    let e = rel_l2(&yg, &yc);
+    assert!(e <= tol, "GPU output: relative error {e} > {tol}");
+    for (i, (a, b)) in gg.iter().zip(&gc).enumerate() {
+        assert_eq!(a.dtype(), b.dtype(), "gradient {i} dtype");
+        let e = rel_l2(a, b);
+        assert!(e <= tol, "GPU gradient {i}: relative error {e} > {tol}");
     }
 }
 
