@@ -6,8 +6,8 @@
 //! adapter weights, their gradients and the AdamW state stay f32 — as `torch.autocast(dtype=torch.bfloat16)` with
 //! an f32 PEFT adapter does. `f32` runs everything in f32.
 //!
-//! `auto`: the device is the CPU (the CUDA training path is issue 13's work; ask for `cuda` explicitly), and the
-//! dtype is f32 on the CPU and bf16 on a CUDA GPU. bf16 on the CPU works everywhere (the values are widened to f32
+//! `auto`: the device is the first CUDA GPU when this build has the `cuda` feature and the machine a usable GPU,
+//! else the CPU; the dtype is bf16 on a CUDA GPU and f32 on the CPU. bf16 on the CPU works everywhere (the values are widened to f32
 //! for arithmetic, so results match f32 within bf16 rounding) and halves the frozen weights' memory, but the
 //! products still run as f32 GEMMs, so it is slower than f32 today, also on CPUs with AVX512-BF16 or AMX-BF16.
 //! Once the CPU GEMM uses those units, `auto` is to pick bf16 where [`crate::cpu::Features::has_bf16_compute`].
@@ -136,7 +136,9 @@ impl Compute {
     /// Resolves a request against this build and machine.
     pub fn resolve(device: DeviceRequest, dtype: DtypeRequest) -> Result<Self, ComputeError> {
         let device = match device {
-            DeviceRequest::Auto | DeviceRequest::Cpu => Device::Cpu,
+            DeviceRequest::Cpu => Device::Cpu,
+            // A GPU when there is one (a build without `cuda` has none); anything else is the CPU.
+            DeviceRequest::Auto => cuda_device(0).unwrap_or(Device::Cpu),
             DeviceRequest::Cuda(index) => cuda_device(index)?,
         };
         let dtype = match dtype {
@@ -229,7 +231,11 @@ mod tests {
         assert_eq!(c.dtype, DType::BF16);
         assert_eq!(c.describe(), "cpu/bf16");
         let auto = Compute::resolve(DeviceRequest::Auto, DtypeRequest::Auto).unwrap();
-        assert_eq!((auto.device.is_cpu(), auto.dtype), (true, DType::F32));
+        // The CPU in f32, or (a `cuda` build on a GPU machine) the GPU in bf16.
+        let want = if auto.device.is_cpu() { DType::F32 } else { DType::BF16 };
+        assert_eq!(auto.dtype, want);
+        #[cfg(not(feature = "cuda"))]
+        assert!(auto.device.is_cpu());
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -57,7 +57,8 @@ pub struct BaseArgs {
 /// Where and in which dtype to compute, for every command that runs a model.
 #[derive(clap::Args, Clone, Default)]
 pub struct ComputeArgs {
-    /// Compute device: auto, cpu, cuda or cuda:N [default: the recipe's training.device, else auto = cpu].
+    /// Compute device: auto, cpu, cuda or cuda:N [default: the recipe's training.device, else auto = the GPU in a
+    /// `cuda` build that finds one, else the CPU].
     #[arg(long)]
     pub device: Option<DeviceRequest>,
     /// Dtype of the frozen weights and activations: auto, f32 or bf16 (adapters and optimizer stay f32)

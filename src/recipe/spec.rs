@@ -363,7 +363,8 @@ pub struct TrainingSpec {
     pub save_every: Option<usize>,
     /// Log every this many steps (default 1).
     pub logging_every: usize,
-    /// Where to compute: `auto` (default: the CPU), `cpu`, `cuda`, `cuda:N`. `--device` overrides it.
+    /// Where to compute: `auto` (default: the first CUDA GPU in a `cuda` build that finds one, else the CPU), `cpu`,
+    /// `cuda`, `cuda:N`. `--device` overrides it.
     pub device: DeviceRequest,
     /// Dtype of the frozen weights and activations: `auto` (default: f32 on the CPU, bf16 on CUDA), `f32`, `bf16`
     /// (mixed precision; adapters and optimizer stay f32). `--dtype` overrides it.
