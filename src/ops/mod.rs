@@ -34,6 +34,7 @@ mod cross_entropy;
 mod dropout;
 mod frozen_matmul;
 pub(crate) mod gemm;
+mod graft;
 mod lora_linear;
 mod nf4_matmul;
 pub mod reference;
