@@ -5,9 +5,17 @@
 //! Activation memory per layer is the output alone (plus q, k, v, which the projections' backward keeps anyway).
 //! Scores, probabilities and accumulations are f32 whatever the storage dtype. The reference it is tested against
 //! is [`super::reference::attention`] (repeat K/V, matmuls, [`super::causal_softmax`]).
-//! Reference: Vaswani et al. (2017); grouped-query attention, Ainslie et al. (2023); transformers' `sdpa_attention`.
+//!
+//! On CUDA, [`attention`] takes [`attention_chunked`] instead: candle tensor ops (so cuBLAS does the products),
+//! queries `chunk` rows at a time with query heads grouped by their K/V head (no repeated K/V), keys past a chunk's
+//! last causal position skipped. The forward keeps O and the row log-sum-exp L = m + ln Σ exp(S − m) (f32); the
+//! backward recomputes P = exp(S − L) per chunk and uses D = rowsum(dO ⊙ O) (= rowsum(dP ⊙ P)) — FlashAttention-2's
+//! backward at chunk granularity. Peak extra memory is a few chunk-sized f32 score blocks, not (t × s) per head.
+//! Reference: Vaswani et al. (2017); grouped-query attention, Ainslie et al. (2023); transformers' `sdpa_attention`;
+//! Dao, FlashAttention-2 (2023), algorithm 2.
 
 use super::gemm::gemm_strided;
+use super::graft::Grads3;
 use crate::host::{f32_view, storage_from_f32, tensor_from_f32, with_f32};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
@@ -378,8 +386,6 @@ impl Chunked {
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
-
-type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
 /// [`attention`] by query chunks of `chunk` rows (default: a chunk's f32 scores within 64 MiB), in candle tensor
 /// ops on any device: the path CUDA takes, callable on the CPU so that tests run exactly the GPU's code.

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 /// The backward step of a one-input graft: (input, output, d output) → d input.
 type Bwd1 = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync;
 /// Three gradients, one per input of a three-input graft.
-type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+pub(crate) type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 /// The backward step of a three-input graft: (a, b, c, output, d output) → (da, db, dc).
 type Bwd3 = dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync;
 
