@@ -215,7 +215,7 @@ pub(crate) fn linear_cross_entropy_chunked(
         None if head.dtype() == DType::F32 => vocab,
         None => (HEAD_PIECE_BYTES / (d * 4).max(1)).max(1),
     };
-    let (hd, head, dev) = (h.detach(), head.detach(), h.device());
+    let (hd, head, dev) = (h.detach().contiguous()?, head.detach().contiguous()?, h.device());
     let want_grad = h.track_op();
     let mut total = Tensor::zeros((), DType::F64, dev)?;
     let mut dhs = Vec::new();
