@@ -15,9 +15,9 @@
 //! | [`rms_norm`] | y = x·r·w, r = (mean(x²)+ε)^-½ | dx = r·u − x·r³·mean(u⊙x), u = dy⊙w |
 //! | [`rope`] | HF "rotate_half" rotary embedding | rope with −sin |
 //! | [`causal_softmax`] (softmax.rs) | softmax(s·x) with a causal mask | s·y⊙(g − Σ g⊙y) |
-//! | [`attention`] | causal GQA softmax(s·QKᵀ)·V, fused | recomputes P; dV = Pᵀ·dO, dS = P⊙(dP − Σ dP⊙P) |
+//! | [`attention`] | causal GQA softmax(s·QKᵀ)·V: fused per head (CPU); by query chunks, keeping O and the row log-sum-exp L (CUDA) | recomputes P (per chunk: exp(s·QKᵀ − L)); dV = Pᵀ·dO, dS = P⊙(dP − rowsum(dO⊙O)) |
 //! | [`swiglu`] | silu(a)·b | da = g·b·σ(a)(1 + a(1−σ(a))), db = g·silu(a) |
-//! | [`linear_cross_entropy`] (cross_entropy.rs) | Σ −log softmax(h·Wᵀ)[label] / n | dh computed in the forward |
+//! | [`linear_cross_entropy`] (cross_entropy.rs) | Σ −log softmax(h·Wᵀ)[label] / n, by row chunks (CPU kernel; tensor ops on CUDA) | dh computed in the forward |
 //! | [`dropout`] | x ⊙ mask(seed, index) | g ⊙ mask |
 //!
 //! **Dtypes.** Every kernel takes f32 or bf16 storage and computes in f32 (bf16 is widened on the way in and
@@ -27,13 +27,17 @@
 //!
 //! **Dispatch** — the one rule, [`use_kernel`]: an op runs its own kernel where the tensor's device and dtype have
 //! one (CPU f32/bf16 for all; CUDA for the ops that have CUDA kernels, today the dense frozen product), else its
-//! [`reference`] composition.
+//! [`reference`] composition. Two exceptions on CUDA, where the reference would hold (t × s) scores per head or
+//! the full (tokens × vocab) logits: [`attention`] and [`linear_cross_entropy`] take their chunked paths, written
+//! in candle tensor ops (cuBLAS does the products) and attached to the graph with a backward of our own by
+//! [`graft`]; tests run the same code on the CPU (`attention_chunked`, `linear_cross_entropy_chunked`).
 
 mod attention;
 mod cross_entropy;
 mod dropout;
 mod frozen_matmul;
 pub(crate) mod gemm;
+mod graft;
 mod lora_linear;
 mod nf4_matmul;
 pub mod reference;
