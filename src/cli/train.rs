@@ -242,7 +242,17 @@ pub fn run(args: Args) -> Result<()> {
                 candle_core::utils::get_num_threads(),
                 peftkit::compute::dtype_name(compute.dtype)
             ),
-            _ => compute.describe(),
+            _ => match peftkit::gpu::info(&compute.device) {
+                Some(g) => format!(
+                    "{} ({}, sm_{}{}), {}",
+                    compute.describe(),
+                    g.name,
+                    g.capability.0,
+                    g.capability.1,
+                    peftkit::compute::dtype_name(compute.dtype)
+                ),
+                None => compute.describe(),
+            },
         },
         frameworks: framework_versions(),
     };
