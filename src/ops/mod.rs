@@ -31,6 +31,8 @@
 
 mod attention;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 mod dropout;
 mod frozen_matmul;
 pub(crate) mod gemm;
