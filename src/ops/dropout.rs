@@ -149,12 +149,12 @@ mod tests {
     fn kernel_matches_reference_and_bf16_keeps_the_mask() {
         let x = rand(&[6, 10], 16);
         compare_with_reference(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             |t| dropout(&t[0], 0.4, 5).unwrap(),
             |t| super::super::reference::dropout(&t[0], 0.4, 5).unwrap(),
             1e-6,
         );
-        compare_bf16_with_f32(&[x.clone()], |t| dropout(&t[0], 0.4, 5).unwrap(), BF16_TOL);
+        compare_bf16_with_f32(std::slice::from_ref(&x), |t| dropout(&t[0], 0.4, 5).unwrap(), BF16_TOL);
         // The same elements are dropped in bf16.
         let z32: Vec<f32> = dropout(&x, 0.4, 5).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let z16: Vec<f32> = dropout(&x.to_dtype(DType::BF16).unwrap(), 0.4, 5)

@@ -248,7 +248,7 @@ mod tests {
         let w = (rand(&[40], 5) + 1.5).unwrap();
         let x = rand(&[3, 7, 40], 6);
         compare_with_reference(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             |t| rms_norm(&t[0], &w, 1e-5).unwrap(),
             |t| super::super::reference::rms_norm(&t[0], &w, 1e-5).unwrap(),
             1e-5,

@@ -160,7 +160,7 @@ mod tests {
         let want = candle_nn::rotary_emb::rope_slow(&xt, &cos, &sin).unwrap().transpose(1, 2).unwrap();
         assert!(max_abs_diff(&want, &rope(&x, &cos, &sin).unwrap()) < 1e-6);
         compare_with_reference(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             |t| rope(&t[0], &cos, &sin).unwrap(),
             |t| super::super::reference::rope(&t[0], &cos, &sin).unwrap(),
             1e-5,

@@ -4,8 +4,8 @@
 //! State is kept in f32 and saved/restored with checkpoints.
 //!
 //! On CUDA an f32 parameter takes one fused kernel (`src/ops/cuda/adamw.cu`) that updates p, m and v in place from
-//! the gradient, with the composed step's f32 roundings in its order (the same values bit for bit); elsewhere the
-//! step is composed from candle ops.
+//! the gradient, with the composed step's f32 roundings in its order (the same values, up to the sign of a zero);
+//! elsewhere the step is composed from candle ops.
 
 use candle_core::{DType, Result, Tensor, Var};
 
@@ -101,11 +101,14 @@ mod cuda {
         pub lr: f32,
     }
 
-    /// Whether two tensors hold the same storage (the same buffer behind candle's lock).
+    /// Whether two tensors hold the same storage (the same buffer behind candle's lock). One lock guard at a time:
+    /// the addresses are compared after both are released (the tensors keep their storage alive).
     fn shares_storage(a: &Tensor, b: &Tensor) -> bool {
-        let (sa, _) = a.storage_and_layout();
-        let (sb, _) = b.storage_and_layout();
-        std::ptr::eq(&*sa as *const Storage, &*sb as *const Storage)
+        fn address(t: &Tensor) -> *const Storage {
+            let (s, _) = t.storage_and_layout();
+            &*s as *const Storage
+        }
+        std::ptr::eq(address(a), address(b))
     }
 
     /// A dense f32 CUDA tensor of `n` elements, starting at offset 0.

@@ -3,7 +3,8 @@
 //   m ← β₁·m + (1−β₁)·g;  v ← β₂·v + (1−β₂)·g²;  p ← p·(1 − lr·wd) − lr·(m·(1/c₁)) / (√(v·(1/c₂)) + ε)
 // with c₁ = 1 − β₁ᵗ, c₂ = 1 − β₂ᵗ. The scalars arrive as the f32 values candle's scalar ops use on the CPU, and every
 // product, sum, quotient and square root is rounded once in f32 in the CPU's order (no fused multiply-add), so the
-// kernel reproduces the composed CPU step bit for bit.
+// kernel reproduces the composed CPU step's values (candle's scalar ops also add a +0.0, which can only turn a −0
+// into +0).
 //
 // Kernel: adamw_step_f32(p, g, m, v, n, b1, one_minus_b1, b2, one_minus_b2, decay, inv_c1, inv_c2, eps, lr).
 // Grid: (min(⌈n/256⌉, …), 1, 1) × 256 threads, grid-stride loop.

@@ -91,9 +91,14 @@ fn rms_norm_gpu_matches_cpu() {
             [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::BF16, DType::F32), (DType::F32, DType::BF16)]
         {
             let w = (rand(&[d], 20 + i as u64) + 1.5).unwrap().to_dtype(wdt).unwrap();
-            gpu_matches_cpu(&format!("rms_norm {shape:?} w {wdt:?}"), &dev, &[x.clone()], dt, tol(dt), &|t| {
-                ops::rms_norm(&t[0], &w.to_device(t[0].device()).unwrap(), 1e-5).unwrap()
-            });
+            gpu_matches_cpu(
+                &format!("rms_norm {shape:?} w {wdt:?}"),
+                &dev,
+                std::slice::from_ref(&x),
+                dt,
+                tol(dt),
+                &|t| ops::rms_norm(&t[0], &w.to_device(t[0].device()).unwrap(), 1e-5).unwrap(),
+            );
         }
     }
     // An input that starts at an offset in its storage (a contiguous view).
@@ -112,7 +117,7 @@ fn rope_gpu_matches_cpu() {
         let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
         let x = rand(&[b, t, h, d], 50 + i as u64);
         for dt in [DType::F32, DType::BF16] {
-            gpu_matches_cpu(&format!("rope {:?}", (b, t, h, d)), &dev, &[x.clone()], dt, tol(dt), &|x| {
+            gpu_matches_cpu(&format!("rope {:?}", (b, t, h, d)), &dev, std::slice::from_ref(&x), dt, tol(dt), &|x| {
                 let dev = x[0].device();
                 ops::rope(&x[0], &cos.to_device(dev).unwrap(), &sin.to_device(dev).unwrap()).unwrap()
             });
@@ -162,7 +167,7 @@ fn dropout_gpu_draws_the_cpu_mask() {
     // Values and gradients, f32 and bf16, bit for bit (the same f32 product, the same rounding).
     let x = rand(&[6, 1000], 92);
     for dt in [DType::F32, DType::BF16] {
-        gpu_matches_cpu("dropout", &dev, &[x.clone()], dt, 0.0, &|t| ops::dropout(&t[0], 0.3, 7).unwrap());
+        gpu_matches_cpu("dropout", &dev, std::slice::from_ref(&x), dt, 0.0, &|t| ops::dropout(&t[0], 0.3, 7).unwrap());
     }
     gpu_matches_cpu("dropout view", &dev, &[x], DType::F32, 0.0, &|t| {
         ops::dropout(&t[0].narrow(0, 2, 3).unwrap(), 0.3, 7).unwrap()
