@@ -146,6 +146,15 @@ mod tests {
     }
 
     #[test]
+    fn the_mask_is_pinned() {
+        // Resumed runs and the CUDA kernel (src/ops/cuda/dropout.cu; scripts/kernel-emu.sh prints the same 16 values)
+        // rely on these exact bits: the first multipliers for p = 0.3, seed 7.
+        let k = 1.0 / 0.7f32;
+        let want = [k, k, k, k, k, k, k, 0.0, k, k, k, k, 0.0, k, 0.0, 0.0];
+        assert_eq!(dropout_mask(16, 0.3, 7), want);
+    }
+
+    #[test]
     fn kernel_matches_reference_and_bf16_keeps_the_mask() {
         let x = rand(&[6, 10], 16);
         compare_with_reference(
