@@ -209,6 +209,17 @@ mod tests {
     }
 
     #[test]
+    fn mixed_dtypes_give_each_input_a_gradient_in_its_own_dtype() {
+        use candle_core::DType;
+        let a = rand(&[3, 8], 14).to_dtype(DType::BF16).unwrap();
+        let b = rand(&[3, 8], 15);
+        let (y, g) = forward_backward(&[a.clone(), b.clone()], &|t| swiglu(&t[0], &t[1]).unwrap());
+        assert_eq!((y.dtype(), g[0].dtype(), g[1].dtype()), (DType::BF16, DType::BF16, DType::F32));
+        let want = swiglu(&a, &b.to_dtype(DType::BF16).unwrap()).unwrap();
+        assert_eq!(max_abs_diff(&y, &want), 0.0);
+    }
+
+    #[test]
     fn kernel_matches_reference_and_bf16_matches_f32() {
         let (a, b) = ((rand(&[5, 9], 12) * 4.0).unwrap(), rand(&[5, 9], 13));
         compare_with_reference(
