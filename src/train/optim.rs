@@ -128,14 +128,17 @@ mod cuda {
         if !dense_f32(p, n) || !g.device().same_device(p.device()) || g.dtype() != DType::F32 || g.elem_count() != n {
             return Ok(false);
         }
-        // The state must be this parameter's own f32 buffers on its device (a restored or shared one is copied).
+        // The state must be this parameter's own dense f32 buffers on its device: anything else (a view, another
+        // device or dtype, a buffer shared with p or between m and v) is replaced by a fresh copy (`affine(1, 0)`
+        // writes a new dense buffer; `copy` would keep a view's layout).
+        let fresh = |s: &Tensor| s.to_device(p.device())?.to_dtype(DType::F32)?.affine(1.0, 0.0);
         for s in [&mut *m, &mut *v] {
             if !dense_f32(s, n) || !s.device().same_device(p.device()) || shares_storage(s, p) {
-                *s = s.to_device(p.device())?.to_dtype(DType::F32)?.copy()?;
+                *s = fresh(s)?;
             }
         }
         if shares_storage(m, v) {
-            *v = v.copy()?;
+            *v = fresh(v)?;
         }
         let g = g.contiguous()?;
         m.inplace_op1(&StepM { v, p, g: &g, k })?;
