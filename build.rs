@@ -1,9 +1,12 @@
 //! Build script. Always: exports the locked versions of the numerics crates (`PEFTKIT_<CRATE>_VERSION`, read from
-//! Cargo.lock) for the model cards' "Framework versions". With the `cuda` feature it also compiles the NF4 CUDA kernels (`src/quant/cuda/nf4.cu`) to PTX with nvcc.
+//! Cargo.lock) for the model cards' "Framework versions". With the `cuda` feature it also compiles each CUDA kernel
+//! source in [`KERNELS`] (the NF4 kernels `src/quant/cuda/nf4.cu`, the training primitives `src/ops/cuda/*.cu`) to
+//! one PTX file with nvcc.
 //!
 //! The PTX targets the virtual architecture `compute_80` (override: `PEFTKIT_CUDA_ARCH`), so one file runs on every
 //! GPU from Ampere (sm_80) on: the driver JIT-compiles it for the actual device (H100/H200: sm_90) when the module
-//! is first loaded. The output is `$OUT_DIR/nf4.ptx`, embedded by `src/quant/cuda/kernels.rs` with `include_str!`.
+//! is first loaded. The outputs are `$OUT_DIR/<stem>.ptx` (`nf4.ptx`, `rms_norm.ptx`, …), embedded with
+//! `include_str!` by `src/quant/cuda/kernels.rs` and `src/ops/cuda/mod.rs`.
 //!
 //! nvcc is looked up as `$NVCC`, then `$CUDA_ROOT/bin/nvcc`, `$CUDA_PATH/bin/nvcc`, `$CUDA_HOME/bin/nvcc`, then on
 //! `PATH`. A missing nvcc or a kernel that does not compile fails the build with nvcc's own message. Without the
@@ -12,7 +15,18 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNEL_SRC: &str = "src/quant/cuda/nf4.cu";
+/// The CUDA kernel sources, each with one entry point its PTX must contain (a quick check that nvcc compiled what
+/// the Rust side loads; the tests check every entry point). Each becomes `$OUT_DIR/<file stem>.ptx`.
+const KERNELS: [(&str, &str); 6] = [
+    ("src/quant/cuda/nf4.cu", "nf4_dequant_bf16_double"),
+    ("src/ops/cuda/rms_norm.cu", "rms_norm_bwd_bf16_f32"),
+    ("src/ops/cuda/rope.cu", "rope_bf16"),
+    ("src/ops/cuda/swiglu.cu", "swiglu_bwd_bf16"),
+    ("src/ops/cuda/dropout.cu", "dropout_bf16"),
+    ("src/ops/cuda/adamw.cu", "adamw_step_f32"),
+];
+/// Headers the kernel sources include (rebuild when they change).
+const KERNEL_HEADERS: [&str; 1] = ["src/ops/cuda/common.cuh"];
 const ENV_VARS: [&str; 5] = ["NVCC", "CUDA_ROOT", "CUDA_PATH", "CUDA_HOME", "PEFTKIT_CUDA_ARCH"];
 
 /// Crates whose versions the model cards state, and the variable each is exported as.
@@ -24,7 +38,9 @@ const VERSIONED: [(&str, &str); 3] = [
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed={KERNEL_SRC}");
+    for path in KERNELS.iter().map(|k| k.0).chain(KERNEL_HEADERS) {
+        println!("cargo:rerun-if-changed={path}");
+    }
     println!("cargo:rerun-if-changed=Cargo.lock");
     export_versions();
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -33,7 +49,7 @@ fn main() {
     for var in ENV_VARS {
         println!("cargo:rerun-if-env-changed={var}");
     }
-    if let Err(msg) = compile_ptx() {
+    if let Err(msg) = compile_all() {
         // Cargo prints a failed build script's stderr in full: nvcc's diagnostics, without a Rust backtrace.
         eprintln!("peftkit build.rs (feature `cuda`): {msg}");
         std::process::exit(1);
@@ -67,23 +83,31 @@ fn export_versions() {
     }
 }
 
-fn compile_ptx() -> Result<(), String> {
+fn compile_all() -> Result<(), String> {
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set (not run by cargo?)")?);
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").ok_or("CARGO_MANIFEST_DIR is not set")?);
-    let src = manifest_dir.join(KERNEL_SRC);
-    let ptx = out_dir.join("nf4.ptx");
     let nvcc = find_nvcc()?;
     let arch = std::env::var("PEFTKIT_CUDA_ARCH").unwrap_or_else(|_| "compute_80".to_string());
+    for (src, entry) in KERNELS {
+        let src = manifest_dir.join(src);
+        let stem =
+            src.file_stem().and_then(|s| s.to_str()).ok_or_else(|| format!("{}: no file stem", src.display()))?;
+        compile_ptx(&nvcc, &arch, &src, &out_dir.join(format!("{stem}.ptx")), entry)?;
+    }
+    Ok(())
+}
 
-    let output = Command::new(&nvcc)
+/// Compiles `src` to `ptx` and checks that it defines `entry`.
+fn compile_ptx(nvcc: &Path, arch: &str, src: &Path, ptx: &Path, entry: &str) -> Result<(), String> {
+    let output = Command::new(nvcc)
         .arg("--ptx")
         .arg(format!("-arch={arch}"))
-        // No --use_fast_math: the kernels must reproduce the CPU codec's f32 roundings exactly (they also use the
-        // explicit __fmul_rn/__fadd_rn where a fused multiply-add would change a result).
+        // No --use_fast_math: the kernels must reproduce the CPU kernels' f32 roundings (they also use the explicit
+        // __fmul_rn/__fadd_rn where a fused multiply-add would change a result).
         .args(["-O3", "-std=c++17", "-lineinfo"])
         .arg("-o")
-        .arg(&ptx)
-        .arg(&src)
+        .arg(ptx)
+        .arg(src)
         .output()
         .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -100,9 +124,9 @@ fn compile_ptx() -> Result<(), String> {
     for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
         println!("cargo:warning=nvcc: {line}");
     }
-    let text = std::fs::read_to_string(&ptx).map_err(|e| format!("nvcc wrote no readable {}: {e}", ptx.display()))?;
-    if !text.contains(".entry nf4_dequant_bf16_double") {
-        return Err(format!("{} lacks the expected kernel entry points", ptx.display()));
+    let text = std::fs::read_to_string(ptx).map_err(|e| format!("nvcc wrote no readable {}: {e}", ptx.display()))?;
+    if !text.contains(&format!(".entry {entry}(")) {
+        return Err(format!("{} lacks the expected kernel entry point {entry}", ptx.display()));
     }
     Ok(())
 }

@@ -39,7 +39,7 @@ for line in sys.stdin:
 ')
   rm -rf "$GPU_DIR"
   mkdir -p "$GPU_DIR"
-  strip -o "$GPU_DIR/peftkit" target/release/peftkit
+  strip -o "$GPU_DIR/peftkit" "${CARGO_TARGET_DIR:-target}/release/peftkit"
   while read -r name exe; do
     strip -o "$GPU_DIR/test-$name" "$exe"
   done <<<"$list"

@@ -7,18 +7,21 @@
 //! backward against central finite differences, the kernel against [`reference`] (forward and backward), and bf16
 //! against f32.
 //!
-//! | op (file) | forward | backward |
-//! |---|---|---|
-//! | [`frozen_matmul`] | y = x·Wᵀ, W dense | dx = dy·W (no dW: the weight is frozen) |
-//! | [`nf4_matmul`] | y = x·dequant(W)ᵀ, W in NF4 | dx = dy·dequant(W) |
-//! | [`lora_linear`] | y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ | dx, dA, dB (recomputes drop(x)·Aᵀ) |
-//! | [`rms_norm`] | y = x·r·w, r = (mean(x²)+ε)^-½ | dx = r·u − x·r³·mean(u⊙x), u = dy⊙w |
-//! | [`rope`] | HF "rotate_half" rotary embedding | rope with −sin |
-//! | [`causal_softmax`] (softmax.rs) | softmax(s·x) with a causal mask | s·y⊙(g − Σ g⊙y) |
-//! | [`attention`] | causal GQA softmax(s·QKᵀ)·V: fused per head (CPU); by query chunks, keeping O and the row log-sum-exp L (CUDA) | recomputes P (per chunk: exp(s·QKᵀ − L)); dV = Pᵀ·dO, dS = P⊙(dP − rowsum(dO⊙O)) |
-//! | [`swiglu`] | silu(a)·b | da = g·b·σ(a)(1 + a(1−σ(a))), db = g·silu(a) |
-//! | [`linear_cross_entropy`] (cross_entropy.rs) | Σ −log softmax(h·Wᵀ)[label] / n, by row chunks (CPU kernel; tensor ops on CUDA) | dh computed in the forward |
-//! | [`dropout`] | x ⊙ mask(seed, index) | g ⊙ mask |
+//! | op (file) | forward | backward | on CUDA |
+//! |---|---|---|---|
+//! | [`frozen_matmul`] | y = x·Wᵀ, W dense | dx = dy·W (no dW: the weight is frozen) | cuBLAS (candle's matmul) |
+//! | [`nf4_matmul`] | y = x·dequant(W)ᵀ, W in NF4 | dx = dy·dequant(W) | `quant/cuda/nf4.cu` dequantization into a scratch buffer, then cuBLAS; fused dequant + GEMM for ≤ 64 rows without a graph (generation) |
+//! | [`lora_linear`] | y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ | dx, dA, dB (recomputes drop(x)·Aᵀ) | composed: frozen product + candle matmuls for the update (`lora_linear::composed`) |
+//! | [`rms_norm`] | y = x·r·w, r = (mean(x²)+ε)^-½ | dx = r·u − x·r³·mean(u⊙x), u = dy⊙w | `cuda/rms_norm.cu` fwd, bwd |
+//! | [`rope`] | HF "rotate_half" rotary embedding | rope with −sin | `cuda/rope.cu` (both) |
+//! | [`causal_softmax`] (softmax.rs) | softmax(s·x) with a causal mask | s·y⊙(g − Σ g⊙y) | — (reference; attention does not use it on CUDA) |
+//! | [`attention`] | causal GQA softmax(s·QKᵀ)·V: fused per head (CPU); by query chunks, keeping O and the row log-sum-exp L (CUDA) | recomputes P (per chunk: exp(s·QKᵀ − L)); dV = Pᵀ·dO, dS = P⊙(dP − rowsum(dO⊙O)) | chunked tensor ops (cuBLAS), [`graft`]ed |
+//! | [`swiglu`] | silu(a)·b | da = g·b·σ(a)(1 + a(1−σ(a))), db = g·silu(a) | `cuda/swiglu.cu` fwd, bwd |
+//! | [`linear_cross_entropy`] (cross_entropy.rs) | Σ −log softmax(h·Wᵀ)[label] / n, by row chunks | dh computed in the forward | chunked tensor ops (cuBLAS), [`graft`]ed |
+//! | [`dropout`] | x ⊙ mask(seed, index) | g ⊙ mask | `cuda/dropout.cu` (both; the CPU's mask bit for bit) |
+//!
+//! The fused AdamW step of [`crate::train::optim`] has its kernel here too (`cuda/adamw.cu`). Where an op has CUDA
+//! kernels its backward is an op of its own with a CPU and a CUDA kernel, so it runs on the device of its inputs.
 //!
 //! **Dtypes.** Every kernel takes f32 or bf16 storage and computes in f32 (bf16 is widened on the way in and
 //! rounded on the way out, see [`crate::host`]); outputs and gradients have their input's dtype, so f32 adapter
@@ -26,14 +29,17 @@
 //! ([`gemm`]); element-wise loops are compiled per instruction-set level ([`crate::cpu::Isa`]).
 //!
 //! **Dispatch** — the one rule, [`use_kernel`]: an op runs its own kernel where the tensor's device and dtype have
-//! one (CPU f32/bf16 for all; CUDA for the ops that have CUDA kernels, today the dense frozen product), else its
-//! [`reference`] composition. Two exceptions on CUDA, where the reference would hold (t × s) scores per head or
-//! the full (tokens × vocab) logits: [`attention`] and [`linear_cross_entropy`] take their chunked paths, written
-//! in candle tensor ops (cuBLAS does the products) and attached to the graph with a backward of our own by
-//! [`graft`]; tests run the same code on the CPU (`attention_chunked`, `linear_cross_entropy_chunked`).
+//! one (CPU f32/bf16 for all; CUDA f32/bf16 for the ops with CUDA kernels in the table), else its [`reference`]
+//! composition. Two exceptions on CUDA, where the reference would hold (t × s) scores per head or the full
+//! (tokens × vocab) logits: [`attention`] and [`linear_cross_entropy`] take their chunked paths, written in candle
+//! tensor ops (cuBLAS does the products) and attached to the graph with a backward of our own by [`graft`]; tests
+//! run the same code on the CPU (`attention_chunked`, `linear_cross_entropy_chunked`). LoRA-linear on CUDA is
+//! composed from ops that own their backward (no weight gradient for the frozen base).
 
 mod attention;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 mod dropout;
 mod frozen_matmul;
 pub(crate) mod gemm;

@@ -3,7 +3,8 @@
 //! transpose is its inverse).
 //!
 //! candle's fused `rope` has no backward, hence this op. The angles (cos, sin) are f32 tables whatever the
-//! activation dtype (transformers computes them in f32 too). Reference: Su et al., "RoFormer" (2021);
+//! activation dtype (transformers computes them in f32 too). CPU: one rayon task per (batch, position); CUDA: one
+//! thread per rotated pair (`src/ops/cuda/rope.cu`), the same f32 roundings in the same order. Reference: Su et al., "RoFormer" (2021);
 //! transformers' `apply_rotary_pos_emb`.
 
 use crate::host::{f32_view, storage_from_f32, with_f32};
@@ -50,6 +51,72 @@ impl CustomOp1 for Rope {
         Ok((storage_from_f32(out, s.dtype())?, l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self as k, alloc, elementwise, launched, suffix, view};
+        use candle_core::cuda::cudarc::driver::PushKernelArg;
+        use candle_core::cuda::CudaDType;
+        use candle_core::{CudaStorage, DType, Storage};
+
+        // x: (b, t, h, d); cos, sin: (t, d/2) f32
+        let (_b, t, h, d) = l.shape().dims4()?;
+        if d % 2 != 0 {
+            candle_core::bail!("rope: odd head size {d}");
+        }
+        let half = d / 2;
+        let (cs, cl) = self.cos.storage_and_layout();
+        let (ss, sl) = self.sin.storage_and_layout();
+        let (Storage::Cuda(cs), Storage::Cuda(ss)) = (&*cs, &*ss) else {
+            candle_core::bail!("rope: x is on the GPU, cos/sin are not")
+        };
+        if cs.dtype() != DType::F32 || ss.dtype() != DType::F32 || cl.dims() != [t, half] || sl.dims() != [t, half] {
+            candle_core::bail!("rope: cos/sin must be f32 ({t}, {half}), got {:?} {:?}", cs.dtype(), cl.dims());
+        }
+        let (cos, sin) = (view::<f32>(cs, cl, "rope")?, view::<f32>(ss, sl, "rope")?);
+        let sign = if self.inverse { -1.0f32 } else { 1.0 };
+        let dims = |v: usize| u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("rope: dimension {v}")));
+        let (t32, h32, half32) = (dims(t)?, dims(h)?, dims(half)?);
+        fn go<T: CudaDType + candle_core::cuda::cudarc::driver::DeviceRepr>(
+            s: &CudaStorage,
+            l: &Layout,
+            args: (
+                &candle_core::cuda::cudarc::driver::CudaView<'_, f32>,
+                &candle_core::cuda::cudarc::driver::CudaView<'_, f32>,
+            ),
+            dims: (u32, u32, u32),
+            sign: f32,
+        ) -> Result<CudaStorage> {
+            let dev = s.device();
+            let x = view::<T>(s, l, "rope")?;
+            let n = x.len();
+            let pairs = (n / 2) as u64;
+            let mut y = alloc::<T>(dev, n)?;
+            if pairs > 0 {
+                let f = k::func(dev, &k::ROPE, &format!("rope_{}", suffix(s.dtype(), "rope")?))?;
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x)
+                    .arg(args.0)
+                    .arg(args.1)
+                    .arg(&mut y)
+                    .arg(&dims.0)
+                    .arg(&dims.1)
+                    .arg(&dims.2)
+                    .arg(&sign)
+                    .arg(&pairs);
+                // SAFETY: the arguments match rope.cu's signature; x and y hold 2·pairs elements, cos/sin t·half.
+                launched(unsafe { b.launch(elementwise(pairs as usize)) })?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        }
+        let out = match s.dtype() {
+            DType::F32 => go::<f32>(s, l, (&cos, &sin), (t32, h32, half32), sign)?,
+            DType::BF16 => go::<half::bf16>(s, l, (&cos, &sin), (t32, h32, half32), sign)?,
+            other => candle_core::bail!("rope: the CUDA kernel takes f32 or bf16, not {other:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
     fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let inv = Rope { cos: self.cos.clone(), sin: self.sin.clone(), inverse: !self.inverse };
         Ok(Some(g.contiguous()?.apply_op1(inv)?))
@@ -62,10 +129,18 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
         candle_core::bail!("rope: cos/sin {:?} do not match x {:?}", cos.dims(), x.dims());
     }
-    if !super::use_kernel(x, false) {
+    if !super::use_kernel(x, true) {
         return super::reference::rope(x, cos, sin);
     }
-    x.contiguous()?.apply_op1(Rope { cos: cos.contiguous()?, sin: sin.contiguous()?, inverse: false })
+    // The angle tables as the kernels read them: f32, contiguous, on x's device (no-ops when they already are).
+    let table = |c: &Tensor| -> Result<Tensor> {
+        if x.device().is_cuda() {
+            c.to_device(x.device())?.to_dtype(candle_core::DType::F32)?.contiguous()
+        } else {
+            c.contiguous()
+        }
+    };
+    x.contiguous()?.apply_op1(Rope { cos: table(cos)?, sin: table(sin)?, inverse: false })
 }
 
 #[cfg(test)]
@@ -85,7 +160,7 @@ mod tests {
         let want = candle_nn::rotary_emb::rope_slow(&xt, &cos, &sin).unwrap().transpose(1, 2).unwrap();
         assert!(max_abs_diff(&want, &rope(&x, &cos, &sin).unwrap()) < 1e-6);
         compare_with_reference(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             |t| rope(&t[0], &cos, &sin).unwrap(),
             |t| super::super::reference::rope(&t[0], &cos, &sin).unwrap(),
             1e-5,

@@ -2,6 +2,10 @@
 //! p ← p − lr·wd·p; m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²; p ← p − lr·(m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ)) + ε).
 //! Plus clipping by global norm (torch.nn.utils.clip_grad_norm_: scale by max/(‖g‖+1e-6) when ‖g‖ > max).
 //! State is kept in f32 and saved/restored with checkpoints.
+//!
+//! On CUDA an f32 parameter takes one fused kernel (`src/ops/cuda/adamw.cu`) that updates p, m and v in place from
+//! the gradient, with the composed step's f32 roundings in its order (the same values, up to the sign of a zero);
+//! elsewhere the step is composed from candle ops.
 
 use candle_core::{DType, Result, Tensor, Var};
 
@@ -20,8 +24,9 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Result<Self> {
+        // Two sets of buffers (not clones of one: the fused CUDA step writes m and v in place).
         let m = vars.iter().map(|v| v.zeros_like()).collect::<Result<Vec<_>>>()?;
-        let v = m.clone();
+        let v = vars.iter().map(|v| v.zeros_like()).collect::<Result<Vec<_>>>()?;
         Ok(Self { vars, m, v, t: 0, beta1, beta2, eps, weight_decay })
     }
 
@@ -31,8 +36,14 @@ impl AdamW {
         let (b1, b2) = (self.beta1, self.beta2);
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
+        #[cfg(feature = "cuda")]
+        let scalars = self.scalars(lr, c1, c2);
         for (i, var) in self.vars.iter().enumerate() {
             let g = grads[i].to_dtype(crate::compute::Compute::PARAM_DTYPE)?;
+            #[cfg(feature = "cuda")]
+            if cuda::fused_step(var, &g, &mut self.m[i], &mut self.v[i], scalars)? {
+                continue;
+            }
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let p = var.as_tensor();
@@ -43,6 +54,194 @@ impl AdamW {
             self.v[i] = v;
         }
         Ok(())
+    }
+}
+
+impl AdamW {
+    /// The step's scalars as the composed step's candle scalar ops apply them to f32 data (each f64 rounded to f32).
+    #[cfg(feature = "cuda")]
+    fn scalars(&self, lr: f64, c1: f64, c2: f64) -> cuda::Scalars {
+        let decay = if self.weight_decay > 0.0 { 1.0 - lr * self.weight_decay } else { 1.0 };
+        cuda::Scalars {
+            b1: self.beta1 as f32,
+            one_minus_b1: (1.0 - self.beta1) as f32,
+            b2: self.beta2 as f32,
+            one_minus_b2: (1.0 - self.beta2) as f32,
+            decay: decay as f32,
+            inv_c1: (1.0 / c1) as f32,
+            inv_c2: (1.0 / c2) as f32,
+            eps: self.eps as f32,
+            lr: lr as f32,
+        }
+    }
+}
+
+/// The fused in-place step on CUDA. candle 0.11.1 writes into a tensor's storage only through an in-place op, one
+/// destination each, so the step nests three: m (`StepM`) → v (`StepV`) → p with g as its source (`StepP`), whose
+/// `cuda_fwd` holds all four slices and launches the one kernel.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::ops::cuda::{self as k, elementwise, launched, view};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda::cudarc::driver::{CudaSlice, PushKernelArg};
+    use candle_core::{CpuStorage, CudaStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Storage, Tensor, Var};
+    use std::cell::Cell;
+
+    /// The kernel's scalar arguments, as f32.
+    #[derive(Clone, Copy)]
+    pub(super) struct Scalars {
+        pub b1: f32,
+        pub one_minus_b1: f32,
+        pub b2: f32,
+        pub one_minus_b2: f32,
+        pub decay: f32,
+        pub inv_c1: f32,
+        pub inv_c2: f32,
+        pub eps: f32,
+        pub lr: f32,
+    }
+
+    /// Whether two tensors hold the same storage (the same buffer behind candle's lock). One lock guard at a time:
+    /// the addresses are compared after both are released (the tensors keep their storage alive).
+    fn shares_storage(a: &Tensor, b: &Tensor) -> bool {
+        fn address(t: &Tensor) -> *const Storage {
+            let (s, _) = t.storage_and_layout();
+            &*s as *const Storage
+        }
+        std::ptr::eq(address(a), address(b))
+    }
+
+    /// A dense f32 CUDA tensor of `n` elements, starting at offset 0.
+    fn dense_f32(t: &Tensor, n: usize) -> bool {
+        t.device().is_cuda()
+            && t.dtype() == DType::F32
+            && t.elem_count() == n
+            && t.layout().is_contiguous()
+            && t.layout().start_offset() == 0
+    }
+
+    /// Runs the fused step when `var` is an f32 parameter on CUDA with state to match; false (nothing done) when the
+    /// composed step must run instead.
+    pub(super) fn fused_step(var: &Var, g: &Tensor, m: &mut Tensor, v: &mut Tensor, k: Scalars) -> Result<bool> {
+        let p = var.as_tensor();
+        let n = p.elem_count();
+        if !dense_f32(p, n) || !g.device().same_device(p.device()) || g.dtype() != DType::F32 || g.elem_count() != n {
+            return Ok(false);
+        }
+        // The state must be this parameter's own dense f32 buffers on its device: anything else (a view, another
+        // device or dtype, a buffer shared with p or between m and v) is replaced by a fresh copy (`affine(1, 0)`
+        // writes a new dense buffer; `copy` would keep a view's layout).
+        let fresh = |s: &Tensor| s.to_device(p.device())?.to_dtype(DType::F32)?.affine(1.0, 0.0);
+        for s in [&mut *m, &mut *v] {
+            if !dense_f32(s, n) || !s.device().same_device(p.device()) || shares_storage(s, p) {
+                *s = fresh(s)?;
+            }
+        }
+        if shares_storage(m, v) {
+            *v = fresh(v)?;
+        }
+        let g = g.contiguous()?;
+        m.inplace_op1(&StepM { v, p, g: &g, k })?;
+        Ok(true)
+    }
+
+    struct StepM<'a> {
+        v: &'a Tensor,
+        p: &'a Tensor,
+        g: &'a Tensor,
+        k: Scalars,
+    }
+
+    struct StepV<'a, 'b> {
+        m: Cell<Option<&'b mut CudaSlice<f32>>>,
+        p: &'a Tensor,
+        g: &'a Tensor,
+        k: Scalars,
+    }
+
+    struct StepP<'b> {
+        m: Cell<Option<&'b mut CudaSlice<f32>>>,
+        v: Cell<Option<&'b mut CudaSlice<f32>>>,
+        k: Scalars,
+    }
+
+    fn not_cpu(name: &str) -> Result<()> {
+        candle_core::bail!("{name}: the fused AdamW step runs on CUDA only")
+    }
+
+    fn whole(l: &Layout, name: &str) -> Result<()> {
+        if !l.is_contiguous() || l.start_offset() != 0 {
+            candle_core::bail!("{name}: the optimizer state must be a dense buffer");
+        }
+        Ok(())
+    }
+
+    impl InplaceOp1 for StepM<'_> {
+        fn name(&self) -> &'static str {
+            "adamw-step-m"
+        }
+
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+            not_cpu(self.name())
+        }
+
+        fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
+            whole(l, self.name())?;
+            let m = s.as_cuda_slice_mut::<f32>()?;
+            self.v.inplace_op1(&StepV { m: Cell::new(Some(m)), p: self.p, g: self.g, k: self.k })
+        }
+    }
+
+    impl InplaceOp1 for StepV<'_, '_> {
+        fn name(&self) -> &'static str {
+            "adamw-step-v"
+        }
+
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+            not_cpu(self.name())
+        }
+
+        fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
+            whole(l, self.name())?;
+            let v = s.as_cuda_slice_mut::<f32>()?;
+            self.p.inplace_op2(self.g, &StepP { m: Cell::new(self.m.take()), v: Cell::new(Some(v)), k: self.k })
+        }
+    }
+
+    impl InplaceOp2 for StepP<'_> {
+        fn name(&self) -> &'static str {
+            "adamw-step"
+        }
+
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+            not_cpu(self.name())
+        }
+
+        fn cuda_fwd(&self, ps: &mut CudaStorage, pl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<()> {
+            whole(pl, self.name())?;
+            let (Some(m), Some(v)) = (self.m.take(), self.v.take()) else {
+                candle_core::bail!("adamw-step: the state buffers were already used")
+            };
+            let dev = gs.device().clone();
+            let g = view::<f32>(gs, gl, "adamw-step")?;
+            let n = g.len();
+            let p = ps.as_cuda_slice_mut::<f32>()?;
+            if p.len() < n || m.len() < n || v.len() < n {
+                candle_core::bail!("adamw-step: buffers of {}, {}, {} for {n} gradients", p.len(), m.len(), v.len());
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            let f = k::func(&dev, &k::ADAMW, "adamw_step_f32")?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            let (n64, k) = (n as u64, self.k);
+            b.arg(p).arg(&g).arg(m).arg(v).arg(&n64);
+            b.arg(&k.b1).arg(&k.one_minus_b1).arg(&k.b2).arg(&k.one_minus_b2).arg(&k.decay);
+            b.arg(&k.inv_c1).arg(&k.inv_c2).arg(&k.eps).arg(&k.lr);
+            // SAFETY: the arguments match adamw.cu's signature; p, g, m, v hold at least n f32 each.
+            launched(unsafe { b.launch(elementwise(n)) })
+        }
     }
 }
 
