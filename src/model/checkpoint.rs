@@ -193,9 +193,12 @@ mod tests {
     use std::path::Path;
 
     fn tiny(name: &str, dtype: DType, quant: BaseQuant) -> Llama {
+        tiny_on(name, dtype, quant, &Device::Cpu)
+    }
+
+    fn tiny_on(name: &str, dtype: DType, quant: BaseQuant, device: &Device) -> Llama {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
-        load_llama_quant(&dir.join("config.json"), &[dir.join("model.safetensors")], &Device::Cpu, dtype, quant)
-            .unwrap()
+        load_llama_quant(&dir.join("config.json"), &[dir.join("model.safetensors")], device, dtype, quant).unwrap()
     }
 
     fn lora(dropout: f64, layers: Option<Vec<usize>>) -> AdapterConfig {
@@ -223,7 +226,7 @@ mod tests {
         let ids: Vec<u32> = (0..b * t).map(|i| ((i * 37 + 5) % 300 + 3) as u32).collect();
         let labels: Vec<i32> =
             ids.iter().enumerate().map(|(i, &id)| if i % t < 3 { -100 } else { id as i32 }).collect();
-        let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
+        let ids = Tensor::from_vec(ids, (b, t), &m.device).unwrap();
         let ctx = ForwardCtx { dropout_seed: Some(1234), no_grad: false };
         let hidden = m.forward_hidden(&ids, &ctx, None).unwrap();
         let denom = Llama::count_targets(&labels, b, t) as f64;
@@ -239,7 +242,16 @@ mod tests {
     }
 
     fn max_abs(t: &Tensor) -> f32 {
-        t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     /// Checkpointed vs plain: |Δloss| / |loss| and, per variable, max|Δg| / max|g| at most `tol`; every gradient
@@ -300,6 +312,17 @@ mod tests {
         let mut m = tiny("tiny-llama", DType::BF16, BaseQuant::None);
         adapter::attach(&mut m, &lora(0.1, None), 3).unwrap();
         check(&m, 1e-3);
+    }
+
+    #[test]
+    fn checkpointing_on_the_gpu() {
+        // The op's cuda_fwd and the recomputation on CUDA storage (skipped without a GPU; see compute::test_gpu).
+        let Some(gpu) = crate::compute::test_gpu("checkpointing_on_the_gpu") else { return };
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            let mut m = tiny_on("tiny-llama", dtype, BaseQuant::None, &gpu);
+            adapter::attach(&mut m, &lora(0.1, None), 3).unwrap();
+            check(&m, tol);
+        }
     }
 
     #[test]
