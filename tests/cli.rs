@@ -182,6 +182,17 @@ fn train_end_to_end_from_cache_writes_peft_adapter_and_card() {
     assert!(o.status.success(), "{}", stderr(&o));
     // Same seed, same machine: the same adapter bytes.
     assert_eq!(std::fs::read(out.join("adapter_model.safetensors")).unwrap(), before);
+    // Activation checkpointing recomputes the layers in the backward pass: the same gradients, the same bytes.
+    let o = bin()
+        .env("HF_HUB_CACHE", &cache)
+        .arg("train")
+        .arg(&r)
+        .args(["--overwrite", "--set", "training.gradient_checkpointing=true"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("gradient checkpointing"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(out.join("adapter_model.safetensors")).unwrap(), before);
     // The trained adapter is evaluated by `eval --adapter`.
     let o = bin()
         .env("HF_HUB_CACHE", &cache)

@@ -308,3 +308,72 @@ fn qlora_training_lowers_loss_and_adapter_reloads_onto_the_nf4_base() {
     assert_eq!(diff, 0.0);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// Per-step (loss, grad_norm) of a run's metrics log.
+fn step_metrics(out: &Path) -> Vec<(f64, f64)> {
+    std::fs::read_to_string(out.join(train::METRICS_FILE))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn gradient_checkpointing_trains_identically() {
+    // LoRA with dropout: the recomputed layers must draw the forward's masks. Runs: plain; checkpointed; and
+    // plain for 3 steps, then resumed with checkpointing (the setting is not part of the run's fingerprint).
+    let data = examples(20);
+    let cfg_a = lora(0.1);
+    let run = |name: &str, checkpointing: bool, stop: Option<usize>| -> (PathBuf, Vec<(f64, f64)>, Vec<f32>) {
+        let out = tmpdir(name);
+        let mut model = tiny();
+        adapter::attach(&mut model, &cfg_a, 7).unwrap();
+        model.gradient_checkpointing = checkpointing;
+        let opts = TrainOptions { stop_after_step: stop, ..Default::default() };
+        let s = train::train(&mut model, &cfg_a, &data, None, &config(6), "tiny-llama", &out, &opts).unwrap();
+        if stop.is_some() {
+            let mut model = tiny();
+            adapter::attach(&mut model, &cfg_a, 7).unwrap();
+            model.gradient_checkpointing = !checkpointing;
+            let opts = TrainOptions { resume: true, ..Default::default() };
+            let s = train::train(&mut model, &cfg_a, &data, None, &config(6), "tiny-llama", &out, &opts).unwrap();
+            assert_eq!(s.steps, 6);
+            peft_format::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
+        } else {
+            assert_eq!(s.steps, 6);
+            peft_format::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
+        }
+        let tensors = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        let mut names: Vec<_> = tensors.keys().cloned().collect();
+        names.sort();
+        let values = names.iter().flat_map(|n| tensors[n].flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+        let metrics = step_metrics(&out);
+        (out, metrics, values)
+    };
+    let (a, plain, w_plain) = run("ckpt-off", false, None);
+    let (b, ckpt, w_ckpt) = run("ckpt-on", true, None);
+    let (c, switched, w_switched) = run("ckpt-switched", false, Some(3));
+    assert_eq!(plain.len(), 6);
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-6 * x.abs().max(y.abs());
+    for (other, what) in [(&ckpt, "checkpointed"), (&switched, "switched on at resume")] {
+        assert_eq!(other.len(), 6, "{what}");
+        for (step, ((l, g), (lo, go))) in plain.iter().zip(other.iter()).enumerate() {
+            assert!(
+                close(*l, *lo) && close(*g, *go),
+                "{what}, step {}: loss {l} vs {lo}, grad norm {g} vs {go}",
+                step + 1
+            );
+        }
+    }
+    let scale = w_plain.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (other, what) in [(&w_ckpt, "checkpointed"), (&w_switched, "switched on at resume")] {
+        assert_eq!(other.len(), w_plain.len());
+        let diff = w_plain.iter().zip(other.iter()).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-6 * scale, "{what}: adapter differs by {diff}");
+    }
+    for d in [a, b, c] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

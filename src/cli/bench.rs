@@ -1,4 +1,5 @@
-//! `peftkit bench [--model M | --config config.json] …`: LoRA (or `--qlora`, `--ia3`) training speed (median step) and peak memory, or
+//! `peftkit bench [--model M | --config config.json] …`: LoRA (or `--qlora`, `--ia3`; `--gradient-checkpointing`)
+//! training speed (median step) and peak memory, or
 //! with `--generate` the speed of generation (prompt processing and decoding with the KV cache).
 //!
 //! Training: the same measurement as `shared/bench/peft_cpu_bench.py` does for HF PEFT: random token batches with
@@ -55,6 +56,10 @@ pub struct Args {
     /// IA3 instead of LoRA (down_proj input-scaled, the other targets output-scaled; --rank is ignored).
     #[arg(long, conflicts_with = "qlora")]
     pub ia3: bool,
+    /// Activation checkpointing (the recipe's `training.gradient_checkpointing`): each decoder layer is recomputed
+    /// in the backward pass instead of keeping its activations.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Measure NF4 dequantization throughput instead (GB/s of bytes read plus bytes written); with `--device cuda`,
     /// peftkit's kernel into bf16 and f32 against the GPU's device-to-device copy bandwidth.
     #[arg(long)]
@@ -229,6 +234,7 @@ pub fn run(a: Args) -> Result<()> {
         })
     };
     adapter::attach(&mut m, &cfg, 0).map_err(user)?;
+    m.gradient_checkpointing = a.gradient_checkpointing;
     let vars: Vec<_> = adapter::trainable(&m).into_iter().map(|(_, v)| v).collect();
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
     let mut opt = AdamW::new(vars.clone(), 0.9, 0.999, 1e-8, 0.0)?;
@@ -289,7 +295,7 @@ pub fn run(a: Args) -> Result<()> {
                 "device": compute.describe(), "dtype": peftkit::compute::dtype_name(compute.dtype),
                 "cpu": peftkit::cpu::features().model, "cpu_flags": peftkit::cpu::features().flags(),
                 "isa": peftkit::cpu::isa().name(), "gemm_kernel": peftkit::cpu::gemm_kernel(),
-                "trainable_params": trainable, "step_s": median, "tokens_per_s": tps, "peak_rss_mb": rss,
+                "trainable_params": trainable, "gradient_checkpointing": a.gradient_checkpointing, "step_s": median, "tokens_per_s": tps, "peak_rss_mb": rss,
                 "loss_first": losses[0], "loss_last": losses[losses.len() - 1]})
         );
     } else {
@@ -302,7 +308,8 @@ pub fn run(a: Args) -> Result<()> {
             _ => format!("LoRA r={}", a.rank),
         };
         println!(
-            "{what} on {targets_text}; {trainable} trainable parameters; base projections {base_mb:.0} MB; batch {b} × {t}; {threads} threads"
+            "{what} on {targets_text}; {trainable} trainable parameters; base projections {base_mb:.0} MB; batch {b} × {t}; {threads} threads{}",
+            if a.gradient_checkpointing { "; gradient checkpointing" } else { "" }
         );
         println!("median step {median:.3} s → {tps:.1} tokens/s; peak RSS {rss:.0} MiB");
         if gpu.is_some() {

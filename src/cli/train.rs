@@ -163,6 +163,12 @@ pub fn run(args: Args) -> Result<()> {
     );
 
     let cfg = TrainConfig::from_recipe(&recipe, base.pad_id, train_set.examples.len());
+    // Activation checkpointing changes memory and time, not the gradients: a model setting, outside the run's
+    // fingerprint, so a run may be resumed with it switched on or off.
+    base.model.gradient_checkpointing = recipe.training.gradient_checkpointing;
+    if recipe.training.gradient_checkpointing {
+        tracing::info!("gradient checkpointing: each decoder layer is recomputed in the backward pass");
+    }
     let interrupt = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupt.clone();

@@ -7,9 +7,9 @@
 //! `modeling_llama.py` / `modeling_qwen2.py`.
 
 use super::config::ModelConfig;
-use crate::linear::{AdaptedLinear, ForwardCtx};
+use crate::linear::{AdaptedLinear, ForwardCtx, LayerAdapter};
 use crate::ops;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
 /// One decoder layer.
 #[derive(Debug, Clone)]
@@ -30,6 +30,61 @@ impl Block {
     pub fn linears(&self) -> [&AdaptedLinear; 7] {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj, &self.gate_proj, &self.up_proj, &self.down_proj]
     }
+    /// The adapter variables of this layer (LoRA A then B, or the IA3 vector), projection by projection in
+    /// [`Block::linears`] order.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        let mut vars = Vec::new();
+        for lin in self.linears() {
+            match &lin.adapter {
+                Some(LayerAdapter::Lora(l)) => vars.extend([l.a.clone(), l.b.clone()]),
+                Some(LayerAdapter::Ia3(l)) => vars.push(l.l.clone()),
+                None => {}
+            }
+        }
+        vars
+    }
+
+    /// The layer on the residual stream: h (b, t, hidden) f32 → h' (b, t, hidden) f32. With `cache` (this layer's
+    /// slot of a [`KvCache`]), the keys and values of earlier positions come first and the slot is extended.
+    /// Both the plain and the checkpointed forward ([`super::checkpoint`]) run this one body.
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        env: &LayerEnv,
+        ctx: &ForwardCtx,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = h.dims3()?;
+        let (nh, nkv, hd, dt) = (env.heads, env.kv_heads, env.head_dim, env.dtype);
+        let x = ops::rms_norm(h, &self.input_layernorm, env.eps)?.to_dtype(dt)?;
+        // (b, t, nh·hd) → (b, t, nh, hd): heads stay interleaved; the attention op reads them strided.
+        let q = self.q_proj.forward(&x, ctx)?.reshape((b, t, nh, hd))?;
+        let k = self.k_proj.forward(&x, ctx)?.reshape((b, t, nkv, hd))?;
+        let v = self.v_proj.forward(&x, ctx)?.reshape((b, t, nkv, hd))?;
+        let q = ops::rope(&q, &env.cos, &env.sin)?;
+        let k = ops::rope(&k, &env.cos, &env.sin)?;
+        // With a cache, keys and values of earlier positions come first: (b, s, nkv, hd)
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        // (b, t, nh, hd) → (b, t, nh·hd)
+        let attn = ops::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt())?.reshape((b, t, nh * hd))?;
+        let h = (h + self.o_proj.forward(&attn, ctx)?.to_dtype(DType::F32)?)?;
+
+        let x = ops::rms_norm(&h, &self.post_attention_layernorm, env.eps)?.to_dtype(dt)?;
+        let gate = self.gate_proj.forward(&x, ctx)?;
+        let up = self.up_proj.forward(&x, ctx)?;
+        h + self.down_proj.forward(&ops::swiglu(&gate, &up)?, ctx)?.to_dtype(DType::F32)?
+    }
+
     pub fn linears_mut(&mut self) -> [&mut AdaptedLinear; 7] {
         [
             &mut self.q_proj,
@@ -41,6 +96,22 @@ impl Block {
             &mut self.down_proj,
         ]
     }
+}
+
+/// What every decoder layer of one forward shares: the attention shape, the norm ε, the compute dtype and the
+/// RoPE tables of the forward's positions.
+#[derive(Debug, Clone)]
+pub struct LayerEnv {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f64,
+    /// Dtype of the projections' inputs and outputs (the residual stream stays f32).
+    pub dtype: DType,
+    /// (t, head_dim/2), f32
+    pub cos: Tensor,
+    /// (t, head_dim/2), f32
+    pub sin: Tensor,
 }
 
 /// Keys and values of the positions already processed, per layer (for generation).
@@ -92,13 +163,17 @@ pub struct Llama {
     inv_freq: Vec<f32>,
     pub device: Device,
     pub dtype: DType,
+    /// Activation checkpointing (transformers' `gradient_checkpointing`): training forwards keep only each
+    /// decoder layer's input and recompute the layer during the backward pass ([`super::checkpoint`]). Same
+    /// gradients, less memory, about one more forward pass of compute. Inference forwards ignore it.
+    pub gradient_checkpointing: bool,
 }
 
 impl Llama {
     pub fn new(config: ModelConfig, embed_tokens: Tensor, layers: Vec<Block>, norm: Tensor, lm_head: Tensor) -> Self {
         let inv_freq = config.rope_inv_freq().into_iter().map(|f| f as f32).collect();
         let (device, dtype) = (embed_tokens.device().clone(), embed_tokens.dtype());
-        Self { config, embed_tokens, layers, norm, lm_head, inv_freq, device, dtype }
+        Self { config, embed_tokens, layers, norm, lm_head, inv_freq, device, dtype, gradient_checkpointing: false }
     }
 
     /// Every projection, layer by layer.
@@ -143,48 +218,34 @@ impl Llama {
         }
         let (cos, sin) = self.rope_tables(offset, t)?;
         let cfg = &self.config;
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let eps = cfg.rms_norm_eps;
+        let env = LayerEnv {
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            eps: cfg.rms_norm_eps,
+            dtype: self.dtype,
+            cos,
+            sin,
+        };
         // The embedding is frozen: no gradient flows into it.
         // Mixed precision as torch.autocast does it: the residual stream h stays f32 (norm statistics and the sums
         // of the residual additions in f32); the projections' inputs and outputs are in the compute dtype.
-        let dt = self.dtype;
         let mut h = self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, cfg.hidden_size))?
             .detach()
             .to_dtype(DType::F32)?;
+        // Activation checkpointing applies to training forwards only (a graph is wanted, no KV cache).
+        let checkpointed = self.gradient_checkpointing && !ctx.no_grad && cache.is_none();
         for (li, layer) in self.layers.iter().enumerate() {
-            let x = ops::rms_norm(&h, &layer.input_layernorm, eps)?.to_dtype(dt)?;
-            // (b, t, nh·hd) → (b, t, nh, hd): heads stay interleaved; the attention op reads them strided.
-            let q = layer.q_proj.forward(&x, ctx)?.reshape((b, t, nh, hd))?;
-            let k = layer.k_proj.forward(&x, ctx)?.reshape((b, t, nkv, hd))?;
-            let v = layer.v_proj.forward(&x, ctx)?.reshape((b, t, nkv, hd))?;
-            let q = ops::rope(&q, &cos, &sin)?;
-            let k = ops::rope(&k, &cos, &sin)?;
-            // With a cache, keys and values of earlier positions come first: (b, s, nkv, hd)
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => {
-                    let (k, v) = match c.layers[li].take() {
-                        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
-                        None => (k, v),
-                    };
-                    c.layers[li] = Some((k.clone(), v.clone()));
-                    (k, v)
-                }
-                None => (k, v),
+            h = if checkpointed {
+                super::checkpoint::checkpointed_block(layer, &h, &env, ctx)?
+            } else {
+                layer.forward(&h, &env, ctx, cache.as_deref_mut().map(|c| &mut c.layers[li]))?
             };
-            // (b, t, nh, hd) → (b, t, nh·hd)
-            let attn = ops::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt())?.reshape((b, t, nh * hd))?;
-            h = (h + layer.o_proj.forward(&attn, ctx)?.to_dtype(DType::F32)?)?;
-
-            let x = ops::rms_norm(&h, &layer.post_attention_layernorm, eps)?.to_dtype(dt)?;
-            let gate = layer.gate_proj.forward(&x, ctx)?;
-            let up = layer.up_proj.forward(&x, ctx)?;
-            h = (h + layer.down_proj.forward(&ops::swiglu(&gate, &up)?, ctx)?.to_dtype(DType::F32)?)?;
         }
-        ops::rms_norm(&h, &self.norm, eps)
+        ops::rms_norm(&h, &self.norm, cfg.rms_norm_eps)
     }
 
     /// Logits (b, t, vocab) from final hidden states (b, t, hidden).

@@ -3,11 +3,12 @@
 //! Weights come from safetensors files (one file or the shards of `model.safetensors.index.json`), read through a
 //! memory map one tensor at a time and converted to the compute dtype (f32 on CPU).
 
+pub mod checkpoint;
 pub mod config;
 pub mod llama;
 
 pub use config::{ConfigError, ModelConfig};
-pub use llama::{Block, KvCache, Llama};
+pub use llama::{Block, KvCache, LayerEnv, Llama};
 
 use crate::linear::{AdaptedLinear, FrozenWeight};
 use crate::quant::nf4::{Absmax, Nf4Tensor, QuantError};

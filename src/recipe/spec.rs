@@ -369,6 +369,10 @@ pub struct TrainingSpec {
     /// Dtype of the frozen weights and activations: `auto` (default: f32 on the CPU, bf16 on CUDA), `f32`, `bf16`
     /// (mixed precision; adapters and optimizer stay f32). `--dtype` overrides it.
     pub dtype: DtypeRequest,
+    /// Activation checkpointing (transformers' `gradient_checkpointing`): keep only each decoder layer's input
+    /// and recompute the layer in the backward pass. Same gradients, less memory, about one more forward pass of
+    /// compute per step (default false).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainingSpec {
@@ -393,6 +397,7 @@ impl Default for TrainingSpec {
             logging_every: 1,
             device: DeviceRequest::Auto,
             dtype: DtypeRequest::Auto,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -474,7 +479,7 @@ pub(super) struct RecipeDoc {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recipe::testutil::{fixture, full_block, minimal, ok};
+    use crate::recipe::testutil::{assert_msg, err, fixture, full_block, minimal, ok};
 
     #[test]
     fn recipe_full_block_style() {
@@ -508,6 +513,7 @@ mod tests {
         assert_eq!(t.eval_every, Some(50));
         assert_eq!(t.save_every, Some(100));
         assert_eq!(t.logging_every, 1);
+        assert!(!t.gradient_checkpointing);
         assert_eq!(t.effective_batch_size(), 8);
         assert_eq!(t.total_steps(9), 10); // 2 epochs × ceil(9 / 2)
         assert_eq!(r.output.dir, PathBuf::from("adapters/smollm2-135m-lora"));
@@ -545,6 +551,27 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
         assert_eq!(r.training.warmup_steps_for(30), 3);
         assert_eq!(r.output.hub_model_id.as_deref(), Some("me/my-adapter"));
         assert!(r.output.private);
+    }
+
+    #[test]
+    fn recipe_gradient_checkpointing_key() {
+        let f = fixture();
+        assert!(!ok(&minimal(&f, "lora"), &[]).training.gradient_checkpointing);
+        let text = format!("{}training:\n  gradient_checkpointing: true\n", minimal(&f, "qlora"));
+        assert!(ok(&text, &[]).training.gradient_checkpointing);
+        assert!(ok(&minimal(&f, "ia3"), &["training.gradient_checkpointing=true"]).training.gradient_checkpointing);
+        let text = format!("{}training:\n  seed: 1\n  gradient_checkpointing: maybe\n", minimal(&f, "lora"));
+        assert_msg(
+            &err(&text, &[]),
+            "recipes/x.yaml:10: training.gradient_checkpointing: expected true or false, found a string \"maybe\"",
+            &[],
+        );
+        let text = format!("{}training: {{gradient_checkpoint: true}}\n", minimal(&f, "lora"));
+        assert_msg(
+            &err(&text, &[]),
+            "recipes/x.yaml:8: training.gradient_checkpoint: unknown key",
+            &["gradient_checkpointing"],
+        );
     }
 
     #[test]

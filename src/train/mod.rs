@@ -9,6 +9,10 @@
 //! Loss normalisation: each optimizer step's loss is the mean over the supervised tokens of all its micro-batches
 //! (every micro-batch's summed loss is divided by the step's token count), so accumulation gives the same gradient
 //! as one large batch, as transformers ≥ 4.46 does.
+//!
+//! Memory: with `model.gradient_checkpointing` set (the recipe's `training.gradient_checkpointing`), training
+//! forwards keep only each decoder layer's input and recompute the layer during the backward pass
+//! ([`crate::model::checkpoint`]); the gradients, and so the run, are the same.
 
 pub mod optim;
 pub mod schedule;
