@@ -135,3 +135,26 @@ fn bf16_on_the_cpu_is_within_the_bf16_tolerances() {
     let cpu = step(&Device::Cpu, DType::F32, NF4);
     compare(&step(&Device::Cpu, DType::BF16, NF4), &cpu, 1e-3, 0.999, "QLoRA bf16 on the CPU");
 }
+
+/// Where the weights live: a QLoRA base in bf16 keeps its projections as NF4 codes and scales (no dense copy, no
+/// f32 anywhere) and everything else in bf16 — on the CPU here, and on the GPU (uploaded codes, `Nf4Cuda`) there.
+#[test]
+fn a_bf16_qlora_base_holds_nf4_and_bf16_only() {
+    let check = |device: &Device| {
+        let m = tiny(device, DType::BF16, NF4);
+        for l in m.linears() {
+            assert!(l.weight.is_nf4(), "{} is not NF4", l.path);
+            assert!(l.weight.device().same_device(device), "{} is on {:?}", l.path, l.weight.device().location());
+            // NF4 with double quantization: half a byte per weight plus about 1/64 of a byte of scales.
+            let (out, inp) = l.weight.dims().unwrap();
+            assert!(l.weight.bytes() * 8 < out * inp * 5, "{}: {} bytes", l.path, l.weight.bytes());
+        }
+        for t in [&m.embed_tokens, &m.lm_head, &m.norm] {
+            assert_eq!((t.dtype(), t.device().same_device(device)), (DType::BF16, true));
+        }
+    };
+    check(&Device::Cpu);
+    if let Some(gpu) = peftkit::compute::test_gpu("a_bf16_qlora_base_holds_nf4_and_bf16_only (GPU half)") {
+        check(&gpu);
+    }
+}
