@@ -360,3 +360,41 @@ fn baseline_kernels_give_the_default_losses() {
         }
     }
 }
+
+/// `base_model_id` names the Hub repository a local base is a copy of: the adapter config and the card carry it
+/// instead of the local path.
+#[test]
+fn base_model_id_names_the_hub_repo_of_a_local_base() {
+    let d = tmp("base-model-id");
+    let data = d.join("train.jsonl");
+    let line = serde_json::json!({"messages": [{"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello there."}]});
+    std::fs::write(&data, format!("{line}\n{line}\n")).unwrap();
+    let out = d.join("adapter");
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+    let r = write_recipe(
+        &d,
+        &format!(
+            "base_model: {}\nbase_model_id: peftkit-test/tiny-llama\nadapter: {{type: lora, r: 2}}\n\
+             data: {{train: {}, format: chat, sequence_len: 32}}\ntraining: {{max_steps: 1, micro_batch_size: 2}}\n\
+             output: {{dir: {}}}\n",
+            base.display(),
+            data.display(),
+            out.display()
+        ),
+    );
+    let o = bin().arg("train").arg(&r).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["base_model_name_or_path"], "peftkit-test/tiny-llama");
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.starts_with("---\nbase_model: peftkit-test/tiny-llama\n"), "{card}");
+    assert!(card.contains("from_pretrained(\"peftkit-test/tiny-llama\")"), "{card}");
+    // Not a Hub id: exit 2 naming the key.
+    let bad = std::fs::read_to_string(&r).unwrap().replace("peftkit-test/tiny-llama", "not a repo");
+    std::fs::write(&r, bad).unwrap();
+    let o = bin().arg("train").arg(&r).arg("--overwrite").output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("base_model_id: must be a Hugging Face Hub id"), "{}", stderr(&o));
+}

@@ -113,6 +113,11 @@ pub fn run(args: Args) -> Result<()> {
         &compute,
     )
     .map_err(user)?;
+    if let Some(id) = &recipe.base_model_id {
+        // A local copy of a Hub model: the adapter and its card name the Hub repository, not this machine's path.
+        tracing::info!("base {} recorded as the Hub model {id} (base_model_id)", base.name);
+        base.name = id.clone();
+    }
     if base.model.linears().any(|l| l.weight.is_nf4()) {
         let bytes: usize = base.model.linears().map(|l| l.weight.bytes()).sum();
         tracing::info!("base projections held in NF4: {:.1} MB", bytes as f64 / 1e6);
@@ -224,7 +229,7 @@ pub fn run(args: Args) -> Result<()> {
     let license = peftkit::base::license_of(&base, &hub_options());
     let record = TrainingRecord {
         base_model: base.name.clone(),
-        base_is_hub: matches!(base.source, peftkit::hub::ModelSource::Hub { .. }),
+        base_is_hub: recipe.base_model_id.is_some() || matches!(base.source, peftkit::hub::ModelSource::Hub { .. }),
         revision: revision.map(str::to_string),
         license,
         method: recipe.adapter.type_name().to_string(),

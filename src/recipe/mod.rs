@@ -111,6 +111,7 @@ fn build(doc: Value) -> Result<Recipe, Problem> {
         base_model: raw.base_model,
         revision: raw.revision,
         gguf_file: raw.gguf_file,
+        base_model_id: raw.base_model_id,
         adapter: build_adapter(raw.adapter)?,
         data: raw.data,
         training: raw.training,

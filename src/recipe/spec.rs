@@ -23,6 +23,10 @@ pub struct Recipe {
     pub revision: Option<String>,
     /// Name of a GGUF file inside a Hub repository that holds GGUF files.
     pub gguf_file: Option<String>,
+    /// The Hub repository (`owner/name`) that a local `base_model` (folder or GGUF file) is a copy of: written as
+    /// `base_model_name_or_path` in `adapter_config.json` and named by the card, so that PEFT users load the
+    /// adapter onto the Hub model instead of a path of the training machine.
+    pub base_model_id: Option<String>,
     /// Which adapter to train, and its settings.
     pub adapter: AdapterSpec,
     /// The data files and how to read them.
@@ -469,6 +473,8 @@ pub(super) struct RecipeDoc {
     pub(super) revision: Option<String>,
     #[serde(default)]
     pub(super) gguf_file: Option<String>,
+    #[serde(default)]
+    pub(super) base_model_id: Option<String>,
     pub(super) adapter: Value,
     pub(super) data: DataSpec,
     #[serde(default)]

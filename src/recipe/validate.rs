@@ -24,6 +24,19 @@ impl Recipe {
                 return Err(Problem::invalid("gguf_file", format!("must name a .gguf file (got \"{gguf}\")")));
             }
         }
+        if let Some(id) = &self.base_model_id {
+            // A Hub id: owner/name, the characters the Hub allows.
+            let ok = id.split('/').count() == 2
+                && id
+                    .split('/')
+                    .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)));
+            if !ok {
+                return Err(Problem::invalid(
+                    "base_model_id",
+                    format!("must be a Hugging Face Hub id like owner/name (got \"{id}\")"),
+                ));
+            }
+        }
         check_adapter(&self.adapter)?;
         check_data(&self.data)?;
         check_training(&self.training)?;
