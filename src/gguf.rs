@@ -12,6 +12,7 @@
 
 use crate::model::{self, Llama, ModelConfig, ModelError, TensorSource};
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use std::collections::HashMap;
@@ -391,6 +392,53 @@ impl TensorSource for GgufTensors<'_> {
 
     fn describe(&self) -> String {
         self.file.path.display().to_string()
+    }
+
+    fn ggml_weight(&self, name: &str, shape: &[usize]) -> Result<Option<QTensor>, ModelError> {
+        let files = self.file.path.display().to_string();
+        let Some(g) = gguf_name(name).filter(|g| self.file.has_tensor(g)) else { return Ok(None) };
+        let tensor_err =
+            |e: candle_core::Error| ModelError::Tensor { name: g.clone(), files: files.clone(), source: e };
+        let q = {
+            let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+            self.file.content.tensor(&mut *reader, &g, &Device::Cpu).map_err(tensor_err)?
+        };
+        if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            return Ok(None);
+        }
+        if q.shape().dims() != shape {
+            return Err(ModelError::Shape {
+                name: format!("{g} (for {name})"),
+                got: q.shape().dims().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        // llama.cpp permutes Q and K of Llama-architecture models: move whole rows (each row is whole blocks).
+        let heads = match (self.config.model_type.as_str(), name) {
+            ("llama", n) if n.contains(".self_attn.q_proj.") => Some(self.config.num_attention_heads),
+            ("llama", n) if n.contains(".self_attn.k_proj.") => Some(self.config.num_key_value_heads),
+            _ => None,
+        };
+        let Some(heads) = heads else { return Ok(Some(q)) };
+        let data = q.data().map_err(tensor_err)?;
+        let rows = shape[0];
+        let row_bytes = data.len() / rows.max(1);
+        let half = rows / heads / 2;
+        let mut out = vec![0u8; data.len()];
+        // New row (h, j, i) is old row (h, i, j): the inverse of the converter's interleaving (see
+        // unpermute_rotary_rows, which does the same on a dense tensor).
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..half {
+                    let (new, old) = (h * 2 * half + j * half + i, h * 2 * half + i * 2 + j);
+                    out[new * row_bytes..(new + 1) * row_bytes]
+                        .copy_from_slice(&data[old * row_bytes..(old + 1) * row_bytes]);
+                }
+            }
+        }
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(q.dtype(), &out, shape.to_vec(), &Device::Cpu)
+            .map_err(tensor_err)?;
+        Ok(Some(q))
     }
 }
 

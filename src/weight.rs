@@ -26,6 +26,10 @@ pub enum FrozenWeight {
     /// An (out, in) matrix in NF4, as bitsandbytes stores it (QLoRA). It is dequantized on the fly, one
     /// projection at a time, into a reused buffer: the full-precision weight is never kept.
     Nf4(Arc<Nf4Tensor>),
+    /// A matrix in one of llama.cpp's block formats (Q4_0, Q4_1, Q8_0, the k-quants…): a GGUF base's own tensor,
+    /// or a projection quantized at load for generation. Without a gradient (generation, evaluation) the product is
+    /// candle's quantized matmul on the CPU; with one it is read as f32 like any other weight.
+    Ggml(Arc<candle_core::quantized::QTensor>),
     /// An NF4 matrix in GPU memory, dequantized per product into the device's scratch buffer.
     #[cfg(feature = "cuda")]
     Nf4Cuda(Arc<crate::quant::cuda::Nf4Cuda>),
@@ -45,6 +49,7 @@ impl FrozenWeight {
                 [out, inp] => Ok((*out, *inp)),
                 s => candle_core::bail!("NF4 weight of shape {s:?} is not a matrix"),
             },
+            FrozenWeight::Ggml(q) => q.shape().dims2(),
             #[cfg(feature = "cuda")]
             FrozenWeight::Nf4Cuda(q) => match q.shape() {
                 [out, inp] => Ok((*out, *inp)),
@@ -59,6 +64,9 @@ impl FrozenWeight {
         Ok(match self {
             FrozenWeight::Dense(w) => FrozenWeight::Dense(w.to_device(device)?),
             FrozenWeight::Nf4(q) if device.is_cpu() => FrozenWeight::Nf4(q.clone()),
+            FrozenWeight::Ggml(q) if device.is_cpu() => FrozenWeight::Ggml(q.clone()),
+            // Elsewhere a block-quantized weight is used dense (its exact dequantized values).
+            FrozenWeight::Ggml(q) => FrozenWeight::Dense(q.dequantize(device)?),
             #[cfg(feature = "cuda")]
             FrozenWeight::Nf4(q) if device.is_cuda() => FrozenWeight::Nf4Cuda(Arc::new(
                 crate::quant::cuda::Nf4Cuda::upload(q, device).map_err(|e| candle_core::Error::Msg(e.to_string()))?,
@@ -82,6 +90,7 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(w) => w.device().clone(),
             FrozenWeight::Nf4(_) => Device::Cpu,
+            FrozenWeight::Ggml(q) => q.device(),
             #[cfg(feature = "cuda")]
             FrozenWeight::Nf4Cuda(q) => q.device().clone(),
         }
@@ -90,7 +99,7 @@ impl FrozenWeight {
     /// Whether the weight is held in NF4.
     pub fn is_nf4(&self) -> bool {
         match self {
-            FrozenWeight::Dense(_) => false,
+            FrozenWeight::Dense(_) | FrozenWeight::Ggml(_) => false,
             FrozenWeight::Nf4(_) => true,
             #[cfg(feature = "cuda")]
             FrozenWeight::Nf4Cuda(_) => true,
@@ -102,6 +111,7 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(w) => w.to_device(&Device::Cpu)?.to_dtype(DType::F32),
             FrozenWeight::Nf4(q) => Tensor::from_vec(q.dequantize(), q.shape(), &Device::Cpu),
+            FrozenWeight::Ggml(q) => q.dequantize(&Device::Cpu),
             #[cfg(feature = "cuda")]
             FrozenWeight::Nf4Cuda(q) => cuda_err(q.dequantize_f32())?.to_device(&Device::Cpu),
         }
@@ -115,6 +125,7 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(w) => w.to_dtype(dtype),
             FrozenWeight::Nf4(_) => candle_core::bail!("gpu_dense: this NF4 weight is held on the CPU"),
+            FrozenWeight::Ggml(q) => q.dequantize(&q.device())?.to_dtype(dtype),
             #[cfg(feature = "cuda")]
             FrozenWeight::Nf4Cuda(q) => scratch::dequantize(q, dtype),
         }
@@ -148,6 +159,10 @@ impl FrozenWeight {
                 buf.resize(q.n(), 0.0);
                 q.dequantize_into(buf).map_err(|e| candle_core::Error::Msg(e.to_string()))
             }
+            FrozenWeight::Ggml(q) => {
+                *buf = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(())
+            }
             #[cfg(feature = "cuda")]
             FrozenWeight::Nf4Cuda(q) => {
                 let w = cuda_err(q.dequantize_f32())?.flatten_all()?.to_vec1::<f32>()?;
@@ -170,6 +185,7 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             FrozenWeight::Nf4(q) => q.bytes(),
+            FrozenWeight::Ggml(q) => q.storage_size_in_bytes(),
             #[cfg(feature = "cuda")]
             FrozenWeight::Nf4Cuda(q) => q.bytes(),
         }

@@ -159,3 +159,55 @@ fn tiny_models_from_gguf_match_transformers_and_their_tokenizers() {
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// A GGUF base in a llama.cpp block format keeps its blocks for generation (`BaseQuant::Ggml { to: None }`: candle's
+/// quantized matmul, Q/K rows moved back to transformers' order block-row by block-row), and gives the logits of
+/// the same file dequantized, within the 8-bit quantization of the activations that llama.cpp also does; a
+/// safetensors base quantized at load (`to: Some(..)`) is within the format's precision of the dense model.
+#[test]
+fn quantized_bases_generate_through_the_quantized_matmul() {
+    use candle_core::quantized::GgmlDType;
+    use peftkit::model::BaseQuant;
+    use peftkit::weight::FrozenWeight;
+    let tmp = std::env::temp_dir().join(format!("peftkit-gguf-q-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let rel = |a: &Tensor, b: &Tensor| {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+            / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let expected =
+            candle_core::safetensors::load(common::fixture(name).join("expected.safetensors"), &Device::Cpu).unwrap();
+        let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
+        for (dtype, tol) in [(GgmlDType::Q8_0, 2e-2), (GgmlDType::Q4_0, 5e-2)] {
+            let path = tmp.join(format!("{name}-{dtype:?}.gguf"));
+            common::write_tiny_gguf_as(name, &path, false, dtype);
+            let dense = peftkit::gguf::load(&path, &Device::Cpu, DType::F32, BaseQuant::None).unwrap().model;
+            let quant =
+                peftkit::gguf::load(&path, &Device::Cpu, DType::F32, BaseQuant::Ggml { to: None }).unwrap().model;
+            assert!(quant.linears().all(|l| matches!(l.weight, FrozenWeight::Ggml(_))), "{name}: projections");
+            assert!(quant.lm_head_q.is_some(), "{name}: output head");
+            let d = rel(&quant.forward(&ids).unwrap(), &dense.forward(&ids).unwrap());
+            eprintln!("{name} {dtype:?}: quantized matmul vs dequantized weights {d:.2e}");
+            assert!(d <= tol, "{name} {dtype:?}: {d}");
+        }
+        // A safetensors base quantized to Q8_0 at load.
+        let dir = common::fixture(name);
+        let load = |quant| {
+            peftkit::model::load_llama_quant(
+                &dir.join("config.json"),
+                &[dir.join("model.safetensors")],
+                &Device::Cpu,
+                DType::F32,
+                quant,
+            )
+            .unwrap()
+        };
+        let q8 = load(BaseQuant::Ggml { to: Some(GgmlDType::Q8_0) });
+        assert!(q8.linears().all(|l| matches!(l.weight, FrozenWeight::Ggml(_))));
+        let d = rel(&q8.forward(&ids).unwrap(), &expected["logits_base"]);
+        eprintln!("{name} safetensors → Q8_0 at load vs transformers: {d:.2e}");
+        assert!(d <= 2e-2, "{name}: {d}");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}

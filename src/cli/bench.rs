@@ -64,6 +64,10 @@ pub struct Args {
     /// peftkit's kernel into bf16 and f32 against the GPU's device-to-device copy bandwidth.
     #[arg(long)]
     pub dequant: bool,
+    /// With --generate: the base's projections in a llama.cpp block format, as `generate --quant` takes it
+    /// (`auto`: a GGUF base's own quantized tensors; `none`: dense f32).
+    #[arg(long, conflicts_with = "qlora")]
+    pub quant: Option<super::QuantArg>,
     /// (`--device cuda`) The fused NF4 dequantize + GEMM for M = 1…64 rows against dequantize-then-cuBLAS.
     #[arg(long)]
     pub gemv: bool,
@@ -169,7 +173,13 @@ pub fn run(a: Args) -> Result<()> {
     }
     let compute = a.compute.resolve(Default::default())?;
     let device = compute.device.clone();
-    let quant = if a.qlora { model::BaseQuant::Nf4 { double_quant: true } } else { model::BaseQuant::None };
+    let quant = match (a.qlora, a.quant.unwrap_or(super::QuantArg::Auto)) {
+        (true, _) => model::BaseQuant::Nf4 { double_quant: true },
+        // Generation keeps a GGUF base's quantized tensors, as `generate` and `chat` do.
+        (false, super::QuantArg::Auto) if a.generate => model::BaseQuant::Ggml { to: None },
+        (false, super::QuantArg::Auto | super::QuantArg::None) => model::BaseQuant::None,
+        (false, super::QuantArg::To(t)) => model::BaseQuant::Ggml { to: Some(t) },
+    };
     let (mut m, source) = match (&a.model, &a.config) {
         (Some(base), _) => {
             let b = peftkit::base::load_base_quant(base, None, None, quant, &super::hub_options(), &compute)
@@ -363,10 +373,24 @@ fn bench_generate(m: &peftkit::model::Llama, source: &str, a: &Args) -> Result<(
     }
     let rss = peftkit::util::peak_rss_mb().unwrap_or(f64::NAN);
     let threads = candle_core::utils::get_num_threads();
+    // What the products read: llama.cpp block formats (with their types) or dense weights.
+    let mut formats: Vec<String> = m
+        .linears()
+        .map(|l| match &l.weight {
+            peftkit::weight::FrozenWeight::Ggml(q) => format!("{:?}", q.dtype()),
+            w if w.is_nf4() => "NF4".into(),
+            _ => format!("dense {}", peftkit::compute::dtype_name(m.dtype)),
+        })
+        .chain(m.lm_head_q.as_ref().map(|q| format!("{:?} (head)", q.dtype())))
+        .collect();
+    formats.sort();
+    formats.dedup();
+    let weights = formats.join(", ");
     if a.json {
         println!(
             "{}",
             serde_json::json!({"system": "peftkit", "mode": "generate", "threads": threads, "prompt_tokens": a.seq,
+                "weights": weights,
                 "dtype": peftkit::compute::dtype_name(m.dtype), "cpu": peftkit::cpu::features().model,
                 "cpu_flags": peftkit::cpu::features().flags(),
                 "new_tokens": a.new_tokens, "prefill_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode,
@@ -374,7 +398,7 @@ fn bench_generate(m: &peftkit::model::Llama, source: &str, a: &Args) -> Result<(
         );
     } else {
         println!("model: {source}");
-        println!("{}; dtype {}", machine_line(), peftkit::compute::dtype_name(m.dtype));
+        println!("{}; dtype {}; weights {weights}", machine_line(), peftkit::compute::dtype_name(m.dtype));
         println!(
             "generation, greedy with KV cache, {threads} threads: prompt {} tokens → {best_prefill:.1} tokens/s; decoding {} tokens → {best_decode:.1} tokens/s; peak RSS {rss:.0} MiB",
             a.seq, a.new_tokens

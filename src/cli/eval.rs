@@ -56,7 +56,8 @@ pub fn run(a: Args) -> Result<()> {
     }
     // Both inputs are read before the (slow) model load.
     let questions = a.questions.as_deref().map(read_questions).transpose().map_err(user)?;
-    let base = load_model(&a.model)?;
+    // Scoring a file (--data) reads the weights exactly; answering questions alone generates (--quant auto).
+    let base = load_model(&a.model, a.data.is_none())?;
     let mut json = serde_json::Map::new();
     if let Some(path) = &a.data {
         // The file is scored as in training: loss on supervised tokens only.

@@ -100,7 +100,7 @@ pub struct ChatArgs {
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
     // Flags are checked before the (slow) model load.
     let params = a.sampling.params(0.0)?;
-    let base = load(&a.model)?;
+    let base = load(&a.model, true)?;
     let (text, add_special_tokens) = if a.chat {
         let template = require_template(&base, "--chat")?;
         let mut messages = Vec::new();
@@ -138,7 +138,7 @@ a line starting with // is sent as a message starting with /";
 
 pub fn run_chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params(SamplingParams::default().temperature)?;
-    let base = load(&a.model)?;
+    let base = load(&a.model, true)?;
     let template = require_template(&base, "`peftkit chat`")?;
     let limit = context_limit(&base.model.config);
     // Room kept for the reply when old turns must be dropped to fit the context.

@@ -89,16 +89,53 @@ pub struct ModelArgs {
     pub adapter: Option<std::path::PathBuf>,
     /// Hold the base's projections in NF4 with double quantization (transformers' load_in_4bit), as a QLoRA
     /// adapter was trained. Pre-quantized bitsandbytes checkpoints are NF4 without this flag.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "quant")]
     pub load_in_4bit: bool,
+    /// For generation (`generate`, `chat`, `eval --questions`): multiply by the base's projections and output
+    /// head in a llama.cpp block format with candle's quantized matmul. `auto`: a GGUF base's own quantized
+    /// tensors, a safetensors base dense; `none`: dense (a GGUF base dequantized to f32); `q8_0`, `q4_0`, `q4_1`,
+    /// `q4_k`, `q5_k`, `q6_k`: every projection quantized to that format at load.
+    #[arg(long)]
+    pub quant: Option<QuantArg>,
+}
+
+/// `--quant` of `generate`, `chat` and `eval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantArg {
+    Auto,
+    None,
+    To(candle_core::quantized::GgmlDType),
+}
+
+impl std::str::FromStr for QuantArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        use candle_core::quantized::GgmlDType as G;
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" => Self::Auto,
+            "none" | "f32" => Self::None,
+            "q8_0" => Self::To(G::Q8_0),
+            "q4_0" => Self::To(G::Q4_0),
+            "q4_1" => Self::To(G::Q4_1),
+            "q4_k" => Self::To(G::Q4K),
+            "q5_k" => Self::To(G::Q5K),
+            "q6_k" => Self::To(G::Q6K),
+            _ => {
+                return Err(format!("unknown --quant {s:?}: expected auto, none, q8_0, q4_0, q4_1, q4_k, q5_k or q6_k"))
+            }
+        })
+    }
 }
 
 /// Loads the base model of `m` and applies its adapter, warning when the adapter was trained on another base.
-pub fn load_model(m: &ModelArgs) -> anyhow::Result<peftkit::base::BaseModel> {
-    let quant = if m.load_in_4bit {
-        peftkit::model::BaseQuant::Nf4 { double_quant: true }
-    } else {
-        peftkit::model::BaseQuant::None
+/// `generation`: the model will generate text (`--quant auto` keeps a GGUF base quantized), rather than score it.
+pub fn load_model(m: &ModelArgs, generation: bool) -> anyhow::Result<peftkit::base::BaseModel> {
+    use peftkit::model::BaseQuant;
+    let quant = match (m.load_in_4bit, m.quant.unwrap_or(QuantArg::Auto)) {
+        (true, _) => BaseQuant::Nf4 { double_quant: true },
+        (false, QuantArg::Auto) if generation => BaseQuant::Ggml { to: None },
+        (false, QuantArg::Auto | QuantArg::None) => BaseQuant::None,
+        (false, QuantArg::To(t)) => BaseQuant::Ggml { to: Some(t) },
     };
     let mut base = peftkit::base::load_base_quant(
         &m.base.base,

@@ -159,6 +159,9 @@ pub struct Llama {
     pub norm: Tensor,
     /// (vocab, hidden); shares storage with `embed_tokens` when the embeddings are tied.
     pub lm_head: Tensor,
+    /// The output head in a llama.cpp block format, for generation ([`super::BaseQuant::Ggml`]): the logits of
+    /// a forward without a graph use it (candle's quantized matmul) instead of `lm_head`.
+    pub lm_head_q: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
     /// (head_dim / 2) inverse frequencies.
     inv_freq: Vec<f32>,
     pub device: Device,
@@ -173,7 +176,18 @@ impl Llama {
     pub fn new(config: ModelConfig, embed_tokens: Tensor, layers: Vec<Block>, norm: Tensor, lm_head: Tensor) -> Self {
         let inv_freq = config.rope_inv_freq().into_iter().map(|f| f as f32).collect();
         let (device, dtype) = (embed_tokens.device().clone(), embed_tokens.dtype());
-        Self { config, embed_tokens, layers, norm, lm_head, inv_freq, device, dtype, gradient_checkpointing: false }
+        Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            lm_head_q: None,
+            inv_freq,
+            device,
+            dtype,
+            gradient_checkpointing: false,
+        }
     }
 
     /// Every projection, layer by layer.
@@ -250,6 +264,10 @@ impl Llama {
 
     /// Logits (b, t, vocab) from final hidden states (b, t, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if let Some(q) = &self.lm_head_q {
+            let w = crate::weight::FrozenWeight::Ggml(q.clone());
+            return ops::frozen_product(&hidden.to_dtype(DType::F32)?, &w);
+        }
         if hidden.device().is_cuda() && hidden.dtype() != self.lm_head.dtype() {
             // cuBLAS wants one dtype: the (b, t, hidden) activations are cast, never the (vocab, hidden) head.
             return ops::frozen_matmul(&hidden.to_dtype(self.lm_head.dtype())?, &self.lm_head)?.to_dtype(DType::F32);

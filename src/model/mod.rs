@@ -46,6 +46,11 @@ pub enum BaseQuant {
     /// Quantized to NF4 at load time, one tensor at a time (QLoRA; transformers' `load_in_4bit`). Norms,
     /// embeddings and the output head stay in full precision, as bitsandbytes leaves them.
     Nf4 { double_quant: bool },
+    /// For generation: projections and the output head in llama.cpp's block formats, multiplied by candle's
+    /// quantized matmul — a GGUF base's own quantized tensors (`to: None`; its dense ones stay dense), or every
+    /// projection quantized to `to` as it is read. A row length the format cannot split into blocks falls back to
+    /// Q8_0 (32-element blocks), else stays dense, as llama-quantize does.
+    Ggml { to: Option<candle_core::quantized::GgmlDType> },
 }
 
 /// Reads tensors by name from one or more safetensors files.
@@ -124,6 +129,38 @@ pub trait TensorSource {
     fn nf4_weight(&self, _name: &str, _shape: &[usize]) -> Result<Option<Nf4Tensor>, ModelError> {
         Ok(None)
     }
+    /// A weight the source holds in one of llama.cpp's block formats (a GGUF file's quantized tensor), with rows
+    /// in transformers' order, checked against `shape`; `None` when it is stored dense (f32/f16/bf16) or the
+    /// source has no such formats.
+    fn ggml_weight(
+        &self,
+        _name: &str,
+        _shape: &[usize],
+    ) -> Result<Option<candle_core::quantized::QTensor>, ModelError> {
+        Ok(None)
+    }
+}
+
+/// `name` read from `src` in f32 and quantized to `to` for [`BaseQuant::Ggml`] (Q8_0 when the rows do not split
+/// into `to`'s blocks; `None` when not even Q8_0's do: the weight stays dense).
+fn quantize_ggml(
+    src: &dyn TensorSource,
+    name: &str,
+    shape: &[usize],
+    to: candle_core::quantized::GgmlDType,
+) -> Result<Option<candle_core::quantized::QTensor>, ModelError> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let cols = shape.last().copied().unwrap_or(0);
+    let to = if cols % to.block_size() == 0 {
+        to
+    } else if cols % GgmlDType::Q8_0.block_size() == 0 {
+        tracing::debug!("{name}: rows of {cols} do not split into {to:?} blocks; Q8_0 instead");
+        GgmlDType::Q8_0
+    } else {
+        return Ok(None);
+    };
+    let w = src.get(name, shape, DType::F32, &Device::Cpu)?;
+    Ok(Some(QTensor::quantize(&w, to)?))
 }
 
 impl TensorSource for WeightSource {
@@ -254,8 +291,15 @@ pub fn assemble_llama(
     let mut id = 0u64;
     let mut linear = |path: String, out: usize, inp: usize, bias: bool| -> Result<AdaptedLinear, ModelError> {
         let name = format!("{path}.weight");
+        let ggml = match quant {
+            BaseQuant::Ggml { to: None } => src.ggml_weight(&name, &[out, inp])?,
+            BaseQuant::Ggml { to: Some(to) } => quantize_ggml(src, &name, &[out, inp], to)?,
+            _ => None,
+        };
         let weight = if let Some(q) = src.nf4_weight(&name, &[out, inp])? {
             FrozenWeight::Nf4(Arc::new(q))
+        } else if let Some(q) = ggml {
+            FrozenWeight::Ggml(Arc::new(q))
         } else if let BaseQuant::Nf4 { double_quant } = quant {
             // Read in f32 and quantized at once: the full-precision projection lives only for this call.
             let w = src.get(&name, &[out, inp], DType::F32, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
@@ -307,7 +351,15 @@ pub fn assemble_llama(
             files: src.describe(),
         });
     };
-    Ok(Llama::new(cfg, embed, layers, norm, lm_head))
+    let head_name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+    let head_q = match quant {
+        BaseQuant::Ggml { to: None } => src.ggml_weight(head_name, &[v, h])?,
+        BaseQuant::Ggml { to: Some(to) } => quantize_ggml(src, head_name, &[v, h], to)?,
+        _ => None,
+    };
+    let mut model = Llama::new(cfg, embed, layers, norm, lm_head);
+    model.lm_head_q = head_q.map(Arc::new);
+    Ok(model)
 }
 
 /// A model of `config`'s shape with random weights (N(0, 0.02²) projections and embeddings, unit norms), for

@@ -7,6 +7,7 @@
 //! CUDA: cuBLAS through candle's matmul, on the weight as a dense device tensor of x's dtype — itself, or for NF4
 //! the device's dequantization scratch buffer just filled by peftkit's kernel ([`FrozenWeight::gpu_dense`]). An
 //! NF4 product of at most 64 rows outside training (generation) takes the fused dequantize + GEMM kernel instead.
+//! A block-quantized (GGUF) weight outside training is candle's quantized matmul.
 
 use super::gemm::sgemm;
 use crate::host::{f32_view, storage_from_f32};
@@ -101,12 +102,20 @@ pub fn frozen_product(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
     // path) or an NF4 weight in GPU memory (dequantized to x's dtype).
     let has_cuda = match w {
         FrozenWeight::Dense(t) => t.dtype() == x.dtype(),
-        FrozenWeight::Nf4(_) => false,
+        FrozenWeight::Nf4(_) | FrozenWeight::Ggml(_) => false,
         #[cfg(feature = "cuda")]
         FrozenWeight::Nf4Cuda(_) => matches!(x.dtype(), candle_core::DType::BF16 | candle_core::DType::F32),
     };
     if !super::use_kernel(x, has_cuda) {
         return super::reference::frozen_product(x, w);
+    }
+    if let FrozenWeight::Ggml(q) = w {
+        if !x.track_op() && x.device().is_cpu() {
+            // Generation and evaluation on a block-quantized base: candle's quantized matmul reads the blocks
+            // directly (activations quantized to 8 bits per block, as llama.cpp does), f32 in and out.
+            let qm = candle_core::quantized::QMatMul::from_arc(q.clone())?;
+            return candle_core::Module::forward(&qm, &x.to_dtype(candle_core::DType::F32)?)?.to_dtype(x.dtype());
+        }
     }
     #[cfg(feature = "cuda")]
     if let FrozenWeight::Nf4Cuda(q) = w {

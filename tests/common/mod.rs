@@ -53,6 +53,12 @@ pub fn hf_cache(root: &Path) -> PathBuf {
 /// llama.cpp's tensor names, Q/K rows permuted for the Llama architecture, f32 tensors, the tokenizer from
 /// tokenizer.json. `tied`: leave `output.weight` out (a tied head).
 pub fn write_tiny_gguf(name: &str, out: &Path, tied: bool) {
+    write_tiny_gguf_as(name, out, tied, GgmlDType::F32)
+}
+
+/// [`write_tiny_gguf`] with the matrices in `dtype` (llama.cpp's block formats; 1-D tensors stay f32, as
+/// llama-quantize leaves them).
+pub fn write_tiny_gguf_as(name: &str, out: &Path, tied: bool, dtype: GgmlDType) {
     let dir = fixture(name);
     let config = json(&dir.join("config.json"));
     let arch = if config["model_type"] == "qwen2" { "qwen2" } else { "llama" };
@@ -147,7 +153,8 @@ pub fn write_tiny_gguf(name: &str, out: &Path, tied: bool) {
         } else if arch == "llama" && hf.contains("k_proj") {
             t = peftkit::gguf::permute_rotary_rows(&t, nkv).unwrap();
         }
-        tensors.push((g, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+        let ty = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
+        tensors.push((g, QTensor::quantize(&t, ty).unwrap()));
     }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
