@@ -287,7 +287,7 @@ impl GgufFile {
 
 /// The GGUF name of a transformers tensor name, and whether its rows are in llama.cpp's rotary order (with the
 /// number of heads to undo it).
-fn gguf_name(hf: &str) -> Option<String> {
+pub fn gguf_name(hf: &str) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
