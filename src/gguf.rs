@@ -175,6 +175,13 @@ impl GgufFile {
         self.string("general.architecture")?.ok_or_else(|| self.meta_err("general.architecture", "missing"))
     }
 
+    /// The tensor directory: name, shape (candle's order, outermost first) and type, in the file's order.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>, candle_core::quantized::GgmlDType)> {
+        let mut t: Vec<_> = self.content.tensor_infos.iter().collect();
+        t.sort_by_key(|(_, info)| info.offset);
+        t.into_iter().map(|(n, info)| (n.clone(), info.shape.dims().to_vec(), info.ggml_dtype)).collect()
+    }
+
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }

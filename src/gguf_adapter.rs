@@ -392,6 +392,7 @@ pub struct ExportOptions {
 }
 
 /// What was written.
+#[derive(Debug)]
 pub struct ExportReport {
     pub arch: String,
     pub tensors: usize,
@@ -430,4 +431,24 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport, ExportError> {
         _ => 0.0,
     };
     Ok(ExportReport { arch: facts.arch, tensors: g.tensors.len(), bytes, alpha, folded: g.folded })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_title_cased_as_gguf_py_does() {
+        // Values of gguf-py's Metadata.id_to_title for the same strings.
+        assert_eq!(id_to_title("peft-lora"), "Peft Lora");
+        assert_eq!(id_to_title("my-adapter-v0.2"), "My Adapter v0.2");
+        assert_eq!(id_to_title("Llama-3-8B-lora"), "Llama 3 8B Lora");
+        assert_eq!(id_to_title("qwen2_5-sft"), "Qwen2_5 Sft");
+    }
+
+    #[test]
+    fn output_types_are_the_converters() {
+        assert_eq!(OutType::parse("Q8_0"), Ok(OutType::Q8_0));
+        assert!(OutType::parse("q4_k").unwrap_err().contains("f32, f16, bf16, q8_0"));
+    }
 }
