@@ -176,6 +176,13 @@ impl GgufFile {
         self.string("general.architecture")?.ok_or_else(|| self.meta_err("general.architecture", "missing"))
     }
 
+    /// The tensor directory: name, shape (candle's order, outermost first) and type, in the file's order.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>, candle_core::quantized::GgmlDType)> {
+        let mut t: Vec<_> = self.content.tensor_infos.iter().collect();
+        t.sort_by_key(|(_, info)| info.offset);
+        t.into_iter().map(|(n, info)| (n.clone(), info.shape.dims().to_vec(), info.ggml_dtype)).collect()
+    }
+
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
@@ -288,7 +295,7 @@ impl GgufFile {
 
 /// The GGUF name of a transformers tensor name, and whether its rows are in llama.cpp's rotary order (with the
 /// number of heads to undo it).
-fn gguf_name(hf: &str) -> Option<String> {
+pub fn gguf_name(hf: &str) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),

@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod data;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_adapter;
 pub mod gpu;
 pub mod host;
 pub mod hub;

@@ -28,6 +28,8 @@ enum Command {
     Inspect(cli::inspect::Args),
     /// Merge an adapter into its base model and write a Hugging Face model folder (safetensors, 16-bit).
     Merge(cli::merge::Args),
+    /// Export a LoRA adapter to another format: llama.cpp's LoRA adapter GGUF (--to gguf).
+    Export(cli::export::Args),
     /// Publish an adapter or merged-model folder to the Hugging Face Hub in one commit.
     Push(cli::push::Args),
     /// Generate text from a prompt (greedy unless --temperature is set), streamed to stdout.
@@ -54,6 +56,7 @@ fn main() {
         Command::Bench(a) => cli::bench::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Merge(a) => cli::merge::run(a),
+        Command::Export(a) => cli::export::run(a),
         Command::Push(a) => cli::push::run(a),
         Command::Generate(a) => cli::generate::run_generate(a),
         Command::Chat(a) => cli::generate::run_chat(a),

@@ -38,6 +38,9 @@ pub fn run(a: Args) -> Result<()> {
         println!("  tensors: {}, parameters: {params}", tensors.len());
     } else if p.is_file() && peftkit::base::is_gguf_path(&p.to_string_lossy()) {
         let g = peftkit::gguf::GgufFile::open(p).map_err(user)?;
+        if g.string("general.type").map_err(user)?.as_deref() == Some("adapter") {
+            return print_gguf_adapter(p, &g);
+        }
         let c = g.config().map_err(user)?;
         println!("GGUF model: {}", p.display());
         if let Some(name) = g.string("general.name").map_err(user)? {
@@ -63,6 +66,36 @@ pub fn run(a: Args) -> Result<()> {
             p.display()
         )));
     }
+    Ok(())
+}
+
+/// A llama.cpp adapter GGUF (`general.type = adapter`, as `peftkit export --to gguf` writes).
+fn print_gguf_adapter(p: &std::path::Path, g: &peftkit::gguf::GgufFile) -> Result<()> {
+    let kind = g.string("adapter.type").map_err(user)?.unwrap_or_else(|| "(unknown)".into());
+    println!("GGUF adapter (llama.cpp, adapter.type {kind}): {}", p.display());
+    if let Some(name) = g.string("general.name").map_err(user)? {
+        println!("  name: {name}");
+    }
+    println!("  architecture: {}", g.architecture().map_err(user)?);
+    if let Some(alpha) = g.float("adapter.lora.alpha").map_err(user)? {
+        println!("  lora alpha: {alpha}");
+    }
+    let tensors = g.tensors();
+    let mut ranks: Vec<usize> =
+        tensors.iter().filter(|(n, d, _)| n.ends_with(".lora_a") && d.len() == 2).map(|(_, d, _)| d[0]).collect();
+    ranks.sort_unstable();
+    ranks.dedup();
+    let mut types: Vec<String> = tensors.iter().map(|(_, _, t)| format!("{t:?}")).collect();
+    types.sort();
+    types.dedup();
+    let params: usize = tensors.iter().map(|(_, d, _)| d.iter().product::<usize>()).sum();
+    println!(
+        "  tensors: {} (lora_a/lora_b pairs: {}), rank {:?}, types {}, parameters: {params}",
+        tensors.len(),
+        tensors.iter().filter(|(n, _, _)| n.ends_with(".lora_a")).count(),
+        ranks,
+        types.join(", ")
+    );
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_cuda;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
