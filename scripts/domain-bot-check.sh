@@ -15,6 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=${1:-$HOME/.cache/peftkit-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+# The default GGUF is a copy of this Hub model, which the demo adapter names as its base.
+BASE_ID=()
+[[ $# -eq 0 ]] && BASE_ID=(--base-model-id HuggingFaceTB/SmolLM2-135M-Instruct)
 ADAPTER=${2:-adapters/smollm2-135m-lora}
 DATA=datasets/sprigbox-support
 OUT=${OUT:-target/domain-bot-check}
@@ -28,7 +31,7 @@ PEFTKIT=target/release/peftkit
 
 measure() { # name, extra flags…
   local name=$1; shift
-  "$PEFTKIT" eval --base "$BASE" "$@" --data "$DATA/valid.jsonl" --sequence-len 256 \
+  "$PEFTKIT" eval --base "$BASE" "${BASE_ID[@]}" "$@" --data "$DATA/valid.jsonl" --sequence-len 256 \
     --questions "$DATA/eval_questions.jsonl" --answers "$OUT/answers-$name.jsonl" --json | tail -n 1
 }
 field() { # json, key → number

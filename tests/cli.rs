@@ -391,6 +391,24 @@ fn base_model_id_names_the_hub_repo_of_a_local_base() {
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     assert!(card.starts_with("---\nbase_model: peftkit-test/tiny-llama\n"), "{card}");
     assert!(card.contains("from_pretrained(\"peftkit-test/tiny-llama\")"), "{card}");
+    // Generating with the local copy warns that the adapter names another base, unless --base-model-id says
+    // which repository the copy is.
+    let generate = |extra: &[&str]| {
+        let o = bin()
+            .args(["generate", "--base"])
+            .arg(&base)
+            .arg("--adapter")
+            .arg(&out)
+            .args(["--prompt", "Hi", "--max-new-tokens", "2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
+    assert!(generate(&[]).contains("was trained on `peftkit-test/tiny-llama`"));
+    let quiet = generate(&["--base-model-id", "peftkit-test/tiny-llama"]);
+    assert!(!quiet.contains("was trained on"), "{quiet}");
     // Not a Hub id: exit 2 naming the key.
     let bad = std::fs::read_to_string(&r).unwrap().replace("peftkit-test/tiny-llama", "not a repo");
     std::fs::write(&r, bad).unwrap();

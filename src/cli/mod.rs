@@ -92,6 +92,10 @@ pub struct ModelArgs {
     /// adapter was trained. Pre-quantized bitsandbytes checkpoints are NF4 without this flag.
     #[arg(long, conflicts_with = "quant")]
     pub load_in_4bit: bool,
+    /// The Hub repository (owner/name) that a local --base (folder or GGUF file) is a copy of, as a recipe's
+    /// `base_model_id` names it: an adapter trained on that repository is then the base's own (no warning).
+    #[arg(long)]
+    pub base_model_id: Option<String>,
     /// For generation (`generate`, `chat`, `eval --questions`): multiply by the base's projections and output
     /// head in a llama.cpp block format with candle's quantized matmul. `auto`: a GGUF base's own quantized
     /// tensors, a safetensors base dense; `none`: dense (a GGUF base dequantized to f32); `q8_0`, `q4_0`, `q4_1`,
@@ -147,6 +151,9 @@ pub fn load_model(m: &ModelArgs, generation: bool) -> anyhow::Result<peftkit::ba
         &m.compute.resolve(Default::default())?,
     )
     .map_err(user)?;
+    if let Some(id) = &m.base_model_id {
+        base.name = id.clone();
+    }
     if let Some(dir) = &m.adapter {
         let cfg = peftkit::adapter::peft_format::load_adapter(&mut base.model, dir).map_err(user)?;
         // The same model named two ways (relative and absolute path) is the same model.
