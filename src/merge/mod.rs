@@ -26,6 +26,10 @@
 //! base is read with positioned reads, not a memory map: the pages of a map stay resident once touched and would
 //! make the process as large as the model. Peak memory is a few copies of the largest tensor, whatever the model.
 //!
+//! With `format: Gguf` ([`OutFormat`]) the same tensors, computed in f32, go into one GGUF file for llama.cpp
+//! instead (names, layout, metadata and per-tensor types as llama.cpp's converter and llama-quantize write them;
+//! see `gguf_out`, `gguf_meta`, `gguf_quant`); no folder, card or tokenizer files.
+//!
 //! Everything is written into a hidden sibling folder `.<out>.tmp-<pid>` that is renamed into place at the end; an
 //! existing non-empty `out` is replaced (only with `overwrite`) once the new folder is complete.
 //!
@@ -130,15 +134,16 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
     };
     let total_bytes: u64 = sizes.iter().sum();
     let merged_modules = plan.iter().filter(|p| matches!(p.merge, Some((_, Part::Weight)))).count();
+    let layout = match gguf {
+        true => "one GGUF file".to_string(),
+        false => format!("{:.1} MB in {}, {} shard(s)", total_bytes as f64 / 1e6, dtype.hf_name(), shards.len()),
+    };
     tracing::info!(
-        "merging {} ({} adapter, {merged_modules} projections) into {}: {} tensors, {:.1} MB in {}, {} shard(s)",
+        "merging {} ({} adapter, {merged_modules} projections) into {}: {} tensors, {layout}",
         opts.adapter.display(),
         card::method_title(&method),
         base.name,
         plan.len(),
-        total_bytes as f64 / 1e6,
-        dtype.hf_name(),
-        shards.len()
     );
 
     let gguf_tensors;
