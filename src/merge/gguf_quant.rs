@@ -106,7 +106,8 @@ pub(super) fn stays_f32(gguf_name: &str, dims: &[usize]) -> bool {
 
 /// llama.cpp's `use_more_bits(i_layer, n_layers)`.
 fn use_more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    // The subtraction runs only when i >= n / 8.
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 fn layer_of(gguf_name: &str) -> Option<usize> {
