@@ -376,3 +376,116 @@ fn smollm2_q4_1_gguf_merged_to_gguf_computes_the_unmerged_adapter() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A random Llama model with rows of 256 and 512 (what k-quants need), tiny-llama's tokenizer, and a LoRA adapter on
+/// its q_proj and down_proj.
+fn k_quant_model(d: &Path) -> (PathBuf, PathBuf) {
+    let dir = d.join("k-model");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+        "vocab_size": 384, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+        std::fs::copy(fixture("tiny-llama").join(f), dir.join(f)).unwrap();
+    }
+    let r = |shape: &[usize], s: f64| Tensor::randn(0f32, s as f32, shape, &Device::Cpu).unwrap();
+    let mut w = std::collections::HashMap::new();
+    w.insert("model.embed_tokens.weight".to_string(), r(&[384, 256], 1.0));
+    w.insert("lm_head.weight".to_string(), r(&[384, 256], 0.05));
+    w.insert("model.norm.weight".to_string(), Tensor::ones(256, DType::F32, &Device::Cpu).unwrap());
+    let mut ad = std::collections::HashMap::new();
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        for (m, o, i) in [
+            ("self_attn.q_proj", 256, 256),
+            ("self_attn.k_proj", 128, 256),
+            ("self_attn.v_proj", 128, 256),
+            ("self_attn.o_proj", 256, 256),
+            ("mlp.gate_proj", 512, 256),
+            ("mlp.up_proj", 512, 256),
+            ("mlp.down_proj", 256, 512),
+        ] {
+            w.insert(format!("{p}.{m}.weight"), r(&[o, i], 0.06));
+            if m.ends_with("q_proj") || m.ends_with("down_proj") {
+                let a = format!("base_model.model.{p}.{m}");
+                ad.insert(format!("{a}.lora_A.weight"), r(&[2, i], 0.05));
+                ad.insert(format!("{a}.lora_B.weight"), r(&[o, 2], 0.05));
+            }
+        }
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            w.insert(format!("{p}.{n}.weight"), Tensor::ones(256, DType::F32, &Device::Cpu).unwrap());
+        }
+    }
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    let adapter = d.join("k-adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "down_proj"]}"#,
+    )
+    .unwrap();
+    candle_core::safetensors::save(&ad, adapter.join("adapter_model.safetensors")).unwrap();
+    (dir, adapter)
+}
+
+#[test]
+fn k_quants_are_used_where_rows_allow_and_stay_within_their_precision() {
+    let d = tmp("kquant");
+    let (model, adapter) = k_quant_model(&d);
+    let f32_file = d.join("f32.gguf");
+    merge_ok(&model, &adapter, &f32_file, &["--format", "gguf", "--quant", "f32"]);
+    let reference = read_gguf(&f32_file);
+    let mut fr = std::fs::File::open(&f32_file).unwrap();
+    let folder = d.join("folder");
+    merge_ok(&model, &adapter, &folder, &["--dtype", "f32"]);
+    let want = folder_logits(&folder);
+    // (type, expected types of some tensors, bound on ‖Δw‖ / ‖w‖ for every quantized tensor). Closed form for
+    // Gaussian weights: rounding error RMS = step / √12; Q4_K (asymmetric, 16 levels over the ~4σ range of 32 values)
+    // ≈ 0.077σ, Q5_K ≈ 0.039σ, Q6_K (symmetric, 64 levels over ±amax of 16 values, amax ≈ 2σ) ≈ 0.018σ. Measured:
+    // 7.5e-2, 3.7e-2, 1.8e-2; logits 0.19, 0.096, 0.049 of max |logit|.
+    let cases: [(&str, &[(&str, GgmlDType)], f32); 3] = [
+        (
+            "q4_k_m",
+            &[
+                ("blk.0.attn_q.weight", GgmlDType::Q4K),
+                ("blk.0.attn_v.weight", GgmlDType::Q4K),
+                ("blk.1.attn_v.weight", GgmlDType::Q6K),
+                ("blk.1.ffn_down.weight", GgmlDType::Q6K),
+                ("token_embd.weight", GgmlDType::Q4K),
+                ("output.weight", GgmlDType::Q6K),
+                ("output_norm.weight", GgmlDType::F32),
+            ],
+            0.12,
+        ),
+        ("q5_k_m", &[("blk.0.ffn_up.weight", GgmlDType::Q5K), ("blk.1.attn_v.weight", GgmlDType::Q6K)], 0.06),
+        ("q6_k", &[("blk.0.ffn_up.weight", GgmlDType::Q6K), ("output.weight", GgmlDType::Q6K)], 0.03),
+    ];
+    for (quant, types, bound) in cases {
+        let out = d.join(format!("{quant}.gguf"));
+        merge_ok(&model, &adapter, &out, &["--format", "gguf", "--quant", quant]);
+        let c = read_gguf(&out);
+        for (name, ty) in types {
+            assert_eq!(c.tensor_infos[*name].ggml_dtype, *ty, "{quant}: {name}");
+        }
+        let mut f = std::fs::File::open(&out).unwrap();
+        let mut worst = 0f32;
+        for (name, info) in &c.tensor_infos {
+            if info.ggml_dtype == GgmlDType::F32 {
+                continue;
+            }
+            let q = c.tensor(&mut f, name, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
+            let w = reference.tensor(&mut fr, name, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
+            let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+            let e = norm(&(&q - &w).unwrap()) / norm(&w);
+            worst = worst.max(e);
+            assert!(e <= bound, "{quant} {name} ({:?}): ‖Δw‖/‖w‖ = {e}", info.ggml_dtype);
+        }
+        let r = rel_diff(&gguf_logits(&out), &want);
+        println!("k-quant model {quant}: worst ‖Δw‖/‖w‖ {worst:e}; logits vs merged folder: max rel diff {r:e}");
+        assert!(r <= 0.3, "{quant}: {r}");
+    }
+}
