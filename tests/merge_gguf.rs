@@ -41,18 +41,7 @@ fn merge_ok(base: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> String {
 
 /// The fixture's LoRA adapter with every B set to zero: merging it changes nothing.
 fn zero_adapter(name: &str, dir: &Path) -> PathBuf {
-    let src = fixture(name).join("peft-lora");
-    let out = dir.join(format!("{name}-zero-lora"));
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::copy(src.join("adapter_config.json"), out.join("adapter_config.json")).unwrap();
-    let mut t = candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
-    for (k, v) in t.iter_mut() {
-        if k.contains("lora_B") {
-            *v = v.zeros_like().unwrap();
-        }
-    }
-    candle_core::safetensors::save(&t, out.join("adapter_model.safetensors")).unwrap();
-    out
+    zero_adapter_for(&fixture(name).join("peft-lora"), &dir.join(name))
 }
 
 fn read_gguf(path: &Path) -> Content {
@@ -379,15 +368,18 @@ fn smollm2_q4_1_gguf_merged_to_gguf_computes_the_unmerged_adapter() {
 
 /// A random Llama model with rows of 256 and 512 (what k-quants need), tiny-llama's tokenizer, and a LoRA adapter on
 /// its q_proj and down_proj.
-fn k_quant_model(d: &Path) -> (PathBuf, PathBuf) {
+fn k_quant_model(d: &Path, rope_scaling: Option<serde_json::Value>) -> (PathBuf, PathBuf) {
     let dir = d.join("k-model");
     std::fs::create_dir_all(&dir).unwrap();
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
         "vocab_size": 384, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
     });
+    if let Some(r) = rope_scaling {
+        config["rope_scaling"] = r;
+    }
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
         std::fs::copy(fixture("tiny-llama").join(f), dir.join(f)).unwrap();
@@ -435,7 +427,7 @@ fn k_quant_model(d: &Path) -> (PathBuf, PathBuf) {
 #[test]
 fn k_quants_are_used_where_rows_allow_and_stay_within_their_precision() {
     let d = tmp("kquant");
-    let (model, adapter) = k_quant_model(&d);
+    let (model, adapter) = k_quant_model(&d, None);
     let f32_file = d.join("f32.gguf");
     merge_ok(&model, &adapter, &f32_file, &["--format", "gguf", "--quant", "f32"]);
     let reference = read_gguf(&f32_file);
@@ -488,4 +480,56 @@ fn k_quants_are_used_where_rows_allow_and_stay_within_their_precision() {
         println!("k-quant model {quant}: worst ‖Δw‖/‖w‖ {worst:e}; logits vs merged folder: max rel diff {r:e}");
         assert!(r <= 0.3, "{quant}: {r}");
     }
+}
+
+#[test]
+fn llama_3_1_rope_scaling_becomes_rope_freqs_and_survives_a_gguf_to_gguf_merge() {
+    let d = tmp("llama3-rope");
+    // Scaling that reaches all three regions for head_dim 64, theta 1e4: wavelengths 6.3 … 4.7e4.
+    let scaling = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 2048});
+    let (model, adapter) = k_quant_model(&d, Some(scaling));
+    let folder = d.join("folder");
+    merge_ok(&model, &adapter, &folder, &["--dtype", "f32"]);
+    let want = folder_logits(&folder);
+    let out = d.join("m.gguf");
+    merge_ok(&model, &adapter, &out, &["--format", "gguf", "--quant", "f32"]);
+    let c = read_gguf(&out);
+    let info = &c.tensor_infos["rope_freqs.weight"];
+    assert_eq!((info.ggml_dtype, info.shape.dims()), (GgmlDType::F32, &[32usize][..]));
+    let f: Vec<f32> = c
+        .tensor(&mut std::fs::File::open(&out).unwrap(), "rope_freqs.weight", &Device::Cpu)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!((f[0], f[31]), (1.0, 8.0), "{f:?}");
+    assert!(f.iter().any(|&x| x > 1.0 && x < 8.0), "{f:?}");
+    // peftkit reads the factors back (as llama.cpp does) and computes the folder's logits, which use the config.
+    let r = rel_diff(&gguf_logits(&out), &want);
+    println!("llama3 rope scaling via rope_freqs.weight: max rel diff {r:e}");
+    assert!(r <= 1e-5, "{r}");
+    // A GGUF base with rope_freqs merges into GGUF (a folder has no way to say it), the tensor carried over.
+    let base = d.join("base.gguf");
+    std::fs::copy(&out, &base).unwrap();
+    let again = d.join("again.gguf");
+    merge_ok(&base, &zero_adapter_for(&adapter, &d), &again, &["--format", "gguf"]);
+    assert!(read_gguf(&again).tensor_infos.contains_key("rope_freqs.weight"));
+    assert!(rel_diff(&gguf_logits(&again), &want) <= 1e-5);
+}
+
+/// `adapter` with every B set to zero.
+fn zero_adapter_for(adapter: &Path, d: &Path) -> PathBuf {
+    let out = d.join("zero-adapter");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(adapter.join("adapter_config.json"), out.join("adapter_config.json")).unwrap();
+    let mut t = candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    for (k, v) in t.iter_mut() {
+        if k.contains("lora_B") {
+            *v = v.zeros_like().unwrap();
+        }
+    }
+    candle_core::safetensors::save(&t, out.join("adapter_model.safetensors")).unwrap();
+    out
 }

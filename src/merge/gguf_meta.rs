@@ -7,7 +7,8 @@
 //! - `<arch>.block_count`, `.context_length`, `.embedding_length`, `.feed_forward_length`, `.attention.head_count`,
 //!   `.attention.head_count_kv`, `.rope.freq_base`, `.attention.layer_norm_rms_epsilon`, `.attention.key_length` and
 //!   `.value_length` (when config.json names `head_dim`), `general.file_type`; for `llama` also `.vocab_size`,
-//!   `.rope.dimension_count` and linear rope scaling (`.rope.scaling.type`, `.rope.scaling.factor`);
+//!   `.rope.dimension_count` and linear rope scaling (`.rope.scaling.type`, `.rope.scaling.factor`; Llama 3.1's
+//!   scaling is the tensor `rope_freqs.weight` instead, see [`llama3_rope_factors`]);
 //!   `general.quantization_version` = 2;
 //! - the tokenizer, from `tokenizer.json` (gguf-py's `_set_vocab_gpt2` and `SpecialVocab`): `tokenizer.ggml.model`
 //!   = `gpt2`, `.pre` (the pre-tokenizer, named from its structure: llama.cpp names it by hashing the tokenization
@@ -141,17 +142,38 @@ pub(super) fn config_kvs(
             kv.push((k("rope.scaling.type"), Value::String("linear".into())));
             kv.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
         }
-        RopeScaling::Llama3 { .. } => {
-            return Err(MergeError::Unsupported {
-                path: config_path.into(),
-                msg: "Llama 3.1-style rope scaling (llama.cpp stores it as a `rope_freqs.weight` tensor) is not \
-                      written to GGUF by peftkit yet; write a folder and convert it with llama.cpp"
-                    .into(),
-            })
-        }
+        // Carried by the `rope_freqs.weight` tensor ([`llama3_rope_factors`]), as the converter does.
+        RopeScaling::Llama3 { .. } => {}
     }
     kv.push(("general.quantization_version".into(), Value::U32(2)));
     Ok(kv)
+}
+
+/// `rope_freqs.weight` for Llama 3.1-style rope scaling: one divisor per rotary frequency, as
+/// `LlamaModel.generate_extra_tensors` computes it (1 above the high-frequency wavelength, `factor` below the
+/// low-frequency one, interpolated in between). Computed in f64 and rounded to f32 (the converter works in f32, so
+/// the last bit may differ).
+pub(super) fn llama3_rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
+    let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } =
+        cfg.rope_scaling
+    else {
+        return None;
+    };
+    let d = cfg.head_dim;
+    let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+    let factors = (0..d / 2).map(|i| {
+        let freq = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64);
+        let wavelen = 2.0 * std::f64::consts::PI / freq;
+        if wavelen < high_wavelen {
+            1.0
+        } else if wavelen > low_wavelen {
+            factor as f32
+        } else {
+            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+            (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+        }
+    });
+    Some(factors.collect())
 }
 
 /// The Hugging Face tokenizer files a GGUF tokenizer is built from.

@@ -23,7 +23,7 @@
 
 use super::base::{Base, Reader};
 use super::compute::compute;
-use super::gguf_meta::{config_kvs, copied_kvs, gguf_arch, tokenizer_kvs, Kv, TokenizerFiles};
+use super::gguf_meta::{config_kvs, copied_kvs, gguf_arch, llama3_rope_factors, tokenizer_kvs, Kv, TokenizerFiles};
 use super::gguf_quant::{ggml_type_id, tensor_type, type_bytes, GgufQuant};
 use super::options::{io_err, MergeError, MergeOptions, OutDtype};
 use super::plan::Planned;
@@ -78,7 +78,10 @@ fn default_quant(opts: &MergeOptions, config: &serde_json::Value) -> GgufQuant {
 
 /// One tensor of the output file.
 struct OutTensor<'p> {
-    p: &'p Planned,
+    /// The merged tensor it is, or (`None`) an extra one whose bytes are `fixed`.
+    p: Option<&'p Planned>,
+    fixed: Option<Vec<u8>>,
+    shape: Vec<usize>,
     name: String,
     ty: GgmlDType,
     /// Copied as stored in the GGUF base.
@@ -109,8 +112,27 @@ pub(super) fn write_gguf(
     let keep_types = opts.quant.is_none() && gguf_src.is_some();
     let quant = opts.quant.unwrap_or_else(|| default_quant(opts, &base.config));
 
-    // 1. Every tensor's name, type and size.
-    let mut tensors: Vec<OutTensor> = Vec::with_capacity(plan.len());
+    // 1. Every tensor's name, type and size; Llama 3.1's rope factors first, as the converter writes them.
+    let mut tensors: Vec<OutTensor> = Vec::with_capacity(plan.len() + 1);
+    let rope_factors = match &base.reader {
+        Reader::Gguf { config, .. } => config.rope_freq_factors.as_ref().map(|f| f.iter().map(|&x| x as f32).collect()),
+        Reader::Safetensors(_) => llama3_rope_factors(&cfg),
+    };
+    if let Some(f) = rope_factors {
+        let bytes: Vec<u8> = f.iter().flat_map(|x: &f32| x.to_le_bytes()).collect();
+        let (name, shape) = ("rope_freqs.weight".to_string(), vec![f.len()]);
+        let n = bytes.len() as u64;
+        tensors.push(OutTensor {
+            p: None,
+            fixed: Some(bytes),
+            shape,
+            name,
+            ty: GgmlDType::F32,
+            raw: false,
+            permute: None,
+            bytes: n,
+        });
+    }
     let mut fallbacks: BTreeMap<String, (usize, String)> = BTreeMap::new();
     for p in plan {
         if p.name.ends_with(".rotary_emb.inv_freq") || (cfg.tie_word_embeddings && p.name == "lm_head.weight") {
@@ -141,14 +163,14 @@ pub(super) fn write_gguf(
         };
         let elements: usize = p.shape.iter().product();
         let bytes = type_bytes(ty, elements);
-        tensors.push(OutTensor { p, name, ty, raw, permute, bytes });
+        tensors.push(OutTensor { p: Some(p), fixed: None, shape: p.shape.clone(), name, ty, raw, permute, bytes });
     }
     for (why, (n, example)) in &fallbacks {
         tracing::info!("{n} tensor(s) (e.g. {example}): {why}");
     }
 
     // 2. The metadata.
-    let params: u64 = tensors.iter().map(|t| t.p.shape.iter().product::<usize>() as u64).sum();
+    let params: u64 = tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
     let (kvs, types) = match &base.reader {
         Reader::Gguf { file, quant: q, .. } => {
             let ft = if keep_types {
@@ -210,12 +232,12 @@ pub(super) fn write_gguf(
         let n = write_one(t, src, gguf_src, adapters, &mut w, &tmp.path)?;
         if n != t.bytes {
             return Err(MergeError::Tensor {
-                name: t.p.name.clone(),
+                name: t.name.clone(),
                 source: candle_core::Error::Msg(format!("{n} bytes computed for {}, {} planned", t.name, t.bytes)),
             });
         }
         written += n;
-        progress.tick(&t.p.name);
+        progress.tick(&t.name);
     }
     progress.finish();
     let file = w.into_inner().map_err(|e| MergeError::Io { path: tmp.path.clone(), source: e.into_error() })?;
@@ -234,15 +256,23 @@ fn write_one(
     w: &mut impl Write,
     path: &Path,
 ) -> Result<u64, MergeError> {
-    let terr = |source: candle_core::Error| MergeError::Tensor { name: t.p.name.clone(), source };
     let ioe = |source: std::io::Error| MergeError::Io { path: path.to_path_buf(), source };
+    let p = match (t.p, &t.fixed) {
+        (Some(p), _) => p,
+        (None, Some(bytes)) => {
+            w.write_all(bytes).map_err(ioe)?;
+            return Ok(bytes.len() as u64);
+        }
+        (None, None) => return Ok(0),
+    };
+    let terr = |source: candle_core::Error| MergeError::Tensor { name: p.name.clone(), source };
     if let (true, Some(g)) = (t.raw, gguf_src) {
-        let q = g.raw(&t.p.name)?;
+        let q = g.raw(&p.name)?;
         let data = q.data().map_err(terr)?;
         w.write_all(&data).map_err(ioe)?;
         return Ok(data.len() as u64);
     }
-    let mut x = compute(t.p, src, adapters)?; // (out, in) or (n,), f32
+    let mut x = compute(p, src, adapters)?; // (out, in) or (n,), f32
     if let Some(heads) = t.permute {
         x = permute_rotary_rows(&x, heads).map_err(terr)?;
     }
@@ -329,8 +359,8 @@ fn encode_header(buf: &mut Vec<u8>, kvs: &[Kv], tensors: &[OutTensor], offsets: 
     }
     for (t, off) in tensors.iter().zip(offsets) {
         put_str(buf, &t.name);
-        buf.extend_from_slice(&(t.p.shape.len() as u32).to_le_bytes());
-        for d in t.p.shape.iter().rev() {
+        buf.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
+        for d in t.shape.iter().rev() {
             buf.extend_from_slice(&(*d as u64).to_le_bytes());
         }
         buf.extend_from_slice(&ggml_type_id(t.ty).to_le_bytes());
