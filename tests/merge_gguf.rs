@@ -439,7 +439,8 @@ fn k_quants_are_used_where_rows_allow_and_stay_within_their_precision() {
     // Gaussian weights: rounding error RMS = step / √12; Q4_K (asymmetric, 16 levels over the ~4σ range of 32 values)
     // ≈ 0.077σ, Q5_K ≈ 0.039σ, Q6_K (symmetric, 64 levels over ±amax of 16 values, amax ≈ 2σ) ≈ 0.018σ. Measured:
     // 7.5e-2, 3.7e-2, 1.8e-2; logits 0.19, 0.096, 0.049 of max |logit|.
-    let cases: [(&str, &[(&str, GgmlDType)], f32); 3] = [
+    type Case<'a> = (&'a str, &'a [(&'a str, GgmlDType)], f32);
+    let cases: [Case; 3] = [
         (
             "q4_k_m",
             &[
