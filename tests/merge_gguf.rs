@@ -534,3 +534,19 @@ fn zero_adapter_for(adapter: &Path, d: &Path) -> PathBuf {
     candle_core::safetensors::save(&t, out.join("adapter_model.safetensors")).unwrap();
     out
 }
+
+#[test]
+fn an_interrupted_gguf_merge_leaves_nothing_behind() {
+    let d = tmp("interrupt");
+    let out = d.join("m.gguf");
+    let mut opts = peftkit::merge::MergeOptions::new(
+        fixture("tiny-llama").to_str().unwrap(),
+        fixture("tiny-llama").join("peft-lora"),
+        &out,
+    );
+    opts.format = peftkit::merge::OutFormat::Gguf;
+    opts.interrupt = Some(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)));
+    assert!(matches!(peftkit::merge::merge(&opts), Err(peftkit::merge::MergeError::Interrupted)));
+    assert!(!out.exists());
+    assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
+}
