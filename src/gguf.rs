@@ -187,6 +187,16 @@ impl GgufFile {
         self.content.tensor_infos.contains_key(name)
     }
 
+    /// The stored type of the tensor `name` (llama.cpp's name), if the file has it.
+    pub fn tensor_type(&self, name: &str) -> Option<GgmlDType> {
+        self.content.tensor_infos.get(name).map(|t| t.ggml_dtype)
+    }
+
+    /// Every metadata key and value (in no particular order).
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
     /// Reads and dequantizes one tensor to f32 on the CPU, in candle's (row-major, outermost first) shape.
     fn read_f32(&self, name: &str) -> Result<Tensor, ModelError> {
         let tensor_err = |msg: String| ModelError::Tensor {
@@ -360,6 +370,26 @@ impl<'a> GgufTensors<'a> {
     }
 }
 
+impl GgufTensors<'_> {
+    /// The stored type of the transformers tensor `name`, if the file has it.
+    pub fn stored_type(&self, name: &str) -> Option<GgmlDType> {
+        gguf_name(name).and_then(|g| self.file.tensor_type(&g))
+    }
+
+    /// The transformers tensor `name` exactly as stored: llama.cpp's layout (Q/K rows permuted for Llama) and type.
+    pub fn raw(&self, name: &str) -> Result<QTensor, ModelError> {
+        let files = self.file.path.display().to_string();
+        let g = gguf_name(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), files: files.clone() })?;
+        let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        self.file.content.tensor(&mut *reader, &g, &Device::Cpu).map_err(|source| ModelError::Tensor {
+            name: g.clone(),
+            files,
+            source,
+        })
+    }
+}
+
 impl TensorSource for GgufTensors<'_> {
     fn contains(&self, name: &str) -> bool {
         gguf_name(name).is_some_and(|g| self.file.has_tensor(&g))
@@ -494,9 +524,9 @@ pub fn load(path: &Path, device: &Device, dtype: DType, quant: model::BaseQuant)
 // ---------------------------------------------------------------------------------------------
 
 /// Llama 3's pattern (numbers in groups of up to three).
-const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's pattern (single digits).
-const QWEN2_PATTERN: &str =
+pub(crate) const QWEN2_PATTERN: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// How a byte-level BPE vocabulary splits text before merging, by `tokenizer.ggml.pre` (llama.cpp's names).

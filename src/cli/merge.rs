@@ -1,10 +1,13 @@
 //! `peftkit merge --base M --adapter DIR --out DIR [--dtype bf16|f16|f32] [--max-shard-size 5GB]
-//! [--from-quantized] [--overwrite]`: the adapter folded into the base, written as a Hugging Face model folder
+//! [--from-quantized] [--overwrite] [--format safetensors|gguf] [--quant f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k]`:
+//! the adapter folded into the base, written as a Hugging Face model folder, or as one GGUF file for llama.cpp
 //! (see [`peftkit::merge`]).
 
 use super::{hub_options, user};
 use anyhow::Result;
-use peftkit::merge::{merge, parse_size, MergeError, MergeOptions, OutDtype, DEFAULT_MAX_SHARD_SIZE};
+use peftkit::merge::{
+    merge, parse_size, GgufQuant, MergeError, MergeOptions, OutDtype, OutFormat, DEFAULT_MAX_SHARD_SIZE,
+};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,9 +19,17 @@ pub struct Args {
     /// The PEFT adapter folder to merge.
     #[arg(long)]
     pub adapter: PathBuf,
-    /// The model folder to write.
+    /// The model folder to write (with --format gguf, the .gguf file).
     #[arg(long)]
     pub out: PathBuf,
+    /// safetensors (a Hugging Face model folder) or gguf (one file llama.cpp loads).
+    #[arg(long, value_parser = OutFormat::parse, default_value = "safetensors")]
+    pub format: OutFormat,
+    /// GGUF types (--format gguf): f32, f16, bf16, q8_0 (as llama.cpp's converter writes them), q4_0, q4_k_m,
+    /// q5_k_m, q6_k (as llama-quantize mixes them); norms and biases stay f32 [default: a GGUF base's own types,
+    /// else --dtype's, else the config's 16-bit dtype, else f16].
+    #[arg(long, value_parser = GgufQuant::parse)]
+    pub quant: Option<GgufQuant>,
     /// Dtype of the merged weights: bf16, f16 or f32 [default: the base's dtype when it is bf16 or f16, else bf16].
     #[arg(long, value_parser = OutDtype::parse)]
     pub dtype: Option<OutDtype>,
@@ -47,6 +58,9 @@ pub fn run(args: Args) -> Result<()> {
             eprintln!("\nCtrl-C: stopping after this tensor and removing the partial output");
         });
     }
+    if args.quant.is_some() && args.format != OutFormat::Gguf {
+        return Err(user(anyhow::anyhow!("--quant applies to --format gguf only (a model folder takes --dtype)")));
+    }
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let opts = MergeOptions {
         base: args.base.base,
@@ -55,6 +69,8 @@ pub fn run(args: Args) -> Result<()> {
         adapter: args.adapter,
         out: args.out,
         dtype: args.dtype,
+        format: args.format,
+        quant: args.quant,
         max_shard_size: args.max_shard_size,
         from_quantized: args.from_quantized,
         overwrite: args.overwrite,
@@ -73,6 +89,21 @@ pub fn run(args: Args) -> Result<()> {
         Err(e) => return Err(e.into()),
     };
     let rss = peftkit::util::peak_rss_mb().map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "unknown".into());
+    if let Some(types) = &report.gguf_types {
+        println!(
+            "merged {} projections of {} ({}) into {}: {} (GGUF, {} tensors, {:.1} MB, {types}) in {:.1} s; peak RSS \
+             {rss}",
+            report.merged_modules,
+            opts.adapter.display(),
+            peftkit::card::method_title(&report.method),
+            opts.base,
+            report.out.display(),
+            report.tensors,
+            report.total_bytes as f64 / 1e6,
+            started.elapsed().as_secs_f64(),
+        );
+        return Ok(());
+    }
     println!(
         "merged {} projections of {} ({}) into {}: {} ({} tensors, {} file{}, {:.1} MB, {}) in {:.1} s; peak RSS {rss}",
         report.merged_modules,

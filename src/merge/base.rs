@@ -1,7 +1,7 @@
 //! The base model as merge reads it, from each source: a safetensors model folder (local or from the Hub, 16-bit or
 //! a pre-quantized bitsandbytes checkpoint) or a GGUF file (its tensors dequantized under their transformers names).
 
-use super::options::{MergeError, MergeOptions};
+use super::options::{MergeError, MergeOptions, OutFormat};
 use super::st_reader::SafetensorsFiles;
 use crate::gguf::GgufFile;
 use crate::hub::{self, HubError, ModelSource};
@@ -183,7 +183,8 @@ impl Base {
         };
         let file = GgufFile::open(&path)?;
         let config = file.config()?;
-        if config.rope_freq_factors.is_some() {
+        // A GGUF output keeps the factors as the tensor they are (see gguf_out).
+        if config.rope_freq_factors.is_some() && opts.format != OutFormat::Gguf {
             // transformers' config describes Llama 3.1's scaling by its parameters, which the file does not keep.
             return Err(MergeError::Unsupported {
                 path,

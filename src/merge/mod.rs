@@ -26,6 +26,10 @@
 //! base is read with positioned reads, not a memory map: the pages of a map stay resident once touched and would
 //! make the process as large as the model. Peak memory is a few copies of the largest tensor, whatever the model.
 //!
+//! With `format: Gguf` ([`OutFormat`]) the same tensors, computed in f32, go into one GGUF file for llama.cpp
+//! instead (names, layout, metadata and per-tensor types as llama.cpp's converter and llama-quantize write them;
+//! see `gguf_out`, `gguf_meta`, `gguf_quant`); no folder, card or tokenizer files.
+//!
 //! Everything is written into a hidden sibling folder `.<out>.tmp-<pid>` that is renamed into place at the end; an
 //! existing non-empty `out` is replaced (only with `overwrite`) once the new folder is complete.
 //!
@@ -34,6 +38,9 @@
 
 mod base;
 mod compute;
+mod gguf_meta;
+mod gguf_out;
+mod gguf_quant;
 mod options;
 mod output;
 mod plan;
@@ -41,7 +48,8 @@ mod shard;
 mod st_reader;
 mod training;
 
-pub use options::{parse_size, MergeError, MergeOptions, MergeReport, OutDtype};
+pub use gguf_quant::{GgufQuant, GGUF_QUANT_NAMES};
+pub use options::{parse_size, MergeError, MergeOptions, MergeReport, OutDtype, OutFormat};
 
 use crate::adapter::peft_format;
 use crate::card::{self, MergedFacts};
@@ -67,8 +75,13 @@ pub const RECIPE_FILE: &str = "peftkit_recipe.yaml";
 
 /// Merges `opts.adapter` into `opts.base` and writes the model to `opts.out` (see the module documentation).
 pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
-    // 1. Cheap checks first: the output folder, then the adapter (before any download).
-    check_out_folder(&opts.out, opts.overwrite)?;
+    // 1. Cheap checks first: the output folder (or file), then the adapter (before any download).
+    let gguf = opts.format == OutFormat::Gguf;
+    if gguf {
+        gguf_out::check_out_file(&opts.out, opts.overwrite)?;
+    } else {
+        check_out_folder(&opts.out, opts.overwrite)?;
+    }
     let (peft, adapters) = peft_format::read_adapter(&opts.adapter, &Device::Cpu)?;
     let trained = TrainingInfo::read(&opts.adapter);
 
@@ -106,7 +119,11 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
     let weights = describe_weights(&base, opts.from_quantized, prequantized, trained.double_quant);
 
     // 4. The plan: every output tensor, how to get it, which adapter to fold in; then the shards.
-    let dtype = opts.dtype.or_else(|| OutDtype::from_config(&base.config)).unwrap_or(OutDtype::Bf16);
+    // A GGUF file's tensors are computed in f32 and converted per tensor (see gguf_out).
+    let dtype = match gguf {
+        true => OutDtype::F32,
+        false => opts.dtype.or_else(|| OutDtype::from_config(&base.config)).unwrap_or(OutDtype::Bf16),
+    };
     let plan = plan_tensors(&base, &adapters, dtype, requantize.then_some(trained.double_quant), opts)?;
     let sizes: Vec<u64> = plan.iter().map(Planned::bytes).collect();
     let shards = assign_shards(&sizes, opts.max_shard_size);
@@ -117,27 +134,44 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
     };
     let total_bytes: u64 = sizes.iter().sum();
     let merged_modules = plan.iter().filter(|p| matches!(p.merge, Some((_, Part::Weight)))).count();
+    let layout = match gguf {
+        true => "one GGUF file".to_string(),
+        false => format!("{:.1} MB in {}, {} shard(s)", total_bytes as f64 / 1e6, dtype.hf_name(), shards.len()),
+    };
     tracing::info!(
-        "merging {} ({} adapter, {merged_modules} projections) into {}: {} tensors, {:.1} MB in {}, {} shard(s)",
+        "merging {} ({} adapter, {merged_modules} projections) into {}: {} tensors, {layout}",
         opts.adapter.display(),
         card::method_title(&method),
         base.name,
         plan.len(),
-        total_bytes as f64 / 1e6,
-        dtype.hf_name(),
-        shards.len()
     );
+
+    let gguf_tensors;
+    let (src, gguf_src): (&dyn TensorSource, Option<&GgufTensors>) = match &base.reader {
+        Reader::Safetensors(st) => (st, None),
+        Reader::Gguf { file, config, .. } => {
+            gguf_tensors = GgufTensors::new(file, config)?;
+            (&gguf_tensors, Some(&gguf_tensors))
+        }
+    };
+    if gguf {
+        let written = gguf_out::write_gguf(&base, &plan, src, gguf_src, &adapters, opts)?;
+        let file_name = opts.out.file_name().unwrap_or_default().to_string_lossy().to_string();
+        return Ok(MergeReport {
+            out: opts.out.clone(),
+            dtype,
+            shards: vec![file_name],
+            tensors: written.tensors,
+            merged_modules,
+            total_bytes: written.data_bytes,
+            method,
+            weights,
+            gguf_types: Some(written.types),
+        });
+    }
 
     // 5. Everything into a temporary folder beside `out`.
     let tmp = TempDir::create(&opts.out)?;
-    let gguf_tensors;
-    let src: &dyn TensorSource = match &base.reader {
-        Reader::Safetensors(st) => st,
-        Reader::Gguf { file, config, .. } => {
-            gguf_tensors = GgufTensors::new(file, config)?;
-            &gguf_tensors
-        }
-    };
     let progress = Progress::new(opts.progress, plan.len());
     for (range, name) in shards.iter().zip(&shard_names) {
         write_shard(&tmp.path.join(name), &plan[range.clone()], src, &adapters, &progress, opts)?;
@@ -208,5 +242,6 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
         total_bytes,
         method,
         weights,
+        gguf_types: None,
     })
 }

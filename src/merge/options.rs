@@ -1,6 +1,7 @@
 //! The merge's options ([`MergeOptions`], [`OutDtype`], `--max-shard-size` as [`parse_size`] reads it), what it
 //! reports ([`MergeReport`]) and how it fails ([`MergeError`]).
 
+use super::gguf_quant::GgufQuant;
 use super::DEFAULT_MAX_SHARD_SIZE;
 use crate::adapter::AdapterError;
 use crate::gguf::GgufError;
@@ -60,6 +61,27 @@ impl OutDtype {
     }
 }
 
+/// What `peftkit merge` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutFormat {
+    /// A Hugging Face model folder (safetensors).
+    #[default]
+    Safetensors,
+    /// One GGUF file for llama.cpp.
+    Gguf,
+}
+
+impl OutFormat {
+    /// `safetensors` (also `hf`) or `gguf`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "safetensors" | "hf" => Ok(Self::Safetensors),
+            "gguf" => Ok(Self::Gguf),
+            _ => Err(format!("`{s}` is not an output format (safetensors or gguf)")),
+        }
+    }
+}
+
 /// Parses a shard size as transformers' `max_shard_size` does: a number of bytes, or a number with a unit, `KB`,
 /// `MB`, `GB`, `TB` (powers of 1000) or `KiB`, `MiB`, `GiB`, `TiB` (powers of 1024). Units are read in any case
 /// and always mean bytes.
@@ -98,10 +120,14 @@ pub struct MergeOptions {
     pub gguf_file: Option<String>,
     /// The PEFT adapter folder.
     pub adapter: PathBuf,
-    /// The model folder to write.
+    /// The model folder to write (the file, for [`OutFormat::Gguf`]).
     pub out: PathBuf,
     /// `None`: the base config's dtype when it is bfloat16 or float16, else bf16.
     pub dtype: Option<OutDtype>,
+    /// A model folder, or one GGUF file.
+    pub format: OutFormat,
+    /// The GGUF types (with [`OutFormat::Gguf`]); `None`: a GGUF base's own types, else `dtype`'s, else f16.
+    pub quant: Option<GgufQuant>,
     /// Most bytes of tensor data per shard.
     pub max_shard_size: u64,
     /// Merge into the NF4-dequantized weights a QLoRA adapter was trained against, not the 16-bit originals.
@@ -125,6 +151,8 @@ impl MergeOptions {
             adapter: adapter.into(),
             out: out.into(),
             dtype: None,
+            format: OutFormat::Safetensors,
+            quant: None,
             max_shard_size: DEFAULT_MAX_SHARD_SIZE,
             from_quantized: false,
             overwrite: false,
@@ -151,6 +179,8 @@ pub struct MergeReport {
     pub method: String,
     /// Which weights the adapter was merged into, as the card says it.
     pub weights: String,
+    /// For a GGUF file: its types (`q4_k_m`, or the base's).
+    pub gguf_types: Option<String>,
 }
 
 /// Why a merge failed. [`MergeError::is_user_error`] tells bad input from the rest.

@@ -72,13 +72,13 @@ pub(super) fn write_shard(
     file.sync_all().map_err(io_err(path))
 }
 
-enum WriteError {
+pub(super) enum WriteError {
     Io(std::io::Error),
     Candle(candle_core::Error),
 }
 
 /// Writes a tensor's elements, row-major, little-endian; returns the bytes written.
-fn write_tensor(t: &Tensor, w: &mut impl Write) -> Result<u64, WriteError> {
+pub(super) fn write_tensor(t: &Tensor, w: &mut impl Write) -> Result<u64, WriteError> {
     let t = t.flatten_all().map_err(WriteError::Candle)?;
     macro_rules! le {
         ($ty:ty) => {

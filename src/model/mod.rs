@@ -7,7 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod llama;
 
-pub use config::{ConfigError, ModelConfig};
+pub use config::{ConfigError, ModelConfig, RopeScaling};
 pub use llama::{Block, KvCache, LayerEnv, Llama};
 
 use crate::linear::{AdaptedLinear, FrozenWeight};
