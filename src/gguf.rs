@@ -450,6 +450,14 @@ impl TensorSource for GgufTensors<'_> {
                 expected: shape.to_vec(),
             });
         }
+        // candle 0.11.1 has SIMD dot products for Q4_0, Q8_0 and the k-quants, but multiplies Q4_1, Q5_0 and Q5_1
+        // with scalar code (10× slower, measured on SmolLM2's Q4_1 file): those are re-encoded as Q8_0 (same
+        // 32-element blocks, 8-bit codes; its rounding is a few % of a 4/5-bit step), twice the bytes, SIMD speed.
+        let q = if matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+            QTensor::quantize(&q.dequantize(&Device::Cpu).map_err(tensor_err)?, GgmlDType::Q8_0).map_err(tensor_err)?
+        } else {
+            q
+        };
         // llama.cpp permutes Q and K of Llama-architecture models: move whole rows (each row is whole blocks).
         let heads = match (self.config.model_type.as_str(), name) {
             ("llama", n) if n.contains(".self_attn.q_proj.") => Some(self.config.num_attention_heads),
