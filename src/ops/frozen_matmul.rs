@@ -113,9 +113,9 @@ pub fn frozen_product(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
         if !x.track_op() && x.device().is_cpu() {
             // Generation and evaluation on a block-quantized base: candle's quantized matmul reads the blocks
             // directly (activations quantized to 8 bits per block, as llama.cpp does), f32 in and out.
-            if q.dtype() == candle_core::quantized::GgmlDType::Q4_1 {
-                // candle has no SIMD kernel for Q4_1: peftkit's own (quant::q4_1).
-                return crate::quant::q4_1::matmul(x, q);
+            if crate::quant::block_matmul::supports(q.dtype()) {
+                // Q4_1 (no SIMD kernel in candle) and Q8_0: peftkit's own, on rayon (quant::block_matmul).
+                return crate::quant::block_matmul::matmul(x, q);
             }
             let qm = candle_core::quantized::QMatMul::from_arc(q.clone())?;
             return candle_core::Module::forward(&qm, &x.to_dtype(candle_core::DType::F32)?)?.to_dtype(x.dtype());

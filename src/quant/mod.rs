@@ -10,7 +10,7 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod nf4;
-pub mod q4_1;
+pub mod block_matmul;
 
 pub use nf4::{
     dequant_gbps, dynamic_map_signed, Absmax, Nf4Tensor, QuantError, NESTED_BLOCKSIZE, NF4_BLOCKSIZE, NF4_CODE,

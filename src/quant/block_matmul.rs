@@ -1,14 +1,16 @@
-//! llama.cpp's Q4_1 weights multiplied directly, for generation: y = x·Wᵀ with W in Q4_1 blocks and x quantized to
-//! 8 bits per 32-element block on the fly, as ggml does (`ggml_vec_dot_q4_1_q8_1`). candle 0.11.1 multiplies Q4_1
-//! with scalar code only (10× slower than its Q8_0 kernel on the SmolLM2 file); this is the AVX2 version, with a
-//! plain loop beside it (other CPUs, and the test oracle).
+//! llama.cpp's Q4_1 and Q8_0 weights multiplied directly, for generation: y = x·Wᵀ with W in blocks of 32 and x
+//! quantized to 8 bits per 32-element block on the fly, as ggml does (`ggml_vec_dot_q4_1_q8_1`,
+//! `ggml_vec_dot_q8_0_q8_0`). candle 0.11.1 multiplies Q4_1 with scalar code only (10× slower than its Q8_0 kernel
+//! on the SmolLM2 file), and runs its Q8_0 kernel on a spinning thread pool of its own that competes with rayon's
+//! for the two cores; these are AVX2 versions on rayon, with a plain loop beside them (other CPUs, test oracle).
 //!
 //! ```text
-//! Q4_1 block (20 bytes, 32 weights):  d: f16, m: f16, qs: [u8; 16]    w[j] = d·(qs[j] & 15) + m,  w[j+16] = d·(qs[j] >> 4) + m
-//! x block (32 values):                 d8 = max|x|/127, q8[i] = round(x[i]/d8) (i8), s8 = d8·Σq8
-//! block dot:                           Σ w·x ≈ d·d8·Σ q4·q8 + m·s8
+//! Q4_1 block (20 bytes):  d: f16, m: f16, qs: [u8; 16]    w[j] = d·(qs[j] & 15) + m,  w[j+16] = d·(qs[j] >> 4) + m
+//! Q8_0 block (34 bytes):  d: f16, qs: [i8; 32]             w[j] = d·qs[j]
+//! x block (32 values):    d8 = max|x|/127, q8[i] = round(x[i]/d8) (i8), s8 = d8·Σq8
+//! block dot:              Q4_1: Σ w·x ≈ d·d8·Σ q4·q8 + m·s8      Q8_0: Σ w·x ≈ d·d8·Σ qs·q8
 //! ```
-//! Reference: ggml's `block_q4_1` / `block_q8_1` and `ggml_vec_dot_q4_1_q8_1` (llama.cpp, ggml-quants.c).
+//! Reference: ggml's `block_q4_1`, `block_q8_0`, `block_q8_1` and their dot products (llama.cpp, ggml-quants.c).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Result, Tensor};
@@ -16,7 +18,34 @@ use half::f16;
 use rayon::prelude::*;
 
 const QK: usize = 32;
-const BLOCK_BYTES: usize = 20;
+
+/// The block formats this file multiplies, with their bytes per 32 weights.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Format {
+    Q4_1,
+    Q8_0,
+}
+
+impl Format {
+    fn of(t: GgmlDType) -> Option<Self> {
+        match t {
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+    fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+        }
+    }
+}
+
+/// Whether [`matmul`] takes weights of this type.
+pub fn supports(t: GgmlDType) -> bool {
+    Format::of(t).is_some()
+}
 
 /// One activation row quantized per 32-block: codes, scales d8 and d8·Σcodes.
 struct Q8Row {
@@ -46,17 +75,25 @@ fn quantize_row(x: &[f32]) -> Q8Row {
 }
 
 /// Σ over the blocks of one weight row (`w`: its bytes) against one quantized activation row: the plain version.
-fn dot_row_plain(w: &[u8], x: &Q8Row) -> f32 {
+fn dot_row_plain(f: Format, w: &[u8], x: &Q8Row) -> f32 {
     let mut acc = 0f32;
-    for (b, blk) in w.chunks_exact(BLOCK_BYTES).enumerate() {
+    for (b, blk) in w.chunks_exact(f.block_bytes()).enumerate() {
         let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-        let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
         let q8 = &x.q[b * QK..(b + 1) * QK];
-        let mut isum = 0i32;
-        for j in 0..16 {
-            isum += (blk[4 + j] & 15) as i32 * q8[j] as i32 + (blk[4 + j] >> 4) as i32 * q8[j + 16] as i32;
+        match f {
+            Format::Q4_1 => {
+                let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+                let mut isum = 0i32;
+                for j in 0..16 {
+                    isum += (blk[4 + j] & 15) as i32 * q8[j] as i32 + (blk[4 + j] >> 4) as i32 * q8[j + 16] as i32;
+                }
+                acc += d * x.d[b] * isum as f32 + m * x.s[b];
+            }
+            Format::Q8_0 => {
+                let isum: i32 = blk[2..34].iter().zip(q8).map(|(&w, &q)| w as i8 as i32 * q as i32).sum();
+                acc += d * x.d[b] * isum as f32;
+            }
         }
-        acc += d * x.d[b] * isum as f32 + m * x.s[b];
     }
     acc
 }
@@ -69,7 +106,7 @@ unsafe fn dot_row_avx2(w: &[u8], x: &Q8Row) -> f32 {
     let ones = _mm256_set1_epi16(1);
     let mut acc = _mm256_setzero_ps();
     let mut macc = 0f32;
-    for (b, blk) in w.chunks_exact(BLOCK_BYTES).enumerate() {
+    for (b, blk) in w.chunks_exact(20).enumerate() {
         // d and m (two f16) widened by one F16C instruction.
         let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]])));
         let d = _mm_cvtss_f32(dm);
@@ -91,6 +128,27 @@ unsafe fn dot_row_avx2(w: &[u8], x: &Q8Row) -> f32 {
     _mm_cvtss_f32(h) + macc
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_row_q8_0_avx2(w: &[u8], x: &Q8Row) -> f32 {
+    use std::arch::x86_64::*;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    for (b, blk) in w.chunks_exact(34).enumerate() {
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i16::from_le_bytes([blk[0], blk[1]]) as u16 as i32)));
+        let qw = _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i);
+        let qx = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
+        // i8 × i8 through maddubs (u8 × i8): |w| against x carrying w's sign.
+        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+        let p = _mm256_madd_epi16(p, ones);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), _mm256_cvtepi32_ps(p), acc);
+    }
+    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    _mm_cvtss_f32(h)
+}
+
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -102,36 +160,39 @@ fn has_avx2() -> bool {
     }
 }
 
-fn dot_row(w: &[u8], x: &Q8Row, simd: bool) -> f32 {
+fn dot_row(f: Format, w: &[u8], x: &Q8Row, simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is true only when the CPU has AVX2, FMA and F16C (has_avx2); the slices hold whole blocks.
-        return unsafe { dot_row_avx2(w, x) };
+        return unsafe {
+            match f {
+                Format::Q4_1 => dot_row_avx2(w, x),
+                Format::Q8_0 => dot_row_q8_0_avx2(w, x),
+            }
+        };
     }
     let _ = simd;
-    dot_row_plain(w, x)
+    dot_row_plain(f, w, x)
 }
 
-/// y (…, n) = x (…, k) · Wᵀ for `w` an (n, k) Q4_1 tensor on the CPU; f32 in, f32 out (x's dtype back).
+/// y (…, n) = x (…, k) · Wᵀ for `w` an (n, k) Q4_1 or Q8_0 tensor on the CPU; f32 in, f32 out (x's dtype back).
 pub fn matmul(x: &Tensor, w: &QTensor) -> Result<Tensor> {
     matmul_with(x, w, has_avx2())
 }
 
 pub(crate) fn matmul_with(x: &Tensor, w: &QTensor, simd: bool) -> Result<Tensor> {
-    if w.dtype() != GgmlDType::Q4_1 {
-        candle_core::bail!("q4_1::matmul: weight is {:?}", w.dtype());
-    }
+    let Some(f) = Format::of(w.dtype()) else { candle_core::bail!("block_matmul: weight is {:?}", w.dtype()) };
     let (n, k) = w.shape().dims2()?;
     if k % QK != 0 || x.dims().last() != Some(&k) {
-        candle_core::bail!("q4_1::matmul: x {:?} against a {n}×{k} weight", x.dims());
+        candle_core::bail!("block_matmul: x {:?} against a {n}×{k} weight", x.dims());
     }
     let rows = x.elem_count() / k;
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let q8: Vec<Q8Row> = xs.chunks_exact(k).map(quantize_row).collect();
     let data = w.data()?;
-    let row_bytes = k / QK * BLOCK_BYTES;
+    let row_bytes = k / QK * f.block_bytes();
     if data.len() != n * row_bytes {
-        candle_core::bail!("q4_1::matmul: {} bytes for a {n}×{k} Q4_1 weight", data.len());
+        candle_core::bail!("block_matmul: {} bytes for a {n}×{k} {f:?} weight", data.len());
     }
     // Output rows of W in parallel; each weight row is read once for all activation rows.
     let mut yt = vec![0f32; n * rows]; // (n, rows)
@@ -140,7 +201,7 @@ pub(crate) fn matmul_with(x: &Tensor, w: &QTensor, simd: bool) -> Result<Tensor>
             let r = c * 64 + i;
             let wr = &data[r * row_bytes..(r + 1) * row_bytes];
             for (oj, xj) in o.iter_mut().zip(&q8) {
-                *oj = dot_row(wr, xj, simd);
+                *oj = dot_row(f, wr, xj, simd);
             }
         }
     });
@@ -158,13 +219,19 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn q4_1_product_matches_the_dequantized_weight_and_the_plain_loop() {
+    fn block_products_match_the_dequantized_weight_and_the_plain_loop() {
+        for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            check(t);
+        }
+    }
+
+    fn check(t: GgmlDType) {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let (n, k) = (70, 96);
         let wv: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0) + 0.3).collect();
         let w = Tensor::from_vec(wv, (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let q = QTensor::quantize(&w, t).unwrap();
         let dense = q.dequantize(&Device::Cpu).unwrap();
         for rows in [1, 3, 17] {
             let xv: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
@@ -177,9 +244,9 @@ mod tests {
                 (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() / scale
             };
             // 8-bit activations: within 1% of the exact product of the stored weights.
-            assert!(diff(&plain, &want) < 1e-2, "{rows}: {}", diff(&plain, &want));
+            assert!(diff(&plain, &want) < 1e-2, "{t:?} {rows}: {}", diff(&plain, &want));
             // The SIMD loop is the plain loop (same integer sums; f32 sums in another order).
-            assert!(diff(&fast, &plain) < 1e-5, "{rows}: {}", diff(&fast, &plain));
+            assert!(diff(&fast, &plain) < 1e-5, "{t:?} {rows}: {}", diff(&fast, &plain));
         }
     }
 }
