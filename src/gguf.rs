@@ -452,7 +452,7 @@ impl TensorSource for GgufTensors<'_> {
         }
         // candle 0.11.1 has SIMD dot products for Q4_0, Q8_0 and the k-quants, but multiplies Q4_1, Q5_0 and Q5_1
         // with scalar code (10× slower, measured on SmolLM2's Q4_1 file). Q4_1 has peftkit's own kernel
-        // (quant::q4_1); Q5_0 and Q5_1 are re-encoded as Q8_0 (same 32-element blocks, 8-bit codes; its rounding
+        // (quant::block_matmul); Q5_0 and Q5_1 are re-encoded as Q8_0 (same 32-element blocks, 8-bit codes; its rounding
         // is a few % of a 5-bit step), twice the bytes, SIMD speed.
         let q = if matches!(q.dtype(), GgmlDType::Q5_0 | GgmlDType::Q5_1) {
             QTensor::quantize(&q.dequantize(&Device::Cpu).map_err(tensor_err)?, GgmlDType::Q8_0).map_err(tensor_err)?
