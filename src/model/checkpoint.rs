@@ -15,8 +15,9 @@
 //! checkpointing — no side channel, nothing for the optimizer step to merge. It also records the op for layer 0,
 //! whose input (the frozen embedding) tracks nothing; there the recomputation skips ∂L/∂h_0.
 //!
-//! Device-generic: the output is computed with ordinary candle ops outside the op; the op's `cpu_fwd`/`cuda_fwd`
-//! only copy that precomputed storage (taken out of the op, so it is not kept twice). The backward seeds the
+//! Device-generic: the output is computed with ordinary candle ops outside the op and attached by
+//! [`crate::ops::graft`] (the same mechanism the chunked attention uses), whose forward only copies that
+//! precomputed storage (taken out of the op, so it is not kept twice). The backward seeds the
 //! recomputed graph with g through a second small op ([`SeedGrad`]) whose backward returns g itself, so no
 //! `(y ⊙ g).sum()` is formed. Dropout masks are pure functions of (seed, projection, element), so the
 //! recomputation draws the forward's masks and the gradients equal those of the plain forward.
@@ -24,8 +25,7 @@
 use super::llama::{Block, LayerEnv};
 use crate::linear::ForwardCtx;
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, Var};
-use std::sync::Mutex;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, Var};
 
 /// One decoder layer with activation checkpointing: h (b, t, hidden) f32 → h' (b, t, hidden) f32, the same values
 /// as [`Block::forward`], with the layer's intermediates recomputed in the backward pass instead of kept.
@@ -46,109 +46,49 @@ pub fn checkpointed_block(block: &Block, h: &Tensor, env: &LayerEnv, ctx: &Forwa
         let flat = vars.iter().map(|v| v.as_tensor().flatten_all()).collect::<Result<Vec<_>>>()?;
         Tensor::cat(&flat, 0)?
     };
-    let op = BlockCheckpoint {
-        block: block.clone(),
-        env: env.clone(),
-        ctx: ForwardCtx { no_grad: false, ..*ctx },
-        vars,
-        input_grad,
-        out: Mutex::new(Some(out)),
-    };
-    h.apply_op2(&params, op)
+    if out.dims() != h.dims() {
+        candle_core::bail!("checkpoint: layer output {:?} differs from its input {:?}", out.dims(), h.dims());
+    }
+    let (block, env) = (block.clone(), env.clone());
+    // The recomputation runs with the training forward's settings (dropout seed) and a graph.
+    let ctx = ForwardCtx { no_grad: false, ..*ctx };
+    crate::ops::graft::graft2(h, &params, out, "checkpointed-block", move |h, _params, _out, grad| {
+        recompute_backward(&block, &env, &ctx, &vars, input_grad, h, grad)
+    })
 }
 
-/// The recorded op: inputs h_l and θ_l, output h_{l+1}.
-struct BlockCheckpoint {
-    block: Block,
-    env: LayerEnv,
-    /// The training forward's settings (dropout seed), with `no_grad: false` for the recomputation.
-    ctx: ForwardCtx,
-    /// The variables concatenated into θ, in that order.
-    vars: Vec<Var>,
-    /// Whether h_l needs a gradient (false for layer 0, whose input is the frozen embedding).
+/// The backward of one checkpointed layer: recompute it with a graph from h_l and back-propagate `grad` through
+/// it. Returns dh_l (`None` for layer 0, whose input is the frozen embedding) and dθ_l flattened in `vars`' order.
+fn recompute_backward(
+    block: &Block,
+    env: &LayerEnv,
+    ctx: &ForwardCtx,
+    vars: &[Var],
     input_grad: bool,
-    /// The output computed before the op was applied; the forward takes it.
-    out: Mutex<Option<Tensor>>,
-}
-
-impl BlockCheckpoint {
-    /// The precomputed output (once), checked against the shape candle expects for h_l.
-    fn take_out(&self, l: &Layout) -> Result<Tensor> {
-        let out = self
-            .out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("checkpoint: output lock poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("checkpoint: the op's forward ran twice".into()))?;
-        if out.dims() != l.dims() {
-            candle_core::bail!("checkpoint: layer output {:?} differs from its input {:?}", out.dims(), l.dims());
-        }
-        Ok(out)
+    h: &Tensor,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    // A fresh leaf for h_l (a copy: candle's variables own their storage), or a constant for layer 0.
+    let x = if input_grad { Var::from_tensor(&h.detach())?.into_inner() } else { h.detach() };
+    // (b, t, hidden), recomputed with a graph from x and the adapter variables.
+    let y = block.forward(&x, env, ctx, None)?;
+    let grads = y.apply_op1(SeedGrad { grad: grad.detach() })?.backward()?;
+    let dx = match input_grad {
+        true => Some(grads.get(&x).cloned().map_or_else(|| x.zeros_like(), Ok)?),
+        false => None,
+    };
+    if vars.is_empty() {
+        return Ok((dx, None));
     }
-}
-
-/// A contiguous copy of `s` read through `l` (any backend).
-fn copy_storage<S: BackendStorage<Device = D>, D: BackendDevice<Storage = S>>(s: &S, l: &Layout) -> Result<S> {
-    // SAFETY: every element of the fresh buffer is written by the strided copy before it is read.
-    let mut dst = unsafe { s.device().alloc_uninit(l.shape(), s.dtype())? };
-    s.copy_strided_src(&mut dst, 0, l)?;
-    Ok(dst)
-}
-
-impl CustomOp2 for BlockCheckpoint {
-    fn name(&self) -> &'static str {
-        "checkpointed-block"
-    }
-
-    fn cpu_fwd(&self, _h: &CpuStorage, l: &Layout, _p: &CpuStorage, _lp: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.take_out(l)?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((copy_storage(s, layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("checkpoint: the layer output is not on the CPU"),
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _h: &candle_core::CudaStorage,
-        l: &Layout,
-        _p: &candle_core::CudaStorage,
-        _lp: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = self.take_out(l)?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((copy_storage(s, layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("checkpoint: the layer output is not on the GPU"),
-        }
-    }
-
-    fn bwd(&self, h: &Tensor, _p: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // A fresh leaf for h_l (a copy: candle's variables own their storage), or a constant for layer 0.
-        let x = if self.input_grad { Var::from_tensor(&h.detach())?.into_inner() } else { h.detach() };
-        // (b, t, hidden), recomputed with a graph from x and the adapter variables.
-        let y = self.block.forward(&x, &self.env, &self.ctx, None)?;
-        let grads = y.apply_op1(SeedGrad { grad: grad.detach() })?.backward()?;
-        let dx = match self.input_grad {
-            true => Some(grads.get(&x).cloned().map_or_else(|| x.zeros_like(), Ok)?),
-            false => None,
-        };
-        if self.vars.is_empty() {
-            return Ok((dx, None));
-        }
-        // (Σ numel,) in θ's order; a variable the graph did not reach gets zeros.
-        let flat = self
-            .vars
-            .iter()
-            .map(|v| match grads.get(v.as_tensor()) {
-                Some(g) => g.flatten_all(),
-                None => Tensor::zeros(v.elem_count(), v.dtype(), v.device()),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((dx, Some(Tensor::cat(&flat, 0)?)))
-    }
+    // (Σ numel,) in θ's order; a variable the graph did not reach gets zeros.
+    let flat = vars
+        .iter()
+        .map(|v| match grads.get(v.as_tensor()) {
+            Some(g) => g.flatten_all(),
+            None => Tensor::zeros(v.elem_count(), v.dtype(), v.device()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((dx, Some(Tensor::cat(&flat, 0)?)))
 }
 
 /// A scalar "loss" whose gradient with respect to its input y is `grad`: `seed(y).backward()` back-propagates a

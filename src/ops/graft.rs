@@ -13,11 +13,15 @@
 //! output only (attention's O, a scalar loss), small next to the work that produced it.
 
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
 /// The backward step of a one-input graft: (input, output, d output) → d input.
 type Bwd1 = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync;
+/// Two gradients, one per input of a two-input graft.
+pub(crate) type Grads2 = (Option<Tensor>, Option<Tensor>);
+/// The backward step of a two-input graft: (a, b, output, d output) → (da, db).
+type Bwd2 = dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads2> + Send + Sync;
 /// Three gradients, one per input of a three-input graft.
 pub(crate) type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 /// The backward step of a three-input graft: (a, b, c, output, d output) → (da, db, dc).
@@ -91,6 +95,33 @@ impl CustomOp1 for Graft1 {
     }
 }
 
+struct Graft2 {
+    out: Precomputed,
+    bwd: Box<Bwd2>,
+}
+
+impl CustomOp2 for Graft2 {
+    fn name(&self) -> &'static str {
+        self.out.name
+    }
+    fn cpu_fwd(&self, _s1: &CpuStorage, _l1: &Layout, _s2: &CpuStorage, _l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+    fn bwd(&self, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Grads2> {
+        (self.bwd)(a, b, res, grad)
+    }
+}
+
 struct Graft3 {
     out: Precomputed,
     bwd: Box<Bwd3>,
@@ -138,6 +169,18 @@ where
         return Ok(out);
     }
     x.apply_op1(Graft1 { out: Precomputed::new(name, out), bwd: Box::new(bwd) })
+}
+
+/// `out` (computed from `a`, `b` outside the graph) as the result of an op on them whose backward is
+/// `bwd(a, b, out, d out) → (da, db)`. Returns `out` itself when no input needs a gradient.
+pub(crate) fn graft2<F>(a: &Tensor, b: &Tensor, out: Tensor, name: &'static str, bwd: F) -> Result<Tensor>
+where
+    F: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads2> + Send + Sync + 'static,
+{
+    if !(a.track_op() || b.track_op()) {
+        return Ok(out);
+    }
+    a.apply_op2(b, Graft2 { out: Precomputed::new(name, out), bwd: Box::new(bwd) })
 }
 
 /// `out` (computed from `a`, `b`, `c` outside the graph) as the result of an op on them whose backward is

@@ -43,7 +43,7 @@ pub(crate) mod cuda;
 mod dropout;
 mod frozen_matmul;
 pub(crate) mod gemm;
-mod graft;
+pub(crate) mod graft;
 mod lora_linear;
 mod nf4_matmul;
 pub mod reference;

@@ -7,10 +7,10 @@
 //! Reference: Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (2023), and bitsandbytes'
 //! `functional.quantize_4bit` / `dequantize_4bit` (0.50), whose outputs `tests/fixtures/nf4/` holds.
 
+pub mod block_matmul;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod nf4;
-pub mod block_matmul;
 
 pub use nf4::{
     dequant_gbps, dynamic_map_signed, Absmax, Nf4Tensor, QuantError, NESTED_BLOCKSIZE, NF4_BLOCKSIZE, NF4_CODE,
