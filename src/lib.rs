@@ -19,6 +19,7 @@ pub mod host;
 pub mod hub;
 pub mod linear;
 pub mod merge;
+pub mod pool;
 pub mod model;
 pub mod ops;
 pub mod push;

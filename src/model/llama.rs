@@ -52,7 +52,7 @@ impl Block {
         h: &Tensor,
         env: &LayerEnv,
         ctx: &ForwardCtx,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerCache>>,
     ) -> Result<Tensor> {
         let (b, t, _) = h.dims3()?;
         let (nh, nkv, hd, dt) = (env.heads, env.kv_heads, env.head_dim, env.dtype);
@@ -65,14 +65,7 @@ impl Block {
         let k = ops::rope(&k, &env.cos, &env.sin)?;
         // With a cache, keys and values of earlier positions come first: (b, s, nkv, hd)
         let (k, v) = match cache {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
-                    None => (k, v),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+            Some(slot) => LayerCache::append(slot, &k, &v)?,
             None => (k, v),
         };
         // (b, t, nh, hd) → (b, t, nh·hd)
@@ -115,19 +108,60 @@ pub struct LayerEnv {
 }
 
 /// Keys and values of the positions already processed, per layer (for generation).
-#[derive(Debug, Clone, Default)]
+///
+/// Each layer's keys and values live in buffers with room to spare, (b, capacity, kv_heads, d), which a step
+/// extends in place; the layer reads the first `len` positions as a view. (Concatenating a new position onto the
+/// cache would copy all of it at every step: 9 MB per token for SmolLM2-135M at 200 positions.) Not `Clone`: a
+/// copy would share the buffers that the next step writes into.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    /// Per layer: k, v of shape (b, s, kv_heads, d).
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+}
+
+/// One layer's slot of a [`KvCache`].
+#[derive(Debug)]
+pub struct LayerCache {
+    /// (b, capacity, kv_heads, d): positions `0..len` hold data.
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Appends k, v (b, t, kv_heads, d) and returns the keys and values of all positions so far, (b, len, kv_heads, d).
+    fn append(slot: &mut Option<LayerCache>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(1)?;
+        let len = slot.as_ref().map_or(0, |c| c.len);
+        let capacity = slot.as_ref().map_or(0, |c| c.k.dim(1).unwrap_or(0));
+        if len + t > capacity {
+            // Room for twice as many positions (at least 64), the cached ones copied once.
+            let (b, _, h, d) = k.dims4()?;
+            let cap = (2 * (len + t)).max(64);
+            let grown = |old: Option<&Tensor>, x: &Tensor| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, cap, h, d), x.dtype(), x.device())?;
+                if let Some(old) = old {
+                    buf.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                }
+                Ok(buf)
+            };
+            let (nk, nv) = (grown(slot.as_ref().map(|c| &c.k), k)?, grown(slot.as_ref().map(|c| &c.v), v)?);
+            *slot = Some(LayerCache { k: nk, v: nv, len });
+        }
+        let Some(c) = slot.as_mut() else { candle_core::bail!("KV cache slot missing after growth") };
+        c.k.slice_set(&k.contiguous()?, 1, len)?;
+        c.v.slice_set(&v.contiguous()?, 1, len)?;
+        c.len = len + t;
+        Ok((c.k.narrow(1, 0, c.len)?, c.v.narrow(1, 0, c.len)?))
+    }
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers] }
+        Self { layers: (0..num_layers).map(|_| None).collect() }
     }
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[1]).unwrap_or(0)
+        self.layers.first().and_then(|l| l.as_ref()).map(|c| c.len).unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -135,15 +169,8 @@ impl KvCache {
     /// Keeps the first `len` cached positions of every layer and forgets the rest (a no-op when `len` ≥ the
     /// cached length): the next forward continues at position `len`.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
-        if len >= self.len() {
-            return Ok(());
-        }
-        for layer in &mut self.layers {
-            *layer = match layer.take() {
-                // (b, s, kv_heads, d) → (b, len, kv_heads, d)
-                Some((k, v)) if len > 0 => Some((k.narrow(1, 0, len)?, v.narrow(1, 0, len)?)),
-                _ => None,
-            };
+        for c in self.layers.iter_mut().flatten() {
+            c.len = c.len.min(len);
         }
         Ok(())
     }

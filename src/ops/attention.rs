@@ -246,6 +246,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     if !super::use_kernel(q, false) {
         return super::reference::attention(q, k, v, scale);
     }
+    if super::attention_decode::applies(q, k, v) {
+        return super::attention_decode::attention(q, k, v, scale);
+    }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     q.apply_op3(&k, &v, Attention { scale: scale as f32 })
 }

@@ -37,6 +37,7 @@
 //! composed from ops that own their backward (no weight gradient for the frozen base).
 
 mod attention;
+mod attention_decode;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
