@@ -37,6 +37,7 @@ fn lora(dropout: f64) -> AdapterConfig {
         layers_to_transform: None,
         rank_pattern: Default::default(),
         alpha_pattern: Default::default(),
+        use_dora: false,
     })
 }
 

@@ -153,6 +153,7 @@ mod tests {
             layers_to_transform: layers,
             rank_pattern: Default::default(),
             alpha_pattern: Default::default(),
+            use_dora: false,
         })
     }
 

@@ -119,6 +119,10 @@ fn build(doc: Value) -> Result<Recipe, Problem> {
     })
 }
 
+fn has_key(map: &Value, key: &str) -> bool {
+    map.as_mapping().is_some_and(|m| m.contains_key(key))
+}
+
 /// Dispatches on `adapter.type` (done by hand: serde's internally tagged enums lose key paths).
 fn build_adapter(value: Value) -> Result<AdapterSpec, Problem> {
     const TYPES: &str = "lora, qlora, ia3";
@@ -147,6 +151,12 @@ fn build_adapter(value: Value) -> Result<AdapterSpec, Problem> {
     match type_name.as_str() {
         "lora" => deserialize_at(&prefix, rest).map(AdapterSpec::Lora),
         "qlora" => deserialize_at::<QloraDoc>(&prefix, rest).map(|doc| AdapterSpec::Qlora(doc.into())),
+        "ia3" if has_key(&rest, "use_dora") => Err(Problem {
+            path: vec![Seg::key("adapter"), Seg::key("use_dora")],
+            kind: ProblemKind::Invalid(
+                "DoRA is a LoRA variant: use it with `type: lora` or `type: qlora`, not with ia3".to_string(),
+            ),
+        }),
         "ia3" => deserialize_at(&prefix, rest).map(AdapterSpec::Ia3),
         other => Err(Problem {
             path: type_path(),
