@@ -225,6 +225,16 @@ mod tests {
     }
 
     #[test]
+    fn checkpointing_gives_the_same_dora_gradients_with_dropout() {
+        // DoRA on Qwen2 (biases): A, B and the magnitudes all reach the checkpointed layer's parameter vector.
+        let mut m = tiny("tiny-qwen2", DType::F32, BaseQuant::None);
+        let AdapterConfig::Lora(l) = lora(0.1, None) else { unreachable!() };
+        adapter::attach(&mut m, &AdapterConfig::Lora(LoraConfig { use_dora: true, ..l }), 3).unwrap();
+        assert_eq!(adapter::trainable(&m).len(), 3 * 14);
+        check(&m, 1e-6);
+    }
+
+    #[test]
     fn checkpointing_gives_the_same_ia3_gradients() {
         // Qwen2: q/k/v biases; random IA3 vectors (not the identity) on every projection, down_proj input-scaled.
         let mut m = tiny("tiny-qwen2", DType::F32, BaseQuant::None);
