@@ -222,3 +222,24 @@ fn dora_in_bf16_stays_within_bf16_tolerance_of_the_f32_reference() {
     println!("tiny-llama: DoRA in bf16 vs PEFT f32: max rel diff {d:e}");
     assert!(d <= 3e-2, "{d}");
 }
+
+#[test]
+fn peftkit_dora_adapter_loads_in_peft_and_merges_like_peft() {
+    // PEFT computed these logits with this peftkit-trained DoRA adapter on transformers' tiny-llama, unmerged and
+    // after merge_and_unload() (tests/fixtures/tiny-llama-dora-peftkit/make_peft_logits.py).
+    let (mut model, _) = load("tiny-llama");
+    let dir = fixture("tiny-llama-dora-peftkit");
+    peft_format::load_adapter(&mut model, &dir).unwrap();
+    let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
+    let want = candle_core::safetensors::load(dir.join("peft_logits.safetensors"), &Device::Cpu).unwrap();
+    let d = rel_diff(&model.forward(&ids).unwrap(), &want["logits"]);
+    println!("peftkit DoRA adapter in PEFT: max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+    peftkit::adapter::merge_and_unload(&mut model).unwrap();
+    let d = rel_diff(&model.forward(&ids).unwrap(), &want["merged_logits"]);
+    println!("merged DoRA vs PEFT merge_and_unload: max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+    // The adapter changes the model.
+    let (base, _) = load("tiny-llama");
+    assert!(rel_diff(&base.forward(&ids).unwrap(), &want["logits"]) > 1e-2);
+}
