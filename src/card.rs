@@ -38,6 +38,9 @@ pub struct TrainingRecord {
     pub license: Option<String>,
     /// `lora`, `qlora` or `ia3`.
     pub method: String,
+    /// A LoRA/QLoRA adapter trained as DoRA (`adapter.use_dora`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dora: bool,
     /// The adapter folder as the run wrote it.
     pub adapter_dir: String,
     /// The recipe's `data.sequence_len`, so `peftkit eval` reproduces the reported figures.
@@ -103,11 +106,18 @@ pub fn adapter_card(f: &TrainingRecord, recipe_yaml: &str) -> String {
         let _ = writeln!(s, "license: {}", yaml_scalar(l));
     }
     let _ = writeln!(s, "tags:\n- peftkit\n- {}", f.method);
+    if f.dora {
+        let _ = writeln!(s, "- dora");
+    }
     if f.base_is_hub {
         let _ = writeln!(s, "- {}", yaml_scalar(&format!("base_model:adapter:{}", f.base_model)));
     }
     s.push_str("---\n\n");
-    let title = method_title(&f.method);
+    let title = match f.dora {
+        true if f.method == "qlora" => "QLoRA + DoRA".to_string(),
+        true => "DoRA".to_string(),
+        false => method_title(&f.method),
+    };
     let _ = writeln!(s, "# {title} adapter for {}\n", f.base_model);
     let article = if title.starts_with(['A', 'E', 'I', 'O', 'U']) { "An" } else { "A" };
     let _ = writeln!(
@@ -220,6 +230,7 @@ mod tests {
             revision: hub.then(|| "0123abcd".into()),
             license: hub.then(|| "apache-2.0".into()),
             method: "ia3".into(),
+            dora: false,
             adapter_dir: "adapters/x".into(),
             sequence_len: 256,
             train: data.clone(),
@@ -258,6 +269,22 @@ mod tests {
         assert!(card.contains("| base model | 2.9000 | 18.20 | 400 |"));
         assert!(card.contains(&format!("- candle-core {}", env!("PEFTKIT_CANDLE_VERSION"))));
         assert!(!env!("PEFTKIT_CANDLE_VERSION").contains("unknown"));
+    }
+
+    #[test]
+    fn dora_adapter_card_names_dora() {
+        let f =
+            TrainingRecord { method: "lora".into(), dora: true, ..record("HuggingFaceTB/SmolLM2-135M-Instruct", true) };
+        let card = adapter_card(&f, "adapter:\n  type: lora\n  use_dora: true\n");
+        let m = front_matter(&card);
+        let tags: Vec<&str> = m["tags"].as_sequence().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        assert_eq!(tags, ["peftkit", "lora", "dora", "base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct"]);
+        assert!(card.contains("# DoRA adapter for HuggingFaceTB/SmolLM2-135M-Instruct"), "{card}");
+        assert!(card.contains("A DoRA adapter (57600 trainable parameters)"), "{card}");
+        // The record without the key (written before DoRA existed) reads as plain LoRA.
+        let json = serde_json::to_string(&record("x", false)).unwrap();
+        assert!(!json.contains("dora"));
+        assert!(!serde_json::from_str::<TrainingRecord>(&json).unwrap().dora);
     }
 
     #[test]

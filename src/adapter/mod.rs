@@ -173,6 +173,18 @@ pub fn trainable(model: &Llama) -> Vec<(String, Var)> {
     out
 }
 
+/// Prepares the attached adapters for forwards that never train (generation, evaluation): DoRA's weight norms
+/// ‖W + s·B·A‖ are computed once and kept, instead of at every forward (for one generated token that would cost
+/// r times the projection itself). The adapter must not be trained afterwards.
+pub fn freeze_for_inference(model: &mut Llama) -> candle_core::Result<()> {
+    for lin in model.linears_mut() {
+        if let Some(LayerAdapter::Dora(d)) = &mut lin.adapter {
+            d.freeze_norm(&lin.weight)?;
+        }
+    }
+    Ok(())
+}
+
 /// Removes every adapter from `model`.
 pub fn detach_all(model: &mut Llama) {
     for lin in model.linears_mut() {
