@@ -139,15 +139,22 @@ pub fn weight_norm(w: &FrozenWeight, a: &Tensor, b: &Tensor, scaling: f64) -> Re
     }
     let device = w.device();
     if !device.is_cpu() {
-        let wd = w.gpu_dense(DType::F32)?; // (out, in)
-        let d = (b.detach().to_dtype(DType::F32)?.matmul(&a.detach().to_dtype(DType::F32)?)? * scaling)?;
-        return (wd + d.to_device(&device)?)?.sqr()?.sum(1)?.sqrt();
+        // Used at once: an NF4 weight's dense view is the device's scratch buffer.
+        return composed_norm(&w.gpu_dense(DType::F32)?, a, b, scaling);
     }
     let a: Vec<f32> = a.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let b: Vec<f32> = b.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let s = scaling as f32;
     let norms = w.with_f32(|w| row_norms(w, inp, &a, &b, r, s))?;
     Tensor::from_vec(norms, out, &Device::Cpu)
+}
+
+/// ‖W + s·B·A‖ row by row from a dense f32 `w` (out, in) with candle ops, on w's device (the GPU path; device-generic,
+/// so the tests run it on the CPU against [`row_norms`]).
+fn composed_norm(w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64) -> Result<Tensor> {
+    // (out, r)·(r, in) → (out, in)
+    let d = (b.detach().to_dtype(DType::F32)?.matmul(&a.detach().to_dtype(DType::F32)?)? * scaling)?;
+    (w + d.to_device(w.device())?)?.sqr()?.sum(1)?.sqrt()
 }
 
 /// ‖wₙ + s·Σᵣ bₙᵣ·aᵣ‖₂ for every row n of `w` (rows of `inp`), summed in f64; rows in parallel, a row-sized buffer
@@ -306,6 +313,47 @@ mod tests {
         assert!(rel_l2(&got, &want) < 1e-6);
         let bf = weight_norm(&FrozenWeight::Dense(dense.to_dtype(DType::BF16).unwrap()), &a, &b, 2.0).unwrap();
         assert!(rel_l2(&bf, &want) < 1e-2);
+        // The GPU path's composition, run on the CPU.
+        assert!(rel_l2(&composed_norm(&dense, &a, &b, 2.0).unwrap(), &want) < 1e-6);
+    }
+
+    /// The GPU path (norm from the dequantized scratch weight, LoRA-linear composed, scale in f32) against the CPU:
+    /// y, dx, dA, dB, dm, with and without dropout, dense and NF4 bases, f32 and bf16 activations.
+    #[test]
+    fn gpu_dora_matches_the_cpu() {
+        let Some(gpu) = crate::compute::test_gpu("gpu_dora_matches_the_cpu") else { return };
+        let (w, bias, a, b, x, m) = setup();
+        let (out, inp) = w.dims2().unwrap();
+        let (q, _) = nf4_weight(out, inp, 50);
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, BF16_TOL)] {
+            for base in [FrozenWeight::Dense(w.to_dtype(dt).unwrap()), FrozenWeight::Nf4(q.clone())] {
+                let on_gpu = base.to_device(&gpu).unwrap();
+                let bias_g = bias.to_dtype(dt).unwrap().to_device(&gpu).unwrap();
+                for d in [0.0, 0.2] {
+                    crate::ops::testutil::compare_gpu_with_cpu(
+                        &gpu,
+                        &[x.to_dtype(dt).unwrap(), a.clone(), b.clone(), m.clone()],
+                        |t| {
+                            let cpu = t[0].device().is_cpu();
+                            let l = DoraLayer {
+                                lora: LoraLayer {
+                                    a: Var::from_tensor(&t[1]).unwrap(),
+                                    b: Var::from_tensor(&t[2]).unwrap(),
+                                    scaling: 1.5,
+                                    dropout: d,
+                                },
+                                magnitude: Var::from_tensor(&t[3]).unwrap(),
+                                frozen_norm: None,
+                            };
+                            let (w, bias) =
+                                if cpu { (&base, bias.to_dtype(dt).unwrap()) } else { (&on_gpu, bias_g.clone()) };
+                            l.forward(w, Some(&bias), &t[0], Some(17), false).unwrap()
+                        },
+                        tol,
+                    );
+                }
+            }
+        }
     }
 
     #[test]
