@@ -2,9 +2,9 @@
 //!
 //! Tensor keys are `base_model.model.<module path>.lora_A.weight` (r × in) and `.lora_B.weight` (out × r), f32,
 //! with safetensors metadata `{"format": "pt"}`; a DoRA adapter (`use_dora: true`) adds `.lora_magnitude_vector`
-//! (out) per module. The config is written with the long-standing keys only, so that
-//! older PEFT versions (which reject unknown keys) load it; on reading, every key PEFT writes is accepted and the
-//! ones that do not change the math are ignored. Options peftkit does not implement (`fan_in_fan_out`,
+//! (out) per module. The config is written with the long-standing keys only, so that older PEFT versions (which
+//! reject unknown keys) load it; on reading, every key PEFT writes is accepted and the ones that do not change the
+//! math are ignored. Options peftkit does not implement (`fan_in_fan_out`,
 //! `modules_to_save`, a LoRA bias) are refused with a clear error rather than silently dropped.
 //! Reference: PEFT `config.py`, `utils/save_and_load.py` (`get_peft_model_state_dict`).
 
@@ -197,13 +197,17 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<(PeftConfig, Vec<Load
                     None => match magnitude {
                         Some(m) if l.use_dora => (m.to_string(), "lora_magnitude_vector".to_string()),
                         Some(_) => {
-                            return Err(format_err(
-                                &wpath,
-                                format!("tensor `{key}` is a DoRA magnitude vector, but {CONFIG_FILE} does not set use_dora: true"),
-                            ))
+                            let msg = format!(
+                                "tensor `{key}` is a DoRA magnitude vector, but {CONFIG_FILE} does not set \
+                                 use_dora: true"
+                            );
+                            return Err(format_err(&wpath, msg));
                         }
                         None => {
-                            let what = if l.use_dora { "lora_A / lora_B weight or a lora_magnitude_vector" } else { "lora_A / lora_B weight" };
+                            let what = match l.use_dora {
+                                true => "lora_A / lora_B weight or a lora_magnitude_vector",
+                                false => "lora_A / lora_B weight",
+                            };
                             return Err(format_err(&wpath, format!("tensor `{key}` is not a {what}")));
                         }
                     },
@@ -253,10 +257,11 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<(PeftConfig, Vec<Load
                 if lcfg.use_dora {
                     let m_key = format!("{PREFIX}{module}.lora_magnitude_vector");
                     let Some(m) = take("lora_magnitude_vector") else {
-                        return Err(format_err(
-                            &wpath,
-                            format!("`{m_key}` is missing: {CONFIG_FILE} sets use_dora: true, which needs a magnitude vector for every adapted module"),
-                        ));
+                        let msg = format!(
+                            "`{m_key}` is missing: {CONFIG_FILE} sets use_dora: true, which needs a magnitude \
+                             vector for every adapted module"
+                        );
+                        return Err(format_err(&wpath, msg));
                     };
                     let out = b.dims()[0];
                     // PEFT's magnitude is 1-D (out); accept an (out, 1) column too.
