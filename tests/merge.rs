@@ -763,5 +763,14 @@ fn dora_merged_at_f32_gives_peft_merged_logits_and_bad_dora_input_exits_2() {
     assert_refused(&merge(&base, &short, &out, &[]), &["adapter_model.safetensors", m, "[31]", "expected [32]"]);
     let missing = edited("missing", m, None);
     assert_refused(&merge(&base, &missing, &out, &[]), &["adapter_model.safetensors", m, "missing", "use_dora"]);
+    // Magnitude vectors under a config without use_dora.
+    let undeclared = edited("undeclared", m, Some(Tensor::ones(32, DType::F32, &Device::Cpu).unwrap()));
+    let cfg = std::fs::read_to_string(undeclared.join("adapter_config.json")).unwrap();
+    std::fs::write(undeclared.join("adapter_config.json"), cfg.replace("\"use_dora\": true", "\"use_dora\": false"))
+        .unwrap();
+    assert_refused(
+        &merge(&base, &undeclared, &out, &[]),
+        &["adapter_model.safetensors", "lora_magnitude_vector", "use_dora"],
+    );
     assert!(!out.exists());
 }
