@@ -93,6 +93,15 @@ pub fn method_title(method: &str) -> String {
     }
 }
 
+/// The adapter's name as a heading says it: the method's, or DoRA for a LoRA/QLoRA adapter trained as DoRA.
+pub fn adapter_title(method: &str, dora: bool) -> String {
+    match dora {
+        true if method == "qlora" => "QLoRA + DoRA".to_string(),
+        true => "DoRA".to_string(),
+        false => method_title(method),
+    }
+}
+
 /// The card's Markdown text. `recipe_yaml` is the resolved recipe (also saved as `peftkit_recipe.yaml`).
 pub fn adapter_card(f: &TrainingRecord, recipe_yaml: &str) -> String {
     let mut s = String::from("---\n");
@@ -113,11 +122,7 @@ pub fn adapter_card(f: &TrainingRecord, recipe_yaml: &str) -> String {
         let _ = writeln!(s, "- {}", yaml_scalar(&format!("base_model:adapter:{}", f.base_model)));
     }
     s.push_str("---\n\n");
-    let title = match f.dora {
-        true if f.method == "qlora" => "QLoRA + DoRA".to_string(),
-        true => "DoRA".to_string(),
-        false => method_title(&f.method),
-    };
+    let title = adapter_title(&f.method, f.dora);
     let _ = writeln!(s, "# {title} adapter for {}\n", f.base_model);
     let article = if title.starts_with(['A', 'E', 'I', 'O', 'U']) { "An" } else { "A" };
     let _ = writeln!(
@@ -310,6 +315,8 @@ pub struct MergedFacts {
     pub license: Option<String>,
     /// `lora`, `qlora` or `ia3`.
     pub method: String,
+    /// The adapter is DoRA (`use_dora` in its config).
+    pub dora: bool,
     /// PEFT's `peft_type` of the adapter (`LORA`, `IA3`).
     pub peft_type: String,
     /// The adapter folder as given.
@@ -349,7 +356,7 @@ pub fn merged_card(f: &MergedFacts, training: Option<&TrainingRecord>, recipe_ya
     }
     s.push_str("---\n\n");
 
-    let title = method_title(&f.method);
+    let title = adapter_title(&f.method, f.dora);
     // A local base is named by its last path component in the heading (the full path follows in the text).
     let shown = match std::path::Path::new(&f.base_model).file_name() {
         Some(name) if !f.base_is_hub => name.to_string_lossy().to_string(),

@@ -449,6 +449,8 @@ fn dora_recipe_trains_inspects_and_generates_like_its_merge() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
+    let card = std::fs::read_to_string(merged.join("README.md")).unwrap();
+    assert!(card.contains("with a DoRA adapter merged in"), "{card}");
     let generate = |base: &Path, adapter: Option<&Path>| {
         let mut c = bin();
         c.arg("generate").arg("--base").arg(base).args(["--prompt", "Where is my Sprigbox?", "--max-new-tokens", "12"]);
