@@ -13,9 +13,9 @@
 //! (g = 1: the identity when B = 0). PEFT saves m as `base_model.model.<module>.lora_magnitude_vector` (1-D, out)
 //! and sets `use_dora: true` in `adapter_config.json`.
 //!
-//! Merging gives W' above (the bias unchanged). The norm needs the dense weight: on the CPU it is computed row block
-//! by row block from the weight's f32 view (the reused buffer that dequantizes an NF4 weight one projection at a
-//! time); on a GPU from the weight dequantized into the device's scratch buffer, with candle ops.
+//! Merging gives W' above (the bias unchanged). The norm needs the dense weight: on the CPU it is computed row by
+//! row from the weight's f32 view (the reused buffer that dequantizes an NF4 weight one projection at a time); on a
+//! GPU from the weight dequantized into the device's scratch buffer, with candle ops.
 //! Reference: PEFT `tuners/lora/dora.py`, `tuners/lora/variants.py`.
 
 use super::lora::LoraLayer;
@@ -128,7 +128,7 @@ impl DoraLayer {
 
 /// ‖W + s·B·A‖ row by row: (out) f32 on W's device, with no autograd graph. `a` (r, in), `b` (out, r).
 /// On the CPU the weight is read through its f32 view (an NF4 or bf16 weight dequantized into the thread's reused
-/// buffer) and each row block gets W + s·B·A in a small buffer, so no weight-sized tensor is made; elsewhere the
+/// buffer) and each row gets W + s·B·A in a row-sized buffer, so no other weight-sized tensor is made; elsewhere the
 /// weight is densified on its device (NF4: into the scratch buffer) and the norm composed from candle ops.
 pub fn weight_norm(w: &FrozenWeight, a: &Tensor, b: &Tensor, scaling: f64) -> Result<Tensor> {
     let (out, inp) = w.dims()?;
