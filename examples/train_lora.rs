@@ -53,6 +53,7 @@ fn main() -> Result<()> {
         layers_to_transform: None,
         rank_pattern: Vec::new(),
         alpha_pattern: Vec::new(),
+        use_dora: false,
     });
     let n = adapter::attach(&mut base.model, &lora, 42)?;
     let params: usize = adapter::trainable(&base.model).iter().map(|(_, v)| v.elem_count()).sum();

@@ -38,6 +38,9 @@ pub struct TrainingRecord {
     pub license: Option<String>,
     /// `lora`, `qlora` or `ia3`.
     pub method: String,
+    /// A LoRA/QLoRA adapter trained as DoRA (`adapter.use_dora`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dora: bool,
     /// The adapter folder as the run wrote it.
     pub adapter_dir: String,
     /// The recipe's `data.sequence_len`, so `peftkit eval` reproduces the reported figures.
@@ -90,6 +93,15 @@ pub fn method_title(method: &str) -> String {
     }
 }
 
+/// The adapter's name as a heading says it: the method's, or DoRA for a LoRA/QLoRA adapter trained as DoRA.
+pub fn adapter_title(method: &str, dora: bool) -> String {
+    match dora {
+        true if method == "qlora" => "QLoRA + DoRA".to_string(),
+        true => "DoRA".to_string(),
+        false => method_title(method),
+    }
+}
+
 /// The card's Markdown text. `recipe_yaml` is the resolved recipe (also saved as `peftkit_recipe.yaml`).
 pub fn adapter_card(f: &TrainingRecord, recipe_yaml: &str) -> String {
     let mut s = String::from("---\n");
@@ -103,11 +115,14 @@ pub fn adapter_card(f: &TrainingRecord, recipe_yaml: &str) -> String {
         let _ = writeln!(s, "license: {}", yaml_scalar(l));
     }
     let _ = writeln!(s, "tags:\n- peftkit\n- {}", f.method);
+    if f.dora {
+        let _ = writeln!(s, "- dora");
+    }
     if f.base_is_hub {
         let _ = writeln!(s, "- {}", yaml_scalar(&format!("base_model:adapter:{}", f.base_model)));
     }
     s.push_str("---\n\n");
-    let title = method_title(&f.method);
+    let title = adapter_title(&f.method, f.dora);
     let _ = writeln!(s, "# {title} adapter for {}\n", f.base_model);
     let article = if title.starts_with(['A', 'E', 'I', 'O', 'U']) { "An" } else { "A" };
     let _ = writeln!(
@@ -220,6 +235,7 @@ mod tests {
             revision: hub.then(|| "0123abcd".into()),
             license: hub.then(|| "apache-2.0".into()),
             method: "ia3".into(),
+            dora: false,
             adapter_dir: "adapters/x".into(),
             sequence_len: 256,
             train: data.clone(),
@@ -261,6 +277,22 @@ mod tests {
     }
 
     #[test]
+    fn dora_adapter_card_names_dora() {
+        let f =
+            TrainingRecord { method: "lora".into(), dora: true, ..record("HuggingFaceTB/SmolLM2-135M-Instruct", true) };
+        let card = adapter_card(&f, "adapter:\n  type: lora\n  use_dora: true\n");
+        let m = front_matter(&card);
+        let tags: Vec<&str> = m["tags"].as_sequence().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        assert_eq!(tags, ["peftkit", "lora", "dora", "base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct"]);
+        assert!(card.contains("# DoRA adapter for HuggingFaceTB/SmolLM2-135M-Instruct"), "{card}");
+        assert!(card.contains("A DoRA adapter (57600 trainable parameters)"), "{card}");
+        // The record without the key (written before DoRA existed) reads as plain LoRA.
+        let json = serde_json::to_string(&record("x", false)).unwrap();
+        assert!(!json.contains("dora"));
+        assert!(!serde_json::from_str::<TrainingRecord>(&json).unwrap().dora);
+    }
+
+    #[test]
     fn local_base_leaves_hub_keys_out_and_gguf_snippet_uses_gguf_file() {
         let card = adapter_card(&record("/models/smol/SmolLM2.Q4_1.gguf", false), "x: 1\n");
         let m = front_matter(&card);
@@ -283,6 +315,8 @@ pub struct MergedFacts {
     pub license: Option<String>,
     /// `lora`, `qlora` or `ia3`.
     pub method: String,
+    /// The adapter is DoRA (`use_dora` in its config).
+    pub dora: bool,
     /// PEFT's `peft_type` of the adapter (`LORA`, `IA3`).
     pub peft_type: String,
     /// The adapter folder as given.
@@ -322,7 +356,7 @@ pub fn merged_card(f: &MergedFacts, training: Option<&TrainingRecord>, recipe_ya
     }
     s.push_str("---\n\n");
 
-    let title = method_title(&f.method);
+    let title = adapter_title(&f.method, f.dora);
     // A local base is named by its last path component in the heading (the full path follows in the text).
     let shown = match std::path::Path::new(&f.base_model).file_name() {
         Some(name) if !f.base_is_hub => name.to_string_lossy().to_string(),

@@ -3,7 +3,8 @@
 //! y = x·Wᵀ (+ bias) + adapter(x). The base weight ([`FrozenWeight`]) never receives a gradient: its product goes
 //! through [`crate::ops::frozen_product`], whose backward yields dX only. Each adapter owns its forward: LoRA adds
 //! s·(drop(x)·Aᵀ)·Bᵀ ([`crate::adapter::lora::LoraLayer::forward`]); IA3 scales the output or the input
-//! feature-wise ([`crate::adapter::ia3::Ia3Layer::forward`]).
+//! feature-wise ([`crate::adapter::ia3::Ia3Layer::forward`]); DoRA rescales the LoRA-adapted product row-wise by
+//! a learned magnitude over the row norm ([`crate::adapter::dora::DoraLayer::forward`]).
 
 use crate::ops;
 use candle_core::{Result, Tensor};
@@ -61,6 +62,10 @@ impl AdaptedLinear {
             Some(LayerAdapter::Lora(lora)) => {
                 let seed = ctx.dropout_seed.map(|seed| ops::seed_of(&[seed, self.id]));
                 lora.forward(&self.weight, self.bias.as_ref(), x, seed, ctx.no_grad)
+            }
+            Some(LayerAdapter::Dora(dora)) => {
+                let seed = ctx.dropout_seed.map(|seed| ops::seed_of(&[seed, self.id]));
+                dora.forward(&self.weight, self.bias.as_ref(), x, seed, ctx.no_grad)
             }
         }
     }

@@ -40,6 +40,7 @@ fn tiny(device: &Device, dtype: DType, quant: BaseQuant) -> Llama {
         layers_to_transform: None,
         rank_pattern: Default::default(),
         alpha_pattern: Default::default(),
+        use_dora: false,
     });
     adapter::attach(&mut m, &cfg, 7).unwrap();
     // B starts at zero, which would make every dA zero: give all adapter weights the same random values on

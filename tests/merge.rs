@@ -721,3 +721,56 @@ fn smollm2_gguf_merged_folder_computes_the_unmerged_adapter() {
     assert!(card.contains("(llama.cpp file type Q4_1)") && card.contains("license: apache-2.0"), "{card}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. DoRA
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn dora_merged_at_f32_gives_peft_merged_logits_and_bad_dora_input_exits_2() {
+    let d = tmp("dora");
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let out = d.join(name);
+        merge_ok(&fixture(name), &fixture(name).join("peft-dora"), &out, &["--dtype", "f32"]);
+        let exp = candle_core::safetensors::load(fixture(name).join("expected-v2.safetensors"), &Device::Cpu).unwrap();
+        let got = logits(&load_model(&out), &exp["input_ids"]);
+        for key in ["logits_dora_merged", "logits_dora"] {
+            let r = rel_diff(&got, &exp[key]);
+            println!("{name}: DoRA-merged folder vs PEFT {key}: max rel diff {r:e}");
+            assert!(r <= 1e-4, "{name}: {key}: {r}");
+        }
+    }
+    assert!(leftovers(&d).is_empty());
+
+    // A copy of tiny-llama's DoRA fixture with one tensor replaced or removed.
+    let edited = |dir: &str, key: &str, replace: Option<Tensor>| -> PathBuf {
+        let src = fixture("tiny-llama/peft-dora");
+        let dir = d.join(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(src.join("adapter_config.json"), dir.join("adapter_config.json")).unwrap();
+        let mut t = candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        assert!(t.remove(key).is_some(), "{key}");
+        if let Some(r) = replace {
+            t.insert(key.to_string(), r);
+        }
+        candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
+        dir
+    };
+    let base = fixture("tiny-llama");
+    let out = d.join("merged");
+    let m = "base_model.model.model.layers.1.self_attn.k_proj.lora_magnitude_vector";
+    let short = edited("short", m, Some(Tensor::ones(31, DType::F32, &Device::Cpu).unwrap()));
+    assert_refused(&merge(&base, &short, &out, &[]), &["adapter_model.safetensors", m, "[31]", "expected [32]"]);
+    let missing = edited("missing", m, None);
+    assert_refused(&merge(&base, &missing, &out, &[]), &["adapter_model.safetensors", m, "missing", "use_dora"]);
+    // Magnitude vectors under a config without use_dora.
+    let undeclared = edited("undeclared", m, Some(Tensor::ones(32, DType::F32, &Device::Cpu).unwrap()));
+    let cfg = std::fs::read_to_string(undeclared.join("adapter_config.json")).unwrap();
+    std::fs::write(undeclared.join("adapter_config.json"), cfg.replace("\"use_dora\": true", "\"use_dora\": false"))
+        .unwrap();
+    assert_refused(
+        &merge(&base, &undeclared, &out, &[]),
+        &["adapter_model.safetensors", "lora_magnitude_vector", "use_dora"],
+    );
+    assert!(!out.exists());
+}

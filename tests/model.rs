@@ -172,3 +172,74 @@ fn peftkit_qlora_adapter_loads_in_peft_on_a_bnb4_base() {
     println!("QLoRA adapter on the bnb-4bit base vs PEFT + bitsandbytes: max rel diff {d:e}");
     assert!(d <= 1e-4, "{d}");
 }
+
+/// `tests/fixtures/<name>/expected-v2.safetensors` (the second set of Python references).
+fn expected_v2(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name).join("expected-v2.safetensors"), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn peft_dora_fixture_matches_unmerged_and_merged_logits() {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let (mut model, _) = load(name);
+        let v2 = expected_v2(name);
+        let cfg = peft_format::load_adapter(&mut model, &fixture(name).join("peft-dora")).unwrap();
+        let peftkit::adapter::AdapterConfig::Lora(l) = &cfg.adapter else { panic!("not LoRA") };
+        assert!(l.use_dora);
+        assert_eq!(
+            model.linears().filter(|l| matches!(l.adapter, Some(peftkit::adapter::LayerAdapter::Dora(_)))).count(),
+            14
+        );
+        let d = rel_diff(&logits(&model, &v2), &v2["logits_dora"]);
+        println!("{name}: DoRA logits max rel diff {d:e}");
+        assert!(d <= 1e-4, "{name}: {d}");
+        peftkit::adapter::merge_and_unload(&mut model).unwrap();
+        assert!(model.linears().all(|l| l.adapter.is_none()));
+        let d = rel_diff(&logits(&model, &v2), &v2["logits_dora_merged"]);
+        println!("{name}: merged DoRA vs PEFT merge_and_unload: max rel diff {d:e}");
+        assert!(d <= 1e-4, "{name}: {d}");
+        // The magnitudes matter: the fixture's are ±10% off the norm, so DoRA differs from plain LoRA with its A, B.
+        let mut plain = load(name).0;
+        peft_format::load_adapter(&mut plain, &fixture(name).join("peft-dora")).unwrap();
+        for lin in plain.linears_mut() {
+            if let Some(peftkit::adapter::LayerAdapter::Dora(d)) = lin.adapter.take() {
+                lin.adapter = Some(peftkit::adapter::LayerAdapter::Lora(d.lora));
+            }
+        }
+        assert!(rel_diff(&logits(&plain, &v2), &v2["logits_dora"]) > 1e-3);
+    }
+}
+
+#[test]
+fn dora_in_bf16_stays_within_bf16_tolerance_of_the_f32_reference() {
+    let dir = fixture("tiny-llama");
+    let mut model =
+        load_llama(&dir.join("config.json"), &[dir.join("model.safetensors")], &Device::Cpu, DType::BF16).unwrap();
+    peft_format::load_adapter(&mut model, &dir.join("peft-dora")).unwrap();
+    let v2 = expected_v2("tiny-llama");
+    let got = logits(&model, &v2).to_dtype(DType::F32).unwrap();
+    let d = rel_diff(&got, &v2["logits_dora"]);
+    println!("tiny-llama: DoRA in bf16 vs PEFT f32: max rel diff {d:e}");
+    assert!(d <= 3e-2, "{d}");
+}
+
+#[test]
+fn peftkit_dora_adapter_loads_in_peft_and_merges_like_peft() {
+    // PEFT computed these logits with this peftkit-trained DoRA adapter on transformers' tiny-llama, unmerged and
+    // after merge_and_unload() (tests/fixtures/tiny-llama-dora-peftkit/make_peft_logits.py).
+    let (mut model, _) = load("tiny-llama");
+    let dir = fixture("tiny-llama-dora-peftkit");
+    peft_format::load_adapter(&mut model, &dir).unwrap();
+    let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
+    let want = candle_core::safetensors::load(dir.join("peft_logits.safetensors"), &Device::Cpu).unwrap();
+    let d = rel_diff(&model.forward(&ids).unwrap(), &want["logits"]);
+    println!("peftkit DoRA adapter in PEFT: max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+    peftkit::adapter::merge_and_unload(&mut model).unwrap();
+    let d = rel_diff(&model.forward(&ids).unwrap(), &want["merged_logits"]);
+    println!("merged DoRA vs PEFT merge_and_unload: max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+    // The adapter changes the model.
+    let (base, _) = load("tiny-llama");
+    assert!(rel_diff(&base.forward(&ids).unwrap(), &want["logits"]) > 1e-2);
+}

@@ -36,6 +36,8 @@ pub struct LoraConfig {
     pub rank_pattern: Vec<(String, usize)>,
     /// Per-module alpha overrides (PEFT's `alpha_pattern`), matched like `rank_pattern`.
     pub alpha_pattern: Vec<(String, f64)>,
+    /// DoRA (PEFT's `use_dora`): each adapted projection also learns a magnitude vector; see [`super::dora`].
+    pub use_dora: bool,
 }
 
 impl LoraConfig {
@@ -182,6 +184,7 @@ mod tests {
             layers_to_transform: None,
             rank_pattern: vec![(r"layers\.[0-1]\.self_attn\.q_proj".into(), 4), ("q_proj".into(), 2)],
             alpha_pattern: vec![("q_proj|v_proj".into(), 3.0)],
+            use_dora: false,
         };
         assert_eq!(cfg.rank_alpha("model.layers.1.self_attn.q_proj"), (4, 3.0));
         assert_eq!(cfg.rank_alpha("model.layers.5.self_attn.q_proj"), (2, 3.0));

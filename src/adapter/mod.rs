@@ -2,11 +2,13 @@
 //!
 //! The set is closed: [`AdapterConfig`] is an enum and `match` is the registry.
 
+pub mod dora;
 pub mod ia3;
 pub mod lora;
 pub mod peft_format;
 pub mod target;
 
+pub use dora::DoraLayer;
 pub use ia3::{FeedforwardModules, Ia3Config, Ia3Layer};
 pub use lora::{LoraConfig, LoraInit, LoraLayer};
 pub use target::TargetModules;
@@ -64,6 +66,7 @@ impl AdapterConfig {
                 layers_to_transform: l.layers_to_transform.clone(),
                 rank_pattern: Default::default(),
                 alpha_pattern: Default::default(),
+                use_dora: l.use_dora,
             })),
             None => unreachable!("every adapter type other than ia3 has LoRA settings"),
         }
@@ -112,7 +115,12 @@ pub fn attach(model: &mut Llama, config: &AdapterConfig, seed: u64) -> Result<us
                     &mut rng,
                     &device,
                 )?;
-                lin.adapter = Some(LayerAdapter::Lora(layer));
+                lin.adapter = Some(if cfg.use_dora {
+                    // m starts at ‖W + s·B·A‖: the fresh adapter is the identity.
+                    LayerAdapter::Dora(DoraLayer::init(layer, &lin.weight)?)
+                } else {
+                    LayerAdapter::Lora(layer)
+                });
                 count += 1;
             }
         }
@@ -154,10 +162,27 @@ pub fn trainable(model: &Llama) -> Vec<(String, Var)> {
                 out.push((format!("base_model.model.{}.lora_B.weight", lin.path), l.b.clone()));
             }
             Some(LayerAdapter::Ia3(l)) => out.push((format!("base_model.model.{}.ia3_l", lin.path), l.l.clone())),
+            Some(LayerAdapter::Dora(d)) => {
+                out.push((format!("base_model.model.{}.lora_A.weight", lin.path), d.lora.a.clone()));
+                out.push((format!("base_model.model.{}.lora_B.weight", lin.path), d.lora.b.clone()));
+                out.push((format!("base_model.model.{}.lora_magnitude_vector", lin.path), d.magnitude.clone()));
+            }
             None => {}
         }
     }
     out
+}
+
+/// Prepares the attached adapters for forwards that never train (generation, evaluation): DoRA's weight norms
+/// ‖W + s·B·A‖ are computed once and kept, instead of at every forward (for one generated token that would cost
+/// r times the projection itself). The adapter must not be trained afterwards.
+pub fn freeze_for_inference(model: &mut Llama) -> candle_core::Result<()> {
+    for lin in model.linears_mut() {
+        if let Some(LayerAdapter::Dora(d)) = &mut lin.adapter {
+            d.freeze_norm(&lin.weight)?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes every adapter from `model`.
@@ -190,12 +215,25 @@ pub fn merge_and_unload(model: &mut Llama) -> candle_core::Result<()> {
 pub enum LayerAdapter {
     Lora(LoraLayer),
     Ia3(Ia3Layer),
+    /// LoRA with a learned magnitude per output row (PEFT's `use_dora`).
+    Dora(DoraLayer),
 }
 
 impl LayerAdapter {
     /// Checks that the adapter fits a projection `in_features → out_features`; the error says how it does not.
     pub fn check_fits(&self, out_features: usize, in_features: usize) -> std::result::Result<(), String> {
         match self {
+            LayerAdapter::Dora(d) => {
+                LayerAdapter::Lora(d.lora.clone()).check_fits(out_features, in_features)?;
+                let m = d.magnitude.dims();
+                if m != [out_features] {
+                    return Err(format!(
+                        "lora_magnitude_vector {m:?} does not fit a projection {in_features} → {out_features} \
+                         (expected [{out_features}]: one magnitude per output row)"
+                    ));
+                }
+                Ok(())
+            }
             LayerAdapter::Lora(l) => {
                 let (a, b) = (l.a.dims(), l.b.dims());
                 if a[1] != in_features || b[0] != out_features {
@@ -221,7 +259,8 @@ impl LayerAdapter {
         }
     }
 
-    /// The base weight `w` (out, in) with this adapter folded in, in f32: LoRA gives W + s·B·A.
+    /// The base weight `w` (out, in) with this adapter folded in, in f32: LoRA gives W + s·B·A, DoRA
+    /// diag(m / ‖W + s·B·A‖)·(W + s·B·A).
     /// Merged and unmerged forwards agree (`tests/merge.rs`).
     pub fn merge_weight(&self, w: &Tensor) -> candle_core::Result<Tensor> {
         let w = w.to_dtype(DType::F32)?;
@@ -231,14 +270,15 @@ impl LayerAdapter {
                 w + d
             }
             LayerAdapter::Ia3(l) => l.merge_weight(&w),
+            LayerAdapter::Dora(d) => d.merge_weight(&w),
         }
     }
 
-    /// The base bias after merging, in f32 (LoRA leaves it unchanged).
+    /// The base bias after merging, in f32 (LoRA and DoRA leave it unchanged).
     pub fn merge_bias(&self, b: &Tensor) -> candle_core::Result<Tensor> {
         let b = b.to_dtype(DType::F32)?;
         match self {
-            LayerAdapter::Lora(_) => Ok(b),
+            LayerAdapter::Lora(_) | LayerAdapter::Dora(_) => Ok(b),
             LayerAdapter::Ia3(l) => l.merge_bias(&b),
         }
     }

@@ -1,12 +1,14 @@
 //! PEFT's on-disk adapter format, read and written: `adapter_config.json` + `adapter_model.safetensors`.
 //!
 //! Tensor keys are `base_model.model.<module path>.lora_A.weight` (r × in) and `.lora_B.weight` (out × r), f32,
-//! with safetensors metadata `{"format": "pt"}`. The config is written with the long-standing keys only, so that
-//! older PEFT versions (which reject unknown keys) load it; on reading, every key PEFT writes is accepted and the
-//! ones that do not change the math are ignored. Options peftkit does not implement (DoRA, `fan_in_fan_out`,
+//! with safetensors metadata `{"format": "pt"}`; a DoRA adapter (`use_dora: true`) adds `.lora_magnitude_vector`
+//! (out) per module. The config is written with the long-standing keys only, so that older PEFT versions (which
+//! reject unknown keys) load it; on reading, every key PEFT writes is accepted and the ones that do not change the
+//! math are ignored. Options peftkit does not implement (`fan_in_fan_out`,
 //! `modules_to_save`, a LoRA bias) are refused with a clear error rather than silently dropped.
 //! Reference: PEFT `config.py`, `utils/save_and_load.py` (`get_peft_model_state_dict`).
 
+use super::dora::DoraLayer;
 use super::ia3::{FeedforwardModules, Ia3Config, Ia3Layer};
 use super::lora::{LoraConfig, LoraInit, LoraLayer};
 use super::target::TargetModules;
@@ -72,9 +74,6 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig, AdapterError> {
     }
     let adapter = match peft_type.as_str() {
         "LORA" => {
-            if get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
-                return refuse("use_dora", "DoRA");
-            }
             if let Some(b) = str_of("bias") {
                 if b != "none" {
                     return refuse("bias", &format!("`{b}`"));
@@ -125,6 +124,7 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig, AdapterError> {
                 layers_to_transform,
                 rank_pattern: pattern("rank_pattern").into_iter().map(|(k, v)| (k, v as usize)).collect(),
                 alpha_pattern: pattern("alpha_pattern"),
+                use_dora: get("use_dora").and_then(|v| v.as_bool()).unwrap_or(false),
             })
         }
         "IA3" => {
@@ -187,10 +187,30 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<(PeftConfig, Vec<Load
             return Err(format_err(&wpath, format!("tensor `{key}` is not named `{PREFIX}<module>.<adapter tensor>`")));
         };
         let (module, leaf) = match cfg.adapter {
-            AdapterConfig::Lora(_) => {
+            AdapterConfig::Lora(ref l) => {
+                // PEFT writes the magnitude as `lora_magnitude_vector`; some versions kept a `.weight` suffix.
+                let magnitude = rest
+                    .strip_suffix(".lora_magnitude_vector")
+                    .or_else(|| rest.strip_suffix(".lora_magnitude_vector.weight"));
                 match rest.strip_suffix(".lora_A.weight").or_else(|| rest.strip_suffix(".lora_B.weight")) {
                     Some(m) => (m.to_string(), rest[m.len() + 1..].to_string()),
-                    None => return Err(format_err(&wpath, format!("tensor `{key}` is not a lora_A / lora_B weight"))),
+                    None => match magnitude {
+                        Some(m) if l.use_dora => (m.to_string(), "lora_magnitude_vector".to_string()),
+                        Some(_) => {
+                            let msg = format!(
+                                "tensor `{key}` is a DoRA magnitude vector, but {CONFIG_FILE} does not set \
+                                 use_dora: true"
+                            );
+                            return Err(format_err(&wpath, msg));
+                        }
+                        None => {
+                            let what = match l.use_dora {
+                                true => "lora_A / lora_B weight or a lora_magnitude_vector",
+                                false => "lora_A / lora_B weight",
+                            };
+                            return Err(format_err(&wpath, format!("tensor `{key}` is not a {what}")));
+                        }
+                    },
                 }
             }
             AdapterConfig::Ia3(_) => match rest.strip_suffix(".ia3_l") {
@@ -207,6 +227,12 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<(PeftConfig, Vec<Load
                 let mut take = |leaf: &str| parts.iter().position(|(l, _)| l == leaf).map(|i| parts.swap_remove(i).1);
                 let (a, b) = match (take("lora_A.weight"), take("lora_B.weight")) {
                     (Some(a), Some(b)) => (a, b),
+                    (None, None) => {
+                        return Err(format_err(
+                            &wpath,
+                            format!("{PREFIX}{module} has a magnitude vector but no lora_A / lora_B"),
+                        ))
+                    }
                     _ => return Err(format_err(&wpath, format!("{module} has only one of lora_A / lora_B"))),
                 };
                 let a_key = format!("{PREFIX}{module}.lora_A.weight");
@@ -222,12 +248,37 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<(PeftConfig, Vec<Load
                 }
                 let r = a.dims()[0];
                 let (_, alpha) = lcfg.rank_alpha(&module);
-                LayerAdapter::Lora(LoraLayer::from_weights(
+                let lora = LoraLayer::from_weights(
                     a.to_device(device)?,
                     b.to_device(device)?,
                     lcfg.scaling(r, alpha),
                     lcfg.lora_dropout,
-                )?)
+                )?;
+                if lcfg.use_dora {
+                    let m_key = format!("{PREFIX}{module}.lora_magnitude_vector");
+                    let Some(m) = take("lora_magnitude_vector") else {
+                        let msg = format!(
+                            "`{m_key}` is missing: {CONFIG_FILE} sets use_dora: true, which needs a magnitude \
+                             vector for every adapted module"
+                        );
+                        return Err(format_err(&wpath, msg));
+                    };
+                    let out = b.dims()[0];
+                    // PEFT's magnitude is 1-D (out); accept an (out, 1) column too.
+                    if m.elem_count() != out || !(m.rank() == 1 || (m.rank() == 2 && m.dims()[1] == 1)) {
+                        return Err(format_err(
+                            &wpath,
+                            format!(
+                                "{m_key}: shape {:?}, expected [{out}] (one magnitude per output row of lora_B {:?})",
+                                m.dims(),
+                                b.dims()
+                            ),
+                        ));
+                    }
+                    LayerAdapter::Dora(DoraLayer::from_weights(lora, m.to_device(device)?)?)
+                } else {
+                    LayerAdapter::Lora(lora)
+                }
             }
             AdapterConfig::Ia3(icfg) => {
                 let l = parts.pop().map(|(_, t)| t).expect("one ia3_l per module");
@@ -350,6 +401,10 @@ pub fn save_adapter(
             cfg.insert("target_modules".into(), targets);
             cfg.insert("task_type".into(), json!("CAUSAL_LM"));
             cfg.insert("use_rslora".into(), json!(l.use_rslora));
+            // Written only when set: PEFT before 0.9 does not know the key.
+            if l.use_dora {
+                cfg.insert("use_dora".into(), json!(true));
+            }
         }
         AdapterConfig::Ia3(c) => {
             // Long-standing IA3Config keys only. As for LoRA, `all-linear` is saved as the module names it resolved to.

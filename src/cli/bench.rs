@@ -241,6 +241,7 @@ pub fn run(a: Args) -> Result<()> {
             layers_to_transform: None,
             rank_pattern: Default::default(),
             alpha_pattern: Default::default(),
+            use_dora: false,
         })
     };
     adapter::attach(&mut m, &cfg, 0).map_err(user)?;

@@ -28,6 +28,9 @@ pub fn run(a: Args) -> Result<()> {
                     "  r: {}, lora_alpha: {}, dropout: {}, rslora: {}",
                     l.r, l.lora_alpha, l.lora_dropout, l.use_rslora
                 );
+                if l.use_dora {
+                    println!("  DoRA: yes (use_dora; a lora_magnitude_vector per module rescales each output row)");
+                }
                 println!("  target_modules: {:?}", l.target_modules);
             }
             AdapterConfig::Ia3(c) => {

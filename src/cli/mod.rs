@@ -156,6 +156,8 @@ pub fn load_model(m: &ModelArgs, generation: bool) -> anyhow::Result<peftkit::ba
     }
     if let Some(dir) = &m.adapter {
         let cfg = peftkit::adapter::peft_format::load_adapter(&mut base.model, dir).map_err(user)?;
+        // Only generation and evaluation load a model here: DoRA's norms are fixed once.
+        peftkit::adapter::freeze_for_inference(&mut base.model)?;
         // The same model named two ways (relative and absolute path) is the same model.
         let same = |a: &str, b: &str| {
             a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)

@@ -162,9 +162,11 @@ pub fn run(args: Args) -> Result<()> {
 
     let n_adapted = adapter::attach(&mut base.model, &adapter_cfg, recipe.training.seed).map_err(user)?;
     let trainable: usize = adapter::trainable(&base.model).iter().map(|(_, v)| v.elem_count()).sum();
+    let dora = recipe.adapter.lora().is_some_and(|l| l.use_dora);
     tracing::info!(
-        "{} adapter on {n_adapted} projections: {trainable} trainable parameters",
-        recipe.adapter.type_name()
+        "{} adapter{} on {n_adapted} projections: {trainable} trainable parameters",
+        recipe.adapter.type_name(),
+        if dora { " (DoRA: with a magnitude vector per projection)" } else { "" }
     );
 
     let cfg = TrainConfig::from_recipe(&recipe, base.pad_id, train_set.examples.len());
@@ -233,6 +235,7 @@ pub fn run(args: Args) -> Result<()> {
         revision: revision.map(str::to_string),
         license,
         method: recipe.adapter.type_name().to_string(),
+        dora,
         adapter_dir: out.display().to_string(),
         sequence_len: recipe.data.sequence_len,
         train: facts(&train_set),

@@ -218,6 +218,7 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
         },
         license: base.license.clone(),
         method: method.clone(),
+        dora: matches!(&peft.adapter, crate::adapter::AdapterConfig::Lora(l) if l.use_dora),
         peft_type: peft.adapter.peft_type().to_string(),
         adapter_dir: opts.adapter.display().to_string(),
         merged_modules,

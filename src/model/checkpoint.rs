@@ -153,6 +153,7 @@ mod tests {
             layers_to_transform: layers,
             rank_pattern: Default::default(),
             alpha_pattern: Default::default(),
+            use_dora: false,
         })
     }
 
@@ -220,6 +221,16 @@ mod tests {
     fn checkpointing_gives_the_same_lora_gradients_with_dropout() {
         let mut m = tiny("tiny-llama", DType::F32, BaseQuant::None);
         adapter::attach(&mut m, &lora(0.1, None), 3).unwrap();
+        check(&m, 1e-6);
+    }
+
+    #[test]
+    fn checkpointing_gives_the_same_dora_gradients_with_dropout() {
+        // DoRA on Qwen2 (biases): A, B and the magnitudes all reach the checkpointed layer's parameter vector.
+        let mut m = tiny("tiny-qwen2", DType::F32, BaseQuant::None);
+        let AdapterConfig::Lora(l) = lora(0.1, None) else { unreachable!() };
+        adapter::attach(&mut m, &AdapterConfig::Lora(LoraConfig { use_dora: true, ..l }), 3).unwrap();
+        assert_eq!(adapter::trainable(&m).len(), 3 * 14);
         check(&m, 1e-6);
     }
 

@@ -30,14 +30,15 @@ impl Block {
     pub fn linears(&self) -> [&AdaptedLinear; 7] {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj, &self.gate_proj, &self.up_proj, &self.down_proj]
     }
-    /// The adapter variables of this layer (LoRA A then B, or the IA3 vector), projection by projection in
-    /// [`Block::linears`] order.
+    /// The adapter variables of this layer (LoRA A then B; DoRA A, B then m; or the IA3 vector), projection by
+    /// projection in [`Block::linears`] order.
     pub fn trainable_vars(&self) -> Vec<Var> {
         let mut vars = Vec::new();
         for lin in self.linears() {
             match &lin.adapter {
                 Some(LayerAdapter::Lora(l)) => vars.extend([l.a.clone(), l.b.clone()]),
                 Some(LayerAdapter::Ia3(l)) => vars.push(l.l.clone()),
+                Some(LayerAdapter::Dora(d)) => vars.extend([d.lora.a.clone(), d.lora.b.clone(), d.magnitude.clone()]),
                 None => {}
             }
         }

@@ -53,7 +53,7 @@ mod rope;
 mod softmax;
 mod swiglu;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 pub use attention::attention;
 pub use cross_entropy::linear_cross_entropy;

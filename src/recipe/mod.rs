@@ -119,6 +119,10 @@ fn build(doc: Value) -> Result<Recipe, Problem> {
     })
 }
 
+fn has_key(map: &Value, key: &str) -> bool {
+    map.as_mapping().is_some_and(|m| m.contains_key(key))
+}
+
 /// Dispatches on `adapter.type` (done by hand: serde's internally tagged enums lose key paths).
 fn build_adapter(value: Value) -> Result<AdapterSpec, Problem> {
     const TYPES: &str = "lora, qlora, ia3";
@@ -147,6 +151,12 @@ fn build_adapter(value: Value) -> Result<AdapterSpec, Problem> {
     match type_name.as_str() {
         "lora" => deserialize_at(&prefix, rest).map(AdapterSpec::Lora),
         "qlora" => deserialize_at::<QloraDoc>(&prefix, rest).map(|doc| AdapterSpec::Qlora(doc.into())),
+        "ia3" if has_key(&rest, "use_dora") => Err(Problem {
+            path: vec![Seg::key("adapter"), Seg::key("use_dora")],
+            kind: ProblemKind::Invalid(
+                "DoRA is a LoRA variant: use it with `type: lora` or `type: qlora`, not with ia3".to_string(),
+            ),
+        }),
         "ia3" => deserialize_at(&prefix, rest).map(AdapterSpec::Ia3),
         other => Err(Problem {
             path: type_path(),
@@ -159,7 +169,7 @@ fn build_adapter(value: Value) -> Result<AdapterSpec, Problem> {
 mod tests {
     use super::*;
     use std::fs;
-    use testutil::{assert_msg, fixture, full_block, minimal, ok};
+    use testutil::{assert_msg, err, fixture, full_block, minimal, ok};
 
     #[test]
     fn recipe_to_yaml_round_trip() {
@@ -181,6 +191,33 @@ mod tests {
             assert!(yaml.contains("learning_rate:"), "{yaml}");
             assert!(yaml.contains("epochs: 1") || yaml.contains("epochs: 2"), "{yaml}");
         }
+    }
+
+    #[test]
+    fn recipe_use_dora() {
+        let f = fixture();
+        for kind in ["lora", "qlora"] {
+            let text = minimal(&f, kind).replace(&format!("type: {kind}"), &format!("type: {kind}\n  use_dora: true"));
+            let recipe = ok(&text, &[]);
+            assert!(recipe.adapter.lora().is_some_and(|l| l.use_dora), "{kind}");
+            assert_eq!(Recipe::from_str(&recipe.to_yaml(), "resolved.yaml", &[]).unwrap(), recipe);
+            match crate::adapter::AdapterConfig::from_spec(&recipe.adapter).unwrap() {
+                crate::adapter::AdapterConfig::Lora(l) => assert!(l.use_dora),
+                other => panic!("{other:?}"),
+            }
+            assert!(!ok(&minimal(&f, kind), &[]).adapter.lora().unwrap().use_dora);
+        }
+        let text = format!(
+            "base_model: m/x\nadapter:\n  type: ia3\n  use_dora: true\ndata: {{train: {}}}\noutput: {{dir: o}}\n",
+            f.train
+        );
+        assert_msg(
+            &err(&text, &[]),
+            "recipes/x.yaml:4: adapter.use_dora: DoRA is a LoRA variant: use it with `type: lora` or `type: qlora`, not with ia3",
+            &[],
+        );
+        let text = minimal(&f, "lora").replace("type: lora", "type: lora\n  use_dora: maybe");
+        assert_msg(&err(&text, &[]), "recipes/x.yaml:", &["adapter.use_dora: expected true or false"]);
     }
 
     #[test]

@@ -106,6 +106,13 @@ pub struct LoraSpec {
     pub bias: String,
     /// Only adapt these decoder layers (indices); all layers when absent.
     pub layers_to_transform: Option<Vec<usize>>,
+    /// DoRA (weight-decomposed LoRA, Liu et al. 2024; PEFT's `use_dora`), default false: each adapted projection
+    /// also learns a magnitude per output row, m, and computes with diag(m / ‖W + s·B·A‖)·(W + s·B·A), the row
+    /// norm recomputed at every step without a gradient. m starts at the norm, so a fresh adapter is still the
+    /// identity. Saved as PEFT saves it (`use_dora: true`, `lora_magnitude_vector` tensors); works with `lora` and
+    /// `qlora` (the norm of the dequantized NF4 weight), not with `ia3`. Costs about one more weight-sized product
+    /// per projection and step with `lora_dropout` > 0.
+    pub use_dora: bool,
 }
 
 impl Default for LoraSpec {
@@ -119,6 +126,7 @@ impl Default for LoraSpec {
             init_lora_weights: InitLoraWeights::Default,
             bias: "none".to_string(),
             layers_to_transform: None,
+            use_dora: false,
         }
     }
 }
@@ -173,6 +181,7 @@ pub(super) struct QloraDoc {
     init_lora_weights: InitLoraWeights,
     bias: String,
     layers_to_transform: Option<Vec<usize>>,
+    use_dora: bool,
     bnb_4bit_quant_type: String,
     bnb_4bit_use_double_quant: bool,
     bnb_4bit_compute_dtype: ComputeDtype,
@@ -196,6 +205,7 @@ impl From<QloraSpec> for QloraDoc {
             init_lora_weights: lora.init_lora_weights,
             bias: lora.bias,
             layers_to_transform: lora.layers_to_transform,
+            use_dora: lora.use_dora,
             bnb_4bit_quant_type: spec.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant: spec.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype: spec.bnb_4bit_compute_dtype,
@@ -215,6 +225,7 @@ impl From<QloraDoc> for QloraSpec {
                 init_lora_weights: doc.init_lora_weights,
                 bias: doc.bias,
                 layers_to_transform: doc.layers_to_transform,
+                use_dora: doc.use_dora,
             },
             bnb_4bit_quant_type: doc.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant: doc.bnb_4bit_use_double_quant,
