@@ -6,6 +6,7 @@ pub mod ia3;
 pub mod lora;
 pub mod peft_format;
 pub mod target;
+pub mod vocab;
 
 pub use ia3::{FeedforwardModules, Ia3Config, Ia3Layer};
 pub use lora::{LoraConfig, LoraInit, LoraLayer};
@@ -157,6 +158,8 @@ pub fn trainable(model: &Llama) -> Vec<(String, Var)> {
             None => {}
         }
     }
+    // Then the embedding / head copies or rows (`modules_to_save`, `trainable_token_indices`).
+    out.extend(model.vocab.trainable());
     out
 }
 
@@ -165,6 +168,7 @@ pub fn detach_all(model: &mut Llama) {
     for lin in model.linears_mut() {
         lin.adapter = None;
     }
+    model.vocab = Default::default();
 }
 
 /// Folds every attached adapter into its projection's weight (and bias) and removes it, like PEFT's
@@ -182,7 +186,8 @@ pub fn merge_and_unload(model: &mut Llama) -> candle_core::Result<()> {
             lin.bias = Some(adapter.merge_bias(b)?.to_dtype(b.dtype())?);
         }
     }
-    Ok(())
+    // A trained embedding / head copy replaces the base matrix; trained rows are written into it.
+    vocab::merge(model)
 }
 
 /// The adapter attached to one projection, if any.

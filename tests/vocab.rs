@@ -1,0 +1,80 @@
+//! Trainable embeddings and heads (`modules_to_save`), trainable token rows (`trainable_token_indices`) and added
+//! tokens, against PEFT + transformers (fixtures made by the Python stack, see tests/fixtures/README.md): unmerged
+//! and merged logits, in memory and through `peftkit merge`, on untied and tied models.
+
+use candle_core::{DType, Device, Tensor};
+use peftkit::adapter::{self, peft_format};
+use peftkit::merge::{MergeOptions, OutDtype};
+use peftkit::model::{load_llama, Llama};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn load_dir(dir: &Path) -> Llama {
+    load_llama(&dir.join("config.json"), &[dir.join("model.safetensors")], &Device::Cpu, DType::F32).unwrap()
+}
+
+fn expected_v2(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name).join("expected-v2.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// max |a − b| / max |b|
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let m = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    d / m
+}
+
+/// A fresh folder for one test.
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("peftkit-vocab-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `peftkit merge` (the library call) of `adapter` into `base`, in f32, into `out`; the merged model loaded.
+fn merged_folder(base: &Path, adapter: &Path, out: &Path) -> Llama {
+    let mut opts = MergeOptions::new(base.display().to_string(), adapter, out);
+    opts.dtype = Some(OutDtype::F32);
+    opts.overwrite = true;
+    peftkit::merge::merge(&opts).unwrap();
+    load_dir(out)
+}
+
+#[test]
+fn peft_modules_to_save_fixture_matches_unmerged_and_merged_logits() {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let expected = expected_v2(name);
+        let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
+        let mut model = load_dir(&fixture(name));
+        let dir = fixture(name).join("peft-lora-mts");
+        let cfg = peft_format::load_adapter(&mut model, &dir).unwrap();
+        assert_eq!(cfg.vocab.modules_to_save.len(), 2);
+        assert!(model.vocab.embed.is_some() && model.vocab.head.is_some());
+        // The copies are trainable parameters under PEFT's names.
+        let names: Vec<String> = adapter::trainable(&model).into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"base_model.model.model.embed_tokens.weight".to_string()), "{names:?}");
+        assert!(names.contains(&"base_model.model.lm_head.weight".to_string()), "{names:?}");
+        let d = rel_diff(&model.forward(&ids).unwrap(), &expected["logits_mts"]);
+        println!("{name}: LoRA + modules_to_save, unmerged: max rel diff {d:e}");
+        assert!(d <= 1e-4, "{name}: {d}");
+
+        adapter::merge_and_unload(&mut model).unwrap();
+        assert!(model.vocab.is_empty());
+        let d = rel_diff(&model.forward(&ids).unwrap(), &expected["logits_mts_merged"]);
+        println!("{name}: LoRA + modules_to_save, merged in memory: max rel diff {d:e}");
+        assert!(d <= 1e-4, "{name}: {d}");
+
+        let out = tmp(&format!("mts-merge-{name}"));
+        let merged = merged_folder(&fixture(name), &dir, &out.join("merged"));
+        let d = rel_diff(&merged.forward(&ids).unwrap(), &expected["logits_mts_merged"]);
+        println!("{name}: LoRA + modules_to_save, peftkit merge: max rel diff {d:e}");
+        assert!(d <= 1e-4, "{name}: {d}");
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
