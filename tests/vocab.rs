@@ -78,3 +78,61 @@ fn peft_modules_to_save_fixture_matches_unmerged_and_merged_logits() {
         let _ = std::fs::remove_dir_all(&out);
     }
 }
+
+/// tiny-llama made tied, as `tests/fixtures/tiny-llama-tokens-peft/make.py` makes it: `lm_head.weight` dropped,
+/// `tie_word_embeddings: true`.
+fn make_tied(dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    let src = fixture("tiny-llama");
+    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let mut sd = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    sd.remove("lm_head.weight").unwrap();
+    candle_core::safetensors::save(&sd, dst.join("model.safetensors")).unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    c["tie_word_embeddings"] = serde_json::json!(true);
+    std::fs::write(dst.join("config.json"), c.to_string()).unwrap();
+}
+
+#[test]
+fn peft_trainable_tokens_and_tied_modules_to_save_match_peft() {
+    let root = fixture("tiny-llama-tokens-peft");
+    let want = candle_core::safetensors::load(root.join("logits.safetensors"), &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
+    let work = tmp("tokens-peft");
+    let tied = work.join("tiny-llama-tied");
+    make_tied(&tied);
+    // (case, base, the merged model is tied)
+    let cases = [
+        ("untied", fixture("tiny-llama"), false),
+        ("tied-tokens", tied.clone(), true),
+        ("tied-mts-embed", tied.clone(), false),
+        ("tied-mts-head", tied.clone(), false),
+    ];
+    for (case, base, stays_tied) in cases {
+        let dir = root.join(case);
+        let mut model = load_dir(&base);
+        peft_format::load_adapter(&mut model, &dir).unwrap();
+        let d = rel_diff(&model.forward(&ids).unwrap(), &want[&format!("{case}.logits")]);
+        println!("{case}: unmerged vs PEFT: max rel diff {d:e}");
+        assert!(d <= 1e-4, "{case}: {d}");
+        let merged_want = &want[&format!("{case}.merged_logits")];
+        adapter::merge_and_unload(&mut model).unwrap();
+        assert_eq!(model.config.tie_word_embeddings, stays_tied, "{case}");
+        let d = rel_diff(&model.forward(&ids).unwrap(), merged_want);
+        println!("{case}: merged in memory vs PEFT merge_and_unload: max rel diff {d:e}");
+        assert!(d <= 1e-4, "{case}: {d}");
+        let out = work.join(format!("merged-{case}"));
+        let merged = merged_folder(&base, &dir, &out);
+        let d = rel_diff(&merged.forward(&ids).unwrap(), merged_want);
+        println!("{case}: peftkit merge vs PEFT merge_and_unload: max rel diff {d:e}");
+        assert!(d <= 1e-4, "{case}: {d}");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        let tie = cfg["tie_word_embeddings"].as_bool().unwrap_or(false);
+        assert_eq!(tie, stays_tied && base == tied, "{case}: {cfg}");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
