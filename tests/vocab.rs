@@ -136,3 +136,24 @@ fn peft_trainable_tokens_and_tied_modules_to_save_match_peft() {
     }
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[test]
+fn peftkit_modules_to_save_adapter_loads_in_peft() {
+    // PEFT computed these logits with this peftkit-trained LoRA + modules_to_save adapter on transformers'
+    // tiny-llama, unmerged and after merge_and_unload() (tests/fixtures/tiny-llama-mts-peftkit/make_peft_logits.py).
+    let dir = fixture("tiny-llama-mts-peftkit");
+    let want = candle_core::safetensors::load(dir.join("peft_logits.safetensors"), &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
+    let mut model = load_dir(&fixture("tiny-llama"));
+    let base_logits = model.forward(&ids).unwrap();
+    peft_format::load_adapter(&mut model, &dir).unwrap();
+    // Training moved the copies.
+    assert!(rel_diff(&base_logits, &want["logits"]) > 0.1);
+    let d = rel_diff(&model.forward(&ids).unwrap(), &want["logits"]);
+    println!("peftkit LoRA + modules_to_save adapter in PEFT: max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+    adapter::merge_and_unload(&mut model).unwrap();
+    let d = rel_diff(&model.forward(&ids).unwrap(), &want["merged_logits"]);
+    println!("merged vs PEFT merge_and_unload: max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+}
