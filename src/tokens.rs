@@ -39,7 +39,9 @@ pub fn add_special_tokens(tokenizer: &mut Tokenizer, tokens: &[String], what: &s
         }
     }
     let added: Vec<AddedToken> = tokens.iter().map(|t| AddedToken::from(t.clone(), true)).collect();
-    tokenizer.add_special_tokens(added).map_err(|e| TokensError::File { path: PathBuf::from(TOKENIZER_FILE), msg: e.to_string() })?;
+    tokenizer
+        .add_special_tokens(added)
+        .map_err(|e| TokensError::File { path: PathBuf::from(TOKENIZER_FILE), msg: e.to_string() })?;
     tokens
         .iter()
         .map(|t| {

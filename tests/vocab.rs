@@ -157,3 +157,97 @@ fn peftkit_modules_to_save_adapter_loads_in_peft() {
     println!("merged vs PEFT merge_and_unload: max rel diff {d:e}");
     assert!(d <= 1e-4, "{d}");
 }
+
+#[test]
+fn peftkit_new_tokens_adapter_loads_in_peft() {
+    // PEFT computed these with this peftkit-trained adapter (two added tokens, trained rows) after
+    // resize_token_embeddings(len(tokenizer)) on transformers' tiny-llama, with the tokenizer saved beside it
+    // (tests/fixtures/tiny-llama-tokens-peftkit/make_peft_logits.py).
+    let dir = fixture("tiny-llama-tokens-peftkit");
+    let want = candle_core::safetensors::load(dir.join("peft_logits.safetensors"), &Device::Cpu).unwrap();
+    // The saved tokenizer encodes the new tokens as transformers does.
+    let tok = peftkit::tokens::load_saved(&dir).unwrap().unwrap();
+    let enc = tok.encode("It says <|tool|>weather(\"Oslo\")<|/tool|>", false).unwrap();
+    let expected: Vec<u32> = want["encoded"].to_dtype(DType::U32).unwrap().to_vec1().unwrap();
+    assert_eq!(enc.get_ids(), expected.as_slice());
+    assert_eq!(peftkit::tokens::tokenizer_len(&tok), 386);
+
+    let ids = Tensor::new(&[[5u32, 17, 384, 42, 99, 385, 7, 8]], &Device::Cpu).unwrap();
+    let mut model = load_dir(&fixture("tiny-llama"));
+    let cfg = peft_format::load_adapter(&mut model, &dir).unwrap();
+    assert_eq!(model.config.vocab_size, 386);
+    assert_eq!(cfg.vocab.trainable_tokens.len(), 2);
+    let d = rel_diff(&model.forward(&ids).unwrap(), &want["logits"]);
+    println!("peftkit new-tokens adapter in PEFT: max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+    adapter::merge_and_unload(&mut model).unwrap();
+    let d = rel_diff(&model.forward(&ids).unwrap(), &want["merged_logits"]);
+    println!("merged in memory vs PEFT merge_and_unload: max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+
+    let out = tmp("new-tokens-merge");
+    let merged = merged_folder(&fixture("tiny-llama"), &dir, &out.join("m"));
+    assert_eq!(merged.config.vocab_size, 386);
+    let d = rel_diff(&merged.forward(&ids).unwrap(), &want["merged_logits"]);
+    println!("peftkit merge vs PEFT merge_and_unload: max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+    // The merged folder carries the adapter's tokenizer.
+    assert_eq!(peftkit::tokens::saved_vocab_size(&out.join("m")), Some(386));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn resized_rows_are_the_mean_of_the_old_ones() {
+    // transformers' resize_token_embeddings(mean_resizing=True) up to its 1e-9-covariance draw.
+    let mut model = load_dir(&fixture("tiny-llama"));
+    let old_embed = model.embed_tokens.clone();
+    let old_head = model.lm_head.clone();
+    adapter::vocab::resize_vocab(&mut model, 387).unwrap();
+    assert_eq!(model.embed_tokens.dims(), [387, 64]);
+    assert_eq!(model.lm_head.dims(), [387, 64]);
+    assert_eq!(model.config.vocab_size, 387);
+    for (new, old) in [(&model.embed_tokens, &old_embed), (&model.lm_head, &old_head)] {
+        let mean = old.mean_keepdim(0).unwrap();
+        for row in 384..387 {
+            let r = new.narrow(0, row, 1).unwrap();
+            assert!(rel_diff(&r, &mean) < 1e-6);
+        }
+        assert!(rel_diff(&new.narrow(0, 0, 384).unwrap(), old) == 0.0);
+    }
+}
+
+#[test]
+fn bad_vocab_adapters_are_refused_with_the_file_and_tensor() {
+    let work = tmp("bad-vocab");
+    let copy_from = |src: &str, name: &str, edit: &dyn Fn(&mut serde_json::Value)| -> PathBuf {
+        let d = work.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let src = fixture(src);
+        std::fs::copy(src.join("adapter_model.safetensors"), d.join("adapter_model.safetensors")).unwrap();
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+        edit(&mut c);
+        std::fs::write(d.join("adapter_config.json"), c.to_string()).unwrap();
+        d
+    };
+    let copy = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| copy_from("tiny-llama/peft-lora-mts", name, edit);
+    let tokens =
+        |name: &str, edit: &dyn Fn(&mut serde_json::Value)| copy_from("tiny-llama-tokens-peft/untied", name, edit);
+    let load = |d: &Path| peft_format::load_adapter(&mut load_dir(&fixture("tiny-llama")), d).unwrap_err().to_string();
+    let d = copy("norm", &|c| c["modules_to_save"] = serde_json::json!(["embed_tokens", "lm_head", "norm"]));
+    let e = load(&d);
+    assert!(e.contains("adapter_config.json") && e.contains("modules_to_save: `norm` is not supported"), "{e}");
+    let d = copy("unannounced", &|c| c["modules_to_save"] = serde_json::json!(["embed_tokens"]));
+    let e = load(&d);
+    assert!(e.contains("base_model.model.lm_head.weight") && e.contains("not announced by modules_to_save"), "{e}");
+    let d = copy("both", &|c| c["trainable_token_indices"] = serde_json::json!([1, 2]));
+    let e = load(&d);
+    assert!(e.contains("embed_tokens is both in modules_to_save and in trainable_token_indices"), "{e}");
+    let d = tokens("dup", &|c| c["trainable_token_indices"]["embed_tokens"] = serde_json::json!([3, 3, 42]));
+    let e = load(&d);
+    assert!(e.contains("adapter_config.json: trainable_token_indices.embed_tokens: token id 3 is listed twice"), "{e}");
+    let d = tokens("range", &|c| c["trainable_token_indices"]["embed_tokens"] = serde_json::json!([3, 17, 500]));
+    let e = load(&d);
+    assert!(e.contains("token id 500 is outside the model's vocabulary of 384 tokens"), "{e}");
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -421,20 +421,19 @@ pub fn load(model: &mut Llama, dir: &Path, cfg: &VocabConfig) -> Result<(), Adap
     // Keys the config does not announce are an error, as are announced keys that are missing.
     for (key, _) in &tensors {
         let Some((m, full)) = key.strip_prefix(PREFIX).and_then(VocabModule::of_key) else { continue };
-        let announced = if full {
-            cfg.modules_to_save.contains(&m)
-        } else {
-            cfg.trainable_tokens.iter().any(|(t, _)| *t == m)
-        };
+        let announced =
+            if full { cfg.modules_to_save.contains(&m) } else { cfg.trainable_tokens.iter().any(|(t, _)| *t == m) };
         if !announced {
             let setting = if full { "modules_to_save" } else { "trainable_token_indices" };
             return Err(err(&wpath, format!("tensor `{key}` is not announced by {setting} in adapter_config.json")));
         }
     }
     let get = |key: &str| {
-        tensors.iter().find(|(k, _)| k == key).map(|(_, t)| t.clone()).ok_or_else(|| {
-            err(&wpath, format!("tensor `{key}` is missing (adapter_config.json announces it)"))
-        })
+        tensors
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, t)| t.clone())
+            .ok_or_else(|| err(&wpath, format!("tensor `{key}` is missing (adapter_config.json announces it)")))
     };
     let hidden = model.config.hidden_size;
     // The vocabulary the adapter was trained with.
@@ -448,10 +447,26 @@ pub fn load(model: &mut Llama, dir: &Path, cfg: &VocabConfig) -> Result<(), Adap
             }
         }
     }
+    if let Some(m) = cfg.modules_to_save.iter().find(|m| cfg.trainable_tokens.iter().any(|(t, _)| t == *m)) {
+        let cpath = dir.join(super::peft_format::CONFIG_FILE);
+        return Err(err(&cpath, format!("{} is both in modules_to_save and in trainable_token_indices", m.name())));
+    }
     let max_id = cfg.trainable_tokens.iter().flat_map(|(_, ids)| ids.iter().copied()).max();
     if let Some(max_id) = max_id.filter(|&i| i as usize >= want) {
-        let tok = super::super::tokens::saved_vocab_size(dir).unwrap_or(0);
-        want = want.max(tok).max(max_id as usize + 1);
+        // Ids beyond the model's vocabulary are new tokens only when the adapter's saved tokenizer has them.
+        match super::super::tokens::saved_vocab_size(dir) {
+            Some(tok) if tok > max_id as usize => want = tok,
+            _ => {
+                let cpath = dir.join(super::peft_format::CONFIG_FILE);
+                return Err(err(
+                    &cpath,
+                    format!(
+                        "trainable_token_indices: token id {max_id} is outside the model's vocabulary of {want} tokens \
+                         (and no tokenizer.json beside the adapter adds it)"
+                    ),
+                ));
+            }
+        }
     }
     if want > model.embed_tokens.dims2()?.0 {
         tracing::info!("{}: the adapter's vocabulary has {want} tokens; growing the model's to match", dir.display());
@@ -476,7 +491,12 @@ pub fn load(model: &mut Llama, dir: &Path, cfg: &VocabConfig) -> Result<(), Adap
         if t.dims() != [ids.len(), hidden] {
             return Err(err(
                 &wpath,
-                format!("`{key}`: shape {:?}, expected ({}, {hidden}) for {} token ids", t.dims(), ids.len(), ids.len()),
+                format!(
+                    "`{key}`: shape {:?}, expected ({}, {hidden}) for {} token ids",
+                    t.dims(),
+                    ids.len(),
+                    ids.len()
+                ),
             ));
         }
         let rows = Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(&dev)?)?;

@@ -158,7 +158,10 @@ pub fn load_model(m: &ModelArgs, generation: bool) -> anyhow::Result<peftkit::ba
         let cfg = peftkit::adapter::peft_format::load_adapter(&mut base.model, dir).map_err(user)?;
         // An adapter trained with added tokens carries its tokenizer.
         if let Some(t) = peftkit::tokens::load_saved(dir).map_err(user)? {
-            tracing::info!("using the tokenizer saved with the adapter ({} tokens)", peftkit::tokens::tokenizer_len(&t));
+            tracing::info!(
+                "using the tokenizer saved with the adapter ({} tokens)",
+                peftkit::tokens::tokenizer_len(&t)
+            );
             base.tokenizer = t;
         }
         // The same model named two ways (relative and absolute path) is the same model.

@@ -97,7 +97,14 @@ pub(super) fn plan_tensors(
             }
         }
         let out_dtype = if is_float(t.dtype) { dtype.dtype() } else { t.dtype };
-        plan.push(Planned { name: t.name.clone(), shape: t.shape.clone(), dtype: out_dtype, fetch, merge, vocab: None });
+        plan.push(Planned {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            dtype: out_dtype,
+            fetch,
+            merge,
+            vocab: None,
+        });
     }
     if let Some(i) = used.iter().position(|u| !u) {
         return Err(MergeError::Mismatch {

@@ -25,11 +25,7 @@ pub(super) struct VocabOp {
 
 impl VocabOp {
     /// The tensor in f32: read, grown to `rows`, the adapter applied.
-    pub(super) fn compute(
-        &self,
-        src: &dyn crate::model::TensorSource,
-        rows: usize,
-    ) -> Result<Tensor, MergeError> {
+    pub(super) fn compute(&self, src: &dyn crate::model::TensorSource, rows: usize) -> Result<Tensor, MergeError> {
         let terr = |source: candle_core::Error| MergeError::Tensor { name: self.read.clone(), source };
         let t = src.get(&self.read, &self.read_shape, DType::F32, &candle_core::Device::Cpu)?;
         match &self.adapter {
