@@ -251,3 +251,134 @@ fn bad_vocab_adapters_are_refused_with_the_file_and_tensor() {
     assert!(e.contains("token id 500 is outside the model's vocabulary of 384 tokens"), "{e}");
     let _ = std::fs::remove_dir_all(&work);
 }
+
+fn bin() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_peftkit"));
+    c.env("HF_HUB_OFFLINE", "1").env("NO_COLOR", "1").env_remove("HF_TOKEN");
+    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    c
+}
+
+fn run(c: &mut std::process::Command) -> (i32, String, String) {
+    let o = c.output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    (o.status.code().unwrap_or(-1), text(&o.stdout), text(&o.stderr))
+}
+
+#[test]
+fn export_to_gguf_refuses_trained_embeddings_and_rows() {
+    let out = tmp("export");
+    for (dir, what) in [
+        ("tiny-llama/peft-lora-mts", "modules_to_save [embed_tokens, lm_head]"),
+        ("tiny-llama-tokens-peftkit", "trainable_token_indices"),
+    ] {
+        let (code, _, err) = run(bin()
+            .args(["export", "--to", "gguf", "--base", "tests/fixtures/tiny-llama", "--adapter"])
+            .arg(fixture(dir))
+            .arg("--out")
+            .arg(out.join("a.gguf")));
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(what) && err.contains("merge"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn generate_and_eval_use_the_tokenizer_saved_with_the_adapter() {
+    let adapter = fixture("tiny-llama-tokens-peftkit");
+    // The prompt holds a new token: only the saved tokenizer knows it as one id (384).
+    let (code, out, err) = run(bin()
+        .args(["generate", "--base", "tests/fixtures/tiny-llama", "--max-new-tokens", "3", "--prompt", "<|tool|>"])
+        .arg("--adapter")
+        .arg(&adapter));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("using the tokenizer saved with the adapter (386 tokens)"), "{err}\n{out}");
+    let (code, out, err) = run(bin()
+        .args(["eval", "--base", "tests/fixtures/tiny-llama", "--json", "--data", "datasets/tiny-tools/train.jsonl"])
+        .arg("--adapter")
+        .arg(&adapter));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("loss"), "{out}");
+}
+
+/// A recipe on tiny-llama in a fresh folder (the data path is absolute).
+fn recipe(dir: &Path, adapter: &str, extra: &str) -> PathBuf {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/tiny-tools/train.jsonl");
+    let text = format!(
+        "base_model: {base}\n{extra}adapter:\n  type: {adapter}\n  r: 4\n  target_modules: [q_proj, v_proj]\n\
+         data:\n  train: {data}\n  format: chat\n  sequence_len: 64\n\
+         training:\n  max_steps: 2\n  micro_batch_size: 4\n  learning_rate: 0.05\n  dtype: f32\n\
+         output:\n  dir: {out}\n",
+        base = fixture("tiny-llama").display(),
+        data = data.display(),
+        out = dir.join("out").display(),
+    );
+    let path = dir.join("recipe.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn qlora_trains_modules_to_save_beside_an_nf4_base() {
+    // Embedding and head are never quantized (bitsandbytes leaves them alone): the copies train as on a dense base.
+    let dir = tmp("qlora-mts");
+    let r = recipe(&dir, "qlora", "");
+    let (code, _, err) = run(bin().arg("train").arg(&r).args(["--set", "adapter.modules_to_save=[embed_tokens]"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("of them in embed_tokens (full copy)"), "{err}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["embed_tokens"]));
+    let card = std::fs::read_to_string(dir.join("out/README.md")).unwrap();
+    assert!(card.contains("## Trained embedding and output head"), "{card}");
+    // The trained copy moved, and loads back onto the NF4 base.
+    let st = candle_core::safetensors::load(dir.join("out/adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let copy = &st["base_model.model.model.embed_tokens.weight"];
+    let base = load_dir(&fixture("tiny-llama"));
+    assert!(rel_diff(copy, &base.embed_tokens) > 1e-3);
+    let mut nf4 = peftkit::model::load_llama_quant(
+        &fixture("tiny-llama").join("config.json"),
+        &[fixture("tiny-llama").join("model.safetensors")],
+        &Device::Cpu,
+        DType::F32,
+        peftkit::model::BaseQuant::Nf4 { double_quant: true },
+    )
+    .unwrap();
+    peft_format::load_adapter(&mut nf4, &dir.join("out")).unwrap();
+    assert!(nf4.vocab.embed.is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn train_names_the_recipe_line_of_an_out_of_range_token_id() {
+    let dir = tmp("range");
+    let r = recipe(&dir, "lora", "");
+    let text = std::fs::read_to_string(&r).unwrap().replace(
+        "  target_modules: [q_proj, v_proj]\n",
+        "  target_modules: [q_proj, v_proj]\n  trainable_token_indices: [3, 384]\n",
+    );
+    std::fs::write(&r, text).unwrap();
+    let (code, _, err) = run(bin().arg("train").arg(&r));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:6: adapter.trainable_token_indices[1]: token id 384 is outside the model's vocabulary of 384 tokens",
+            r.display()
+        )),
+        "{err}"
+    );
+    // With one added token the id exists.
+    let text = std::fs::read_to_string(&r).unwrap().replacen(
+        "adapter:",
+        "tokenizer:\n  add_special_tokens: [\"<|tool|>\"]\nadapter:",
+        1,
+    );
+    std::fs::write(&r, text).unwrap();
+    let (code, _, err) = run(bin().arg("train").arg(&r));
+    assert_eq!(code, 0, "{err}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["trainable_token_indices"], serde_json::json!({"embed_tokens": [3, 384], "lm_head": [384]}));
+    assert!(dir.join("out/tokenizer.json").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}

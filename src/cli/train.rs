@@ -306,6 +306,12 @@ pub fn run(args: Args) -> Result<()> {
             },
         },
         frameworks: framework_versions(),
+        vocab: (vocab_params > 0).then(|| peftkit::card::VocabFacts {
+            trained: base.model.vocab.describe(),
+            params: vocab_params,
+            added_tokens: new_tokens.clone(),
+            vocab_size: base.model.config.vocab_size,
+        }),
     };
     let record_json = serde_json::to_string_pretty(&record)?;
     peft_format::write_atomic(&out.join(TRAINING_RECORD_FILE), record_json.as_bytes())?;
