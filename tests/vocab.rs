@@ -382,3 +382,53 @@ fn train_names_the_recipe_line_of_an_out_of_range_token_id() {
     assert!(dir.join("out/tokenizer.json").is_file());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn optimizer_steps_on_copies_and_rows_match_torch() {
+    use peftkit::train::optim::AdamW;
+    use peftkit::train::step::{optimizer_step, StepOutcome};
+    // Two AdamW steps by PEFT + torch from the same starting adapters on the same batch
+    // (tests/fixtures/vocab-train-oracle/make.py): full copies, rows on an untied model, rows on a tied one.
+    let root = fixture("vocab-train-oracle");
+    let traj = candle_core::safetensors::load(root.join("trajectory.safetensors"), &Device::Cpu).unwrap();
+    let oracle: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("oracle.json")).unwrap()).unwrap();
+    let ids = &traj["input_ids"];
+    let (b, t) = ids.dims2().unwrap();
+    let batch = peftkit::data::Batch {
+        input_ids: ids.flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&v| v as u32).collect(),
+        labels: traj["labels"].flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&v| v as i32).collect(),
+        lengths: vec![t; b],
+        batch: b,
+        seq: t,
+    };
+    let work = tmp("train-oracle");
+    let tied = work.join("tied");
+    make_tied(&tied);
+    for (case, base) in
+        [("mts", fixture("tiny-llama")), ("tokens", fixture("tiny-llama")), ("tied-tokens", tied.clone())]
+    {
+        let mut model = load_dir(&base);
+        peft_format::load_adapter(&mut model, &root.join(case).join("init")).unwrap();
+        let (names, vars): (Vec<String>, Vec<_>) = adapter::trainable(&model).into_iter().unzip();
+        assert!(names.iter().any(|n| !n.contains("lora_")), "{names:?}");
+        let mut opt = AdamW::new(vars.clone(), 0.9, 0.999, 1e-8, 0.01).unwrap();
+        for step in 1..=2usize {
+            let outcome = optimizer_step(&model, &mut opt, std::slice::from_ref(&batch), |_| None, 1.0, 1e-2).unwrap();
+            let StepOutcome::Updated { loss, grad_norm, .. } = outcome else { panic!("{case}: {outcome:?}") };
+            let want = &oracle[case][step - 1];
+            let (wl, wg) = (want["loss"].as_f64().unwrap(), want["grad_norm_before_clip"].as_f64().unwrap());
+            println!("{case} step {step}: loss {loss:.6} (torch {wl:.6}), grad norm {grad_norm:.6} (torch {wg:.6})");
+            assert!((loss - wl).abs() <= 1e-5 * wl.abs(), "{case} step {step}: loss {loss} vs {wl}");
+            assert!((grad_norm - wg).abs() <= 1e-4 * wg.abs(), "{case} step {step}: grad norm {grad_norm} vs {wg}");
+            let mut worst = 0f32;
+            for (n, v) in names.iter().zip(&vars) {
+                let w = &traj[&format!("{case}.step{step}.{n}")];
+                worst = worst.max(rel_diff(v.as_tensor(), w));
+            }
+            println!("{case} step {step}: trained tensors max rel diff {worst:e}");
+            assert!(worst <= 1e-4, "{case} step {step}: {worst}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
