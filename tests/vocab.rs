@@ -432,3 +432,38 @@ fn optimizer_steps_on_copies_and_rows_match_torch() {
     }
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[test]
+fn merge_to_gguf_carries_the_trained_embedding_and_head() {
+    // peftkit reads the merged GGUF back (as llama.cpp would: its own names and Q/K order) and must compute PEFT's
+    // merge_and_unload() logits, on the untied fixture and on a tied base that the copy unties.
+    let work = tmp("gguf");
+    let tied = work.join("tied");
+    make_tied(&tied);
+    let root = fixture("tiny-llama-tokens-peft");
+    let want_tied = candle_core::safetensors::load(root.join("logits.safetensors"), &Device::Cpu).unwrap();
+    let fixed = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
+    let expected = expected_v2("tiny-llama");
+    let cases = [
+        (
+            fixture("tiny-llama"),
+            fixture("tiny-llama/peft-lora-mts"),
+            expected["input_ids"].to_dtype(DType::U32).unwrap(),
+            expected["logits_mts_merged"].clone(),
+        ),
+        (tied.clone(), root.join("tied-mts-embed"), fixed.clone(), want_tied["tied-mts-embed.merged_logits"].clone()),
+        (tied.clone(), root.join("tied-tokens"), fixed.clone(), want_tied["tied-tokens.merged_logits"].clone()),
+    ];
+    for (i, (base, adapter, ids, want)) in cases.into_iter().enumerate() {
+        let out = work.join(format!("m{i}.gguf"));
+        let mut opts = MergeOptions::new(base.display().to_string(), &adapter, &out);
+        opts.format = peftkit::merge::OutFormat::Gguf;
+        opts.quant = Some(peftkit::merge::GgufQuant::parse("f32").unwrap());
+        peftkit::merge::merge(&opts).unwrap();
+        let m = peftkit::base::load_base(out.to_str().unwrap(), None, None, &Default::default(), &Device::Cpu).unwrap();
+        let d = rel_diff(&m.model.forward(&ids).unwrap(), &want);
+        println!("{}: peftkit merge --format gguf vs PEFT merge_and_unload: max rel diff {d:e}", adapter.display());
+        assert!(d <= 1e-4, "{}: {d}", adapter.display());
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}

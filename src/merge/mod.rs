@@ -87,7 +87,7 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
     let trained = TrainingInfo::read(&opts.adapter);
 
     // 2. The base: its config, its tensors (names, shapes) and how to read them.
-    let base = Base::open(opts)?;
+    let mut base = Base::open(opts)?;
     check_not_an_input(&opts.out, &[base.path.clone(), opts.adapter.clone()])?;
     warn_if_trained_on_another_base(&peft, &base, &opts.adapter);
 
@@ -141,6 +141,13 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
         });
     }
     let vocab_plan = vocab::plan_vocab(&mut plan, &base, &loaded_vocab, new_vocab, dtype)?;
+    if vocab_plan.untied {
+        // The writers (the GGUF one too) then keep the head the plan now has.
+        vocab::patch_config(&mut base.config, &vocab_plan);
+        if let Reader::Gguf { config, .. } = &mut base.reader {
+            config.tie_word_embeddings = false;
+        }
+    }
     let sizes: Vec<u64> = plan.iter().map(Planned::bytes).collect();
     let shards = assign_shards(&sizes, opts.max_shard_size);
     let shard_names: Vec<String> = if shards.len() == 1 {
