@@ -501,11 +501,11 @@ pub fn load(model: &mut Llama, dir: &Path, cfg: &VocabConfig) -> Result<(), Adap
         }
         let rows = Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(&dev)?)?;
         let a = VocabAdapter::Tokens { indices: ids.clone(), rows };
-        if tied && *m == VocabModule::Embed && !cfg.trainable_tokens.iter().any(|(t, _)| *t == VocabModule::Head) {
-            if model.vocab.head.is_none() {
-                model.vocab.head = Some(a.clone());
-                model.vocab.head_tied = true;
-            }
+        let head_listed = cfg.trainable_tokens.iter().any(|(t, _)| *t == VocabModule::Head);
+        if tied && *m == VocabModule::Embed && !head_listed && model.vocab.head.is_none() {
+            // PEFT's tied adapter: the head uses the embedding's rows.
+            model.vocab.head = Some(a.clone());
+            model.vocab.head_tied = true;
         }
         set(&mut model.vocab, *m, a);
     }

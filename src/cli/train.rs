@@ -187,6 +187,14 @@ pub fn run(args: Args) -> Result<()> {
         &new_ids,
         base.model.config.tie_word_embeddings,
     );
+    if matches!(adapter_cfg, AdapterConfig::Ia3(_)) && !vocab_cfg.trainable_tokens.is_empty() {
+        return Err(user(anyhow::anyhow!(
+            "{}: tokenizer.add_special_tokens: the new tokens' rows must train, and PEFT's IA3 has no \
+             trainable_token_indices: add embed_tokens{} to adapter.modules_to_save, or use a LoRA adapter",
+            args.recipe.display(),
+            if base.model.config.tie_word_embeddings { "" } else { " and lm_head" }
+        )));
+    }
     let vocab_params = adapter::vocab::attach(&mut base.model, &vocab_cfg, &args.recipe).map_err(user)?;
     let trainable: usize = adapter::trainable(&base.model).iter().map(|(_, v)| v.elem_count()).sum();
     tracing::info!(

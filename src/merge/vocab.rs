@@ -6,6 +6,9 @@
 //! untied, as PEFT's `merge_and_unload()` leaves it: `lm_head.weight` is written (the base embedding, or the trained
 //! head) and `config.json` gets `tie_word_embeddings: false`. Trained rows on a tied embedding keep the model tied.
 
+// `MergeError` is large, as in the rest of `merge` (its variants carry paths and tensor names).
+#![allow(clippy::result_large_err)]
+
 use super::base::Base;
 use super::options::{MergeError, OutDtype};
 use super::plan::{Fetch, Planned};
