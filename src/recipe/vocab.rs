@@ -120,24 +120,23 @@ mod tests {
     use crate::recipe::testutil::{assert_msg, err, fixture, minimal, ok};
     use crate::recipe::TokenIndices;
 
-    fn with_adapter(extra: &str) -> String {
-        let f = fixture();
-        minimal(&f, "lora").replace("  type: lora\n", &format!("  type: lora\n{extra}"))
+    fn with_adapter(f: &crate::recipe::testutil::Fixture, extra: &str) -> String {
+        minimal(f, "lora").replace("  type: lora\n", &format!("  type: lora\n{extra}"))
     }
 
     #[test]
     fn vocab_keys_load_in_both_forms() {
-        let r = ok(&with_adapter("  modules_to_save: [embed_tokens, lm_head]\n"), &[]);
+        let f = fixture();
+        let r = ok(&with_adapter(&f, "  modules_to_save: [embed_tokens, lm_head]\n"), &[]);
         assert_eq!(r.adapter.vocab_settings().0, ["embed_tokens".to_string(), "lm_head".to_string()]);
-        let r = ok(&with_adapter("  trainable_token_indices: [3, 5]\n"), &[]);
+        let r = ok(&with_adapter(&f, "  trainable_token_indices: [3, 5]\n"), &[]);
         assert_eq!(r.adapter.vocab_settings().1, Some(&TokenIndices::List(vec![3, 5])));
-        let r = ok(&with_adapter("  trainable_token_indices: {embed_tokens: [3], lm_head: [3, 4]}\n"), &[]);
+        let r = ok(&with_adapter(&f, "  trainable_token_indices: {embed_tokens: [3], lm_head: [3, 4]}\n"), &[]);
         let TokenIndices::Map(m) = r.adapter.vocab_settings().1.unwrap() else { panic!() };
         assert_eq!(m, &vec![("embed_tokens".to_string(), vec![3]), ("lm_head".to_string(), vec![3, 4])]);
         // The resolved recipe loads again.
         let again = crate::recipe::Recipe::from_str(&r.to_yaml(), "r.yaml", &[]).unwrap();
         assert_eq!(again, r);
-        let f = fixture();
         let text = format!("{}tokenizer:\n  add_special_tokens: [\"<|tool|>\"]\n", minimal(&f, "lora"));
         let r = ok(&text, &[]);
         assert_eq!(r.tokenizer.add_special_tokens, vec!["<|tool|>".to_string()]);
@@ -146,39 +145,40 @@ mod tests {
 
     #[test]
     fn vocab_keys_errors_name_key_and_line() {
+        let f = fixture();
         assert_msg(
-            &err(&with_adapter("  modules_to_save: [embed_tokens, norm]\n"), &[]),
+            &err(&with_adapter(&f, "  modules_to_save: [embed_tokens, norm]\n"), &[]),
             "recipes/x.yaml:4: adapter.modules_to_save[1]: \"norm\" is not a module peftkit can train in full",
             &["embed_tokens, lm_head"],
         );
         assert_msg(
-            &err(&with_adapter("  trainable_token_indices: [3, 5, 3]\n"), &[]),
+            &err(&with_adapter(&f, "  trainable_token_indices: [3, 5, 3]\n"), &[]),
             "recipes/x.yaml:4: adapter.trainable_token_indices[2]: token id 3 is listed twice",
             &[],
         );
         assert_msg(
-            &err(&with_adapter("  trainable_token_indices: {wte: [1]}\n"), &[]),
+            &err(&with_adapter(&f, "  trainable_token_indices: {wte: [1]}\n"), &[]),
             "recipes/x.yaml:4: adapter.trainable_token_indices.wte: \"wte\" is not a module with token rows",
             &[],
         );
         assert_msg(
-            &err(&with_adapter("  trainable_token_indices: [-1]\n"), &[]),
+            &err(&with_adapter(&f, "  trainable_token_indices: [-1]\n"), &[]),
             "recipes/x.yaml:4: adapter.trainable_token_indices",
             &[],
         );
         assert_msg(
-            &err(&with_adapter("  modules_to_save: [embed_tokens]\n  trainable_token_indices: [1]\n"), &[]),
-            "adapter.trainable_token_indices: embed_tokens is also in adapter.modules_to_save",
+            &err(&with_adapter(&f, "  modules_to_save: [embed_tokens]\n  trainable_token_indices: [1]\n"), &[]),
+            "recipes/x.yaml:5: adapter.trainable_token_indices: embed_tokens is also in adapter.modules_to_save",
             &[],
         );
-        let f = fixture();
         let text = format!("{}tokenizer:\n  add_special_tokens: [\"<a>\", \"<b>\", \"<a>\"]\n", minimal(&f, "lora"));
-        assert_msg(&err(&text, &[]), "tokenizer.add_special_tokens[2]: \"<a>\" is listed twice", &[]);
+        assert_msg(&err(&text, &[]), "recipes/x.yaml:9: tokenizer.add_special_tokens[2]: \"<a>\" is listed twice", &[]);
     }
 
     #[test]
     fn token_ids_are_checked_against_the_vocabulary_with_their_line() {
-        let text = with_adapter("  trainable_token_indices: [3, 400]\n");
+        let f = fixture();
+        let text = with_adapter(&f, "  trainable_token_indices: [3, 400]\n");
         let path = std::env::temp_dir().join(format!("peftkit-vocab-recipe-{}.yaml", std::process::id()));
         std::fs::write(&path, &text).unwrap();
         let r = crate::recipe::Recipe::load(&path, &[]).unwrap();
