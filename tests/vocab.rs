@@ -467,3 +467,116 @@ fn merge_to_gguf_carries_the_trained_embedding_and_head() {
     }
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[test]
+fn fresh_copies_and_rows_are_the_identity_and_resume_restores_them() {
+    use adapter::vocab::{VocabConfig, VocabModule};
+    use adapter::{AdapterConfig, LoraConfig, LoraInit, TargetModules};
+    // Closed form: a copy of the base matrices, or rows equal to the base's, change nothing (B = 0 for LoRA too).
+    let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
+    let lora = AdapterConfig::Lora(LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
+        use_rslora: false,
+        init: LoraInit::Kaiming,
+        layers_to_transform: None,
+        rank_pattern: Default::default(),
+        alpha_pattern: Default::default(),
+    });
+    let base = load_dir(&fixture("tiny-llama")).forward(&ids).unwrap();
+    let configs = [
+        VocabConfig { modules_to_save: vec![VocabModule::Embed, VocabModule::Head], trainable_tokens: vec![] },
+        VocabConfig {
+            modules_to_save: vec![],
+            trainable_tokens: vec![(VocabModule::Embed, vec![3, 17, 42]), (VocabModule::Head, vec![17, 99])],
+        },
+    ];
+    let what = Path::new("recipe.yaml");
+    for vcfg in &configs {
+        let mut m = load_dir(&fixture("tiny-llama"));
+        adapter::attach(&mut m, &lora, 1).unwrap();
+        adapter::vocab::attach(&mut m, vcfg, what).unwrap();
+        assert_eq!(rel_diff(&m.forward(&ids).unwrap(), &base), 0.0, "{vcfg:?}");
+    }
+
+    // An interrupted run with copies and rows resumes to the bytes of an uninterrupted one.
+    let data: Vec<peftkit::data::Example> = (0..12)
+        .map(|i| {
+            let ids: Vec<u32> = (0..14).map(|j| ((i * 7 + j * 3) % 300 + 10) as u32).chain([17, 42]).collect();
+            let labels = ids.iter().enumerate().map(|(j, &t)| if j < 4 { -100 } else { t as i32 }).collect();
+            peftkit::data::Example { input_ids: ids, labels }
+        })
+        .collect();
+    let cfg = peftkit::train::TrainConfig {
+        micro_batch_size: 4,
+        gradient_accumulation_steps: 1,
+        max_steps: Some(5),
+        epochs: 1,
+        learning_rate: 1e-2,
+        lr_scheduler: peftkit::recipe::LrScheduler::Constant,
+        warmup_steps: 0,
+        weight_decay: 0.01,
+        adam_beta1: 0.9,
+        adam_beta2: 0.999,
+        adam_epsilon: 1e-8,
+        max_grad_norm: 1.0,
+        seed: 7,
+        shuffle: true,
+        eval_every: None,
+        save_every: None,
+        logging_every: 1,
+        pad_id: 0,
+    };
+    let work = tmp("resume");
+    for (i, vcfg) in configs.iter().enumerate() {
+        let run = |name: &str, stop: Option<usize>| -> Vec<u8> {
+            let out = work.join(format!("{name}-{i}"));
+            let fresh = || {
+                let mut m = load_dir(&fixture("tiny-llama"));
+                adapter::attach(&mut m, &lora, 7).unwrap();
+                adapter::vocab::attach(&mut m, vcfg, what).unwrap();
+                m
+            };
+            let mut m = fresh();
+            let opts = peftkit::train::TrainOptions { stop_after_step: stop, ..Default::default() };
+            peftkit::train::train(&mut m, &lora, &data, None, &cfg, "tiny-llama", &out, &opts).unwrap();
+            if stop.is_some() {
+                m = fresh();
+                let opts = peftkit::train::TrainOptions { resume: true, ..Default::default() };
+                peftkit::train::train(&mut m, &lora, &data, None, &cfg, "tiny-llama", &out, &opts).unwrap();
+            }
+            peft_format::save_adapter(&m, &lora, "tiny-llama", None, &out).unwrap();
+            std::fs::read(out.join("adapter_model.safetensors")).unwrap()
+        };
+        let full = run("full", None);
+        assert_eq!(full, run("resumed", Some(2)), "{vcfg:?}");
+        // The copies / rows moved.
+        let st = safetensors::SafeTensors::deserialize(&full).unwrap();
+        assert!(st.names().iter().any(|n| !n.contains("lora_")));
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn merge_refuses_a_copy_of_another_shape_naming_file_and_tensor() {
+    let work = tmp("bad-shape");
+    let d = work.join("adapter");
+    std::fs::create_dir_all(&d).unwrap();
+    let src = fixture("tiny-llama/peft-lora-mts");
+    std::fs::copy(src.join("adapter_config.json"), d.join("adapter_config.json")).unwrap();
+    let mut st = candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let key = "base_model.model.model.embed_tokens.weight".to_string();
+    st.insert(key.clone(), Tensor::zeros((384, 32), DType::F32, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&st, d.join("adapter_model.safetensors")).unwrap();
+    let opts = MergeOptions::new(fixture("tiny-llama").display().to_string(), &d, work.join("out"));
+    let e = peftkit::merge::merge(&opts).unwrap_err();
+    assert!(e.is_user_error());
+    let e = e.to_string();
+    assert!(e.contains("adapter_model.safetensors") && e.contains(&key) && e.contains("[384, 32]"), "{e}");
+    // Loading it for generation says the same.
+    let e = peft_format::load_adapter(&mut load_dir(&fixture("tiny-llama")), &d).unwrap_err().to_string();
+    assert!(e.contains(&key) && e.contains("[384, 32]"), "{e}");
+    let _ = std::fs::remove_dir_all(&work);
+}

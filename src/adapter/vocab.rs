@@ -607,6 +607,9 @@ pub fn read_for_merge(dir: &Path, cfg: &VocabConfig, vocab: usize) -> Result<Vec
     let mut out = Vec::new();
     for &m in &cfg.modules_to_save {
         let t = get(&m.copy_key())?.to_dtype(DType::F32)?;
+        if t.rank() != 2 {
+            return Err(err(&wpath, format!("`{}`: shape {:?}, expected (vocab, hidden)", m.copy_key(), t.dims())));
+        }
         out.push(LoadedVocab { module: m, adapter: VocabAdapter::Full(Var::from_tensor(&t)?) });
     }
     let grown = out
@@ -639,7 +642,7 @@ pub fn merged_vocab(loaded: &[LoadedVocab], vocab: usize, dir: &Path) -> usize {
     let mut v = vocab;
     for l in loaded {
         match &l.adapter {
-            VocabAdapter::Full(c) => v = v.max(c.dims()[0]),
+            VocabAdapter::Full(c) => v = v.max(c.dims().first().copied().unwrap_or(0)),
             VocabAdapter::Tokens { indices, .. } => {
                 if let Some(&m) = indices.iter().max() {
                     if m as usize >= v {

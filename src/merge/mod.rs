@@ -127,6 +127,7 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
     };
     let mut plan = plan_tensors(&base, &adapters, dtype, requantize.then_some(trained.double_quant), opts)?;
     // The embedding and the head: `modules_to_save` copies, trained rows, new tokens (see `vocab`).
+    let adapter_file = opts.adapter.join(peft_format::WEIGHTS_FILE);
     let base_vocab = base.config.get("vocab_size").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
     let loaded_vocab = crate::adapter::vocab::read_for_merge(&opts.adapter, &peft.vocab, base_vocab)?;
     let new_vocab = crate::adapter::vocab::merged_vocab(&loaded_vocab, base_vocab, &opts.adapter);
@@ -140,7 +141,7 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
             ),
         });
     }
-    let vocab_plan = vocab::plan_vocab(&mut plan, &base, &loaded_vocab, new_vocab, dtype)?;
+    let vocab_plan = vocab::plan_vocab(&mut plan, &base, &loaded_vocab, new_vocab, dtype, &adapter_file)?;
     if vocab_plan.untied {
         // The writers (the GGUF one too) then keep the head the plan now has.
         vocab::patch_config(&mut base.config, &vocab_plan);

@@ -56,6 +56,7 @@ pub(super) fn plan_vocab(
     loaded: &[LoadedVocab],
     vocab: usize,
     dtype: OutDtype,
+    file: &std::path::Path,
 ) -> Result<VocabPlan, MergeError> {
     let base_vocab = base.config.get("vocab_size").and_then(Value::as_u64).unwrap_or(0) as usize;
     let tied = base.config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false)
@@ -72,12 +73,28 @@ pub(super) fn plan_vocab(
     let head_name = VocabModule::Head.base_tensor();
     let Some(pos) = plan.iter().position(|p| p.name == embed_name) else {
         return Err(MergeError::Mismatch {
-            file: Default::default(),
+            file: file.to_path_buf(),
             tensor: embed_name.clone(),
             msg: format!("the base {} has no `{embed_name}`", base.name),
         });
     };
     let hidden = plan[pos].shape.get(1).copied().unwrap_or(0);
+    // Shapes from the adapter file against the base's (and the merged vocabulary).
+    for l in loaded {
+        let (key, dims, want) = match &l.adapter {
+            VocabAdapter::Full(c) => (l.module.copy_key(), c.dims().to_vec(), vec![vocab, hidden]),
+            VocabAdapter::Tokens { indices, rows } => {
+                (l.module.tokens_key(), rows.dims().to_vec(), vec![indices.len(), hidden])
+            }
+        };
+        if dims != want {
+            return Err(MergeError::Mismatch {
+                file: file.to_path_buf(),
+                tensor: key,
+                msg: format!("shape {dims:?}, expected {want:?} for the base {} (hidden size {hidden})", base.name),
+            });
+        }
+    }
     let read_shape = plan[pos].shape.clone();
     plan[pos].shape = vec![vocab, hidden];
     plan[pos].dtype = dtype.dtype();
