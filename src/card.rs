@@ -380,6 +380,9 @@ pub struct MergedFacts {
     pub total_bytes: u64,
     /// Whether the folder holds tokenizer files.
     pub has_tokenizer: bool,
+    /// What the adapter's trained embedding / head (`modules_to_save`, `trainable_token_indices`, added tokens)
+    /// did to the merged model, as a sentence; None when it had none.
+    pub vocab: Option<String>,
 }
 
 /// The card (`README.md`) of a merged model: front matter for the Hub, what the model is, how to use it, the merge,
@@ -424,6 +427,9 @@ pub fn merged_card(f: &MergedFacts, training: Option<&TrainingRecord>, recipe_ya
         "The adapter was merged into {}. It changed {} projections; all tensors are stored in {}.\n",
         f.weights, f.merged_modules, f.dtype
     );
+    if let Some(v) = &f.vocab {
+        let _ = writeln!(s, "{v}\n");
+    }
 
     s.push_str("## How to use\n\nWith peftkit:\n\n```sh\n");
     let _ = writeln!(s, "peftkit chat --base {}", f.out_dir);

@@ -580,3 +580,23 @@ fn merge_refuses_a_copy_of_another_shape_naming_file_and_tensor() {
     assert!(e.contains(&key) && e.contains("[384, 32]"), "{e}");
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[test]
+fn merged_card_says_what_the_embedding_and_head_are() {
+    let work = tmp("merged-card");
+    let tied = work.join("tied");
+    make_tied(&tied);
+    let out = work.join("m");
+    merged_folder(&tied, &fixture("tiny-llama-tokens-peft/tied-mts-embed"), &out);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("`model.embed_tokens.weight` is the adapter's trained copy"), "{card}");
+    assert!(card.contains("`tie_word_embeddings: false`"), "{card}");
+    let out = work.join("t");
+    merged_folder(&fixture("tiny-llama"), &fixture("tiny-llama-tokens-peftkit"), &out);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains("4 rows of `model.embed_tokens.weight`") && card.contains("from 384 to 386 tokens"),
+        "{card}"
+    );
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -262,6 +262,7 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
         shards: shards.len(),
         total_bytes,
         has_tokenizer,
+        vocab: vocab::describe(&loaded_vocab, &vocab_plan, base_vocab),
     };
     let card_text = card::merged_card(&facts, trained.record.as_ref(), trained.recipe_yaml.as_deref());
     write_file(&tmp.path.join("README.md"), card_text.as_bytes())?;

@@ -131,3 +131,31 @@ pub(super) fn patch_config(config: &mut Value, vp: &VocabPlan) {
         }
     }
 }
+
+/// The merged card's sentence on the embedding and the head (None when the adapter trained neither).
+pub(super) fn describe(loaded: &[LoadedVocab], vp: &VocabPlan, base_vocab: usize) -> Option<String> {
+    if loaded.is_empty() && vp.vocab <= base_vocab {
+        return None;
+    }
+    let parts: Vec<String> = loaded
+        .iter()
+        .map(|l| match &l.adapter {
+            VocabAdapter::Full(_) => format!("`{}` is the adapter's trained copy", l.module.base_tensor()),
+            VocabAdapter::Tokens { indices, .. } => {
+                format!("{} rows of `{}` are the adapter's trained rows", indices.len(), l.module.base_tensor())
+            }
+        })
+        .collect();
+    let mut s = format!("The adapter also trained the embedding / output head (PEFT's `modules_to_save` / `trainable_token_indices`): {}.", parts.join("; "));
+    if vp.vocab > base_vocab {
+        s.push_str(&format!(
+            " The vocabulary grew from {base_vocab} to {} tokens (added special tokens; the adapter's tokenizer is \
+             included).",
+            vp.vocab
+        ));
+    }
+    if vp.untied {
+        s.push_str(" The base tied the output head to the embedding; the merged model has them untied (`tie_word_embeddings: false`), as PEFT's `merge_and_unload()` leaves it.");
+    }
+    Some(s)
+}
