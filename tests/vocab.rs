@@ -240,6 +240,10 @@ fn bad_vocab_adapters_are_refused_with_the_file_and_tensor() {
     let d = copy("unannounced", &|c| c["modules_to_save"] = serde_json::json!(["embed_tokens"]));
     let e = load(&d);
     assert!(e.contains("base_model.model.lm_head.weight") && e.contains("not announced by modules_to_save"), "{e}");
+    // peftkit merge says the same.
+    let opts = MergeOptions::new(fixture("tiny-llama").display().to_string(), &d, work.join("merged"));
+    let e = peftkit::merge::merge(&opts).unwrap_err().to_string();
+    assert!(e.contains("base_model.model.lm_head.weight") && e.contains("not announced by modules_to_save"), "{e}");
     let d = copy("both", &|c| c["trainable_token_indices"] = serde_json::json!([1, 2]));
     let e = load(&d);
     assert!(e.contains("embed_tokens is both in modules_to_save and in trainable_token_indices"), "{e}");

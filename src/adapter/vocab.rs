@@ -419,15 +419,7 @@ pub fn load(model: &mut Llama, dir: &Path, cfg: &VocabConfig) -> Result<(), Adap
     let wpath = dir.join(super::peft_format::WEIGHTS_FILE);
     let tensors = read_tensors(&wpath)?;
     // Keys the config does not announce are an error, as are announced keys that are missing.
-    for (key, _) in &tensors {
-        let Some((m, full)) = key.strip_prefix(PREFIX).and_then(VocabModule::of_key) else { continue };
-        let announced =
-            if full { cfg.modules_to_save.contains(&m) } else { cfg.trainable_tokens.iter().any(|(t, _)| *t == m) };
-        if !announced {
-            let setting = if full { "modules_to_save" } else { "trainable_token_indices" };
-            return Err(err(&wpath, format!("tensor `{key}` is not announced by {setting} in adapter_config.json")));
-        }
-    }
+    check_announced(&tensors, cfg, &wpath)?;
     let get = |key: &str| {
         tensors
             .iter()
@@ -512,6 +504,21 @@ pub fn load(model: &mut Llama, dir: &Path, cfg: &VocabConfig) -> Result<(), Adap
     Ok(())
 }
 
+/// Every vocabulary tensor of the file must be announced by the config (`modules_to_save` for a copy,
+/// `trainable_token_indices` for rows): an unannounced one would be silently ignored by PEFT.
+fn check_announced(tensors: &[(String, Tensor)], cfg: &VocabConfig, wpath: &Path) -> Result<(), AdapterError> {
+    for (key, _) in tensors {
+        let Some((m, full)) = key.strip_prefix(PREFIX).and_then(VocabModule::of_key) else { continue };
+        let announced =
+            if full { cfg.modules_to_save.contains(&m) } else { cfg.trainable_tokens.iter().any(|(t, _)| *t == m) };
+        if !announced {
+            let setting = if full { "modules_to_save" } else { "trainable_token_indices" };
+            return Err(err(wpath, format!("tensor `{key}` is not announced by {setting} in adapter_config.json")));
+        }
+    }
+    Ok(())
+}
+
 /// The vocabulary tensors of an adapter file (only those: the rest is read by [`super::peft_format`]).
 fn read_tensors(wpath: &Path) -> Result<Vec<(String, Tensor)>, AdapterError> {
     // SAFETY: read-only map of a file peftkit does not modify while it is open.
@@ -592,11 +599,12 @@ pub struct LoadedVocab {
 /// Reads the vocabulary adapters of a folder without a model (for `peftkit merge`): `vocab` is the base's
 /// vocabulary size (ids are checked against the larger of it and the adapter's own).
 pub fn read_for_merge(dir: &Path, cfg: &VocabConfig, vocab: usize) -> Result<Vec<LoadedVocab>, AdapterError> {
+    let wpath = dir.join(super::peft_format::WEIGHTS_FILE);
+    let tensors = read_tensors(&wpath)?;
+    check_announced(&tensors, cfg, &wpath)?;
     if cfg.is_empty() {
         return Ok(vec![]);
     }
-    let wpath = dir.join(super::peft_format::WEIGHTS_FILE);
-    let tensors = read_tensors(&wpath)?;
     let get = |key: &str| {
         tensors
             .iter()
