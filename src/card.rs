@@ -62,6 +62,22 @@ pub struct TrainingRecord {
     pub device: String,
     /// `name version` of peftkit and of the crates that did the numerics.
     pub frameworks: Vec<String>,
+    /// Trained embedding / head parts (`modules_to_save`, `trainable_token_indices`) and added tokens, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<VocabFacts>,
+}
+
+/// What an adapter trains of the embedding and the head, and the tokens its run added.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VocabFacts {
+    /// E.g. `embed_tokens (full copy), lm_head (full copy)` or `embed_tokens (4 token rows), lm_head (2 token rows)`.
+    pub trained: String,
+    /// Trainable parameters among `trainable_params` that belong to them.
+    pub params: usize,
+    /// Special tokens the run added, with their ids.
+    pub added_tokens: Vec<(String, u32)>,
+    /// The model's vocabulary size after adding them.
+    pub vocab_size: usize,
 }
 
 /// `name version` of peftkit and of the crates whose behaviour the results depend on (from Cargo.lock, by build.rs).
@@ -162,11 +178,52 @@ pub fn adapter_card(f: &TrainingRecord, recipe_yaml: &str) -> String {
         _ => format!("\"{}\"", f.base_model),
     };
     let _ = writeln!(s, "base = AutoModelForCausalLM.from_pretrained({load_args})");
-    let _ = writeln!(s, "model = PeftModel.from_pretrained(base, \"{}\")", f.adapter_dir);
-    let _ = writeln!(s, "tokenizer = AutoTokenizer.from_pretrained({load_args})");
+    match f.vocab.as_ref().filter(|v| !v.added_tokens.is_empty()) {
+        Some(v) => {
+            // The new tokens live in the tokenizer saved beside the adapter; the base must grow to hold them first.
+            let _ = writeln!(s, "tokenizer = AutoTokenizer.from_pretrained(\"{}\")", f.adapter_dir);
+            let _ = writeln!(s, "base.resize_token_embeddings({})  # len(tokenizer): the added tokens", v.vocab_size);
+            let _ = writeln!(s, "model = PeftModel.from_pretrained(base, \"{}\")", f.adapter_dir);
+        }
+        None => {
+            let _ = writeln!(s, "model = PeftModel.from_pretrained(base, \"{}\")", f.adapter_dir);
+            let _ = writeln!(s, "tokenizer = AutoTokenizer.from_pretrained({load_args})");
+        }
+    }
     s.push_str("```\n\n");
+    if let Some(v) = &f.vocab {
+        vocab_section(&mut s, v);
+    }
     training_sections(&mut s, f, Some(recipe_yaml));
     s
+}
+
+/// The card's section on trained embedding / head parts and added tokens.
+fn vocab_section(s: &mut String, v: &VocabFacts) {
+    s.push_str("## Trained embedding and output head\n\n");
+    let _ = writeln!(
+        s,
+        "Besides the adapter, this run trained {} ({} parameters), saved in `adapter_model.safetensors` under PEFT's \
+         names (`modules_to_save` / `trainable_token_indices` in `adapter_config.json`; PEFT ≥ 0.15 reads \
+         `trainable_token_indices`). `peftkit merge` and PEFT's `merge_and_unload()` write them into the merged model; \
+         llama.cpp's LoRA format cannot hold them (merge instead of `peftkit export --to gguf`).",
+        v.trained, v.params
+    );
+    if !v.added_tokens.is_empty() {
+        let list: Vec<String> = v.added_tokens.iter().map(|(t, i)| format!("`{t}` = {i}")).collect();
+        let _ = writeln!(
+            s,
+            "\nAdded special tokens: {}. The vocabulary grew to {} tokens (new rows started as the mean of the old \
+             ones, as transformers' `resize_token_embeddings` does, then trained). The tokenizer with these tokens is \
+             saved beside the adapter (`tokenizer.json`, `tokenizer_config.json`): load it from the adapter folder, \
+             and call `model.resize_token_embeddings({})` on the base before `PeftModel.from_pretrained`. peftkit's \
+             `generate`, `chat`, `eval` and `merge` use it by themselves.",
+            list.join(", "),
+            v.vocab_size,
+            v.vocab_size
+        );
+    }
+    s.push('\n');
 }
 
 /// "Training data", "Training procedure", "Results", "Compute" and "Framework versions", shared by the adapter
@@ -248,6 +305,7 @@ mod tests {
             final_eval: Some(EvalResult { loss: 1.5, perplexity: 4.5, tokens: 400 }),
             tokens: 9000,
             wall_s: 12.0,
+            vocab: None,
             peak_rss_mb: Some(1400.0),
             device: "CPU (2 threads)".into(),
             frameworks: framework_versions(),
@@ -257,6 +315,28 @@ mod tests {
     fn front_matter(card: &str) -> serde_yaml::Value {
         let rest = card.strip_prefix("---\n").expect("front matter");
         serde_yaml::from_str(&rest[..rest.find("\n---\n").expect("end of front matter")]).unwrap()
+    }
+
+    #[test]
+    fn card_tells_peft_users_about_trained_rows_and_added_tokens() {
+        let mut f = record("me/base", true);
+        f.method = "lora".into();
+        let plain = adapter_card(&f, "x: 1\n");
+        assert!(!plain.contains("Trained embedding"), "{plain}");
+        f.vocab = Some(VocabFacts {
+            trained: "embed_tokens (3 token rows), lm_head (1 token rows)".into(),
+            params: 256,
+            added_tokens: vec![("<|tool|>".into(), 384)],
+            vocab_size: 385,
+        });
+        let card = adapter_card(&f, "x: 1\n");
+        assert!(card.contains("## Trained embedding and output head"), "{card}");
+        assert!(card.contains("embed_tokens (3 token rows), lm_head (1 token rows) (256 parameters)"), "{card}");
+        assert!(card.contains("`<|tool|>` = 384"), "{card}");
+        assert!(card.contains("tokenizer = AutoTokenizer.from_pretrained(\"adapters/x\")"), "{card}");
+        assert!(card.contains("base.resize_token_embeddings(385)"), "{card}");
+        let resize = card.find("resize_token_embeddings(385)").unwrap();
+        assert!(resize < card.find("PeftModel.from_pretrained(base").unwrap(), "{card}");
     }
 
     #[test]
@@ -334,6 +414,9 @@ pub struct MergedFacts {
     pub total_bytes: u64,
     /// Whether the folder holds tokenizer files.
     pub has_tokenizer: bool,
+    /// What the adapter's trained embedding / head (`modules_to_save`, `trainable_token_indices`, added tokens)
+    /// did to the merged model, as a sentence; None when it had none.
+    pub vocab: Option<String>,
 }
 
 /// The card (`README.md`) of a merged model: front matter for the Hub, what the model is, how to use it, the merge,
@@ -378,6 +461,9 @@ pub fn merged_card(f: &MergedFacts, training: Option<&TrainingRecord>, recipe_ya
         "The adapter was merged into {}. It changed {} projections; all tensors are stored in {}.\n",
         f.weights, f.merged_modules, f.dtype
     );
+    if let Some(v) = &f.vocab {
+        let _ = writeln!(s, "{v}\n");
+    }
 
     s.push_str("## How to use\n\nWith peftkit:\n\n```sh\n");
     let _ = writeln!(s, "peftkit chat --base {}", f.out_dir);

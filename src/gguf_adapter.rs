@@ -195,6 +195,12 @@ fn check_representable(dir: &Path) -> Result<serde_json::Value, ExportError> {
             ),
         ));
     }
+    if get("trainable_token_indices").is_some_and(|x| !x.is_null()) {
+        return Err(unrepresentable(
+            dir,
+            "trainable_token_indices: trained embedding rows are not LoRA tensors (merge the adapter instead)",
+        ));
+    }
     if get("lora_bias").and_then(|x| x.as_bool()) == Some(true)
         || get("bias").and_then(|x| x.as_str()).is_some_and(|b| b != "none")
     {

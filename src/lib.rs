@@ -25,6 +25,7 @@ pub mod ops;
 pub mod push;
 pub mod quant;
 pub mod recipe;
+pub mod tokens;
 pub mod train;
 pub mod util;
 pub mod weight;

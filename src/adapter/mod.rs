@@ -7,6 +7,7 @@ pub mod ia3;
 pub mod lora;
 pub mod peft_format;
 pub mod target;
+pub mod vocab;
 
 pub use dora::DoraLayer;
 pub use ia3::{FeedforwardModules, Ia3Config, Ia3Layer};
@@ -170,6 +171,8 @@ pub fn trainable(model: &Llama) -> Vec<(String, Var)> {
             None => {}
         }
     }
+    // Then the embedding / head copies or rows (`modules_to_save`, `trainable_token_indices`).
+    out.extend(model.vocab.trainable());
     out
 }
 
@@ -190,6 +193,7 @@ pub fn detach_all(model: &mut Llama) {
     for lin in model.linears_mut() {
         lin.adapter = None;
     }
+    model.vocab = Default::default();
 }
 
 /// Folds every attached adapter into its projection's weight (and bias) and removes it, like PEFT's
@@ -207,7 +211,8 @@ pub fn merge_and_unload(model: &mut Llama) -> candle_core::Result<()> {
             lin.bias = Some(adapter.merge_bias(b)?.to_dtype(b.dtype())?);
         }
     }
-    Ok(())
+    // A trained embedding / head copy replaces the base matrix; trained rows are written into it.
+    vocab::merge(model)
 }
 
 /// The adapter attached to one projection, if any.

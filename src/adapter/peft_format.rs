@@ -4,8 +4,9 @@
 //! with safetensors metadata `{"format": "pt"}`; a DoRA adapter (`use_dora: true`) adds `.lora_magnitude_vector`
 //! (out) per module. The config is written with the long-standing keys only, so that older PEFT versions (which
 //! reject unknown keys) load it; on reading, every key PEFT writes is accepted and the ones that do not change the
-//! math are ignored. Options peftkit does not implement (`fan_in_fan_out`,
-//! `modules_to_save`, a LoRA bias) are refused with a clear error rather than silently dropped.
+//! math are ignored. Options peftkit does not implement (`fan_in_fan_out`, `modules_to_save` other than the
+//! embedding and the head, a LoRA bias) are refused with a clear error rather than silently dropped.
+//! `modules_to_save` / `trainable_token_indices` tensors are read and written by [`super::vocab`].
 //! Reference: PEFT `config.py`, `utils/save_and_load.py` (`get_peft_model_state_dict`).
 
 use super::dora::DoraLayer;
@@ -33,6 +34,8 @@ pub struct PeftConfig {
     pub adapter: AdapterConfig,
     pub base_model_name_or_path: Option<String>,
     pub revision: Option<String>,
+    /// `modules_to_save` and `trainable_token_indices` (the embedding and the head).
+    pub vocab: super::vocab::VocabConfig,
 }
 
 fn target_from_json(v: &Value, path: &Path, key: &str) -> Result<TargetModules, AdapterError> {
@@ -69,9 +72,7 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig, AdapterError> {
     if get("fan_in_fan_out").and_then(|v| v.as_bool()) == Some(true) {
         return refuse("fan_in_fan_out", "true (Conv1D-style weights)");
     }
-    if get("modules_to_save").and_then(|v| v.as_array()).is_some_and(|a| !a.is_empty()) {
-        return refuse("modules_to_save", "fully trained extra modules");
-    }
+    let vocab = super::vocab::VocabConfig::from_peft_json(obj, &path)?;
     let adapter = match peft_type.as_str() {
         "LORA" => {
             if let Some(b) = str_of("bias") {
@@ -153,7 +154,12 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig, AdapterError> {
         }
         other => return Err(format_err(&path, format!("peft_type `{other}` is not supported (supported: LORA, IA3)"))),
     };
-    Ok(PeftConfig { adapter, base_model_name_or_path: str_of("base_model_name_or_path"), revision: str_of("revision") })
+    Ok(PeftConfig {
+        adapter,
+        base_model_name_or_path: str_of("base_model_name_or_path"),
+        revision: str_of("revision"),
+        vocab,
+    })
 }
 
 /// The adapter of one projection as read from a PEFT folder, before it is placed on a model.
@@ -181,11 +187,17 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<(PeftConfig, Vec<Load
     let tensors = candle_core::safetensors::load(&wpath, &Device::Cpu)
         .map_err(|e| format_err(&wpath, format!("cannot read: {e}")))?;
     // Group the tensors by module path, in a stable (sorted) order.
+    let mut has_vocab = false;
     let mut by_module: std::collections::BTreeMap<String, Vec<(String, Tensor)>> = Default::default();
     for (key, t) in tensors {
         let Some(rest) = key.strip_prefix(PREFIX) else {
             return Err(format_err(&wpath, format!("tensor `{key}` is not named `{PREFIX}<module>.<adapter tensor>`")));
         };
+        // Embedding / head copies and rows: read by `vocab` (checked against the config there).
+        if super::vocab::VocabModule::of_key(rest).is_some() {
+            has_vocab = true;
+            continue;
+        }
         let (module, leaf) = match cfg.adapter {
             AdapterConfig::Lora(ref l) => {
                 // PEFT writes the magnitude as `lora_magnitude_vector`; some versions kept a `.weight` suffix.
@@ -300,8 +312,15 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<(PeftConfig, Vec<Load
         };
         out.push(LoadedAdapter { path: module, adapter });
     }
-    if out.is_empty() {
+    if out.is_empty() && !has_vocab {
         return Err(format_err(&wpath, "holds no adapter tensor"));
+    }
+    if !has_vocab && !cfg.vocab.is_empty() {
+        return Err(format_err(
+            &wpath,
+            "adapter_config.json names modules_to_save / trainable_token_indices, but the file holds none of their \
+             tensors",
+        ));
     }
     Ok((cfg, out))
 }
@@ -323,12 +342,13 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<PeftConfig, Adapter
         lin.adapter = Some(adapter);
         used += 1;
     }
-    if used == 0 {
+    if used == 0 && cfg.vocab.is_empty() {
         return Err(format_err(&wpath, "no tensor matches a projection of this model (is it for another model?)"));
     }
     if let Some(k) = by_path.keys().next() {
         return Err(format_err(&wpath, format!("`{PREFIX}{k}` does not match any projection of this model")));
     }
+    super::vocab::load(model, dir, &cfg.vocab)?;
     Ok(cfg)
 }
 
@@ -342,6 +362,10 @@ pub fn save_adapter(
     dir: &Path,
 ) -> Result<(), AdapterError> {
     std::fs::create_dir_all(dir).map_err(|source| AdapterError::Io { path: dir.into(), source })?;
+    let vocab = model.vocab.config();
+    if matches!(config, AdapterConfig::Ia3(_)) && !vocab.trainable_tokens.is_empty() {
+        return Err(format_err(dir, "trainable_token_indices: PEFT's IA3Config has no such key (use LoRA)"));
+    }
     let mut cfg = Map::new();
     match config {
         AdapterConfig::Lora(l) => {
@@ -392,7 +416,7 @@ pub fn save_adapter(
             cfg.insert("layers_to_transform".into(), json!(layers));
             cfg.insert("lora_alpha".into(), json!(l.lora_alpha));
             cfg.insert("lora_dropout".into(), json!(l.lora_dropout));
-            cfg.insert("modules_to_save".into(), Value::Null);
+            cfg.insert("modules_to_save".into(), vocab.modules_to_save_json());
             cfg.insert("peft_type".into(), json!("LORA"));
             cfg.insert("r".into(), json!(l.r));
             let ranks: Vec<(String, f64)> = l.rank_pattern.iter().map(|(k, v)| (k.clone(), *v as f64)).collect();
@@ -400,6 +424,10 @@ pub fn save_adapter(
             cfg.insert("revision".into(), json!(revision));
             cfg.insert("target_modules".into(), targets);
             cfg.insert("task_type".into(), json!("CAUSAL_LM"));
+            // PEFT ≥ 0.15's key: written only when used, so that older versions load every other adapter.
+            if let Some(t) = vocab.trainable_token_indices_json() {
+                cfg.insert("trainable_token_indices".into(), t);
+            }
             cfg.insert("use_rslora".into(), json!(l.use_rslora));
             // Written only when set: PEFT before 0.9 does not know the key.
             if l.use_dora {
@@ -430,7 +458,7 @@ pub fn save_adapter(
             cfg.insert("feedforward_modules".into(), feedforward);
             cfg.insert("inference_mode".into(), json!(true));
             cfg.insert("init_ia3_weights".into(), json!(c.init_ia3_weights));
-            cfg.insert("modules_to_save".into(), Value::Null);
+            cfg.insert("modules_to_save".into(), vocab.modules_to_save_json());
             cfg.insert("peft_type".into(), json!("IA3"));
             cfg.insert("revision".into(), json!(revision));
             cfg.insert("target_modules".into(), targets);

@@ -158,6 +158,14 @@ pub fn load_model(m: &ModelArgs, generation: bool) -> anyhow::Result<peftkit::ba
         let cfg = peftkit::adapter::peft_format::load_adapter(&mut base.model, dir).map_err(user)?;
         // Only generation and evaluation load a model here: DoRA's norms are fixed once.
         peftkit::adapter::freeze_for_inference(&mut base.model)?;
+        // An adapter trained with added tokens carries its tokenizer.
+        if let Some(t) = peftkit::tokens::load_saved(dir).map_err(user)? {
+            tracing::info!(
+                "using the tokenizer saved with the adapter ({} tokens)",
+                peftkit::tokens::tokenizer_len(&t)
+            );
+            base.tokenizer = t;
+        }
         // The same model named two ways (relative and absolute path) is the same model.
         let same = |a: &str, b: &str| {
             a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)

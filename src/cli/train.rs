@@ -131,6 +131,26 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
+    // New special tokens: into the tokenizer (before any data is encoded), new embedding rows (mean-initialised).
+    let mut new_tokens: Vec<(String, u32)> = Vec::new();
+    if !recipe.tokenizer.add_special_tokens.is_empty() {
+        let list = &recipe.tokenizer.add_special_tokens;
+        let what = format!("{}: tokenizer.add_special_tokens", args.recipe.display());
+        let ids = peftkit::tokens::add_special_tokens(&mut base.tokenizer, list, &what).map_err(user)?;
+        let want = peftkit::tokens::tokenizer_len(&base.tokenizer).max(base.model.config.vocab_size);
+        if want > base.model.config.vocab_size {
+            tracing::info!(
+                "vocabulary grows from {} to {want} tokens (new rows = the mean of the old ones, as transformers' \
+                 resize_token_embeddings does)",
+                base.model.config.vocab_size
+            );
+            adapter::vocab::resize_vocab(&mut base.model, want)?;
+        }
+        new_tokens = list.iter().cloned().zip(ids).collect();
+        let shown: Vec<String> = new_tokens.iter().map(|(t, i)| format!("{t} = {i}")).collect();
+        tracing::info!("special tokens: {}", shown.join(", "));
+    }
+    recipe.check_token_ids(&args.recipe, &args.set, base.model.config.vocab_size).map_err(user)?;
     let opts = EncodeOptions { sequence_len: recipe.data.sequence_len, train_on_inputs: recipe.data.train_on_inputs };
     let format = data_format(recipe.data.format);
     let load = |p: &Path| {
@@ -161,12 +181,31 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let n_adapted = adapter::attach(&mut base.model, &adapter_cfg, recipe.training.seed).map_err(user)?;
+    let new_ids: Vec<u32> = new_tokens.iter().map(|(_, i)| *i).collect();
+    let vocab_cfg = peftkit::tokens::with_trainable_ids(
+        adapter::vocab::VocabConfig::from_spec(&recipe.adapter),
+        &new_ids,
+        base.model.config.tie_word_embeddings,
+    );
+    if matches!(adapter_cfg, AdapterConfig::Ia3(_)) && !vocab_cfg.trainable_tokens.is_empty() {
+        return Err(user(anyhow::anyhow!(
+            "{}: tokenizer.add_special_tokens: the new tokens' rows must train, and PEFT's IA3 has no \
+             trainable_token_indices: add embed_tokens{} to adapter.modules_to_save, or use a LoRA adapter",
+            args.recipe.display(),
+            if base.model.config.tie_word_embeddings { "" } else { " and lm_head" }
+        )));
+    }
+    let vocab_params = adapter::vocab::attach(&mut base.model, &vocab_cfg, &args.recipe).map_err(user)?;
     let trainable: usize = adapter::trainable(&base.model).iter().map(|(_, v)| v.elem_count()).sum();
     let dora = recipe.adapter.lora().is_some_and(|l| l.use_dora);
     tracing::info!(
-        "{} adapter{} on {n_adapted} projections: {trainable} trainable parameters",
+        "{} adapter{} on {n_adapted} projections: {trainable} trainable parameters{}",
         recipe.adapter.type_name(),
-        if dora { " (DoRA: with a magnitude vector per projection)" } else { "" }
+        if dora { " (DoRA: with a magnitude vector per projection)" } else { "" },
+        match vocab_params {
+            0 => String::new(),
+            n => format!(" ({n} of them in {})", base.model.vocab.describe()),
+        }
     );
 
     let cfg = TrainConfig::from_recipe(&recipe, base.pad_id, train_set.examples.len());
@@ -226,6 +265,15 @@ pub fn run(args: Args) -> Result<()> {
         _ => None,
     };
     peft_format::save_adapter(&base.model, &adapter_cfg, &base.name, revision, &out)?;
+    if !new_tokens.is_empty() {
+        // The tokenizer with its new tokens, beside the adapter (PEFT users load it from there).
+        let files = base.files.as_ref();
+        let tok_cfg = files.and_then(|f| f.tokenizer_config.as_deref());
+        peftkit::tokens::save(&base.tokenizer, &new_tokens, tok_cfg, &out)?;
+        if let Some(t) = files.and_then(|f| f.chat_template.as_deref()) {
+            std::fs::copy(t, out.join("chat_template.jinja")).with_context(|| format!("copying {}", t.display()))?;
+        }
+    }
     let recipe_yaml = recipe.to_yaml();
     peft_format::write_atomic(&out.join("peftkit_recipe.yaml"), recipe_yaml.as_bytes())?;
     let license = peftkit::base::license_of(&base, &hub_options());
@@ -269,6 +317,12 @@ pub fn run(args: Args) -> Result<()> {
             },
         },
         frameworks: framework_versions(),
+        vocab: (vocab_params > 0).then(|| peftkit::card::VocabFacts {
+            trained: base.model.vocab.describe(),
+            params: vocab_params,
+            added_tokens: new_tokens.clone(),
+            vocab_size: base.model.config.vocab_size,
+        }),
     };
     let record_json = serde_json::to_string_pretty(&record)?;
     peft_format::write_atomic(&out.join(TRAINING_RECORD_FILE), record_json.as_bytes())?;

@@ -11,6 +11,10 @@ use candle_core::{DType, Device, Tensor};
 /// Computes one output tensor: read (dequantize, or round-trip through NF4), fold the adapter in, cast.
 pub(super) fn compute(p: &Planned, src: &dyn TensorSource, adapters: &[LoadedAdapter]) -> Result<Tensor, MergeError> {
     let cpu = Device::Cpu;
+    if let Some(op) = &p.vocab {
+        let t = op.compute(src, p.shape[0])?;
+        return t.to_dtype(p.dtype).map_err(|source| MergeError::Tensor { name: p.name.clone(), source });
+    }
     let terr = |source: candle_core::Error| MergeError::Tensor { name: p.name.clone(), source };
     let qerr = |source: QuantError| MergeError::Quant { name: p.name.clone(), source };
     // A merged tensor is read in f32 (merge_weight works in f32); any other straight into the output dtype.

@@ -47,6 +47,7 @@ mod plan;
 mod shard;
 mod st_reader;
 mod training;
+mod vocab;
 
 pub use gguf_quant::{GgufQuant, GGUF_QUANT_NAMES};
 pub use options::{parse_size, MergeError, MergeOptions, MergeReport, OutDtype, OutFormat};
@@ -86,7 +87,7 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
     let trained = TrainingInfo::read(&opts.adapter);
 
     // 2. The base: its config, its tensors (names, shapes) and how to read them.
-    let base = Base::open(opts)?;
+    let mut base = Base::open(opts)?;
     check_not_an_input(&opts.out, &[base.path.clone(), opts.adapter.clone()])?;
     warn_if_trained_on_another_base(&peft, &base, &opts.adapter);
 
@@ -124,7 +125,30 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
         true => OutDtype::F32,
         false => opts.dtype.or_else(|| OutDtype::from_config(&base.config)).unwrap_or(OutDtype::Bf16),
     };
-    let plan = plan_tensors(&base, &adapters, dtype, requantize.then_some(trained.double_quant), opts)?;
+    let mut plan = plan_tensors(&base, &adapters, dtype, requantize.then_some(trained.double_quant), opts)?;
+    // The embedding and the head: `modules_to_save` copies, trained rows, new tokens (see `vocab`).
+    let adapter_file = opts.adapter.join(peft_format::WEIGHTS_FILE);
+    let base_vocab = base.config.get("vocab_size").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    let loaded_vocab = crate::adapter::vocab::read_for_merge(&opts.adapter, &peft.vocab, base_vocab)?;
+    let new_vocab = crate::adapter::vocab::merged_vocab(&loaded_vocab, base_vocab, &opts.adapter);
+    if gguf && new_vocab > base_vocab {
+        return Err(MergeError::Mismatch {
+            file: opts.adapter.join(peft_format::CONFIG_FILE),
+            tensor: "model.embed_tokens.weight".into(),
+            msg: format!(
+                "the adapter grows the vocabulary from {base_vocab} to {new_vocab} tokens (added tokens); \
+                 --format gguf cannot carry the new tokens yet: merge to a safetensors folder instead"
+            ),
+        });
+    }
+    let vocab_plan = vocab::plan_vocab(&mut plan, &base, &loaded_vocab, new_vocab, dtype, &adapter_file)?;
+    if vocab_plan.untied {
+        // The writers (the GGUF one too) then keep the head the plan now has.
+        vocab::patch_config(&mut base.config, &vocab_plan);
+        if let Reader::Gguf { config, .. } = &mut base.reader {
+            config.tie_word_embeddings = false;
+        }
+    }
     let sizes: Vec<u64> = plan.iter().map(Planned::bytes).collect();
     let shards = assign_shards(&sizes, opts.max_shard_size);
     let shard_names: Vec<String> = if shards.len() == 1 {
@@ -189,12 +213,23 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
         let index = json!({"metadata": {"total_size": total_bytes}, "weight_map": weight_map});
         write_json(&tmp.path.join(hub::WEIGHTS_INDEX_FILE), &index)?;
     }
-    write_json(&tmp.path.join(hub::CONFIG_FILE), &merged_config(&base.config, dtype))?;
+    let mut config = merged_config(&base.config, dtype);
+    vocab::patch_config(&mut config, &vocab_plan);
+    write_json(&tmp.path.join(hub::CONFIG_FILE), &config)?;
     let has_tokenizer = match &base.reader {
         Reader::Safetensors(_) => {
             for f in &base.copied_files {
                 let to = tmp.path.join(f.file_name().unwrap_or_default());
                 std::fs::copy(f, &to).map_err(io_err(f))?;
+            }
+            // An adapter trained with added tokens carries its tokenizer: it replaces the base's.
+            if opts.adapter.join(hub::TOKENIZER_FILE).is_file() {
+                for f in [hub::TOKENIZER_FILE, "tokenizer_config.json", "chat_template.jinja"] {
+                    let from = opts.adapter.join(f);
+                    if from.is_file() {
+                        std::fs::copy(&from, tmp.path.join(f)).map_err(io_err(&from))?;
+                    }
+                }
             }
             base.copied_files.iter().any(|f| f.ends_with(hub::TOKENIZER_FILE))
         }
@@ -228,6 +263,7 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
         shards: shards.len(),
         total_bytes,
         has_tokenizer,
+        vocab: vocab::describe(&loaded_vocab, &vocab_plan, base_vocab),
     };
     let card_text = card::merged_card(&facts, trained.record.as_ref(), trained.recipe_yaml.as_deref());
     write_file(&tmp.path.join("README.md"), card_text.as_bytes())?;

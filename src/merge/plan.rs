@@ -35,6 +35,8 @@ pub(super) struct Planned {
     pub(super) fetch: Fetch,
     /// The adapter to fold in (an index into the adapter list), into the weight or the bias.
     pub(super) merge: Option<(usize, Part)>,
+    /// An embedding / head computed from a `modules_to_save` copy or trained rows ([`super::vocab`]).
+    pub(super) vocab: Option<super::vocab::VocabOp>,
 }
 
 impl Planned {
@@ -95,7 +97,14 @@ pub(super) fn plan_tensors(
             }
         }
         let out_dtype = if is_float(t.dtype) { dtype.dtype() } else { t.dtype };
-        plan.push(Planned { name: t.name.clone(), shape: t.shape.clone(), dtype: out_dtype, fetch, merge });
+        plan.push(Planned {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            dtype: out_dtype,
+            fetch,
+            merge,
+            vocab: None,
+        });
     }
     if let Some(i) = used.iter().position(|u| !u) {
         return Err(MergeError::Mismatch {

@@ -190,6 +190,9 @@ pub struct Llama {
     /// The output head in a llama.cpp block format, for generation ([`super::BaseQuant::Ggml`]): the logits of
     /// a forward without a graph use it (candle's quantized matmul) instead of `lm_head`.
     pub lm_head_q: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
+    /// Trained copies or rows of the embedding and the head (`modules_to_save`, `trainable_token_indices`; see
+    /// [`crate::adapter::vocab`]); empty by default.
+    pub vocab: crate::adapter::vocab::VocabAdapters,
     /// (head_dim / 2) inverse frequencies.
     inv_freq: Vec<f32>,
     pub device: Device,
@@ -211,6 +214,7 @@ impl Llama {
             norm,
             lm_head,
             lm_head_q: None,
+            vocab: Default::default(),
             inv_freq,
             device,
             dtype,
@@ -269,15 +273,20 @@ impl Llama {
             cos,
             sin,
         };
-        // The embedding is frozen: no gradient flows into it.
+        // The base embedding is frozen: no gradient flows into it (only into a trained copy or trained rows).
         // Mixed precision as torch.autocast does it: the residual stream h stays f32 (norm statistics and the sums
         // of the residual additions in f32); the projections' inputs and outputs are in the compute dtype.
-        let mut h = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, cfg.hidden_size))?
-            .detach()
-            .to_dtype(DType::F32)?;
+        let flat = ids.flatten_all()?;
+        let mut h = match &self.vocab.embed {
+            // (b·t, hidden) f32
+            Some(a) => a.lookup(&self.embed_tokens, &flat, ctx.no_grad)?.reshape((b, t, cfg.hidden_size))?,
+            None => self
+                .embed_tokens
+                .index_select(&flat, 0)?
+                .reshape((b, t, cfg.hidden_size))?
+                .detach()
+                .to_dtype(DType::F32)?,
+        };
         // Activation checkpointing applies to training forwards only (a graph is wanted, no KV cache).
         let checkpointed = self.gradient_checkpointing && !ctx.no_grad && cache.is_none();
         for (li, layer) in self.layers.iter().enumerate() {
@@ -292,6 +301,11 @@ impl Llama {
 
     /// Logits (b, t, vocab) from final hidden states (b, t, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if let Some(a) = &self.vocab.head {
+            // A trained head: (b, t, hidden) · (vocab, hidden)ᵀ in f32.
+            let w = a.weight(&self.lm_head, true)?;
+            return ops::frozen_matmul(&hidden.to_dtype(DType::F32)?, &w);
+        }
         if let Some(q) = &self.lm_head_q {
             let w = crate::weight::FrozenWeight::Ggml(q.clone());
             return ops::frozen_product(&hidden.to_dtype(DType::F32)?, &w);
@@ -320,6 +334,11 @@ impl Llama {
             for j in 0..t.saturating_sub(1) {
                 targets[r * t + j] = labels[r * t + j + 1] as i64;
             }
+        }
+        if let Some(a) = &self.vocab.head {
+            // A trained head takes gradients: the composed cross-entropy over its (differentiable) weight.
+            let w = a.weight(&self.lm_head, false)?;
+            return crate::adapter::vocab::cross_entropy(&hidden.reshape((b * t, d))?, &w, &targets, denom);
         }
         ops::linear_cross_entropy(&hidden.reshape((b * t, d))?, &self.lm_head, &targets, denom)
     }

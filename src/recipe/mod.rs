@@ -28,6 +28,7 @@ mod spec;
 #[cfg(test)]
 mod testutil;
 mod validate;
+mod vocab;
 
 use std::path::Path;
 
@@ -35,7 +36,10 @@ use serde_yaml::Value;
 
 pub use error::{Origin, RecipeError};
 pub use names::{ComputeDtype, DataFormat, InitLoraWeights, LrScheduler};
-pub use spec::{AdapterSpec, DataSpec, Ia3Spec, LoraSpec, OutputSpec, QloraSpec, Recipe, RunLength, TrainingSpec};
+pub use spec::{
+    AdapterSpec, DataSpec, Ia3Spec, LoraSpec, OutputSpec, QloraSpec, Recipe, RunLength, TokenIndices, TokenizerSpec,
+    TrainingSpec,
+};
 
 use locate::syntax_error;
 use overrides::Override;
@@ -113,6 +117,7 @@ fn build(doc: Value) -> Result<Recipe, Problem> {
         gguf_file: raw.gguf_file,
         base_model_id: raw.base_model_id,
         adapter: build_adapter(raw.adapter)?,
+        tokenizer: raw.tokenizer,
         data: raw.data,
         training: raw.training,
         output: raw.output,

@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_yaml::Value;
 
 use super::{ComputeDtype, DataFormat, InitLoraWeights, LrScheduler, TargetModules};
+pub use crate::adapter::vocab::TokenIndices;
 
 /// A fully resolved, validated training recipe.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -29,6 +30,9 @@ pub struct Recipe {
     pub base_model_id: Option<String>,
     /// Which adapter to train, and its settings.
     pub adapter: AdapterSpec,
+    /// Changes to the base model's tokenizer (new special tokens).
+    #[serde(skip_serializing_if = "TokenizerSpec::is_empty")]
+    pub tokenizer: TokenizerSpec,
     /// The data files and how to read them.
     pub data: DataSpec,
     /// Optimization settings.
@@ -77,6 +81,15 @@ impl AdapterSpec {
         }
     }
 
+    /// `modules_to_save` and `trainable_token_indices` (IA3 has no trainable tokens in PEFT).
+    pub fn vocab_settings(&self) -> (&[String], Option<&TokenIndices>) {
+        match self {
+            AdapterSpec::Lora(spec) => (&spec.modules_to_save, spec.trainable_token_indices.as_ref()),
+            AdapterSpec::Qlora(spec) => (&spec.lora.modules_to_save, spec.lora.trainable_token_indices.as_ref()),
+            AdapterSpec::Ia3(spec) => (&spec.modules_to_save, None),
+        }
+    }
+
     /// Learning rate used when the recipe sets none: 2e-4 for LoRA/QLoRA, 1e-2 for IA3.
     pub fn default_learning_rate(&self) -> f64 {
         match self {
@@ -113,6 +126,14 @@ pub struct LoraSpec {
     /// `qlora` (the norm of the dequantized NF4 weight), not with `ia3`. Costs about one more weight-sized product
     /// per projection and step with `lora_dropout` > 0.
     pub use_dora: bool,
+    /// Modules trained in full beside the adapter and saved whole (PEFT's `modules_to_save`): `embed_tokens`
+    /// and/or `lm_head`. Each is a (vocab × hidden) copy trained with AdamW: large (SmolLM2-135M: 28 M
+    /// parameters each). Default none.
+    pub modules_to_save: Vec<String>,
+    /// Train only these rows of the embedding (PEFT ≥ 0.15's `trainable_token_indices`): a list of token ids
+    /// (rows of `embed_tokens`; with tied embeddings the head uses the same rows), or a map from module
+    /// (`embed_tokens`, `lm_head`) to ids. Ids must be below the model's vocabulary size. Default none.
+    pub trainable_token_indices: Option<TokenIndices>,
 }
 
 impl Default for LoraSpec {
@@ -127,6 +148,8 @@ impl Default for LoraSpec {
             bias: "none".to_string(),
             layers_to_transform: None,
             use_dora: false,
+            modules_to_save: Vec::new(),
+            trainable_token_indices: None,
         }
     }
 }
@@ -182,6 +205,8 @@ pub(super) struct QloraDoc {
     bias: String,
     layers_to_transform: Option<Vec<usize>>,
     use_dora: bool,
+    modules_to_save: Vec<String>,
+    trainable_token_indices: Option<TokenIndices>,
     bnb_4bit_quant_type: String,
     bnb_4bit_use_double_quant: bool,
     bnb_4bit_compute_dtype: ComputeDtype,
@@ -206,6 +231,8 @@ impl From<QloraSpec> for QloraDoc {
             bias: lora.bias,
             layers_to_transform: lora.layers_to_transform,
             use_dora: lora.use_dora,
+            modules_to_save: lora.modules_to_save,
+            trainable_token_indices: lora.trainable_token_indices,
             bnb_4bit_quant_type: spec.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant: spec.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype: spec.bnb_4bit_compute_dtype,
@@ -226,6 +253,8 @@ impl From<QloraDoc> for QloraSpec {
                 bias: doc.bias,
                 layers_to_transform: doc.layers_to_transform,
                 use_dora: doc.use_dora,
+                modules_to_save: doc.modules_to_save,
+                trainable_token_indices: doc.trainable_token_indices,
             },
             bnb_4bit_quant_type: doc.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant: doc.bnb_4bit_use_double_quant,
@@ -245,6 +274,8 @@ pub struct Ia3Spec {
     pub feedforward_modules: Vec<String>,
     /// Start the vectors at 1 (identity); default true.
     pub init_ia3_weights: bool,
+    /// Modules trained in full and saved whole (PEFT's `modules_to_save`): `embed_tokens` and/or `lm_head`.
+    pub modules_to_save: Vec<String>,
 }
 
 impl Default for Ia3Spec {
@@ -257,7 +288,56 @@ impl Default for Ia3Spec {
             ]),
             feedforward_modules: vec!["down_proj".to_string()],
             init_ia3_weights: true,
+            modules_to_save: Vec::new(),
         }
+    }
+}
+
+impl Serialize for TokenIndices {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            TokenIndices::List(ids) => ids.serialize(serializer),
+            TokenIndices::Map(entries) => {
+                let mut map = serializer.serialize_map(Some(entries.len()))?;
+                for (k, v) in entries {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenIndices {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IdsVisitor;
+
+        impl<'de> Visitor<'de> for IdsVisitor {
+            type Value = TokenIndices;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of token ids, or a map from module (embed_tokens, lm_head) to token ids")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TokenIndices, A::Error> {
+                let mut ids = Vec::new();
+                while let Some(id) = seq.next_element::<u32>()? {
+                    ids.push(id);
+                }
+                Ok(TokenIndices::List(ids))
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<TokenIndices, A::Error> {
+                let mut entries = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, Vec<u32>>()? {
+                    entries.push((k, v));
+                }
+                Ok(TokenIndices::Map(entries))
+            }
+        }
+
+        deserializer.deserialize_any(IdsVisitor)
     }
 }
 
@@ -296,6 +376,24 @@ impl<'de> Deserialize<'de> for TargetModules {
         }
 
         deserializer.deserialize_any(TargetVisitor)
+    }
+}
+
+/// Changes to the tokenizer, in their own section: they change the model (its vocabulary, hence the embedding and
+/// head shapes) and the files saved beside the adapter, not only how the data is read.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenizerSpec {
+    /// Special tokens to add (transformers' `add_special_tokens({"additional_special_tokens": …})`), e.g.
+    /// `["<|tool|>"]`. Each new token gets the next id; the embedding (and an untied head) grow by mean rows as
+    /// transformers' `resize_token_embeddings` does, and the new rows train as `trainable_token_indices` (unless
+    /// `modules_to_save` trains the whole matrix). The tokenizer is saved beside the adapter. Default none.
+    pub add_special_tokens: Vec<String>,
+}
+
+impl TokenizerSpec {
+    pub fn is_empty(&self) -> bool {
+        self.add_special_tokens.is_empty()
     }
 }
 
@@ -487,6 +585,8 @@ pub(super) struct RecipeDoc {
     #[serde(default)]
     pub(super) base_model_id: Option<String>,
     pub(super) adapter: Value,
+    #[serde(default)]
+    pub(super) tokenizer: TokenizerSpec,
     pub(super) data: DataSpec,
     #[serde(default)]
     pub(super) training: TrainingSpec,

@@ -38,6 +38,7 @@ impl Recipe {
             }
         }
         check_adapter(&self.adapter)?;
+        super::vocab::check_vocab_keys(&self.adapter, &self.tokenizer)?;
         check_data(&self.data)?;
         check_training(&self.training)?;
         check_output(&self.output)

@@ -18,6 +18,7 @@ pub mod optim;
 pub mod schedule;
 pub mod step;
 
+use crate::adapter::vocab::VocabConfig;
 use crate::adapter::{self, peft_format, AdapterConfig, AdapterError};
 use crate::data::{epoch_order, make_batch, Example};
 use crate::linear::ForwardCtx;
@@ -213,12 +214,16 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
 
 /// A short fingerprint of everything that determines the adapter bytes, stored in checkpoints so that `--resume`
 /// refuses to continue a run with different settings or data.
-fn fingerprint(cfg: &TrainConfig, adapter: &AdapterConfig, train: &[Example]) -> String {
+fn fingerprint(cfg: &TrainConfig, adapter: &AdapterConfig, vocab: &VocabConfig, train: &[Example]) -> String {
     use sha2::{Digest, Sha256};
     // How often to evaluate, save or log does not change the adapter: leave it out.
     let semantic = TrainConfig { eval_every: None, save_every: None, logging_every: 1, ..cfg.clone() };
     let mut h = Sha256::new();
     h.update(format!("{semantic:?}|{adapter:?}").as_bytes());
+    // Trained embedding / head rows (only when there are some, so earlier runs' checkpoints still resume).
+    if !vocab.is_empty() {
+        h.update(format!("|{vocab:?}").as_bytes());
+    }
     for ex in train {
         h.update((ex.input_ids.len() as u64).to_le_bytes());
         for &id in &ex.input_ids {
@@ -351,7 +356,7 @@ pub fn train(
     let micro_per_epoch = cfg.micro_per_epoch(n);
     let steps_per_epoch = cfg.steps_per_epoch(n);
     let total_steps = cfg.total_steps(n);
-    let fp = fingerprint(cfg, adapter, train_set);
+    let fp = fingerprint(cfg, adapter, &model.vocab.config(), train_set);
 
     // The trainable variables, in a fixed order, with their PEFT names.
     let (names, vars): (Vec<String>, Vec<_>) = adapter::trainable(model).into_iter().unzip();
