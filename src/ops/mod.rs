@@ -49,12 +49,13 @@ mod nf4_matmul;
 pub mod reference;
 mod rms_norm;
 mod rope;
+mod segments;
 mod softmax;
 mod swiglu;
 #[cfg(test)]
 mod testutil;
 
-pub use attention::attention;
+pub use attention::{attention, attention_segments};
 pub use cross_entropy::linear_cross_entropy;
 pub use dropout::{dropout, seed_of};
 pub use frozen_matmul::{frozen_matmul, frozen_product};
@@ -62,6 +63,7 @@ pub use lora_linear::{lora_linear, LoraLinearOp};
 pub use nf4_matmul::nf4_matmul;
 pub use rms_norm::rms_norm;
 pub use rope::rope;
+pub use segments::Segments;
 pub use softmax::causal_softmax;
 pub use swiglu::swiglu;
 
