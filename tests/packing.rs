@@ -6,6 +6,9 @@
 //! - `format: tokens`: the loss is transformers' (mean over predicted tokens after the one-position shift, checked
 //!   against log-softmax of the logits), and the oracle's recorded batches written as a tokens file come back out of
 //!   the data pipeline as the same batches, whose optimizer steps reproduce PEFT's losses.
+//! - The binary: a packed run on a tokens file reports its padding; bad ids exit 2 naming file, line and key.
+
+mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use peftkit::adapter::{self, peft_format, AdapterConfig, LoraConfig, LoraInit, TargetModules};
@@ -258,7 +261,7 @@ fn tokens_format_loss_is_transformers_shifted_mean() {
     let model = tiny(DType::F32);
     let refs: Vec<&Example> = ds.examples.iter().collect();
     for packed in [false, true] {
-        let batch = if packed { make_packed_batch(&[refs.clone()], 0) } else { make_batch(&refs, 0) };
+        let batch = if packed { make_packed_batch(std::slice::from_ref(&refs), 0) } else { make_batch(&refs, 0) };
         let ids = Tensor::from_vec(batch.input_ids.clone(), (batch.batch, batch.seq), &Device::Cpu).unwrap();
         let seg = Segments::new(batch.boundaries(), batch.seq).unwrap();
         let hidden = model.forward_hidden_segments(&ids, &seg, &ForwardCtx::default()).unwrap();
@@ -384,4 +387,55 @@ fn oracle_batches_round_trip_through_a_tokens_file() {
         let want = oracle["losses"][step - 1]["loss"].as_f64().unwrap();
         assert!((loss - want).abs() <= 1e-5 * want, "step {step}: loss {loss} vs PEFT {want}");
     }
+}
+
+#[test]
+fn cli_trains_packed_tokens_and_rejects_bad_ids_with_exit_2() {
+    let d = std::env::temp_dir().join(format!("peftkit-cli-packing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let cache = common::hf_cache(&d.join("hub"));
+    let data = d.join("train.jsonl");
+    let lines: String = examples(10)
+        .iter()
+        .map(|e| serde_json::json!({"input_ids": e.input_ids, "labels": e.labels}).to_string() + "\n")
+        .collect();
+    std::fs::write(&data, &lines).unwrap();
+    let out = d.join("out");
+    let recipe = d.join("recipe.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "base_model: peftkit-test/tiny-llama\nadapter: {{type: lora, r: 4, lora_alpha: 8}}\n\
+             data: {{train: {}, format: tokens, sequence_len: 32, packing: true}}\n\
+             training: {{max_steps: 2, micro_batch_size: 2}}\noutput: {{dir: {}}}\n",
+            data.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let bin = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_peftkit"));
+        c.env("HF_HUB_OFFLINE", "1").env("HF_HUB_CACHE", &cache).env("NO_COLOR", "1").env_remove("HF_TOKEN");
+        c
+    };
+    let o = bin().arg("train").arg(&recipe).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("tokens/s (supervised + context, padding excluded") && stdout.contains("(packed)"),
+        "{stdout}"
+    );
+    assert!(out.join("adapter_model.safetensors").is_file());
+
+    std::fs::write(&data, format!("{lines}{{\"input_ids\": [1, 2, 4000]}}\n")).unwrap();
+    let o = bin().arg("train").arg(&recipe).arg("--overwrite").output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:11: `input_ids[2]`: 4000 is outside the vocabulary", data.display())),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&d);
 }

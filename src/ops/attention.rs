@@ -90,7 +90,7 @@ impl AttnDims {
     }
 
     /// Scores → probabilities of block `blk` for head `h` of batch `bi`: writes P (nq × nk, row-major) into `p`.
-    fn probs(&self, q: &[f32], k: &[f32], bi: usize, h: usize, blk: Block, scale: f32, p: &mut [f32]) {
+    fn probs(&self, q: &[f32], k: &[f32], (bi, h): (usize, usize), blk: Block, scale: f32, p: &mut [f32]) {
         let Self { t, s, nh, nkv, d, .. } = *self;
         let g = h / (nh / nkv);
         let (nq, nk) = (blk.queries(), blk.keys());
@@ -132,7 +132,7 @@ impl candle_core::CustomOp3 for Attention {
                 let mut p = Vec::new();
                 for blk in dm.blocks(segments, bi) {
                     p.resize(blk.queries() * blk.keys(), 0.0);
-                    dm.probs(q, k, bi, h, blk, self.scale, &mut p);
+                    dm.probs(q, k, (bi, h), blk, self.scale, &mut p);
                     // O[q0..q1] (nq×d) = P (nq×nk) · V[k0..k1] (nk×d)
                     let vb = &v[dm.at(bi, s, blk.k0, nkv, g)..];
                     let (nq, nk) = (blk.queries(), blk.keys());
@@ -184,7 +184,7 @@ impl candle_core::CustomOp3 for Attention {
                                         let (nq, nk) = (blk.queries(), blk.keys());
                                         p.resize(nq * nk, 0.0);
                                         dp.resize(nq * nk, 0.0);
-                                        dm.probs(q, k, bi, h, blk, scale, &mut p);
+                                        dm.probs(q, k, (bi, h), blk, scale, &mut p);
                                         let bufs = BlockGrads {
                                             dq: &mut dq[(r * t + blk.q0) * d..(r * t + blk.q1) * d],
                                             dk: &mut dk[blk.k0 * d..blk.k1 * d],

@@ -265,8 +265,13 @@ fn fingerprint(cfg: &TrainConfig, adapter: &AdapterConfig, train: &[Example]) ->
     use sha2::{Digest, Sha256};
     // How often to evaluate, save or log does not change the adapter: leave it out.
     let semantic = TrainConfig { eval_every: None, save_every: None, logging_every: 1, ..cfg.clone() };
+    let mut described = format!("{semantic:?}");
+    // Row layout settings enter only when set, so that checkpoints written before they existed still resume.
+    if cfg.packing.is_none() && !cfg.group_by_length {
+        described = described.replace(", packing: None, group_by_length: false", "");
+    }
     let mut h = Sha256::new();
-    h.update(format!("{semantic:?}|{adapter:?}").as_bytes());
+    h.update(format!("{described}|{adapter:?}").as_bytes());
     for ex in train {
         h.update((ex.input_ids.len() as u64).to_le_bytes());
         for &id in &ex.input_ids {
@@ -610,4 +615,44 @@ pub fn train(
         wall_s: prior_wall + started.elapsed().as_secs_f64(),
         interrupted_at,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_layout_enters_the_fingerprint_only_when_set() {
+        let cfg = TrainConfig {
+            micro_batch_size: 2,
+            gradient_accumulation_steps: 1,
+            max_steps: Some(1),
+            epochs: 1,
+            learning_rate: 1e-3,
+            lr_scheduler: LrScheduler::Constant,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 1,
+            shuffle: true,
+            eval_every: None,
+            save_every: None,
+            logging_every: 1,
+            pad_id: 0,
+            packing: None,
+            group_by_length: false,
+        };
+        let adapter = AdapterConfig::Ia3(Default::default());
+        let data = [Example { input_ids: vec![1, 2], labels: vec![1, 2] }];
+        // The description hashed for a run without packing is the one written before packing existed.
+        let described = format!("{cfg:?}");
+        assert!(described.ends_with(", pad_id: 0, packing: None, group_by_length: false }"), "{described}");
+        let plain = fingerprint(&cfg, &adapter, &data);
+        let packed = fingerprint(&TrainConfig { packing: Some(64), ..cfg.clone() }, &adapter, &data);
+        let grouped = fingerprint(&TrainConfig { group_by_length: true, ..cfg.clone() }, &adapter, &data);
+        assert!(plain != packed && plain != grouped && packed != grouped);
+    }
 }
