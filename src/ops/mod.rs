@@ -15,7 +15,7 @@
 //! | [`rms_norm`] | y = x·r·w, r = (mean(x²)+ε)^-½ | dx = r·u − x·r³·mean(u⊙x), u = dy⊙w | `cuda/rms_norm.cu` fwd, bwd |
 //! | [`rope`] | HF "rotate_half" rotary embedding | rope with −sin | `cuda/rope.cu` (both) |
 //! | [`causal_softmax`] (softmax.rs) | softmax(s·x) with a causal mask | s·y⊙(g − Σ g⊙y) | — (reference; attention does not use it on CUDA) |
-//! | [`attention`] | causal GQA softmax(s·QKᵀ)·V: fused per head (CPU); by query chunks, keeping O and the row log-sum-exp L (CUDA) | recomputes P (per chunk: exp(s·QKᵀ − L)); dV = Pᵀ·dO, dS = P⊙(dP − rowsum(dO⊙O)) | chunked tensor ops (cuBLAS), [`graft`]ed |
+//! | [`attention`] | causal GQA softmax(s·QKᵀ)·V: fused per head (CPU); by query chunks, keeping O and the row log-sum-exp L (CUDA); [`attention_segments`]: block-diagonal over packed rows' examples ([`Segments`]), masked blocks skipped | recomputes P (per chunk: exp(s·QKᵀ − L)); dV = Pᵀ·dO, dS = P⊙(dP − rowsum(dO⊙O)) | chunked tensor ops (cuBLAS), [`graft`]ed |
 //! | [`swiglu`] | silu(a)·b | da = g·b·σ(a)(1 + a(1−σ(a))), db = g·silu(a) | `cuda/swiglu.cu` fwd, bwd |
 //! | [`linear_cross_entropy`] (cross_entropy.rs) | Σ −log softmax(h·Wᵀ)[label] / n, by row chunks | dh computed in the forward | chunked tensor ops (cuBLAS), [`graft`]ed |
 //! | [`dropout`] | x ⊙ mask(seed, index) | g ⊙ mask | `cuda/dropout.cu` (both; the CPU's mask bit for bit) |
