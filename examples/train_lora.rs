@@ -26,7 +26,7 @@ fn main() -> Result<()> {
     let mut base = peftkit::base::load_base(&base_name, None, None, &HubOptions::from_env(), &Device::Cpu)?;
 
     // 2. The data: chats rendered with the model's template; loss on the assistant turns only.
-    let opts = EncodeOptions { sequence_len: 512, train_on_inputs: false };
+    let opts = EncodeOptions { sequence_len: 512, train_on_inputs: false, vocab_size: None };
     let dataset = data::load_dataset(
         &train_file,
         None, // detect the format from the first record
@@ -79,6 +79,8 @@ fn main() -> Result<()> {
         save_every: None,
         logging_every: 1,
         pad_id: base.pad_id,
+        packing: None,
+        group_by_length: false,
     };
     let valid = &dataset.examples[..dataset.examples.len().min(16)];
     let summary = train::train(

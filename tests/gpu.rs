@@ -60,7 +60,7 @@ fn batch(vocab: u32) -> Batch {
     let input_ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab)).collect();
     let mut labels: Vec<i32> = input_ids.iter().map(|&i| i as i32).collect();
     labels[..5].fill(-100); // a prompt that is not supervised
-    Batch { input_ids, labels, lengths: vec![t; b], batch: b, seq: t }
+    Batch { input_ids, labels, lengths: vec![t; b], batch: b, seq: t, segments: Vec::new() }
 }
 
 fn flat(t: &Tensor) -> Vec<f32> {

@@ -61,6 +61,8 @@ fn config(max_steps: usize) -> TrainConfig {
         save_every: Some(4),
         logging_every: 1,
         pad_id: 0,
+        packing: None,
+        group_by_length: false,
     }
 }
 

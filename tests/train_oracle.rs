@@ -43,7 +43,7 @@ fn batch(o: &Oracle, step: usize) -> Batch {
     let (b, t) = ids.dims2().unwrap();
     let ids: Vec<u32> = ids.flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&v| v as u32).collect();
     let labels: Vec<i32> = labels.flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&v| v as i32).collect();
-    Batch { input_ids: ids, labels, lengths: vec![t; b], batch: b, seq: t }
+    Batch { input_ids: ids, labels, lengths: vec![t; b], batch: b, seq: t, segments: Vec::new() }
 }
 
 /// Per step: the loss, the gradient norm before clipping, the largest absolute difference of any LoRA element from

@@ -405,6 +405,7 @@ fn optimizer_steps_on_copies_and_rows_match_torch() {
         lengths: vec![t; b],
         batch: b,
         seq: t,
+        segments: Vec::new(),
     };
     let work = tmp("train-oracle");
     let tied = work.join("tied");
@@ -533,6 +534,8 @@ fn fresh_copies_and_rows_are_the_identity_and_resume_restores_them() {
         save_every: None,
         logging_every: 1,
         pad_id: 0,
+        packing: None,
+        group_by_length: false,
     };
     let work = tmp("resume");
     for (i, vcfg) in configs.iter().enumerate() {

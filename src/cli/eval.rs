@@ -31,7 +31,7 @@ pub struct Args {
     /// With --questions: most tokens per reply.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// chat, alpaca or completion (default: detected from the first record).
+    /// chat, alpaca, completion or tokens (default: detected from the first record).
     #[arg(long)]
     pub format: Option<String>,
     /// Longer examples are truncated to this many tokens.
@@ -61,7 +61,11 @@ pub fn run(a: Args) -> Result<()> {
     let mut json = serde_json::Map::new();
     if let Some(path) = &a.data {
         // The file is scored as in training: loss on supervised tokens only.
-        let opts = EncodeOptions { sequence_len: a.sequence_len, train_on_inputs: a.train_on_inputs };
+        let opts = EncodeOptions {
+            sequence_len: a.sequence_len,
+            train_on_inputs: a.train_on_inputs,
+            vocab_size: Some(base.model.config.vocab_size),
+        };
         let ds =
             data::load_dataset(path, format, &base.tokenizer, base.template.as_ref(), base.eos_token.as_deref(), &opts)
                 .map_err(user)?;

@@ -47,6 +47,7 @@ pub fn data_format(f: DataFormat) -> Option<Format> {
         DataFormat::Chat => Some(Format::Chat),
         DataFormat::Alpaca => Some(Format::Alpaca),
         DataFormat::Completion => Some(Format::Completion),
+        DataFormat::Tokens => Some(Format::Tokens),
     }
 }
 
@@ -151,7 +152,11 @@ pub fn run(args: Args) -> Result<()> {
         tracing::info!("special tokens: {}", shown.join(", "));
     }
     recipe.check_token_ids(&args.recipe, &args.set, base.model.config.vocab_size).map_err(user)?;
-    let opts = EncodeOptions { sequence_len: recipe.data.sequence_len, train_on_inputs: recipe.data.train_on_inputs };
+    let opts = EncodeOptions {
+        sequence_len: recipe.data.sequence_len,
+        train_on_inputs: recipe.data.train_on_inputs,
+        vocab_size: Some(base.model.config.vocab_size),
+    };
     let format = data_format(recipe.data.format);
     let load = |p: &Path| {
         data::load_dataset(p, format, &base.tokenizer, base.template.as_ref(), base.eos_token.as_deref(), &opts)
@@ -208,7 +213,15 @@ pub fn run(args: Args) -> Result<()> {
         }
     );
 
-    let cfg = TrainConfig::from_recipe(&recipe, base.pad_id, train_set.examples.len());
+    let cfg = TrainConfig::from_recipe(&recipe, base.pad_id, &train_set.examples);
+    if cfg.packing.is_some() {
+        let rows = cfg.rows(&train_set.examples).len();
+        tracing::info!(
+            "packing: {} examples in {rows} rows of up to {} tokens",
+            train_set.examples.len(),
+            recipe.data.sequence_len
+        );
+    }
     // Activation checkpointing changes memory and time, not the gradients: a model setting, outside the run's
     // fingerprint, so a run may be resumed with it switched on or off.
     base.model.gradient_checkpointing = recipe.training.gradient_checkpointing;
@@ -342,6 +355,15 @@ pub fn run(args: Args) -> Result<()> {
         summary.wall_s,
         summary.tokens as f64 / summary.wall_s.max(1e-9),
         out.display()
+    );
+    println!(
+        "training steps: {:.0} tokens/s (supervised + context, padding excluded, {:.1} s in steps); padding {:.1}% \
+         of {} positions{}",
+        summary.tokens_per_s(),
+        summary.step_s,
+        100.0 * summary.padding_fraction(),
+        summary.positions,
+        if cfg.packing.is_some() { " (packed)" } else { "" }
     );
     if let Some(p) = &push_opts {
         let report = super::push::run_push(p).with_context(|| {

@@ -15,7 +15,9 @@ use super::template::{read_json, special_token};
 ///
 /// Invariants: `input_ids.len() == labels.len() == batch * seq` (row-major, row b at
 /// `[b * seq .. (b + 1) * seq]`); `lengths[b]` is row b's real length (≤ seq); positions at or
-/// after `lengths[b]` hold `pad_id` and label -100; `seq` is the longest example's length.
+/// after `lengths[b]` hold `pad_id` and label -100; `seq` is the longest row's length;
+/// `segments[b]` = `[0, c₁, …, lengths[b]]`, the boundaries of the examples in row b (one example
+/// per row unless packed, see [`super::packing`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     /// Token ids, b×t row-major.
@@ -28,12 +30,28 @@ pub struct Batch {
     pub batch: usize,
     /// Row length t.
     pub seq: usize,
+    /// Per row, the example boundaries `[0, c₁, …, c_n = lengths[b]]` (flash-attn's `cu_seqlens`);
+    /// empty means one example per row.
+    pub segments: Vec<Vec<usize>>,
 }
 
 impl Batch {
     /// Number of supervised positions in the batch.
     pub fn supervised(&self) -> usize {
         self.labels.iter().filter(|&&label| label != IGNORE_INDEX).count()
+    }
+
+    /// Padding positions (`batch * seq` minus the real tokens).
+    pub fn padding(&self) -> usize {
+        self.batch * self.seq - self.lengths.iter().sum::<usize>()
+    }
+
+    /// Each row's example boundaries: `segments`, or `[0, lengths[b]]` per row when it is empty.
+    pub fn boundaries(&self) -> Vec<Vec<usize>> {
+        if !self.segments.is_empty() {
+            return self.segments.clone();
+        }
+        self.lengths.iter().map(|&len| if len == 0 { vec![0] } else { vec![0, len] }).collect()
     }
 }
 
@@ -44,6 +62,7 @@ pub fn make_batch(examples: &[&Example], pad_id: u32) -> Batch {
     let mut input_ids = Vec::with_capacity(batch * seq);
     let mut labels = Vec::with_capacity(batch * seq);
     let mut lengths = Vec::with_capacity(batch);
+    let mut segments = Vec::with_capacity(batch);
     for example in examples {
         let len = example.input_ids.len();
         input_ids.extend_from_slice(&example.input_ids);
@@ -53,8 +72,9 @@ pub fn make_batch(examples: &[&Example], pad_id: u32) -> Batch {
             (0..seq).map(|i| example.labels.get(i).copied().filter(|_| i < len).unwrap_or(IGNORE_INDEX)).collect();
         labels.extend(row);
         lengths.push(len);
+        segments.push(if len == 0 { vec![0] } else { vec![0, len] });
     }
-    Batch { input_ids, labels, lengths, batch, seq }
+    Batch { input_ids, labels, lengths, batch, seq, segments }
 }
 
 /// The order in which epoch `epoch` visits `n` examples: the identity without `shuffle`, else a
@@ -117,6 +137,8 @@ mod tests {
         assert_eq!(batch.input_ids, vec![5, 6, 7, 8, 0, 0]);
         assert_eq!(batch.labels, vec![-100, 6, 7, 8, -100, -100]);
         assert_eq!(batch.lengths, vec![3, 1]);
+        assert_eq!(batch.segments, vec![vec![0, 3], vec![0, 1]]);
+        assert_eq!(batch.padding(), 2);
         assert_eq!(batch.supervised(), 3);
         let empty = make_batch(&[], 0);
         assert_eq!((empty.batch, empty.seq, empty.input_ids.len()), (0, 0, 0));

@@ -25,7 +25,8 @@ pub const IGNORE_INDEX: i32 = -100;
 
 /// One training sequence.
 ///
-/// Invariant: `input_ids.len() == labels.len()`; `labels[i]` is `input_ids[i] as i32` or [`IGNORE_INDEX`].
+/// Invariant: `input_ids.len() == labels.len()`; `labels[i]` is `input_ids[i] as i32` or [`IGNORE_INDEX`]
+/// (pre-tokenized records may give any token id as a label).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Example {
     /// Token ids, length t.
@@ -64,8 +65,11 @@ impl Example {
 pub struct EncodeOptions {
     /// Maximum tokens per example: longer ones keep their head.
     pub sequence_len: usize,
-    /// Supervise every token (prompts included), not only the responses.
+    /// Supervise every token (prompts included), not only the responses. Pre-tokenized records keep their labels.
     pub train_on_inputs: bool,
+    /// The model's vocabulary size, which pre-tokenized ids and labels must stay below; `None`: the
+    /// tokenizer's (added tokens included).
+    pub vocab_size: Option<usize>,
 }
 
 /// The Stanford Alpaca prompt for an instruction with an optional input.
@@ -151,6 +155,10 @@ impl<'a> Encoder<'a> {
                 let (ids, offsets) = self.tokenize(&full, true)?;
                 let labels = self.labels(&ids, &offsets, prompt.len()..full.len());
                 Ok(Example { input_ids: ids, labels })
+            }
+            // Pre-tokenized: taken as they are (checked when parsed).
+            Record::Tokens { input_ids, labels } => {
+                Ok(Example { input_ids: input_ids.clone(), labels: labels.clone() })
             }
         }
     }

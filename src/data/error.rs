@@ -59,7 +59,8 @@ pub enum DataError {
     /// The first record has none of the keys that identify a format.
     #[error(
         "{}: cannot tell the dataset format from the record's keys [{}]; expected `messages` (chat), \
-         `instruction` (alpaca), `text` or `prompt`+`completion` (completion), or set the format explicitly",
+         `instruction` (alpaca), `text` or `prompt`+`completion` (completion), `input_ids` (tokens), or set \
+         the format explicitly",
         at(path, *line, *element),
         keys.join(", ")
     )]
@@ -153,8 +154,8 @@ pub enum DataError {
         message: String,
     },
 
-    /// A format name that is not `chat`, `alpaca` or `completion`.
-    #[error("unknown dataset format `{name}` (expected chat, alpaca or completion)")]
+    /// A format name that is not `chat`, `alpaca`, `completion` or `tokens`.
+    #[error("unknown dataset format `{name}` (expected chat, alpaca, completion or tokens)")]
     UnknownFormat {
         /// The name given.
         name: String,

@@ -1,12 +1,13 @@
 //! Datasets → token ids + label masks → batches.
 //!
-//! A dataset file (JSONL, or a JSON array) holds records in one of three layouts ([`Format`]):
+//! A dataset file (JSONL, or a JSON array) holds records in one of four layouts ([`Format`]):
 //! chat (`messages`, rendered with the model's [`ChatTemplate`]), alpaca (`instruction`/`input`/
-//! `output`) or completion (`text`). [`load_dataset`] validates every record (errors name
+//! `output`), completion (`text`) or pre-tokenized tokens (`input_ids`/`labels`). [`load_dataset`] validates every record (errors name
 //! `file:line` and the field), encodes each into an [`Example`] whose labels follow transformers'
 //! convention (unshifted, -100 where not supervised: only assistant turns / responses by default),
 //! truncates to `sequence_len` and drops examples left without a supervised token.
-//! [`make_batch`] and [`epoch_order`] feed the training loop.
+//! [`make_batch`] and [`epoch_order`] feed the training loop; [`packing`] lays several examples into
+//! one row ([`pack`], [`make_packed_batch`]) and groups rows by length ([`group_by_length`]).
 //!
 //! References: transformers `apply_chat_template` (rendering), TRL `assistant_only_loss`
 //! (which tokens are supervised), Stanford Alpaca `train.py` (prompt format and masking).
@@ -14,6 +15,7 @@
 mod batch;
 mod encode;
 mod error;
+pub mod packing;
 mod records;
 mod template;
 #[cfg(test)]
@@ -31,6 +33,7 @@ use tokenizers::Tokenizer;
 pub use batch::{epoch_order, make_batch, pad_token_id, Batch};
 pub use encode::{alpaca_prompt, EncodeOptions, Example, IGNORE_INDEX};
 pub use error::DataError;
+pub use packing::{group_by_length, make_packed_batch, pack};
 pub use template::{ChatTemplate, Message};
 
 use encode::Encoder;
@@ -46,15 +49,18 @@ pub enum Format {
     Alpaca,
     /// `{"text"}` (every token supervised) or `{"prompt", "completion"}` (the completion supervised).
     Completion,
+    /// Pre-tokenized: `{"input_ids": [ids], "labels": [ids or -100]}`, labels optional (default: the ids).
+    Tokens,
 }
 
 impl Format {
-    /// The lowercase name: `chat`, `alpaca`, `completion`.
+    /// The lowercase name: `chat`, `alpaca`, `completion`, `tokens`.
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Chat => "chat",
             Format::Alpaca => "alpaca",
             Format::Completion => "completion",
+            Format::Tokens => "tokens",
         }
     }
 }
@@ -68,12 +74,13 @@ impl fmt::Display for Format {
 impl FromStr for Format {
     type Err = DataError;
 
-    /// Parses `chat`, `alpaca` or `completion` (case-insensitive).
+    /// Parses `chat`, `alpaca`, `completion` or `tokens` (case-insensitive).
     fn from_str(name: &str) -> Result<Self, Self::Err> {
         match name.trim().to_ascii_lowercase().as_str() {
             "chat" => Ok(Format::Chat),
             "alpaca" => Ok(Format::Alpaca),
             "completion" => Ok(Format::Completion),
+            "tokens" => Ok(Format::Tokens),
             _ => Err(DataError::UnknownFormat { name: name.to_string() }),
         }
     }
@@ -141,6 +148,12 @@ pub fn load_dataset(
         None => detect_format(path, first)?,
     };
     let records: Vec<Record> = raw.iter().map(|record| parse_record(path, record, format)).collect::<Result<_, _>>()?;
+    if format == Format::Tokens {
+        let vocab = opts.vocab_size.unwrap_or_else(|| tokenizer.get_vocab_size(true));
+        for (record, raw) in records.iter().zip(&raw) {
+            check_vocab(record, vocab).map_err(|(key, message)| raw.location(path).field(key, message))?;
+        }
+    }
 
     if format == Format::Chat && template.is_none() {
         return Err(DataError::NoTemplate { path: path.to_path_buf() });
@@ -200,6 +213,19 @@ pub fn load_dataset(
     Ok(Dataset { path: path.to_path_buf(), format, examples, stats })
 }
 
+/// Pre-tokenized ids and labels must lie below the vocabulary size `vocab`: the failing key and message otherwise.
+fn check_vocab(record: &Record, vocab: usize) -> Result<(), (String, String)> {
+    let Record::Tokens { input_ids, labels } = record else { return Ok(()) };
+    let outside = |value: i64| format!("{value} is outside the vocabulary (token ids 0..{vocab})");
+    if let Some((i, &id)) = input_ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+        return Err((format!("input_ids[{i}]"), outside(id.into())));
+    }
+    if let Some((i, &label)) = labels.iter().enumerate().find(|(_, &label)| label >= 0 && label as usize >= vocab) {
+        return Err((format!("labels[{i}]"), outside(label.into())));
+    }
+    Ok(())
+}
+
 /// Lowercase hex of `bytes`.
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
@@ -217,7 +243,7 @@ mod tests {
     }
 
     fn opts(sequence_len: usize) -> EncodeOptions {
-        EncodeOptions { sequence_len, train_on_inputs: false }
+        EncodeOptions { sequence_len, train_on_inputs: false, vocab_size: None }
     }
 
     const CHAT: &str = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"}]}
@@ -226,7 +252,7 @@ mod tests {
 
     #[test]
     fn format_names_round_trip() {
-        for format in [Format::Chat, Format::Alpaca, Format::Completion] {
+        for format in [Format::Chat, Format::Alpaca, Format::Completion, Format::Tokens] {
             assert_eq!(format.to_string().parse::<Format>().unwrap(), format);
         }
         assert_eq!(" Chat ".parse::<Format>().unwrap(), Format::Chat);

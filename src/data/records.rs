@@ -6,6 +6,9 @@
 //! - chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": "…"}, …]}`
 //! - alpaca: `{"instruction": "…", "input": "…" (optional), "output": "…"}`
 //! - completion: `{"text": "…"}` or `{"prompt": "…", "completion": "…"}`
+//! - tokens (pre-tokenized): `{"input_ids": [1, 2, …], "labels": [-100, 2, …]}`; labels optional (default: the
+//!   ids), -100 = not predicted, the same length as `input_ids`. As transformers' `labels`: unshifted, the loss
+//!   shifts them by one position.
 
 use std::path::Path;
 
@@ -45,6 +48,8 @@ pub(crate) enum Record {
     Alpaca { instruction: String, input: Option<String>, output: String },
     /// Raw text; with `prompt` set, the prompt precedes `text` and is not supervised.
     Completion { prompt: Option<String>, text: String },
+    /// Token ids and their labels (same length; -100 or a non-negative id), not yet checked against the vocabulary.
+    Tokens { input_ids: Vec<u32>, labels: Vec<i32> },
 }
 
 /// Splits the dataset text into raw records. `text` is the whole file (a leading BOM is ignored).
@@ -190,6 +195,8 @@ pub(crate) fn detect_format(path: &Path, record: &RawRecord) -> Result<Format, D
     let object = as_object(&record.value, &record.location(path))?;
     if object.contains_key("messages") {
         Ok(Format::Chat)
+    } else if object.contains_key("input_ids") {
+        Ok(Format::Tokens)
     } else if object.contains_key("instruction") {
         Ok(Format::Alpaca)
     } else if object.contains_key("text") || (object.contains_key("prompt") && object.contains_key("completion")) {
@@ -229,7 +236,58 @@ pub(crate) fn parse_record(path: &Path, record: &RawRecord, format: Format) -> R
                 })
             }
         }
+        Format::Tokens => parse_tokens(object, &loc),
     }
+}
+
+/// `input_ids` (non-empty, ids ≥ 0) and `labels` (optional; -100 or ids ≥ 0; as long as `input_ids`).
+fn parse_tokens(object: &Map<String, Value>, loc: &Location) -> Result<Record, DataError> {
+    let integers = |name: &str| -> Result<Option<Vec<i64>>, DataError> {
+        let items = match object.get(name) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Array(items)) => items,
+            Some(other) => return Err(loc.field(name, format!("expected an array of integers, found {}", kind(other)))),
+        };
+        let values = items.iter().enumerate().map(|(i, item)| {
+            item.as_i64()
+                .ok_or_else(|| loc.field(format!("{name}[{i}]"), format!("expected an integer, found {}", kind(item))))
+        });
+        values.collect::<Result<Vec<_>, _>>().map(Some)
+    };
+    let ids = integers("input_ids")?.ok_or_else(|| loc.field("input_ids", "missing"))?;
+    if ids.is_empty() {
+        return Err(loc.field("input_ids", "is empty"));
+    }
+    let input_ids = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            u32::try_from(id).map_err(|_| loc.field(format!("input_ids[{i}]"), format!("{id} is not a token id")))
+        })
+        .collect::<Result<Vec<u32>, _>>()?;
+    let labels = match integers("labels")? {
+        None => input_ids.iter().map(|&id| id as i32).collect(),
+        Some(labels) => {
+            if labels.len() != input_ids.len() {
+                return Err(loc.field(
+                    "labels",
+                    format!("has {} entries, input_ids {}: they must be equally long", labels.len(), input_ids.len()),
+                ));
+            }
+            labels
+                .iter()
+                .enumerate()
+                .map(|(i, &label)| match i32::try_from(label) {
+                    Ok(label) if label >= 0 || label == super::encode::IGNORE_INDEX => Ok(label),
+                    _ => Err(loc.field(
+                        format!("labels[{i}]"),
+                        format!("{label} is neither a token id nor -100 (not predicted)"),
+                    )),
+                })
+                .collect::<Result<Vec<i32>, _>>()?
+        }
+    };
+    Ok(Record::Tokens { input_ids, labels })
 }
 
 fn parse_chat(object: &Map<String, Value>, loc: &Location) -> Result<Record, DataError> {

@@ -8,8 +8,9 @@
 
 use super::config::ModelConfig;
 use crate::linear::{AdaptedLinear, ForwardCtx, LayerAdapter};
-use crate::ops;
+use crate::ops::{self, Segments};
 use candle_core::{DType, Device, Result, Tensor, Var};
+use std::sync::Arc;
 
 /// One decoder layer.
 #[derive(Debug, Clone)]
@@ -70,7 +71,12 @@ impl Block {
             None => (k, v),
         };
         // (b, t, nh, hd) → (b, t, nh·hd)
-        let attn = ops::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt())?.reshape((b, t, nh * hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let attn = match &env.segments {
+            Some(segments) => ops::attention_segments(&q, &k, &v, scale, segments)?,
+            None => ops::attention(&q, &k, &v, scale)?,
+        }
+        .reshape((b, t, nh * hd))?;
         let h = (h + self.o_proj.forward(&attn, ctx)?.to_dtype(DType::F32)?)?;
 
         let x = ops::rms_norm(&h, &self.post_attention_layernorm, env.eps)?.to_dtype(dt)?;
@@ -102,10 +108,12 @@ pub struct LayerEnv {
     pub eps: f64,
     /// Dtype of the projections' inputs and outputs (the residual stream stays f32).
     pub dtype: DType,
-    /// (t, head_dim/2), f32
+    /// (t, head_dim/2), f32; (b·t, head_dim/2) for packed rows (positions restarting per example)
     pub cos: Tensor,
-    /// (t, head_dim/2), f32
+    /// (t, head_dim/2), f32; (b·t, head_dim/2) for packed rows (positions restarting per example)
     pub sin: Tensor,
+    /// Packed rows: each row's example boundaries; attention is block-diagonal over them.
+    pub segments: Option<Arc<Segments>>,
 }
 
 /// Keys and values of the positions already processed, per layer (for generation).
@@ -232,10 +240,15 @@ impl Llama {
 
     /// cos, sin (f32, whatever the compute dtype) of shape (t, head_dim/2) for positions offset..offset+t.
     fn rope_tables(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+        self.rope_tables_at(&(offset..offset + t).collect::<Vec<_>>())
+    }
+
+    /// cos, sin (f32) of shape (n, head_dim/2) for the n given positions.
+    fn rope_tables_at(&self, positions: &[usize]) -> Result<(Tensor, Tensor)> {
+        let (t, half) = (positions.len(), self.inv_freq.len());
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
-        for p in offset..offset + t {
+        for &p in positions {
             for &f in &self.inv_freq {
                 // position × inv_freq in f32, as transformers computes it
                 let a = p as f32 * f;
@@ -250,7 +263,24 @@ impl Llama {
 
     /// Final-norm hidden states (b, t, hidden), in f32, for token ids (b, t). With a cache, the ids continue the cached
     /// positions and the cache is extended.
-    pub fn forward_hidden(&self, ids: &Tensor, ctx: &ForwardCtx, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_hidden(&self, ids: &Tensor, ctx: &ForwardCtx, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.forward_hidden_inner(ids, ctx, cache, None)
+    }
+
+    /// [`Llama::forward_hidden`] of a batch whose rows hold the examples delimited by `segments` (packed rows, or
+    /// one example per row): each example attends only to itself, its RoPE positions start at 0, and the padding
+    /// after a row's last example is attended by nothing. Without a cache.
+    pub fn forward_hidden_segments(&self, ids: &Tensor, segments: &Segments, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.forward_hidden_inner(ids, ctx, None, Some(segments))
+    }
+
+    fn forward_hidden_inner(
+        &self,
+        ids: &Tensor,
+        ctx: &ForwardCtx,
+        mut cache: Option<&mut KvCache>,
+        segments: Option<&Segments>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         if let Some(w) = self.config.sliding_window {
@@ -262,7 +292,11 @@ impl Llama {
                 );
             }
         }
-        let (cos, sin) = self.rope_tables(offset, t)?;
+        let (cos, sin) = match segments {
+            // Positions restart at 0 in every example: one row of angles per (batch, position).
+            Some(seg) if !seg.one_per_row() => self.rope_tables_at(&seg.positions())?,
+            _ => self.rope_tables(offset, t)?,
+        };
         let cfg = &self.config;
         let env = LayerEnv {
             heads: cfg.num_attention_heads,
@@ -272,6 +306,7 @@ impl Llama {
             dtype: self.dtype,
             cos,
             sin,
+            segments: segments.map(|s| Arc::new(s.clone())),
         };
         // The base embedding is frozen: no gradient flows into it (only into a trained copy or trained rows).
         // Mixed precision as torch.autocast does it: the residual stream h stays f32 (norm statistics and the sums

@@ -15,7 +15,7 @@
 //! | [`rms_norm`] | y = x·r·w, r = (mean(x²)+ε)^-½ | dx = r·u − x·r³·mean(u⊙x), u = dy⊙w | `cuda/rms_norm.cu` fwd, bwd |
 //! | [`rope`] | HF "rotate_half" rotary embedding | rope with −sin | `cuda/rope.cu` (both) |
 //! | [`causal_softmax`] (softmax.rs) | softmax(s·x) with a causal mask | s·y⊙(g − Σ g⊙y) | — (reference; attention does not use it on CUDA) |
-//! | [`attention`] | causal GQA softmax(s·QKᵀ)·V: fused per head (CPU); by query chunks, keeping O and the row log-sum-exp L (CUDA) | recomputes P (per chunk: exp(s·QKᵀ − L)); dV = Pᵀ·dO, dS = P⊙(dP − rowsum(dO⊙O)) | chunked tensor ops (cuBLAS), [`graft`]ed |
+//! | [`attention`] | causal GQA softmax(s·QKᵀ)·V: fused per head (CPU); by query chunks, keeping O and the row log-sum-exp L (CUDA); [`attention_segments`]: block-diagonal over packed rows' examples ([`Segments`]), masked blocks skipped | recomputes P (per chunk: exp(s·QKᵀ − L)); dV = Pᵀ·dO, dS = P⊙(dP − rowsum(dO⊙O)) | chunked tensor ops (cuBLAS), [`graft`]ed |
 //! | [`swiglu`] | silu(a)·b | da = g·b·σ(a)(1 + a(1−σ(a))), db = g·silu(a) | `cuda/swiglu.cu` fwd, bwd |
 //! | [`linear_cross_entropy`] (cross_entropy.rs) | Σ −log softmax(h·Wᵀ)[label] / n, by row chunks | dh computed in the forward | chunked tensor ops (cuBLAS), [`graft`]ed |
 //! | [`dropout`] | x ⊙ mask(seed, index) | g ⊙ mask | `cuda/dropout.cu` (both; the CPU's mask bit for bit) |
@@ -50,12 +50,13 @@ mod nf4_matmul;
 pub mod reference;
 mod rms_norm;
 mod rope;
+mod segments;
 mod softmax;
 mod swiglu;
 #[cfg(test)]
 pub(crate) mod testutil;
 
-pub use attention::attention;
+pub use attention::{attention, attention_segments};
 pub use cross_entropy::linear_cross_entropy;
 pub use dropout::{dropout, seed_of};
 pub use frozen_matmul::{frozen_matmul, frozen_product};
@@ -63,6 +64,7 @@ pub use lora_linear::{lora_linear, LoraLinearOp};
 pub use nf4_matmul::nf4_matmul;
 pub use rms_norm::rms_norm;
 pub use rope::rope;
+pub use segments::Segments;
 pub use softmax::causal_softmax;
 pub use swiglu::swiglu;
 

@@ -69,6 +69,22 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     candle_nn::rotary_emb::rope_slow(&xt, &cos, &sin)?.transpose(1, 2)?.contiguous()?.to_dtype(dt)
 }
 
+/// Rotary embedding with one row of angles per (batch, position): x (b, t, h, d), cos/sin (b·t, d/2); composed
+/// ("rotate_half": y = x·cos + rotate_half(x)·sin), in f32.
+pub fn rope_per_row(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (x, dt) = widen(x)?;
+    let (b, t, _h, d) = x.dims4()?;
+    // (b·t, d/2) → (b, t, 1, d): both halves share the angles
+    let table = |c: &Tensor| -> Result<Tensor> {
+        let c = c.detach().to_dtype(DType::F32)?.reshape((b, t, 1, d / 2))?;
+        Tensor::cat(&[&c, &c], 3)
+    };
+    let (cos, sin) = (table(cos)?, table(sin)?);
+    let (x1, x2) = (x.narrow(3, 0, d / 2)?, x.narrow(3, d / 2, d / 2)?);
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+    (x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?.to_dtype(dt)
+}
+
 /// softmax(scale·x + causal mask) over the last dim, in f32.
 pub fn causal_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
     let (x, dt) = widen(x)?;

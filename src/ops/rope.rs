@@ -25,16 +25,17 @@ impl CustomOp1 for Rope {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_view(s, l, "rope")?;
-        // x: (b, t, h, d); cos, sin: (t, d/2)
-        let (_b, t, h, d) = l.shape().dims4()?;
+        // x: (b, t, h, d); cos, sin: (n, d/2) with n = t (shared by the rows) or b·t (per row)
+        let (_b, _t, h, d) = l.shape().dims4()?;
         let half = d / 2;
+        let n = self.cos.dim(0)?;
         let sign = if self.inverse { -1.0f32 } else { 1.0 };
         let mut out = vec![0f32; x.len()];
         with_f32(&self.cos, |cos| {
             with_f32(&self.sin, |sin| {
                 // One chunk per (batch, position): its h heads share the position's angles.
                 out.par_chunks_mut(h * d).zip(x.par_chunks(h * d)).enumerate().for_each(|(row, (o, xs))| {
-                    let p = row % t;
+                    let p = row % n;
                     let (c, sn) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
                     for (or, xr) in o.chunks_mut(d).zip(xs.chunks(d)) {
                         let (x1, x2) = xr.split_at(half);
@@ -58,8 +59,9 @@ impl CustomOp1 for Rope {
         use candle_core::cuda::CudaDType;
         use candle_core::{CudaStorage, DType, Storage};
 
-        // x: (b, t, h, d); cos, sin: (t, d/2) f32
-        let (_b, t, h, d) = l.shape().dims4()?;
+        // x: (b, t, h, d); cos, sin: (n, d/2) f32, n = t or b·t (the kernel's position index is (b·t + i) mod n)
+        let (_b, _t, h, d) = l.shape().dims4()?;
+        let t = self.cos.dim(0)?;
         if d % 2 != 0 {
             candle_core::bail!("rope: odd head size {d}");
         }
@@ -123,13 +125,18 @@ impl CustomOp1 for Rope {
     }
 }
 
-/// Rotary embedding of x (b, t, h, d) with `cos`, `sin` of shape (t, d/2) (already offset to the positions of x).
+/// Rotary embedding of x (b, t, h, d) with `cos`, `sin` of shape (t, d/2) (already offset to the positions of x),
+/// or (b·t, d/2): one row of angles per (batch, position), for packed rows whose positions restart per example.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (_, t, _, d) = x.dims4()?;
-    if cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
+    let (b, t, _, d) = x.dims4()?;
+    let n = cos.dim(0)?;
+    if (n != t && n != b * t) || cos.dims() != [n, d / 2] || sin.dims() != cos.dims() {
         candle_core::bail!("rope: cos/sin {:?} do not match x {:?}", cos.dims(), x.dims());
     }
     if !super::use_kernel(x, true) {
+        if n != t {
+            return super::reference::rope_per_row(x, cos, sin);
+        }
         return super::reference::rope(x, cos, sin);
     }
     // The angle tables as the kernels read them: f32, contiguous, on x's device (no-ops when they already are).
@@ -166,5 +173,32 @@ mod tests {
             1e-5,
         );
         compare_bf16_with_f32(&[x], |t| rope(&t[0], &cos, &sin).unwrap(), BF16_TOL);
+    }
+
+    #[test]
+    fn per_row_tables_rotate_each_row_by_its_own_positions() {
+        // Row 0 at positions 0..5, row 1 at positions (0, 1, 0, 1, 2): the packed-row layout.
+        let (t, d) = (5, 8);
+        let angles = rand(&[t, d / 2], 9);
+        let table = |positions: &[u32]| {
+            let idx = Tensor::new(positions, &candle_core::Device::Cpu).unwrap();
+            (angles.cos().unwrap().index_select(&idx, 0).unwrap(), angles.sin().unwrap().index_select(&idx, 0).unwrap())
+        };
+        let (cos, sin) = table(&[0, 1, 2, 3, 4, 0, 1, 0, 1, 2]);
+        let x = rand(&[2, t, 3, d], 10);
+        let y = rope(&x, &cos, &sin).unwrap();
+        let (c0, s0) = table(&[0, 1, 2, 3, 4]);
+        let (c1, s1) = table(&[0, 1, 0, 1, 2]);
+        let row = |i: usize| x.narrow(0, i, 1).unwrap();
+        let want = Tensor::cat(&[rope(&row(0), &c0, &s0).unwrap(), rope(&row(1), &c1, &s1).unwrap()], 0).unwrap();
+        assert!(max_abs_diff(&y, &want) < 1e-6);
+        check_grad(&[2, t, 3, d], |x| rope(x, &cos, &sin).unwrap(), 1e-2);
+        compare_with_reference(
+            std::slice::from_ref(&x),
+            |t| rope(&t[0], &cos, &sin).unwrap(),
+            |t| super::super::reference::rope_per_row(&t[0], &cos, &sin).unwrap(),
+            1e-5,
+        );
+        assert!(rope(&x, &cos.narrow(0, 0, 7).unwrap(), &sin.narrow(0, 0, 7).unwrap()).is_err());
     }
 }

@@ -85,6 +85,8 @@ name_enum! {
         Alpaca = "alpaca",
         /// `{"text"}` (or `{"prompt", "completion"}`).
         Completion = "completion",
+        /// Pre-tokenized: `{"input_ids": [ids], "labels": [ids or -100]}` (labels optional: all predicted).
+        Tokens = "tokens",
     }
     default Auto
 }

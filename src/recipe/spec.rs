@@ -418,6 +418,17 @@ pub struct DataSpec {
     /// Shuffle the training records each epoch (default true).
     #[serde(default = "default_true")]
     pub shuffle: bool,
+    /// Sample packing (default false): lay several examples into each row of up to `sequence_len` tokens
+    /// (best-fit decreasing, deterministic given `training.seed`), so rows carry only the padding left at their
+    /// end. Each example attends only to itself, its positions restart at 0 and no target crosses from one
+    /// example into the next, so the loss equals the unpacked one; `training.micro_batch_size` then counts
+    /// packed rows.
+    #[serde(default)]
+    pub packing: bool,
+    /// Batch rows of similar length together (default false), as transformers' `group_by_length`: each epoch's
+    /// shuffled order is cut into mega-batches of 50 optimizer steps, each sorted by length, longest first.
+    #[serde(default)]
+    pub group_by_length: bool,
 }
 
 fn default_sequence_len() -> usize {
@@ -736,5 +747,27 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
         assert!(!list.matches("model.layers.3.self_attn.xq_proj"));
         assert!(TargetModules::AllLinear.matches("model.layers.0.mlp.up_proj"));
         assert!(!TargetModules::AllLinear.matches("lm_head"));
+    }
+
+    #[test]
+    fn packing_group_by_length_and_tokens_format() {
+        let f = fixture();
+        let r = ok(&minimal(&f, "lora"), &[]);
+        assert!(!r.data.packing && !r.data.group_by_length);
+        let text = format!(
+            "base_model: m/x\nadapter: {{type: lora}}\ndata:\n  train: {}\n  format: tokens\n  packing: true\n  \
+             group_by_length: true\noutput: {{dir: o}}\n",
+            f.train
+        );
+        let r = ok(&text, &[]);
+        assert!(r.data.packing && r.data.group_by_length);
+        assert_eq!(r.data.format, DataFormat::Tokens);
+        assert!(!ok(&text, &["data.packing=false"]).data.packing);
+        let bad = text.replace("packing: true", "packing: 3");
+        let e = err(&bad, &[]);
+        assert_eq!(e.key(), Some("data.packing"));
+        assert_msg(&e, "recipes/x.yaml:6: data.packing: expected true or false, found the number 3", &[]);
+        let e = err(&text.replace("format: tokens", "format: token_ids"), &[]);
+        assert_msg(&e, "recipes/x.yaml:5: data.format:", &["tokens"]);
     }
 }

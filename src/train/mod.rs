@@ -6,6 +6,10 @@
 //! which is all the state there is, so a run stopped and resumed writes the same adapter bytes as an
 //! uninterrupted one.
 //!
+//! Rows: a micro-batch is `micro_batch_size` rows, each one example or, with packing, several
+//! ([`TrainConfig::rows`]); every batch carries its rows' example boundaries, so attention never crosses an example
+//! and skips the padding ([`crate::ops::attention_segments`]).
+//!
 //! Loss normalisation: each optimizer step's loss is the mean over the supervised tokens of all its micro-batches
 //! (every micro-batch's summed loss is divided by the step's token count), so accumulation gives the same gradient
 //! as one large batch, as transformers ≥ 4.46 does.
@@ -20,10 +24,10 @@ pub mod step;
 
 use crate::adapter::vocab::VocabConfig;
 use crate::adapter::{self, peft_format, AdapterConfig, AdapterError};
-use crate::data::{epoch_order, make_batch, Example};
+use crate::data::{epoch_order, group_by_length, make_batch, make_packed_batch, pack, Example};
 use crate::linear::ForwardCtx;
 use crate::model::Llama;
-use crate::ops;
+use crate::ops::{self, Segments};
 use crate::recipe::LrScheduler;
 use candle_core::{Device, Tensor};
 use optim::AdamW;
@@ -77,11 +81,17 @@ pub struct TrainConfig {
     pub save_every: Option<usize>,
     pub logging_every: usize,
     pub pad_id: u32,
+    /// Sample packing (`data.packing`): `Some(capacity)` lays several examples into each row of up to `capacity`
+    /// tokens ([`crate::data::pack`]); a micro-batch is then `micro_batch_size` packed rows.
+    pub packing: Option<usize>,
+    /// `data.group_by_length`: each epoch's rows grouped by length ([`crate::data::group_by_length`]).
+    pub group_by_length: bool,
 }
 
 impl TrainConfig {
-    /// The settings of a recipe's `training` section for a training set of `n_examples` sequences.
-    pub fn from_recipe(recipe: &crate::recipe::Recipe, pad_id: u32, n_examples: usize) -> Self {
+    /// The settings of a recipe's `training` section (and of `data.packing`, `data.group_by_length`) for the
+    /// training set `train`.
+    pub fn from_recipe(recipe: &crate::recipe::Recipe, pad_id: u32, train: &[Example]) -> Self {
         let t = &recipe.training;
         let mut cfg = TrainConfig {
             micro_batch_size: t.micro_batch_size.max(1),
@@ -102,9 +112,31 @@ impl TrainConfig {
             save_every: t.save_every,
             logging_every: t.logging_every.max(1),
             pad_id,
+            packing: recipe.data.packing.then_some(recipe.data.sequence_len),
+            group_by_length: recipe.data.group_by_length,
         };
-        cfg.warmup_steps = t.warmup_steps_for(cfg.total_steps(n_examples));
+        cfg.warmup_steps = t.warmup_steps_for(cfg.total_steps(cfg.rows(train).len()));
         cfg
+    }
+
+    /// The training rows: with packing, the example indices of each packed row ([`crate::data::pack`], seeded
+    /// with `seed`); else one example per row. Micro-batches take `micro_batch_size` rows.
+    pub fn rows(&self, train: &[Example]) -> Vec<Vec<usize>> {
+        match self.packing {
+            Some(capacity) => pack(&train.iter().map(Example::len).collect::<Vec<_>>(), capacity, self.seed),
+            None => (0..train.len()).map(|i| vec![i]).collect(),
+        }
+    }
+
+    /// The order in which epoch `epoch` visits rows of `lengths` tokens: [`epoch_order`], then grouped by length
+    /// (mega-batches of [`crate::data::packing::MEGABATCH_MULT`] optimizer steps) with `group_by_length`.
+    pub fn row_order(&self, lengths: &[usize], epoch: usize) -> Vec<usize> {
+        let order = epoch_order(lengths.len(), self.seed, epoch, self.shuffle);
+        if !self.group_by_length {
+            return order;
+        }
+        let megabatch = crate::data::packing::MEGABATCH_MULT * self.micro_batch_size * self.gradient_accumulation_steps;
+        group_by_length(&order, lengths, megabatch)
     }
 
     /// Micro-batches in one pass over `n` examples.
@@ -146,11 +178,27 @@ pub struct TrainSummary {
     pub final_eval: Option<EvalResult>,
     /// Validation loss before training, when a validation set is given and the run started fresh.
     pub initial_eval: Option<EvalResult>,
-    /// Input tokens processed (padding excluded).
+    /// Input tokens processed (supervised and context; padding excluded).
     pub tokens: usize,
+    /// Positions processed, padding included (`tokens` + padded positions).
+    pub positions: usize,
+    /// Seconds spent in optimizer steps (evaluation and checkpoints excluded): `tokens / step_s` is the training
+    /// throughput.
+    pub step_s: f64,
     pub wall_s: f64,
     /// Set when the run stopped early (interrupt): the checkpoint to resume from.
     pub interrupted_at: Option<PathBuf>,
+}
+
+impl TrainSummary {
+    /// Padded positions over all positions processed (0 without padding).
+    pub fn padding_fraction(&self) -> f64 {
+        1.0 - self.tokens as f64 / self.positions.max(1) as f64
+    }
+    /// Training throughput: tokens (supervised + context, padding excluded) per second spent in optimizer steps.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.step_s.max(1e-9)
+    }
 }
 
 /// Mean negative log-likelihood over supervised tokens.
@@ -178,7 +226,7 @@ pub fn evaluate(
             continue;
         }
         let ids = Tensor::from_vec(batch.input_ids.clone(), (batch.batch, batch.seq), &model.device)?;
-        let hidden = model.forward_hidden(&ids, &ctx, None)?;
+        let hidden = model.forward_hidden_segments(&ids, &Segments::new(batch.boundaries(), batch.seq)?, &ctx)?;
         let loss = model.loss(&hidden, &batch.labels, 1.0)?.to_scalar::<f32>()? as f64;
         sum += loss;
         count += n;
@@ -218,8 +266,13 @@ fn fingerprint(cfg: &TrainConfig, adapter: &AdapterConfig, vocab: &VocabConfig, 
     use sha2::{Digest, Sha256};
     // How often to evaluate, save or log does not change the adapter: leave it out.
     let semantic = TrainConfig { eval_every: None, save_every: None, logging_every: 1, ..cfg.clone() };
+    let mut described = format!("{semantic:?}");
+    // Row layout settings enter only when set, so that checkpoints written before they existed still resume.
+    if cfg.packing.is_none() && !cfg.group_by_length {
+        described = described.replace(", packing: None, group_by_length: false", "");
+    }
     let mut h = Sha256::new();
-    h.update(format!("{semantic:?}|{adapter:?}").as_bytes());
+    h.update(format!("{described}|{adapter:?}").as_bytes());
     // Trained embedding / head rows (only when there are some, so earlier runs' checkpoints still resume).
     if !vocab.is_empty() {
         h.update(format!("|{vocab:?}").as_bytes());
@@ -352,7 +405,10 @@ pub fn train(
     }
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let started = Instant::now();
-    let n = train_set.len();
+    // The rows micro-batches are cut from: single examples, or packed ones.
+    let rows = cfg.rows(train_set);
+    let row_lengths: Vec<usize> = rows.iter().map(|row| row.iter().map(|&i| train_set[i].len()).sum()).collect();
+    let n = rows.len();
     let micro_per_epoch = cfg.micro_per_epoch(n);
     let steps_per_epoch = cfg.steps_per_epoch(n);
     let total_steps = cfg.total_steps(n);
@@ -420,7 +476,9 @@ pub fn train(
     };
     // Totals carried over from before a resume, so the card describes the whole run.
     let prior_tokens = resumed_progress["tokens"].as_u64().unwrap_or(0) as usize;
+    let prior_positions = resumed_progress["positions"].as_u64().map_or(prior_tokens, |p| p as usize);
     let prior_wall = resumed_progress["wall_s"].as_f64().unwrap_or(0.0);
+    let prior_step_s = resumed_progress["step_s"].as_f64().unwrap_or(0.0);
 
     let bar = if opts.progress {
         let pb = indicatif::ProgressBar::new(total_steps as u64);
@@ -436,7 +494,7 @@ pub fn train(
         None
     };
 
-    let mut tokens_total = 0usize;
+    let (mut tokens_total, mut positions_total, mut step_s_total) = (0usize, 0usize, 0f64);
     let mut last_loss = None;
     let mut interrupted_at = None;
     let mut step = start_step;
@@ -447,7 +505,7 @@ pub fn train(
         // The micro-batches of this step: a window of this epoch's order.
         let epoch = step / steps_per_epoch;
         if order.0 != epoch {
-            order = (epoch, epoch_order(n, cfg.seed, epoch, cfg.shuffle));
+            order = (epoch, cfg.row_order(&row_lengths, epoch));
         }
         let order = &order.1;
         let first_micro = (step % steps_per_epoch) * cfg.gradient_accumulation_steps;
@@ -455,10 +513,12 @@ pub fn train(
         let batches: Vec<_> = (first_micro..last_micro)
             .map(|mi| {
                 let idx = &order[mi * cfg.micro_batch_size..((mi + 1) * cfg.micro_batch_size).min(n)];
-                let exs: Vec<&Example> = idx.iter().map(|&i| &train_set[i]).collect();
-                make_batch(&exs, cfg.pad_id)
+                let exs: Vec<Vec<&Example>> =
+                    idx.iter().map(|&r| rows[r].iter().map(|&i| &train_set[i]).collect()).collect();
+                make_packed_batch(&exs, cfg.pad_id)
             })
             .collect();
+        let step_positions: usize = batches.iter().map(|b| b.batch * b.seq).sum();
         let lr = schedule::lr_at(cfg.lr_scheduler, cfg.learning_rate, cfg.warmup_steps, total_steps, step);
         let seed = |mi: usize| Some(ops::seed_of(&[cfg.seed, step as u64, mi as u64]));
         let (step_loss, grad_norm, step_tokens) =
@@ -476,12 +536,16 @@ pub fn train(
 
         let dt = step_started.elapsed().as_secs_f64();
         tokens_total += step_tokens;
+        positions_total += step_positions;
+        step_s_total += dt;
+        let padding = 1.0 - step_tokens as f64 / step_positions.max(1) as f64;
         last_loss = Some(step_loss);
         let tps = step_tokens as f64 / dt.max(1e-9);
         if step % cfg.logging_every.max(1) == 0 || step == total_steps {
             log(json!({
                 "step": step, "epoch": step as f64 / steps_per_epoch as f64, "loss": step_loss, "lr": lr,
                 "grad_norm": grad_norm, "tokens": step_tokens, "tokens_per_s": tps, "step_s": dt,
+                "padding_fraction": padding,
                 "elapsed_s": started.elapsed().as_secs_f64(),
             }))?;
         }
@@ -509,6 +573,8 @@ pub fn train(
         if stop || scheduled {
             let progress = json!({
                 "tokens": prior_tokens + tokens_total,
+                "positions": prior_positions + positions_total,
+                "step_s": prior_step_s + step_s_total,
                 "wall_s": prior_wall + started.elapsed().as_secs_f64(),
                 "initial_eval": initial_eval.map(|r| json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens})),
             });
@@ -549,7 +615,49 @@ pub fn train(
         final_eval,
         initial_eval,
         tokens: prior_tokens + tokens_total,
+        positions: prior_positions + positions_total,
+        step_s: prior_step_s + step_s_total,
         wall_s: prior_wall + started.elapsed().as_secs_f64(),
         interrupted_at,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_layout_enters_the_fingerprint_only_when_set() {
+        let cfg = TrainConfig {
+            micro_batch_size: 2,
+            gradient_accumulation_steps: 1,
+            max_steps: Some(1),
+            epochs: 1,
+            learning_rate: 1e-3,
+            lr_scheduler: LrScheduler::Constant,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 1,
+            shuffle: true,
+            eval_every: None,
+            save_every: None,
+            logging_every: 1,
+            pad_id: 0,
+            packing: None,
+            group_by_length: false,
+        };
+        let adapter = AdapterConfig::Ia3(Default::default());
+        let data = [Example { input_ids: vec![1, 2], labels: vec![1, 2] }];
+        // The description hashed for a run without packing is the one written before packing existed.
+        let described = format!("{cfg:?}");
+        assert!(described.ends_with(", pad_id: 0, packing: None, group_by_length: false }"), "{described}");
+        let plain = fingerprint(&cfg, &adapter, &VocabConfig::default(), &data);
+        let packed = fingerprint(&TrainConfig { packing: Some(64), ..cfg.clone() }, &adapter, &VocabConfig::default(), &data);
+        let grouped = fingerprint(&TrainConfig { group_by_length: true, ..cfg.clone() }, &adapter, &VocabConfig::default(), &data);
+        assert!(plain != packed && plain != grouped && packed != grouped);
+    }
 }

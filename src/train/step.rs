@@ -7,6 +7,7 @@ use super::optim::{self, AdamW};
 use crate::data::Batch;
 use crate::linear::ForwardCtx;
 use crate::model::Llama;
+use crate::ops::Segments;
 use candle_core::{Result, Tensor};
 
 /// What a step did.
@@ -41,7 +42,9 @@ pub fn optimizer_step(
     for (mi, batch) in batches.iter().enumerate() {
         let ctx = ForwardCtx { dropout_seed: dropout_seed(mi), no_grad: false };
         let ids = Tensor::from_vec(batch.input_ids.clone(), (batch.batch, batch.seq), &model.device)?;
-        let hidden = model.forward_hidden(&ids, &ctx, None)?;
+        // Each row's examples attend only to themselves; attention skips the padding.
+        let segments = Segments::new(batch.boundaries(), batch.seq)?;
+        let hidden = model.forward_hidden_segments(&ids, &segments, &ctx)?;
         let loss = model.loss(&hidden, &batch.labels, denom)?;
         let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
         if !value.is_finite() {
