@@ -15,10 +15,7 @@ pub(crate) const MAX_ROWS: usize = 4;
 
 /// Whether `q`, `k`, `v` are a CPU decode step with no gradient wanted.
 pub(crate) fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    q.device().is_cpu()
-        && q.rank() == 4
-        && q.dims()[1] <= MAX_ROWS
-        && !(q.track_op() || k.track_op() || v.track_op())
+    q.device().is_cpu() && q.rank() == 4 && q.dims()[1] <= MAX_ROWS && !(q.track_op() || k.track_op() || v.track_op())
 }
 
 crate::host::isa_variants! {

@@ -656,8 +656,14 @@ mod tests {
         let described = format!("{cfg:?}");
         assert!(described.ends_with(", pad_id: 0, packing: None, group_by_length: false }"), "{described}");
         let plain = fingerprint(&cfg, &adapter, &VocabConfig::default(), &data);
-        let packed = fingerprint(&TrainConfig { packing: Some(64), ..cfg.clone() }, &adapter, &VocabConfig::default(), &data);
-        let grouped = fingerprint(&TrainConfig { group_by_length: true, ..cfg.clone() }, &adapter, &VocabConfig::default(), &data);
+        let packed =
+            fingerprint(&TrainConfig { packing: Some(64), ..cfg.clone() }, &adapter, &VocabConfig::default(), &data);
+        let grouped = fingerprint(
+            &TrainConfig { group_by_length: true, ..cfg.clone() },
+            &adapter,
+            &VocabConfig::default(),
+            &data,
+        );
         assert!(plain != packed && plain != grouped && packed != grouped);
     }
 }
