@@ -363,6 +363,8 @@ fn oracle_batches_round_trip_through_a_tokens_file() {
         pad_id: 0,
         packing: None,
         group_by_length: false,
+        init_from: None,
+        loraplus: None,
     };
     // The trainer's batching: rows, the epoch's order, windows of micro_batch_size rows.
     let units = cfg.rows(&ds.examples);

@@ -20,6 +20,9 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Per-variable factors on the step's learning rate (LoRA+'s parameter groups; all 1 by default). Weight
+    /// decay uses the scaled rate too, as torch's per-group `lr` does.
+    pub lr_scale: Vec<f64>,
 }
 
 impl AdamW {
@@ -27,7 +30,8 @@ impl AdamW {
         // Two sets of buffers (not clones of one: the fused CUDA step writes m and v in place).
         let m = vars.iter().map(|v| v.zeros_like()).collect::<Result<Vec<_>>>()?;
         let v = vars.iter().map(|v| v.zeros_like()).collect::<Result<Vec<_>>>()?;
-        Ok(Self { vars, m, v, t: 0, beta1, beta2, eps, weight_decay })
+        let lr_scale = vec![1.0; vars.len()];
+        Ok(Self { vars, m, v, t: 0, beta1, beta2, eps, weight_decay, lr_scale })
     }
 
     /// One update with gradients `grads` (same order as the variables).
@@ -36,9 +40,10 @@ impl AdamW {
         let (b1, b2) = (self.beta1, self.beta2);
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
-        #[cfg(feature = "cuda")]
-        let scalars = self.scalars(lr, c1, c2);
         for (i, var) in self.vars.iter().enumerate() {
+            let lr = lr * self.lr_scale.get(i).copied().unwrap_or(1.0);
+            #[cfg(feature = "cuda")]
+            let scalars = self.scalars(lr, c1, c2);
             let g = grads[i].to_dtype(crate::compute::Compute::PARAM_DTYPE)?;
             #[cfg(feature = "cuda")]
             if cuda::fused_step(var, &g, &mut self.m[i], &mut self.v[i], scalars)? {
