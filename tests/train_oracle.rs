@@ -254,3 +254,69 @@ fn cli_train_init_from_reproduces_peft_in_f32() {
         "{stderr}"
     );
 }
+
+/// LoRA+ (`training.loraplus_lr_ratio: R`), one step of `peftkit train` from `train-oracle/init` on the oracle's
+/// first batch: the A matrices move exactly as with one learning rate (PEFT's step-1 tensors), and each B matrix
+/// takes the first AdamW step at lr·R. Closed form of that step: m̂ = g, v̂ = g², so
+/// B₁ = B₀·(1 − lr·R·wd) − lr·R·g/(|g| + ε); the direction u = g/(|g| + ε) is read off PEFT's own step at R = 1,
+/// u = (B₀·(1 − lr·wd) − B₁ᴾᴱᶠᵀ)/lr. (Elements whose gradient is a few ε carry ≈ 5e-6 of float noise at R = 1,
+/// scaled by R here: hence the bound 1e-5·R.)
+#[test]
+fn cli_loraplus_scales_the_b_step_by_the_ratio() {
+    const R: f64 = 4.0;
+    let (lr, wd) = (1e-2f64, 0.01f64);
+    let o = oracle();
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("oracle-batches.jsonl");
+    oracle_tokens_file(&o, &data);
+    let out = d.path().join("out");
+    let recipe = d.path().join("loraplus.yaml");
+    let init_dir = fixtures().join("train-oracle/init");
+    std::fs::write(
+        &recipe,
+        format!(
+            "base_model: {base}\nadapter: {{type: lora, init_from: {init}}}\n\
+             data: {{train: {data}, format: tokens, sequence_len: 16, shuffle: false}}\n\
+             training: {{max_steps: 1, micro_batch_size: 2, learning_rate: {lr}, lr_scheduler: constant, \
+             weight_decay: {wd}, max_grad_norm: 0.5, device: cpu, dtype: f32, loraplus_lr_ratio: {R}}}\n\
+             output: {{dir: {out}}}\n",
+            base = fixtures().join("tiny-llama").display(),
+            init = init_dir.display(),
+            data = data.display(),
+            out = out.display(),
+        ),
+    )
+    .unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_peftkit"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("NO_COLOR", "1")
+        .arg("train")
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let saved = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let init = candle_core::safetensors::load(init_dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let (mut max_a, mut max_b, mut n_b) = (0f64, 0f64, 0);
+    for (name, got) in &saved {
+        let (got, b0, peft1) = (flat(got), flat(&init[name]), flat(&o.tensors[&format!("step1.{name}")]));
+        if name.contains(".lora_B.") {
+            n_b += 1;
+            for ((g, b0), p1) in got.iter().zip(&b0).zip(&peft1) {
+                let (b0, p1) = (*b0 as f64, *p1 as f64);
+                let u = (b0 * (1.0 - lr * wd) - p1) / lr;
+                let want = b0 * (1.0 - lr * R * wd) - lr * R * u;
+                max_b = max_b.max((*g as f64 - want).abs());
+            }
+        } else {
+            for (g, p1) in got.iter().zip(&peft1) {
+                max_a = max_a.max((g - p1).abs() as f64);
+            }
+        }
+    }
+    eprintln!("LoRA+ (ratio {R}) one step: A vs PEFT (ratio 1) max |Δ| {max_a:.2e}; B vs the closed form at lr·{R} max |Δ| {max_b:.2e}");
+    assert_eq!(n_b, 14);
+    assert!(max_a <= 1e-5, "an A element differs from the one-learning-rate step by {max_a:e}");
+    assert!(max_b <= 1e-5 * R, "a B element differs from AdamW's first step at lr·R by {max_b:e}");
+}

@@ -670,6 +670,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn loraplus_groups_as_peft() {
+        // PEFT's create_loraplus_optimizer: lora_B and 1-D tensors → lr·ratio; A and 2-D rest → lr; embedding → its own.
+        let plus = LoraPlus { lr_ratio: 16.0, lr_embedding: 1e-6 };
+        let p = "base_model.model.model.layers.0.self_attn.q_proj";
+        assert_eq!(plus.scale(&format!("{p}.lora_B.weight"), &[64, 4], 1e-3), 16.0);
+        assert_eq!(plus.scale(&format!("{p}.lora_A.weight"), &[4, 64], 1e-3), 1.0);
+        assert_eq!(plus.scale(&format!("{p}.lora_magnitude_vector"), &[64], 1e-3), 16.0);
+        assert_eq!(plus.scale("base_model.model.lm_head.weight", &[100, 64], 1e-3), 1.0);
+        let e = plus.scale("base_model.model.model.embed_tokens.weight", &[100, 64], 1e-3);
+        assert!((e * 1e-3 - 1e-6).abs() < 1e-18, "{e}");
+        let rows = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+        assert!((plus.scale(rows, &[2, 64], 1e-3) * 1e-3 - 1e-6).abs() < 1e-18);
+    }
+
+    #[test]
     fn row_layout_enters_the_fingerprint_only_when_set() {
         let cfg = TrainConfig {
             micro_batch_size: 2,

@@ -300,6 +300,22 @@ mod tests {
     }
 
     #[test]
+    fn lr_scale_is_a_per_variable_learning_rate() {
+        // Two scalars with the same gradient, the second at 4× the learning rate (LoRA+'s B group): first AdamW
+        // step p₁ = p₀·(1 − lr·s·wd) − lr·s·g/(|g| + ε).
+        let (a, b) = (Var::new(&[1.0f32], &Device::Cpu).unwrap(), Var::new(&[1.0f32], &Device::Cpu).unwrap());
+        let mut opt = AdamW::new(vec![a.clone(), b.clone()], 0.9, 0.999, 1e-8, 0.01).unwrap();
+        opt.lr_scale = vec![1.0, 4.0];
+        let g = Tensor::new(&[0.5f32], &Device::Cpu).unwrap();
+        opt.step(&[g.clone(), g], 0.1).unwrap();
+        for (var, s) in [(&a, 1.0f64), (&b, 4.0)] {
+            let want = 1.0 * (1.0 - 0.1 * s * 0.01) - 0.1 * s * 0.5 / (0.5 + 1e-8);
+            let got = var.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
+            assert!((got - want).abs() < 1e-6, "scale {s}: {got} vs {want}");
+        }
+    }
+
+    #[test]
     fn clipping_scales_to_max_norm() {
         let mut g =
             vec![Tensor::new(&[3.0f32, 0.0], &Device::Cpu).unwrap(), Tensor::new(&[4.0f32], &Device::Cpu).unwrap()];
