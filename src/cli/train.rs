@@ -228,6 +228,19 @@ pub fn run(args: Args) -> Result<()> {
     );
 
     let cfg = TrainConfig::from_recipe(&recipe, base.pad_id, &train_set.examples);
+    if let Some(plus) = &cfg.loraplus {
+        tracing::info!(
+            "LoRA+: lora_B (and DoRA magnitudes) at {:.2e} (×{}), lora_A at {:.2e}{}",
+            cfg.learning_rate * plus.lr_ratio,
+            plus.lr_ratio,
+            cfg.learning_rate,
+            if vocab_params > 0 {
+                format!(", embedding rows/copy at {:.2e}", plus.lr_embedding)
+            } else {
+                String::new()
+            }
+        );
+    }
     if cfg.packing.is_some() {
         let rows = cfg.rows(&train_set.examples).len();
         tracing::info!(
