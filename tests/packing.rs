@@ -198,6 +198,8 @@ fn training_with_packing_and_length_grouping_runs_and_reports_padding() {
         pad_id: 0,
         packing,
         group_by_length,
+        init_from: None,
+        loraplus: None,
     };
     let mut padding = Vec::new();
     for (name, c) in [("plain", cfg(None, false)), ("grouped", cfg(None, true)), ("packed", cfg(Some(32), false))] {
