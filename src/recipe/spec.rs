@@ -518,7 +518,10 @@ pub struct TrainingSpec {
     pub loraplus_lr_ratio: Option<f64>,
     /// With `loraplus_lr_ratio`: the learning rate of trained embedding rows and copies (`modules_to_save:
     /// [embed_tokens]`, `trainable_token_indices`), as LoRA+'s `loraplus_lr_embedding` (LoRA+'s default 1e-6
-    /// applies when this is absent). A positive number; only with `loraplus_lr_ratio`.
+    /// applies when this is absent). A positive number; only with `loraplus_lr_ratio`. (PEFT 0.x's own
+    /// `create_loraplus_optimizer` looks the parameter up with `attrgetter(name)`, which returns the parameter, not
+    /// its module, so its embedding group stays empty and such rows train at `learning_rate` there; an `lm_head`
+    /// copy trains at `learning_rate` in both.)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loraplus_lr_embedding: Option<f64>,
 }
