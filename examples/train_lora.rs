@@ -81,6 +81,8 @@ fn main() -> Result<()> {
         pad_id: base.pad_id,
         packing: None,
         group_by_length: false,
+        init_from: None,
+        loraplus: None,
     };
     let valid = &dataset.examples[..dataset.examples.len().min(16)];
     let summary = train::train(

@@ -198,6 +198,8 @@ fn training_with_packing_and_length_grouping_runs_and_reports_padding() {
         pad_id: 0,
         packing,
         group_by_length,
+        init_from: None,
+        loraplus: None,
     };
     let mut padding = Vec::new();
     for (name, c) in [("plain", cfg(None, false)), ("grouped", cfg(None, true)), ("packed", cfg(Some(32), false))] {
@@ -363,6 +365,8 @@ fn oracle_batches_round_trip_through_a_tokens_file() {
         pad_id: 0,
         packing: None,
         group_by_length: false,
+        init_from: None,
+        loraplus: None,
     };
     // The trainer's batching: rows, the epoch's order, windows of micro_batch_size rows.
     let units = cfg.rows(&ds.examples);

@@ -63,6 +63,8 @@ fn config(max_steps: usize) -> TrainConfig {
         pad_id: 0,
         packing: None,
         group_by_length: false,
+        init_from: None,
+        loraplus: None,
     }
 }
 

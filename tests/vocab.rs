@@ -536,6 +536,8 @@ fn fresh_copies_and_rows_are_the_identity_and_resume_restores_them() {
         pad_id: 0,
         packing: None,
         group_by_length: false,
+        init_from: None,
+        loraplus: None,
     };
     let work = tmp("resume");
     for (i, vcfg) in configs.iter().enumerate() {

@@ -65,7 +65,12 @@ fn facts(d: &Dataset) -> DataFacts {
 pub fn run(args: Args) -> Result<()> {
     // Everything about the recipe is checked before any download or computation.
     let recipe = Recipe::load(&args.recipe, &args.set).map_err(user)?;
-    let adapter_cfg = AdapterConfig::from_spec(&recipe.adapter).map_err(user)?;
+    // Continuing an adapter: its own config (with PEFT's rank/alpha patterns, which a recipe cannot write).
+    let init_from = recipe.adapter.lora().and_then(|l| l.init_from.clone());
+    let adapter_cfg = match &init_from {
+        Some(dir) => peft_format::read_config(dir).map_err(user)?.adapter,
+        None => AdapterConfig::from_spec(&recipe.adapter).map_err(user)?,
+    };
     // A push at the end needs a token and the network: found out now, not after hours of training.
     let push_opts = recipe.output.hub_model_id.as_ref().map(|id| {
         let hub = hub_options();
@@ -185,7 +190,16 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
 
-    let n_adapted = adapter::attach(&mut base.model, &adapter_cfg, recipe.training.seed).map_err(user)?;
+    let n_adapted = match &init_from {
+        Some(dir) => {
+            peft_format::load_adapter(&mut base.model, dir)
+                .with_context(|| format!("adapter.init_from: {}", dir.display()))
+                .map_err(user)?;
+            tracing::info!("adapter initialised from {}", dir.display());
+            base.model.linears().filter(|l| l.adapter.is_some()).count()
+        }
+        None => adapter::attach(&mut base.model, &adapter_cfg, recipe.training.seed).map_err(user)?,
+    };
     let new_ids: Vec<u32> = new_tokens.iter().map(|(_, i)| *i).collect();
     let vocab_cfg = peftkit::tokens::with_trainable_ids(
         adapter::vocab::VocabConfig::from_spec(&recipe.adapter),
@@ -214,6 +228,19 @@ pub fn run(args: Args) -> Result<()> {
     );
 
     let cfg = TrainConfig::from_recipe(&recipe, base.pad_id, &train_set.examples);
+    if let Some(plus) = &cfg.loraplus {
+        tracing::info!(
+            "LoRA+: lora_B (and DoRA magnitudes) at {:.2e} (×{}), lora_A at {:.2e}{}",
+            cfg.learning_rate * plus.lr_ratio,
+            plus.lr_ratio,
+            cfg.learning_rate,
+            if vocab_params > 0 {
+                format!(", embedding rows/copy at {:.2e}", plus.lr_embedding)
+            } else {
+                String::new()
+            }
+        );
+    }
     if cfg.packing.is_some() {
         let rows = cfg.rows(&train_set.examples).len();
         tracing::info!(

@@ -20,6 +20,7 @@
 //! `overrides` the `--set` arguments and `locate` the positions of keys and syntax errors.
 
 mod error;
+mod init_from;
 mod locate;
 mod names;
 mod overrides;
@@ -152,10 +153,23 @@ fn build_adapter(value: Value) -> Result<AdapterSpec, Problem> {
             })
         }
     };
+    let raw = map.clone();
     let rest = Value::Mapping(map);
     match type_name.as_str() {
-        "lora" => deserialize_at(&prefix, rest).map(AdapterSpec::Lora),
-        "qlora" => deserialize_at::<QloraDoc>(&prefix, rest).map(|doc| AdapterSpec::Qlora(doc.into())),
+        "lora" => {
+            let mut spec: LoraSpec = deserialize_at(&prefix, rest)?;
+            init_from::resolve(&raw, &mut spec)?;
+            Ok(AdapterSpec::Lora(spec))
+        }
+        "qlora" => {
+            let mut spec: QloraSpec = deserialize_at::<QloraDoc>(&prefix, rest)?.into();
+            init_from::resolve(&raw, &mut spec.lora)?;
+            Ok(AdapterSpec::Qlora(spec))
+        }
+        "ia3" if has_key(&rest, "init_from") => Err(Problem {
+            path: vec![Seg::key("adapter"), Seg::key("init_from")],
+            kind: ProblemKind::Invalid("continues LoRA adapters: use it with `type: lora` or `type: qlora`".into()),
+        }),
         "ia3" if has_key(&rest, "use_dora") => Err(Problem {
             path: vec![Seg::key("adapter"), Seg::key("use_dora")],
             kind: ProblemKind::Invalid(

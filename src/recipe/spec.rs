@@ -134,6 +134,15 @@ pub struct LoraSpec {
     /// (rows of `embed_tokens`; with tied embeddings the head uses the same rows), or a map from module
     /// (`embed_tokens`, `lm_head`) to ids. Ids must be below the model's vocabulary size. Default none.
     pub trainable_token_indices: Option<TokenIndices>,
+    /// Continue training an existing LoRA adapter: a PEFT adapter folder (peftkit's or PEFT's) holding
+    /// `adapter_config.json` and `adapter_model.safetensors`. Its config supplies every adapter setting (`r`,
+    /// `lora_alpha`, `lora_dropout`, `target_modules`, `use_rslora`, `layers_to_transform`, `use_dora`, and PEFT's
+    /// `rank_pattern` / `alpha_pattern`) and its tensors the starting values; the saved adapter keeps that config.
+    /// Leave the other adapter keys out: one that the recipe sets to a value other than the folder's is an error
+    /// naming both. A relative path is taken from the current directory, like `data.train`. Adapters with
+    /// `modules_to_save` / `trainable_token_indices` tensors are not supported as a start yet. Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 impl Default for LoraSpec {
@@ -150,6 +159,7 @@ impl Default for LoraSpec {
             use_dora: false,
             modules_to_save: Vec::new(),
             trainable_token_indices: None,
+            init_from: None,
         }
     }
 }
@@ -207,6 +217,7 @@ pub(super) struct QloraDoc {
     use_dora: bool,
     modules_to_save: Vec<String>,
     trainable_token_indices: Option<TokenIndices>,
+    init_from: Option<PathBuf>,
     bnb_4bit_quant_type: String,
     bnb_4bit_use_double_quant: bool,
     bnb_4bit_compute_dtype: ComputeDtype,
@@ -233,6 +244,7 @@ impl From<QloraSpec> for QloraDoc {
             use_dora: lora.use_dora,
             modules_to_save: lora.modules_to_save,
             trainable_token_indices: lora.trainable_token_indices,
+            init_from: lora.init_from,
             bnb_4bit_quant_type: spec.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant: spec.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype: spec.bnb_4bit_compute_dtype,
@@ -255,6 +267,7 @@ impl From<QloraDoc> for QloraSpec {
                 use_dora: doc.use_dora,
                 modules_to_save: doc.modules_to_save,
                 trainable_token_indices: doc.trainable_token_indices,
+                init_from: doc.init_from,
             },
             bnb_4bit_quant_type: doc.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant: doc.bnb_4bit_use_double_quant,
@@ -497,6 +510,20 @@ pub struct TrainingSpec {
     /// and recompute the layer in the backward pass. Same gradients, less memory, about one more forward pass of
     /// compute per step (default false).
     pub gradient_checkpointing: bool,
+    /// LoRA+ (Hayou et al. 2024; PEFT's `create_loraplus_optimizer`): the B matrices (`lora_B`) train at
+    /// `learning_rate × loraplus_lr_ratio`; A, DoRA magnitudes and everything else at `learning_rate`. Warmup and
+    /// the schedule scale every group alike. The paper suggests 16 (for LoRA with r ≈ 8). A positive number; LoRA
+    /// adapters only. Default none (one learning rate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loraplus_lr_ratio: Option<f64>,
+    /// With `loraplus_lr_ratio`: the learning rate of trained embedding rows and copies (`modules_to_save:
+    /// [embed_tokens]`, `trainable_token_indices`), as LoRA+'s `loraplus_lr_embedding` (LoRA+'s default 1e-6
+    /// applies when this is absent). A positive number; only with `loraplus_lr_ratio`. (PEFT 0.x's own
+    /// `create_loraplus_optimizer` looks the parameter up with `attrgetter(name)`, which returns the parameter, not
+    /// its module, so its embedding group stays empty and such rows train at `learning_rate` there; an `lm_head`
+    /// copy trains at `learning_rate` in both.)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loraplus_lr_embedding: Option<f64>,
 }
 
 impl Default for TrainingSpec {
@@ -522,6 +549,8 @@ impl Default for TrainingSpec {
             device: DeviceRequest::Auto,
             dtype: DtypeRequest::Auto,
             gradient_checkpointing: false,
+            loraplus_lr_ratio: None,
+            loraplus_lr_embedding: None,
         }
     }
 }

@@ -41,6 +41,15 @@ impl Recipe {
         super::vocab::check_vocab_keys(&self.adapter, &self.tokenizer)?;
         check_data(&self.data)?;
         check_training(&self.training)?;
+        if self.training.loraplus_lr_ratio.is_some() && self.adapter.lora().is_none() {
+            return Err(Problem::invalid(
+                "training.loraplus_lr_ratio",
+                format!(
+                    "LoRA+ sets the learning rate of LoRA's B matrices: it needs a lora or qlora adapter (got {})",
+                    self.adapter.type_name()
+                ),
+            ));
+        }
         check_output(&self.output)
     }
 }
@@ -201,6 +210,23 @@ fn check_training(t: &TrainingSpec) -> Result<(), Problem> {
             return Err(Problem::invalid(key, format!("must be in [0, 1) (got {value})")));
         }
     }
+    let positive = [
+        ("training.loraplus_lr_ratio", t.loraplus_lr_ratio),
+        ("training.loraplus_lr_embedding", t.loraplus_lr_embedding),
+    ];
+    for (key, value) in positive {
+        if let Some(value) = value {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(Problem::invalid(key, format!("must be a positive number (got {value})")));
+            }
+        }
+    }
+    if t.loraplus_lr_embedding.is_some() && t.loraplus_lr_ratio.is_none() {
+        return Err(Problem::invalid(
+            "training.loraplus_lr_embedding",
+            "is a LoRA+ setting: it needs training.loraplus_lr_ratio too",
+        ));
+    }
     if !(t.adam_epsilon.is_finite() && t.adam_epsilon > 0.0) {
         return Err(Problem::invalid(
             "training.adam_epsilon",
@@ -305,6 +331,16 @@ mod tests {
             ("{warmup_ratio: 1.0}", "recipes/x.yaml:8: training.warmup_ratio: must be in [0, 1)"),
             ("{adam_beta2: 1.0}", "recipes/x.yaml:8: training.adam_beta2: must be in [0, 1)"),
             ("{max_grad_norm: -1}", "recipes/x.yaml:8: training.max_grad_norm: must be a number ≥ 0"),
+            ("{loraplus_lr_ratio: 0}", "recipes/x.yaml:8: training.loraplus_lr_ratio: must be a positive number"),
+            ("{loraplus_lr_ratio: .inf}", "recipes/x.yaml:8: training.loraplus_lr_ratio: must be a positive number"),
+            (
+                "{loraplus_lr_ratio: 16, loraplus_lr_embedding: -1}",
+                "recipes/x.yaml:8: training.loraplus_lr_embedding: must be a positive number",
+            ),
+            (
+                "{loraplus_lr_embedding: 1e-6}",
+                "recipes/x.yaml:8: training.loraplus_lr_embedding: is a LoRA+ setting: it needs training.loraplus_lr_ratio",
+            ),
         ] {
             assert_msg(&err(&with_training(training), &[]), expected, &[]);
         }

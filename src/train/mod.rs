@@ -86,6 +86,39 @@ pub struct TrainConfig {
     pub packing: Option<usize>,
     /// `data.group_by_length`: each epoch's rows grouped by length ([`crate::data::group_by_length`]).
     pub group_by_length: bool,
+    /// `adapter.init_from`: the adapter folder the run started from (None: a fresh adapter).
+    pub init_from: Option<std::path::PathBuf>,
+    /// LoRA+ (`training.loraplus_lr_ratio`, `training.loraplus_lr_embedding`): per-group learning rates.
+    pub loraplus: Option<LoraPlus>,
+}
+
+/// LoRA+'s learning rates (PEFT's `create_loraplus_optimizer`), as multiples of the scheduled learning rate so
+/// that warmup and the schedule scale every group alike.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraPlus {
+    /// `lora_B` and the 1-D adapter tensors (DoRA magnitudes) train at lr × this.
+    pub lr_ratio: f64,
+    /// The trained embedding copy or rows train at this peak learning rate (LoRA+'s default 1e-6).
+    pub lr_embedding: f64,
+}
+
+impl LoraPlus {
+    /// LoRA+'s default learning rate for embedding parameters.
+    pub const DEFAULT_LR_EMBEDDING: f64 = 1e-6;
+
+    /// The factor on the scheduled learning rate for the trainable tensor `name` (a PEFT tensor name, as
+    /// [`adapter::trainable`] gives it), with peak learning rate `lr`. PEFT's grouping: an embedding parameter →
+    /// `lr_embedding`; `lora_B`, or any 1-D tensor (DoRA's `lora_magnitude_vector`, IA3 vectors) → `lr_ratio`;
+    /// the rest (`lora_A`, the head copy or rows) → 1.
+    pub fn scale(&self, name: &str, shape: &[usize], lr: f64) -> f64 {
+        if name.contains("embed_tokens") {
+            self.lr_embedding / lr
+        } else if name.contains(".lora_B.") || shape.len() == 1 {
+            self.lr_ratio
+        } else {
+            1.0
+        }
+    }
 }
 
 impl TrainConfig {
@@ -114,6 +147,11 @@ impl TrainConfig {
             pad_id,
             packing: recipe.data.packing.then_some(recipe.data.sequence_len),
             group_by_length: recipe.data.group_by_length,
+            init_from: recipe.adapter.lora().and_then(|l| l.init_from.clone()),
+            loraplus: t.loraplus_lr_ratio.map(|lr_ratio| LoraPlus {
+                lr_ratio,
+                lr_embedding: t.loraplus_lr_embedding.unwrap_or(LoraPlus::DEFAULT_LR_EMBEDDING),
+            }),
         };
         cfg.warmup_steps = t.warmup_steps_for(cfg.total_steps(cfg.rows(train).len()));
         cfg
@@ -271,6 +309,8 @@ fn fingerprint(cfg: &TrainConfig, adapter: &AdapterConfig, vocab: &VocabConfig, 
     if cfg.packing.is_none() && !cfg.group_by_length {
         described = described.replace(", packing: None, group_by_length: false", "");
     }
+    // So do the starting adapter and LoRA+.
+    described = described.replace(", init_from: None", "").replace(", loraplus: None", "");
     let mut h = Sha256::new();
     h.update(format!("{described}|{adapter:?}").as_bytes());
     // Trained embedding / head rows (only when there are some, so earlier runs' checkpoints still resume).
@@ -417,6 +457,9 @@ pub fn train(
     // The trainable variables, in a fixed order, with their PEFT names.
     let (names, vars): (Vec<String>, Vec<_>) = adapter::trainable(model).into_iter().unzip();
     let mut opt = AdamW::new(vars.clone(), cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay)?;
+    if let Some(plus) = &cfg.loraplus {
+        opt.lr_scale = names.iter().zip(&vars).map(|(n, v)| plus.scale(n, v.dims(), cfg.learning_rate)).collect();
+    }
 
     let metrics_path = out.join(METRICS_FILE);
     let mut start_step = 0;
@@ -627,6 +670,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn loraplus_groups_as_peft() {
+        // PEFT's create_loraplus_optimizer: lora_B and 1-D tensors → lr·ratio; A and 2-D rest → lr; embedding → its own.
+        let plus = LoraPlus { lr_ratio: 16.0, lr_embedding: 1e-6 };
+        let p = "base_model.model.model.layers.0.self_attn.q_proj";
+        assert_eq!(plus.scale(&format!("{p}.lora_B.weight"), &[64, 4], 1e-3), 16.0);
+        assert_eq!(plus.scale(&format!("{p}.lora_A.weight"), &[4, 64], 1e-3), 1.0);
+        assert_eq!(plus.scale(&format!("{p}.lora_magnitude_vector"), &[64], 1e-3), 16.0);
+        assert_eq!(plus.scale("base_model.model.lm_head.weight", &[100, 64], 1e-3), 1.0);
+        let e = plus.scale("base_model.model.model.embed_tokens.weight", &[100, 64], 1e-3);
+        assert!((e * 1e-3 - 1e-6).abs() < 1e-18, "{e}");
+        let rows = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+        assert!((plus.scale(rows, &[2, 64], 1e-3) * 1e-3 - 1e-6).abs() < 1e-18);
+    }
+
+    #[test]
     fn row_layout_enters_the_fingerprint_only_when_set() {
         let cfg = TrainConfig {
             micro_batch_size: 2,
@@ -649,12 +707,18 @@ mod tests {
             pad_id: 0,
             packing: None,
             group_by_length: false,
+            init_from: None,
+            loraplus: None,
         };
         let adapter = AdapterConfig::Ia3(Default::default());
         let data = [Example { input_ids: vec![1, 2], labels: vec![1, 2] }];
         // The description hashed for a run without packing is the one written before packing existed.
         let described = format!("{cfg:?}");
-        assert!(described.ends_with(", pad_id: 0, packing: None, group_by_length: false }"), "{described}");
+        assert!(
+            described
+                .ends_with(", pad_id: 0, packing: None, group_by_length: false, init_from: None, loraplus: None }"),
+            "{described}"
+        );
         let plain = fingerprint(&cfg, &adapter, &VocabConfig::default(), &data);
         let packed =
             fingerprint(&TrainConfig { packing: Some(64), ..cfg.clone() }, &adapter, &VocabConfig::default(), &data);
@@ -665,5 +729,10 @@ mod tests {
             &data,
         );
         assert!(plain != packed && plain != grouped && packed != grouped);
+        let init = TrainConfig { init_from: Some("a".into()), ..cfg.clone() };
+        let plus = TrainConfig { loraplus: Some(LoraPlus { lr_ratio: 16.0, lr_embedding: 1e-6 }), ..cfg.clone() };
+        let fp = |c: &TrainConfig| fingerprint(c, &adapter, &VocabConfig::default(), &data);
+        let (init, plus) = (fp(&init), fp(&plus));
+        assert!(init != plain && plus != plain && init != plus);
     }
 }

@@ -20,6 +20,9 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Per-variable factors on the step's learning rate (LoRA+'s parameter groups; all 1 by default). Weight
+    /// decay uses the scaled rate too, as torch's per-group `lr` does.
+    pub lr_scale: Vec<f64>,
 }
 
 impl AdamW {
@@ -27,7 +30,8 @@ impl AdamW {
         // Two sets of buffers (not clones of one: the fused CUDA step writes m and v in place).
         let m = vars.iter().map(|v| v.zeros_like()).collect::<Result<Vec<_>>>()?;
         let v = vars.iter().map(|v| v.zeros_like()).collect::<Result<Vec<_>>>()?;
-        Ok(Self { vars, m, v, t: 0, beta1, beta2, eps, weight_decay })
+        let lr_scale = vec![1.0; vars.len()];
+        Ok(Self { vars, m, v, t: 0, beta1, beta2, eps, weight_decay, lr_scale })
     }
 
     /// One update with gradients `grads` (same order as the variables).
@@ -36,9 +40,10 @@ impl AdamW {
         let (b1, b2) = (self.beta1, self.beta2);
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
-        #[cfg(feature = "cuda")]
-        let scalars = self.scalars(lr, c1, c2);
         for (i, var) in self.vars.iter().enumerate() {
+            let lr = lr * self.lr_scale.get(i).copied().unwrap_or(1.0);
+            #[cfg(feature = "cuda")]
+            let scalars = self.scalars(lr, c1, c2);
             let g = grads[i].to_dtype(crate::compute::Compute::PARAM_DTYPE)?;
             #[cfg(feature = "cuda")]
             if cuda::fused_step(var, &g, &mut self.m[i], &mut self.v[i], scalars)? {
@@ -291,6 +296,22 @@ mod tests {
             p -= lr * (m / (1.0 - 0.9f64.powi(t))) / ((v / (1.0 - 0.999f64.powi(t))).sqrt() + 1e-8);
             let got = var.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
             assert!((got - p).abs() < 1e-6, "step {t}: {got} vs {p}");
+        }
+    }
+
+    #[test]
+    fn lr_scale_is_a_per_variable_learning_rate() {
+        // Two scalars with the same gradient, the second at 4× the learning rate (LoRA+'s B group): first AdamW
+        // step p₁ = p₀·(1 − lr·s·wd) − lr·s·g/(|g| + ε).
+        let (a, b) = (Var::new(&[1.0f32], &Device::Cpu).unwrap(), Var::new(&[1.0f32], &Device::Cpu).unwrap());
+        let mut opt = AdamW::new(vec![a.clone(), b.clone()], 0.9, 0.999, 1e-8, 0.01).unwrap();
+        opt.lr_scale = vec![1.0, 4.0];
+        let g = Tensor::new(&[0.5f32], &Device::Cpu).unwrap();
+        opt.step(&[g.clone(), g], 0.1).unwrap();
+        for (var, s) in [(&a, 1.0f64), (&b, 4.0)] {
+            let want = 1.0 * (1.0 - 0.1 * s * 0.01) - 0.1 * s * 0.5 / (0.5 + 1e-8);
+            let got = var.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
+            assert!((got - want).abs() < 1e-6, "scale {s}: {got} vs {want}");
         }
     }
 
