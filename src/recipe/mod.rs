@@ -25,6 +25,7 @@ mod names;
 mod overrides;
 mod problem;
 mod spec;
+mod targets;
 #[cfg(test)]
 mod testutil;
 mod validate;
