@@ -117,6 +117,18 @@ pub fn attach(model: &mut Llama, config: &AdapterConfig, seed: u64) -> Result<us
     if coverage.adapted == 0 && coverage.excluded > 0 {
         return Err(AdapterError::AllExcluded { excluded: coverage.excluded });
     }
+    let exclude = match config {
+        AdapterConfig::Lora(c) => c.exclude_modules.as_ref(),
+        AdapterConfig::Ia3(c) => c.exclude_modules.as_ref(),
+    };
+    if let Some(e) = exclude.filter(|e| !e.is_empty() && coverage.excluded == 0) {
+        // As PEFT warns: an exclusion that removes nothing is likely a misspelt name.
+        let shown = match e {
+            ExcludeModules::List(l) => format!("{l:?}"),
+            ExcludeModules::Regex(r) => format!("\"{r}\""),
+        };
+        tracing::warn!("exclude_modules {shown} excluded no targeted projection: check its names");
+    }
     match config {
         AdapterConfig::Lora(cfg) => {
             let device = model.device.clone();
