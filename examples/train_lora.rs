@@ -51,6 +51,8 @@ fn main() -> Result<()> {
         use_rslora: false,
         init: LoraInit::Kaiming,
         layers_to_transform: None,
+        exclude_modules: None,
+        layers_pattern: None,
         rank_pattern: Vec::new(),
         alpha_pattern: Vec::new(),
         use_dora: false,

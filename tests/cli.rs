@@ -466,3 +466,55 @@ fn dora_recipe_trains_inspects_and_generates_like_its_merge() {
     assert_ne!(unmerged, generate(&base, None), "the adapter changes nothing");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `recipes/tiny-llama-exclude.yaml`: `exclude_modules`, `layers_to_transform` and `layers_pattern` reach
+/// `adapter_config.json` as PEFT writes them and leave the excluded projections without tensors; a layer index
+/// beyond the model, and a `target_parameters` in an adapter folder, exit 2 naming the key.
+#[test]
+fn exclude_recipe_trains_and_target_errors_exit_2_naming_the_key() {
+    let d = tmp("targets");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = d.join("adapter");
+    let o = bin()
+        .current_dir(root)
+        .args(["train", "recipes/tiny-llama-exclude.yaml", "--set"])
+        .arg(format!("output.dir={}", out.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("lora adapter on 6 projections"), "{}", stderr(&o));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["exclude_modules"], serde_json::json!(["down_proj"]));
+    assert_eq!(cfg["layers_to_transform"], serde_json::json!([1]));
+    assert_eq!(cfg["layers_pattern"], serde_json::json!("layers"));
+    let tensors = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(tensors.len(), 12);
+    assert!(tensors.keys().all(|k| k.contains(".layers.1.") && !k.contains("down_proj")), "{:?}", tensors.keys());
+
+    let text = std::fs::read_to_string(Path::new(root).join("recipes/tiny-llama-exclude.yaml")).unwrap();
+    let line = text.lines().position(|l| l.starts_with("  layers_to_transform:")).unwrap() + 1;
+    let recipe = write_recipe(&d, &text.replace("layers_to_transform: [1]", "layers_to_transform: [99]"));
+    let o = bin()
+        .current_dir(root)
+        .arg("train")
+        .arg(&recipe)
+        .arg("--set")
+        .arg(format!("output.dir={}", d.join("never").display()))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let want = format!(
+        "{}:{line}: adapter.layers_to_transform[0]: layer 99 is out of range: the model has 2 decoder layers",
+        recipe.display()
+    );
+    assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+
+    let config = out.join("adapter_config.json");
+    let mut cfg = cfg;
+    cfg["target_parameters"] = serde_json::json!(["feed_forward.experts.down_proj"]);
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    let o = bin().arg("inspect").arg(&out).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("target_parameters: [\"feed_forward.experts.down_proj\"]"), "{}", stderr(&o));
+}

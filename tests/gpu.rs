@@ -38,6 +38,8 @@ fn tiny(device: &Device, dtype: DType, quant: BaseQuant) -> Llama {
         use_rslora: false,
         init: LoraInit::Kaiming,
         layers_to_transform: None,
+        exclude_modules: None,
+        layers_pattern: None,
         rank_pattern: Default::default(),
         alpha_pattern: Default::default(),
         use_dora: false,

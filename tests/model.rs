@@ -112,6 +112,7 @@ fn ia3_with_all_ones_vectors_is_the_identity() {
             target_modules: TargetModules::AllLinear,
             feedforward_modules: peftkit::adapter::FeedforwardModules::List(vec!["down_proj".into(), "up_proj".into()]),
             init_ia3_weights: true,
+            exclude_modules: None,
         };
         assert_eq!(attach(&mut model, &AdapterConfig::Ia3(cfg), 0).unwrap(), 14);
         let d =

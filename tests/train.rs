@@ -35,6 +35,8 @@ fn lora(dropout: f64) -> AdapterConfig {
         use_rslora: false,
         init: LoraInit::Kaiming,
         layers_to_transform: None,
+        exclude_modules: None,
+        layers_pattern: None,
         rank_pattern: Default::default(),
         alpha_pattern: Default::default(),
         use_dora: false,

@@ -487,6 +487,8 @@ fn fresh_copies_and_rows_are_the_identity_and_resume_restores_them() {
         use_rslora: false,
         init: LoraInit::Kaiming,
         layers_to_transform: None,
+        exclude_modules: None,
+        layers_pattern: None,
         rank_pattern: Default::default(),
         alpha_pattern: Default::default(),
         use_dora: false,

@@ -8,7 +8,7 @@
 //! Vectors start at 1 (`init_ia3_weights: true`), so a fresh adapter is the identity; `false` draws them from
 //! N(0, 1) as PEFT does. Reference: PEFT `tuners/ia3/{config,layer,model}.py`.
 
-use super::target::TargetModules;
+use super::target::{ExcludeModules, TargetModules};
 use candle_core::{Device, Result, Tensor, Var};
 
 /// Which targets scale their input: PEFT's `feedforward_modules`.
@@ -37,6 +37,8 @@ pub struct Ia3Config {
     pub feedforward_modules: FeedforwardModules,
     /// Start the vectors at 1 (identity); otherwise from N(0, 1).
     pub init_ia3_weights: bool,
+    /// Modules never rescaled even when `target_modules` matches them (PEFT's `exclude_modules`).
+    pub exclude_modules: Option<ExcludeModules>,
 }
 
 impl Default for Ia3Config {
@@ -46,6 +48,7 @@ impl Default for Ia3Config {
             target_modules: TargetModules::List(vec!["k_proj".into(), "v_proj".into(), "down_proj".into()]),
             feedforward_modules: FeedforwardModules::List(vec!["down_proj".into()]),
             init_ia3_weights: true,
+            exclude_modules: None,
         }
     }
 }

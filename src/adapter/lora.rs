@@ -6,7 +6,7 @@
 //! N(0, 1/r²); `false` draws B like A too (PEFT's testing option). Reference: Hu et al. 2021, "LoRA: Low-Rank
 //! Adaptation of Large Language Models"; PEFT `tuners/lora/layer.py`.
 
-use super::target::TargetModules;
+use super::target::{ExcludeModules, LayersPattern, TargetModules};
 use candle_core::{Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
@@ -31,6 +31,11 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     pub init: LoraInit,
     pub layers_to_transform: Option<Vec<usize>>,
+    /// Modules never adapted even when `target_modules` matches them (PEFT's `exclude_modules`).
+    pub exclude_modules: Option<ExcludeModules>,
+    /// The container `layers_to_transform` indexes (PEFT's `layers_pattern`); only `layers` is supported, kept so
+    /// that the saved config says what the loaded one said.
+    pub layers_pattern: Option<LayersPattern>,
     /// Per-module rank overrides (PEFT's `rank_pattern`): regex keys matched against the end of the module path,
     /// in order; the first match wins.
     pub rank_pattern: Vec<(String, usize)>,
@@ -182,6 +187,8 @@ mod tests {
             use_rslora: false,
             init: LoraInit::Kaiming,
             layers_to_transform: None,
+            exclude_modules: None,
+            layers_pattern: None,
             rank_pattern: vec![(r"layers\.[0-1]\.self_attn\.q_proj".into(), 4), ("q_proj".into(), 2)],
             alpha_pattern: vec![("q_proj|v_proj".into(), 3.0)],
             use_dora: false,

@@ -12,7 +12,7 @@ pub mod vocab;
 pub use dora::DoraLayer;
 pub use ia3::{FeedforwardModules, Ia3Config, Ia3Layer};
 pub use lora::{LoraConfig, LoraInit, LoraLayer};
-pub use target::TargetModules;
+pub use target::{ExcludeModules, LayersPattern, TargetModules};
 
 use crate::model::Llama;
 use candle_core::Var;
@@ -23,8 +23,20 @@ use candle_core::{DType, Tensor};
 pub enum AdapterError {
     #[error("target_modules: invalid regex: {0}")]
     Regex(#[from] regex::Error),
+    #[error("exclude_modules: invalid regex: {0}")]
+    ExcludeRegex(regex::Error),
     #[error("target_modules matched no projection of the model (its projections are named like `{example}`)")]
     NoTargets { example: String },
+    #[error(
+        "exclude_modules excludes every projection that target_modules matches ({excluded} of them): nothing would \
+         be adapted"
+    )]
+    AllExcluded { excluded: usize },
+    #[error(
+        "layers_to_transform: layer {index} is out of range: the model has {layers} decoder layers (indices 0–{})",
+        .layers.saturating_sub(1)
+    )]
+    LayerOutOfRange { index: usize, layers: usize },
     #[error("{path}: {msg}")]
     Format { path: std::path::PathBuf, msg: String },
     #[error("{path}: {source}")]
@@ -49,6 +61,7 @@ impl AdapterConfig {
                 target_modules: i.target_modules.clone(),
                 feedforward_modules: FeedforwardModules::List(i.feedforward_modules.clone()),
                 init_ia3_weights: i.init_ia3_weights,
+                exclude_modules: i.exclude_modules.clone(),
             }));
         }
         // QLoRA trains the same LoRA adapter; only the base's storage differs (see `base_quant`).
@@ -65,6 +78,8 @@ impl AdapterConfig {
                     InitLoraWeights::Random => LoraInit::Random,
                 },
                 layers_to_transform: l.layers_to_transform.clone(),
+                exclude_modules: l.exclude_modules.clone(),
+                layers_pattern: l.layers_pattern.clone(),
                 rank_pattern: Default::default(),
                 alpha_pattern: Default::default(),
                 use_dora: l.use_dora,
@@ -97,9 +112,25 @@ impl AdapterConfig {
 pub fn attach(model: &mut Llama, config: &AdapterConfig, seed: u64) -> Result<usize, AdapterError> {
     let mut rng = lora::init_rng(seed);
     let mut count = 0;
+    let matcher = target_matcher(config, model.config.num_hidden_layers)?;
+    let coverage = matcher.coverage(model.linears().map(|l| l.path.as_str()));
+    if coverage.adapted == 0 && coverage.excluded > 0 {
+        return Err(AdapterError::AllExcluded { excluded: coverage.excluded });
+    }
+    let exclude = match config {
+        AdapterConfig::Lora(c) => c.exclude_modules.as_ref(),
+        AdapterConfig::Ia3(c) => c.exclude_modules.as_ref(),
+    };
+    if let Some(e) = exclude.filter(|e| !e.is_empty() && coverage.excluded == 0) {
+        // As PEFT warns: an exclusion that removes nothing is likely a misspelt name.
+        let shown = match e {
+            ExcludeModules::List(l) => format!("{l:?}"),
+            ExcludeModules::Regex(r) => format!("\"{r}\""),
+        };
+        tracing::warn!("exclude_modules {shown} excluded no targeted projection: check its names");
+    }
     match config {
         AdapterConfig::Lora(cfg) => {
-            let matcher = cfg.target_modules.matcher(cfg.layers_to_transform.as_deref())?;
             let device = model.device.clone();
             for lin in model.linears_mut() {
                 if !matcher.matches(&lin.path) {
@@ -126,7 +157,6 @@ pub fn attach(model: &mut Llama, config: &AdapterConfig, seed: u64) -> Result<us
             }
         }
         AdapterConfig::Ia3(cfg) => {
-            let matcher = cfg.target_modules.matcher(None)?;
             let device = model.device.clone();
             for lin in model.linears_mut() {
                 if !matcher.matches(&lin.path) {
@@ -151,6 +181,19 @@ pub fn attach(model: &mut Llama, config: &AdapterConfig, seed: u64) -> Result<us
         return Err(AdapterError::NoTargets { example });
     }
     Ok(count)
+}
+
+/// The matcher of an adapter's `target_modules`, `layers_to_transform` and `exclude_modules`, for a model of
+/// `num_layers` decoder layers (a layer index beyond it is an error, not a silent miss).
+pub fn target_matcher(config: &AdapterConfig, num_layers: usize) -> Result<target::TargetMatcher, AdapterError> {
+    let (targets, layers, exclude) = match config {
+        AdapterConfig::Lora(c) => (&c.target_modules, c.layers_to_transform.as_deref(), c.exclude_modules.as_ref()),
+        AdapterConfig::Ia3(c) => (&c.target_modules, None, c.exclude_modules.as_ref()),
+    };
+    if let Some((_, index)) = layers.and_then(|l| target::layer_out_of_range(l, num_layers)) {
+        return Err(AdapterError::LayerOutOfRange { index, layers: num_layers });
+    }
+    targets.matcher(layers)?.excluding(exclude).map_err(AdapterError::ExcludeRegex)
 }
 
 /// The trainable variables of the attached adapters, with their PEFT tensor names, in a stable order.

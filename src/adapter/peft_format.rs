@@ -12,7 +12,7 @@
 use super::dora::DoraLayer;
 use super::ia3::{FeedforwardModules, Ia3Config, Ia3Layer};
 use super::lora::{LoraConfig, LoraInit, LoraLayer};
-use super::target::TargetModules;
+use super::target::{ExcludeModules, LayersPattern, TargetModules};
 use super::LayerAdapter;
 use super::{AdapterConfig, AdapterError};
 use crate::model::Llama;
@@ -51,6 +51,51 @@ fn target_from_json(v: &Value, path: &Path, key: &str) -> Result<TargetModules, 
     }
 }
 
+/// `exclude_modules`: absent, null, `[]` or `""` exclude nothing.
+fn exclude_from_json(v: Option<&Value>, path: &Path) -> Result<Option<ExcludeModules>, AdapterError> {
+    let e = match v {
+        None => return Ok(None),
+        Some(Value::String(s)) => ExcludeModules::Regex(s.clone()),
+        Some(v) => match target_from_json(v, path, "exclude_modules")? {
+            TargetModules::List(l) => ExcludeModules::List(l),
+            _ => return Err(format_err(path, "exclude_modules: expected a list of module names or a regex string")),
+        },
+    };
+    if let ExcludeModules::Regex(r) = &e {
+        regex::Regex::new(r).map_err(|err| format_err(path, format!("exclude_modules: invalid regex: {err}")))?;
+    }
+    Ok(Some(e).filter(|e| !e.is_empty()))
+}
+
+fn exclude_to_json(e: &ExcludeModules) -> Value {
+    match e {
+        ExcludeModules::List(l) => json!(l),
+        ExcludeModules::Regex(r) => json!(r),
+    }
+}
+
+/// `layers_pattern`: a string or a list of strings; only `layers` (peftkit's `model.layers`) is accepted.
+fn layers_pattern_from_json(v: Option<&Value>, path: &Path) -> Result<Option<LayersPattern>, AdapterError> {
+    let p = match v {
+        None => return Ok(None),
+        Some(Value::String(s)) => LayersPattern::One(s.clone()),
+        Some(v) => match target_from_json(v, path, "layers_pattern") {
+            Ok(TargetModules::List(l)) => LayersPattern::List(l),
+            _ => return Err(format_err(path, "layers_pattern: expected a string or a list of strings")),
+        },
+    };
+    if let Err((_, name)) = p.check() {
+        return Err(format_err(
+            path,
+            format!(
+                "layers_pattern: `{name}` is not supported by peftkit (its models keep their decoder layers in \
+                 `model.layers`: use `layers`)"
+            ),
+        ));
+    }
+    Ok(Some(p).filter(|p| !p.is_empty()))
+}
+
 fn target_to_json(t: &TargetModules) -> Value {
     match t {
         TargetModules::AllLinear => json!("all-linear"),
@@ -72,7 +117,19 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig, AdapterError> {
     if get("fan_in_fan_out").and_then(|v| v.as_bool()) == Some(true) {
         return refuse("fan_in_fan_out", "true (Conv1D-style weights)");
     }
+    // PEFT ≥ 0.17: LoRA on bare parameters (MoE experts); see `target`'s module docs for what it would take.
+    match get("target_parameters") {
+        None => {}
+        Some(Value::Array(a)) if a.is_empty() => {}
+        Some(v) => {
+            return refuse(
+                "target_parameters",
+                &format!("{v} (LoRA on nn.Parameter weights, such as mixture-of-experts experts)"),
+            )
+        }
+    }
     let vocab = super::vocab::VocabConfig::from_peft_json(obj, &path)?;
+    let exclude_modules = exclude_from_json(get("exclude_modules"), &path)?;
     let adapter = match peft_type.as_str() {
         "LORA" => {
             if let Some(b) = str_of("bias") {
@@ -123,6 +180,8 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig, AdapterError> {
                 use_rslora: get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
                 init,
                 layers_to_transform,
+                exclude_modules,
+                layers_pattern: layers_pattern_from_json(get("layers_pattern"), &path)?,
                 rank_pattern: pattern("rank_pattern").into_iter().map(|(k, v)| (k, v as usize)).collect(),
                 alpha_pattern: pattern("alpha_pattern"),
                 use_dora: get("use_dora").and_then(|v| v.as_bool()).unwrap_or(false),
@@ -150,6 +209,7 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig, AdapterError> {
                 target_modules,
                 feedforward_modules,
                 init_ia3_weights: get("init_ia3_weights").and_then(|v| v.as_bool()).unwrap_or(true),
+                exclude_modules,
             })
         }
         other => return Err(format_err(&path, format!("peft_type `{other}` is not supported (supported: LORA, IA3)"))),
@@ -396,12 +456,22 @@ pub fn save_adapter(
                 TargetModules::Regex(_) => None,
                 _ => l.layers_to_transform.clone(),
             };
+            // PEFT refuses a layers_pattern without layers_to_transform (or with a regex target).
+            let layers_pattern = match (&layers, &l.layers_pattern) {
+                (Some(_), Some(LayersPattern::One(s))) => json!(s),
+                (Some(_), Some(LayersPattern::List(v))) => json!(v),
+                _ => Value::Null,
+            };
             let pattern_json =
                 |p: &[(String, f64)]| Value::Object(p.iter().map(|(k, v)| (k.clone(), json!(v))).collect());
             cfg.insert("alpha_pattern".into(), pattern_json(&l.alpha_pattern));
             cfg.insert("auto_mapping".into(), Value::Null);
             cfg.insert("base_model_name_or_path".into(), json!(base_model_name_or_path));
             cfg.insert("bias".into(), json!("none"));
+            // PEFT ≥ 0.14's key: written only when used, so that older versions load every other adapter.
+            if let Some(e) = l.exclude_modules.as_ref().filter(|e| !e.is_empty()) {
+                cfg.insert("exclude_modules".into(), exclude_to_json(e));
+            }
             cfg.insert("fan_in_fan_out".into(), json!(false));
             cfg.insert("inference_mode".into(), json!(true));
             cfg.insert(
@@ -412,7 +482,7 @@ pub fn save_adapter(
                     LoraInit::Random => json!(false),
                 },
             );
-            cfg.insert("layers_pattern".into(), Value::Null);
+            cfg.insert("layers_pattern".into(), layers_pattern);
             cfg.insert("layers_to_transform".into(), json!(layers));
             cfg.insert("lora_alpha".into(), json!(l.lora_alpha));
             cfg.insert("lora_dropout".into(), json!(l.lora_dropout));
@@ -454,6 +524,9 @@ pub fn save_adapter(
             };
             cfg.insert("auto_mapping".into(), Value::Null);
             cfg.insert("base_model_name_or_path".into(), json!(base_model_name_or_path));
+            if let Some(e) = c.exclude_modules.as_ref().filter(|e| !e.is_empty()) {
+                cfg.insert("exclude_modules".into(), exclude_to_json(e));
+            }
             cfg.insert("fan_in_fan_out".into(), json!(false));
             cfg.insert("feedforward_modules".into(), feedforward);
             cfg.insert("inference_mode".into(), json!(true));
@@ -520,4 +593,159 @@ pub fn sync_dir(dir: &Path) {
 pub fn tmp_name(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::{attach, Ia3Config};
+    use crate::model::{load_llama_quant, BaseQuant};
+
+    /// The 2-layer Llama fixture (7 projections per layer).
+    fn tiny() -> Llama {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        load_llama_quant(
+            &dir.join("config.json"),
+            &[dir.join("model.safetensors")],
+            &Device::Cpu,
+            DType::F32,
+            BaseQuant::None,
+        )
+        .unwrap()
+    }
+
+    fn lora(exclude: Option<ExcludeModules>, layers: Option<Vec<usize>>, pattern: Option<LayersPattern>) -> LoraConfig {
+        LoraConfig {
+            r: 2,
+            lora_alpha: 4.0,
+            lora_dropout: 0.0,
+            target_modules: TargetModules::AllLinear,
+            use_rslora: false,
+            init: LoraInit::Kaiming,
+            layers_to_transform: layers,
+            exclude_modules: exclude,
+            layers_pattern: pattern,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
+            use_dora: false,
+        }
+    }
+
+    fn write_config(dir: &Path, json: &str) {
+        std::fs::write(dir.join(CONFIG_FILE), json).unwrap();
+    }
+
+    fn raw(dir: &Path) -> Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn target_keys_round_trip_through_adapter_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let ex = ExcludeModules::List(vec!["down_proj".into(), "model.layers.1.self_attn.q_proj".into()]);
+        let cfg = lora(Some(ex.clone()), Some(vec![1]), Some(LayersPattern::One("layers".into())));
+        let mut m = tiny();
+        // layer 1's 7 projections, less down_proj and q_proj
+        assert_eq!(attach(&mut m, &AdapterConfig::Lora(cfg.clone()), 0).unwrap(), 5);
+        save_adapter(&m, &AdapterConfig::Lora(cfg), "base", None, dir.path()).unwrap();
+        let v = raw(dir.path());
+        assert_eq!(v["exclude_modules"], json!(["down_proj", "model.layers.1.self_attn.q_proj"]));
+        assert_eq!(v["layers_pattern"], json!("layers"));
+        assert_eq!(v["layers_to_transform"], json!([1]));
+        assert!(v.get("target_parameters").is_none(), "{v}");
+        let back = read_config(dir.path()).unwrap();
+        let AdapterConfig::Lora(l) = &back.adapter else { panic!() };
+        assert_eq!(l.exclude_modules, Some(ex));
+        assert_eq!(l.layers_pattern, Some(LayersPattern::One("layers".into())));
+        // the excluded modules have no tensors, and the adapter loads back
+        let (_, loaded) = read_adapter(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(loaded.len(), 5);
+        assert!(loaded.iter().all(|a| !a.path.ends_with("down_proj") && a.path != "model.layers.1.self_attn.q_proj"));
+        load_adapter(&mut tiny(), dir.path()).unwrap();
+
+        // IA3 with a regex exclusion; the long-standing keys only when nothing is excluded.
+        let ia3 = Ia3Config {
+            exclude_modules: Some(ExcludeModules::Regex(r".*\.layers\.0\..*".into())),
+            ..Default::default()
+        };
+        let mut m = tiny();
+        assert_eq!(attach(&mut m, &AdapterConfig::Ia3(ia3.clone()), 0).unwrap(), 3);
+        save_adapter(&m, &AdapterConfig::Ia3(ia3.clone()), "base", None, dir.path()).unwrap();
+        assert_eq!(raw(dir.path())["exclude_modules"], json!(r".*\.layers\.0\..*"));
+        assert_eq!(read_config(dir.path()).unwrap().adapter, AdapterConfig::Ia3(ia3));
+        let mut m = tiny();
+        let plain = lora(None, None, None);
+        attach(&mut m, &AdapterConfig::Lora(plain.clone()), 0).unwrap();
+        save_adapter(&m, &AdapterConfig::Lora(plain), "base", None, dir.path()).unwrap();
+        let v = raw(dir.path());
+        assert!(v.get("exclude_modules").is_none(), "{v}");
+        assert_eq!(v["layers_pattern"], Value::Null);
+    }
+
+    #[test]
+    fn target_keys_as_peft_writes_them_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let read = |json: &str| {
+            write_config(dir.path(), json);
+            read_config(dir.path())
+        };
+        // PEFT ≥ 0.17 writes nulls for the keys not used.
+        let c = read(
+            r#"{"peft_type": "LORA", "exclude_modules": null, "layers_pattern": null, "target_parameters": null}"#,
+        )
+        .unwrap();
+        let AdapterConfig::Lora(l) = c.adapter else { panic!() };
+        assert_eq!((l.exclude_modules, l.layers_pattern), (None, None));
+        let c = read(
+            r#"{"peft_type": "LORA", "exclude_modules": ["o_proj"], "layers_to_transform": 0,
+                "layers_pattern": ["layers"], "target_parameters": []}"#,
+        )
+        .unwrap();
+        let AdapterConfig::Lora(l) = c.adapter else { panic!() };
+        assert_eq!(l.exclude_modules, Some(ExcludeModules::List(vec!["o_proj".into()])));
+        assert_eq!(l.layers_to_transform, Some(vec![0]));
+        assert_eq!(l.layers_pattern, Some(LayersPattern::List(vec!["layers".into()])));
+        // empty exclusions exclude nothing
+        let c = read(r#"{"peft_type": "IA3", "exclude_modules": ""}"#).unwrap();
+        let AdapterConfig::Ia3(i) = c.adapter else { panic!() };
+        assert_eq!(i.exclude_modules, None);
+    }
+
+    #[test]
+    fn target_keys_peftkit_cannot_honour_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = |json: &str| {
+            write_config(dir.path(), json);
+            read_config(dir.path()).unwrap_err().to_string()
+        };
+        let e = err(r#"{"peft_type": "LORA", "target_parameters": ["feed_forward.experts.down_proj"]}"#);
+        assert!(e.contains("target_parameters: [\"feed_forward.experts.down_proj\"]"), "{e}");
+        assert!(e.contains("is not supported by peftkit") && e.contains(CONFIG_FILE), "{e}");
+        let e = err(r#"{"peft_type": "LORA", "layers_to_transform": [0], "layers_pattern": "h"}"#);
+        assert!(e.contains("layers_pattern: `h` is not supported by peftkit"), "{e}");
+        let e = err(r#"{"peft_type": "LORA", "exclude_modules": "(q"}"#);
+        assert!(e.contains("exclude_modules: invalid regex"), "{e}");
+        let e = err(r#"{"peft_type": "IA3", "exclude_modules": 3}"#);
+        assert!(e.contains("exclude_modules: expected"), "{e}");
+    }
+
+    #[test]
+    fn target_errors_on_attach_say_what_went_wrong() {
+        let mut m = tiny();
+        let e = attach(&mut m, &AdapterConfig::Lora(lora(None, Some(vec![99]), None)), 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "layers_to_transform: layer 99 is out of range: the model has 2 decoder layers (indices 0–1)"
+        );
+        let all = ExcludeModules::Regex(".*".into());
+        let e = attach(&mut m, &AdapterConfig::Lora(lora(Some(all), None, None)), 0).unwrap_err();
+        assert!(
+            e.to_string().starts_with("exclude_modules excludes every projection that target_modules matches (14"),
+            "{e}"
+        );
+        assert!(m.linears().all(|l| l.adapter.is_none()));
+        let bad = ExcludeModules::Regex("(".into());
+        let e = attach(&mut m, &AdapterConfig::Lora(lora(Some(bad), None, None)), 0).unwrap_err();
+        assert!(e.to_string().starts_with("exclude_modules: invalid regex"), "{e}");
+    }
 }

@@ -239,6 +239,8 @@ pub fn run(a: Args) -> Result<()> {
             use_rslora: false,
             init: LoraInit::Kaiming,
             layers_to_transform: None,
+            exclude_modules: None,
+            layers_pattern: None,
             rank_pattern: Default::default(),
             alpha_pattern: Default::default(),
             use_dora: false,

@@ -157,6 +157,8 @@ pub fn run(args: Args) -> Result<()> {
         tracing::info!("special tokens: {}", shown.join(", "));
     }
     recipe.check_token_ids(&args.recipe, &args.set, base.model.config.vocab_size).map_err(user)?;
+    let projections: Vec<String> = base.model.linears().map(|l| l.path.clone()).collect();
+    recipe.check_targets(&args.recipe, &args.set, base.model.config.num_hidden_layers, &projections).map_err(user)?;
     let opts = EncodeOptions {
         sequence_len: recipe.data.sequence_len,
         train_on_inputs: recipe.data.train_on_inputs,

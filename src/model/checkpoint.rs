@@ -151,6 +151,8 @@ mod tests {
             // A and B both random: every gradient is non-zero from the first step.
             init: LoraInit::Random,
             layers_to_transform: layers,
+            exclude_modules: None,
+            layers_pattern: None,
             rank_pattern: Default::default(),
             alpha_pattern: Default::default(),
             use_dora: false,

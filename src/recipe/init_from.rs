@@ -64,6 +64,9 @@ pub(super) fn resolve(raw: &Mapping, spec: &mut LoraSpec) -> Result<(), Problem>
         init_lora_weights: InitLoraWeights::Default,
         bias: "none".to_string(),
         layers_to_transform: lora.layers_to_transform,
+        layers_pattern: lora.layers_pattern,
+        exclude_modules: lora.exclude_modules,
+        target_parameters: Vec::new(),
         use_dora: lora.use_dora,
         modules_to_save: Vec::new(),
         trainable_token_indices: None,
@@ -98,6 +101,8 @@ pub(super) fn resolve(raw: &Mapping, spec: &mut LoraSpec) -> Result<(), Problem>
     check("use_rslora", v(&spec.use_rslora), v(&from.use_rslora))?;
     check("init_lora_weights", v(&spec.init_lora_weights), v(&from.init_lora_weights))?;
     check("layers_to_transform", v(&spec.layers_to_transform), v(&from.layers_to_transform))?;
+    check("layers_pattern", v(&spec.layers_pattern), v(&from.layers_pattern))?;
+    check("exclude_modules", v(&spec.exclude_modules), v(&from.exclude_modules))?;
     check("use_dora", v(&spec.use_dora), v(&from.use_dora))?;
     check("modules_to_save", v(&spec.modules_to_save), v(&from.modules_to_save))?;
     check("trainable_token_indices", v(&spec.trainable_token_indices), v(&from.trainable_token_indices))?;

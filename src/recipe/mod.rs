@@ -26,6 +26,7 @@ mod names;
 mod overrides;
 mod problem;
 mod spec;
+mod targets;
 #[cfg(test)]
 mod testutil;
 mod validate;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_yaml::Value;
 
 use super::{ComputeDtype, DataFormat, InitLoraWeights, LrScheduler, TargetModules};
+pub use crate::adapter::target::{ExcludeModules, LayersPattern};
 pub use crate::adapter::vocab::TokenIndices;
 
 /// A fully resolved, validated training recipe.
@@ -117,8 +118,26 @@ pub struct LoraSpec {
     pub init_lora_weights: InitLoraWeights,
     /// Bias training; only `none` is supported.
     pub bias: String,
-    /// Only adapt these decoder layers (indices); all layers when absent.
+    /// Only adapt these decoder layers (indices); all layers when absent. Each index must be below the model's
+    /// number of layers (checked once the model is loaded).
     pub layers_to_transform: Option<Vec<usize>>,
+    /// The module list that `layers_to_transform` counts in (PEFT's `layers_pattern`): `layers`, as a string or a
+    /// one-element list — the only one peftkit's models have (`model.layers`); any other name is refused. Only with
+    /// `layers_to_transform`. Default none (the first numbered path segment, the same thing here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers_pattern: Option<LayersPattern>,
+    /// Modules never adapted, even when `target_modules` matches them (PEFT ≥ 0.14's `exclude_modules`): a list of
+    /// module names or paths (a path matches when it equals an entry or ends with `.` + entry, as in
+    /// `target_modules`), or a string, a regex that must match the whole module path (e.g.
+    /// `'.*\.layers\.0\..*'`). Saved in `adapter_config.json`. Excluding every targeted module is an error.
+    /// Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exclude_modules: Option<ExcludeModules>,
+    /// PEFT ≥ 0.17's `target_parameters` (LoRA on bare `nn.Parameter` weights such as mixture-of-experts experts):
+    /// not supported — peftkit has no MoE base — so a non-empty list is refused rather than ignored; see
+    /// [`crate::adapter::target`] for what it would take. Default empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub target_parameters: Vec<String>,
     /// DoRA (weight-decomposed LoRA, Liu et al. 2024; PEFT's `use_dora`), default false: each adapted projection
     /// also learns a magnitude per output row, m, and computes with diag(m / ‖W + s·B·A‖)·(W + s·B·A), the row
     /// norm recomputed at every step without a gradient. m starts at the norm, so a fresh adapter is still the
@@ -156,6 +175,9 @@ impl Default for LoraSpec {
             init_lora_weights: InitLoraWeights::Default,
             bias: "none".to_string(),
             layers_to_transform: None,
+            layers_pattern: None,
+            exclude_modules: None,
+            target_parameters: Vec::new(),
             use_dora: false,
             modules_to_save: Vec::new(),
             trainable_token_indices: None,
@@ -214,6 +236,9 @@ pub(super) struct QloraDoc {
     init_lora_weights: InitLoraWeights,
     bias: String,
     layers_to_transform: Option<Vec<usize>>,
+    layers_pattern: Option<LayersPattern>,
+    exclude_modules: Option<ExcludeModules>,
+    target_parameters: Vec<String>,
     use_dora: bool,
     modules_to_save: Vec<String>,
     trainable_token_indices: Option<TokenIndices>,
@@ -241,6 +266,9 @@ impl From<QloraSpec> for QloraDoc {
             init_lora_weights: lora.init_lora_weights,
             bias: lora.bias,
             layers_to_transform: lora.layers_to_transform,
+            layers_pattern: lora.layers_pattern,
+            exclude_modules: lora.exclude_modules,
+            target_parameters: lora.target_parameters,
             use_dora: lora.use_dora,
             modules_to_save: lora.modules_to_save,
             trainable_token_indices: lora.trainable_token_indices,
@@ -264,6 +292,9 @@ impl From<QloraDoc> for QloraSpec {
                 init_lora_weights: doc.init_lora_weights,
                 bias: doc.bias,
                 layers_to_transform: doc.layers_to_transform,
+                layers_pattern: doc.layers_pattern,
+                exclude_modules: doc.exclude_modules,
+                target_parameters: doc.target_parameters,
                 use_dora: doc.use_dora,
                 modules_to_save: doc.modules_to_save,
                 trainable_token_indices: doc.trainable_token_indices,
@@ -287,6 +318,10 @@ pub struct Ia3Spec {
     pub feedforward_modules: Vec<String>,
     /// Start the vectors at 1 (identity); default true.
     pub init_ia3_weights: bool,
+    /// Modules never rescaled, even when `target_modules` matches them (PEFT ≥ 0.14's `exclude_modules`): a list of
+    /// module names or paths, or a regex matching the whole path, as for LoRA. Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exclude_modules: Option<ExcludeModules>,
     /// Modules trained in full and saved whole (PEFT's `modules_to_save`): `embed_tokens` and/or `lm_head`.
     pub modules_to_save: Vec<String>,
 }
@@ -301,6 +336,7 @@ impl Default for Ia3Spec {
             ]),
             feedforward_modules: vec!["down_proj".to_string()],
             init_ia3_weights: true,
+            exclude_modules: None,
             modules_to_save: Vec::new(),
         }
     }
@@ -389,6 +425,67 @@ impl<'de> Deserialize<'de> for TargetModules {
         }
 
         deserializer.deserialize_any(TargetVisitor)
+    }
+}
+
+/// A name list or a regex, the YAML forms of `exclude_modules` (as `target_modules`, without `all-linear`).
+impl Serialize for ExcludeModules {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ExcludeModules::List(names) => names.serialize(serializer),
+            ExcludeModules::Regex(pattern) => serializer.serialize_str(pattern),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ExcludeModules {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match TargetModules::deserialize(deserializer)? {
+            TargetModules::List(names) => Ok(ExcludeModules::List(names)),
+            TargetModules::Regex(pattern) => Ok(ExcludeModules::Regex(pattern)),
+            // A regex `all-linear` matches no module path; say so instead of excluding nothing.
+            TargetModules::AllLinear => Err(de::Error::custom(
+                "all-linear is not an exclusion: list module names, or give a regex matching whole module paths",
+            )),
+        }
+    }
+}
+
+/// `layers_pattern`: a string or a list of strings.
+impl Serialize for LayersPattern {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LayersPattern::One(name) => serializer.serialize_str(name),
+            LayersPattern::List(names) => names.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LayersPattern {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PatternVisitor;
+
+        impl<'de> Visitor<'de> for PatternVisitor {
+            type Value = LayersPattern;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a layer container name (layers), or a list of them")
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<LayersPattern, E> {
+                Ok(LayersPattern::One(text.to_string()))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<LayersPattern, A::Error> {
+                let mut names = Vec::new();
+                while let Some(name) = seq.next_element::<String>()? {
+                    names.push(name);
+                }
+                Ok(LayersPattern::List(names))
+            }
+        }
+
+        deserializer.deserialize_any(PatternVisitor)
     }
 }
 

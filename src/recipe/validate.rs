@@ -69,6 +69,7 @@ fn check_adapter(adapter: &AdapterSpec) -> Result<(), Problem> {
         }
         AdapterSpec::Ia3(spec) => {
             check_targets(&spec.target_modules)?;
+            check_exclude(spec.exclude_modules.as_ref())?;
             for (index, module) in spec.feedforward_modules.iter().enumerate() {
                 let path = || Problem::path_of("adapter.feedforward_modules").index(index);
                 if module.trim().is_empty() {
@@ -118,7 +119,51 @@ fn check_lora(spec: &LoraSpec) -> Result<(), Problem> {
             ));
         }
     }
+    check_exclude(spec.exclude_modules.as_ref())?;
+    if let Some(pattern) = &spec.layers_pattern {
+        const KEY: &str = "adapter.layers_pattern";
+        if let Err((index, name)) = pattern.check() {
+            let at = match pattern {
+                crate::adapter::LayersPattern::One(_) => Problem::path_of(KEY),
+                crate::adapter::LayersPattern::List(_) => Problem::path_of(KEY).index(index),
+            };
+            return Err(at.with(ProblemKind::Invalid(format!(
+                "\"{name}\" is not supported: peftkit's models keep their decoder layers in `model.layers`, so the \
+                 only layers_pattern is \"layers\""
+            ))));
+        }
+        if spec.layers_to_transform.is_none() && !pattern.is_empty() {
+            return Err(Problem::invalid(
+                KEY,
+                "is only used with adapter.layers_to_transform (set the layer indices too, or leave layers_pattern out)",
+            ));
+        }
+    }
+    if !spec.target_parameters.is_empty() {
+        return Err(Problem::invalid(
+            "adapter.target_parameters",
+            "LoRA on bare parameters (PEFT ≥ 0.17's target_parameters, for mixture-of-experts weights) is not \
+             supported: peftkit has no MoE base model; adapt linear projections with adapter.target_modules",
+        ));
+    }
     Ok(())
+}
+
+fn check_exclude(exclude: Option<&crate::adapter::ExcludeModules>) -> Result<(), Problem> {
+    const KEY: &str = "adapter.exclude_modules";
+    match exclude {
+        None => Ok(()),
+        Some(crate::adapter::ExcludeModules::List(names)) => match names.iter().position(|n| n.trim().is_empty()) {
+            Some(index) => {
+                Err(Problem::path_of(KEY).index(index).with(ProblemKind::Invalid("must not be empty".into())))
+            }
+            None => Ok(()),
+        },
+        Some(crate::adapter::ExcludeModules::Regex(pattern)) => match Regex::new(pattern) {
+            Ok(_) => Ok(()),
+            Err(err) => Err(Problem::invalid(KEY, format!("invalid regular expression: {err}"))),
+        },
+    }
 }
 
 fn check_targets(targets: &TargetModules) -> Result<(), Problem> {
