@@ -65,14 +65,13 @@ impl SpinPool {
             parked: Mutex::new(0),
             wake: Condvar::new(),
         });
-        let workers = threads.max(1) - 1;
-        for i in 0..workers {
-            let s = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("peftkit-spin-{i}"))
-                .spawn(move || worker(&s))
-                .expect("spawning a decode thread");
-        }
+        // A thread the system refuses to start is one fewer worker (loops still run, on fewer threads).
+        let workers = (0..threads.max(1) - 1)
+            .filter(|i| {
+                let s = shared.clone();
+                std::thread::Builder::new().name(format!("peftkit-spin-{i}")).spawn(move || worker(&s)).is_ok()
+            })
+            .count();
         Self { shared, workers, caller: Mutex::new(()) }
     }
 
@@ -168,6 +167,23 @@ fn worker(s: &Shared) {
             }
         }
         s.pending.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// An output buffer that the tasks of one [`SpinPool::run`] write at disjoint indices.
+pub struct SharedOut(*mut f32);
+
+// SAFETY: `SharedOut` only hands out raw pointers; its users write disjoint elements while the buffer outlives the
+// loop (each use site states why).
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    pub fn new(buf: &mut [f32]) -> Self {
+        Self(buf.as_mut_ptr())
+    }
+    /// The address of element `i` (no bounds check: the caller's indexing keeps it inside the buffer).
+    pub fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
     }
 }
 

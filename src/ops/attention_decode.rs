@@ -57,7 +57,7 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     with_f32(q, |q| {
         with_f32(k, |k| {
             with_f32(v, |v| {
-                let rows = OutRows(out.as_mut_ptr());
+                let rows = crate::pool::SharedOut::new(&mut out);
                 crate::pool::global().run(b * nh, &|bh| {
                     let (bi, h) = (bh / nh, bh % nh);
                     let g = h / (nh / nkv);
@@ -74,16 +74,6 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
         })
     })???;
     tensor_from_f32(out, (b, t, nh, d), q.dtype())
-}
-
-/// The output buffer, written by the tasks of one call at disjoint rows.
-struct OutRows(*mut f32);
-// SAFETY: see the use above: disjoint writes, buffer alive for the whole loop.
-unsafe impl Sync for OutRows {}
-impl OutRows {
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
 }
 
 #[cfg(test)]

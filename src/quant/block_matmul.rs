@@ -22,16 +22,6 @@ use half::f16;
 
 const QK: usize = 32;
 
-/// The output buffer, shared by the tasks of one product that write disjoint rows of it.
-struct SyncPtr(*mut f32);
-// SAFETY: the tasks of `matmul_with` write disjoint elements, and the buffer outlives the loop.
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// The block formats this file multiplies, with their bytes per 32 weights.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Format {
@@ -270,7 +260,7 @@ pub(crate) fn matmul_with(x: &Tensor, w: &QTensor, simd: bool) -> Result<Tensor>
     let mut yt = vec![0f32; n * rows]; // (n, rows)
     let pool = crate::pool::global();
     let chunk = n.div_ceil(pool.threads() * 8).max(8);
-    let out = SyncPtr(yt.as_mut_ptr());
+    let out = crate::pool::SharedOut::new(&mut yt);
     let chunk = chunk.next_multiple_of(4);
     pool.run(n.div_ceil(chunk), &|c| {
         let (start, end) = (c * chunk, ((c + 1) * chunk).min(n));
