@@ -155,6 +155,26 @@ impl ModelConfig {
             return Err(unsupported("head_dim", format!("{head_dim} must be even for rotary embeddings")));
         }
 
+        // Sizes beyond any real model (the largest vocabularies are ~256k, hidden sizes ~16k, MLPs ~53k): a typo or a
+        // damaged file would otherwise end in an allocation failure, or in hours of work, before any other check.
+        let kv_width = kv_heads.saturating_mul(head_dim);
+        for (key, value, max) in [
+            ("vocab_size", raw.vocab_size, 1 << 24),
+            ("hidden_size", raw.hidden_size, 1 << 18),
+            ("intermediate_size", raw.intermediate_size, 1 << 20),
+            ("num_hidden_layers", raw.num_hidden_layers, 1 << 12),
+            ("num_attention_heads", raw.num_attention_heads, 1 << 12),
+            ("head_dim", head_dim, 1 << 14),
+            ("num_key_value_heads × head_dim", kv_width, 1 << 18),
+        ] {
+            if value > max {
+                return Err(unsupported(key, format!("{value} is beyond any supported model (at most {max})")));
+            }
+        }
+        if raw.intermediate_size == 0 || raw.vocab_size == 0 || head_dim == 0 {
+            return Err(unsupported("intermediate_size", "vocab_size, intermediate_size and head_dim must be positive".into()));
+        }
+
         // rope_theta: top level (transformers ≤ 4) or inside rope_parameters (transformers 5).
         let params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
         let theta_in_params = raw.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64());
@@ -324,6 +344,26 @@ mod tests {
         assert!(wavelen > 2048.0 && wavelen < 8192.0);
         let smooth = (8192.0 / wavelen - 1.0) / 3.0;
         assert!((f[30] - ((1.0 - smooth) * plain / 8.0 + smooth * plain)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_is_allocated() {
+        let base = r#"{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "vocab_size": 256}"#;
+        parse(base).unwrap();
+        for (from, to, key) in [
+            ("\"vocab_size\": 256", "\"vocab_size\": 1000000000000", "vocab_size: 1000000000000 is beyond"),
+            ("\"hidden_size\": 64", "\"hidden_size\": 4000000000", "hidden_size: 4000000000 is beyond"),
+            ("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 100000", "num_hidden_layers: 100000 is beyond"),
+            ("\"vocab_size\": 256", "\"vocab_size\": 0", "must be positive"),
+        ] {
+            let text = base.replace(from, to);
+            let e = match ModelConfig::from_json_str(&text, Path::new("m/config.json")) {
+                Ok(_) => panic!("{text} loaded"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(key) && e.contains("m/config.json"), "{e}");
+        }
     }
 
     #[test]

@@ -37,6 +37,7 @@ use std::path::Path;
 use serde_yaml::Value;
 
 pub use error::{Origin, RecipeError};
+pub use targets::Projection;
 pub use names::{ComputeDtype, DataFormat, InitLoraWeights, LrScheduler};
 pub use spec::{
     AdapterSpec, DataSpec, Ia3Spec, LoraSpec, OutputSpec, QloraSpec, Recipe, RunLength, TokenIndices, TokenizerSpec,
