@@ -61,6 +61,9 @@ pub fn run(args: Args) -> Result<()> {
     if args.quant.is_some() && args.format != OutFormat::Gguf {
         return Err(user(anyhow::anyhow!("--quant applies to --format gguf only (a model folder takes --dtype)")));
     }
+    if let Some(problem) = args.out.parent().and_then(peftkit::util::output_dir_problem) {
+        return Err(user(anyhow::anyhow!("--out {}: {problem}", args.out.display())));
+    }
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let opts = MergeOptions {
         base: args.base.base,

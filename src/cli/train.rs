@@ -90,6 +90,9 @@ pub fn run(args: Args) -> Result<()> {
             .map_err(|e| user(anyhow::anyhow!("{}: output.hub_model_id ({}): {e}", args.recipe.display(), p.repo)))?;
     }
     let out = recipe.output.dir.clone();
+    if let Some(problem) = peftkit::util::output_dir_problem(&out) {
+        return Err(user(anyhow::anyhow!("{}: output.dir: {problem}", args.recipe.display())));
+    }
     if args.resume && train::latest_checkpoint(&out).is_none() {
         return Err(user(anyhow::anyhow!("--resume: no checkpoint in {}", out.join("checkpoints").display())));
     }
