@@ -285,6 +285,7 @@ pub fn run(args: Args) -> Result<()> {
         keep_checkpoints: 2,
     };
     let valid_examples = valid_set.as_ref().map(|d| d.examples.as_slice());
+    let out_existed = out.exists();
     let summary = train::train(
         &mut base.model,
         &adapter_cfg,
@@ -297,6 +298,16 @@ pub fn run(args: Args) -> Result<()> {
     )
     .map_err(|e| match e {
         train::TrainError::Resume(_) | train::TrainError::EmptyDataset => user(e),
+        // A loss that is not finite comes from the inputs (data, learning rate, a damaged base). Before the first
+        // checkpoint there is nothing to resume: the log of the failed steps is removed with the folder it made.
+        train::TrainError::NonFinite { checkpoint: None, .. } => {
+            let _ = std::fs::remove_file(out.join(train::METRICS_FILE));
+            if !out_existed {
+                let _ = std::fs::remove_dir(&out);
+            }
+            user(e)
+        }
+        train::TrainError::NonFinite { .. } => user(e),
         other => anyhow::Error::new(other),
     })?;
     if let Some(ckpt) = &summary.interrupted_at {
