@@ -95,9 +95,7 @@ pub fn available() -> Option<f64> {
     };
     let mut bytes = kib("MemAvailable:")? * 1024.0;
     let cgroup = |path: &str| std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse::<f64>().ok());
-    if let (Some(limit), Some(used)) =
-        (cgroup("/sys/fs/cgroup/memory.max"), cgroup("/sys/fs/cgroup/memory.current"))
-    {
+    if let (Some(limit), Some(used)) = (cgroup("/sys/fs/cgroup/memory.max"), cgroup("/sys/fs/cgroup/memory.current")) {
         bytes = bytes.min((limit - used).max(0.0));
     }
     Some(bytes)
@@ -168,7 +166,8 @@ mod tests {
     #[test]
     fn absurd_shapes_are_refused_with_the_figures() {
         let c = smollm2();
-        let shape = StepShape { batch: 1_000_000, seq: 1_000_000_000, activation_bytes: 4, gradient_checkpointing: false };
+        let shape =
+            StepShape { batch: 1_000_000, seq: 1_000_000_000, activation_bytes: 4, gradient_checkpointing: false };
         let e = training(&c, 1000, shape, 0.0);
         let msg = check(&e, Some(24.0 * (1u64 << 30) as f64), "--batch 1000000 × --seq 1000000000").unwrap_err();
         assert!(msg.contains("needs at least") && msg.contains("24.0 GiB is available"), "{msg}");

@@ -55,7 +55,10 @@ mod output_dir_tests {
         let file = dir.path().join("afile");
         std::fs::write(&file, "x").unwrap();
         let msg = super::output_dir_problem(&file.join("sub/out")).unwrap();
-        assert!(msg.ends_with(&format!("{} is a file, not a folder, so nothing can be written under it", file.display())), "{msg}");
+        assert!(
+            msg.ends_with(&format!("{} is a file, not a folder, so nothing can be written under it", file.display())),
+            "{msg}"
+        );
         assert!(super::output_dir_problem(&file).unwrap().ends_with("exists and is not a folder"));
         assert_eq!(super::output_dir_problem(&dir.path().join("new/out")), None);
     }

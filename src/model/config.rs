@@ -144,14 +144,14 @@ impl ModelConfig {
             return Err(unsupported("num_attention_heads", "sizes must be positive".into()));
         }
         let kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if kv_heads == 0 || raw.num_attention_heads % kv_heads != 0 {
+        if kv_heads == 0 || !raw.num_attention_heads.is_multiple_of(kv_heads) {
             return Err(unsupported(
                 "num_key_value_heads",
                 format!("{kv_heads} does not divide num_attention_heads {}", raw.num_attention_heads),
             ));
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(unsupported("head_dim", format!("{head_dim} must be even for rotary embeddings")));
         }
 
@@ -172,7 +172,10 @@ impl ModelConfig {
             }
         }
         if raw.intermediate_size == 0 || raw.vocab_size == 0 || head_dim == 0 {
-            return Err(unsupported("intermediate_size", "vocab_size, intermediate_size and head_dim must be positive".into()));
+            return Err(unsupported(
+                "intermediate_size",
+                "vocab_size, intermediate_size and head_dim must be positive".into(),
+            ));
         }
 
         // rope_theta: top level (transformers ≤ 4) or inside rope_parameters (transformers 5).
@@ -327,11 +330,11 @@ mod tests {
     fn llama3_scaling_matches_closed_form() {
         // Llama 3.1 8B's values; inv_freq of transformers' _compute_llama3_parameters for i = 0 (unchanged),
         // the last (divided by factor) and a middle one in the smooth band.
-        let c = parse(&format!(
-            r#"{{ "vocab_size": 10, "hidden_size": 4096, "intermediate_size": 16, "num_hidden_layers": 1,
-            "num_attention_heads": 32, "rope_theta": 500000.0, "rope_scaling": {{"rope_type": "llama3", "factor": 8.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}} }}"#
-        ))
+        let c = parse(
+            r#"{ "vocab_size": 10, "hidden_size": 4096, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 32, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192} }"#,
+        )
         .unwrap();
         let f = c.rope_inv_freq();
         assert_eq!(f.len(), 64);

@@ -37,12 +37,12 @@ use std::path::Path;
 use serde_yaml::Value;
 
 pub use error::{Origin, RecipeError};
-pub use targets::Projection;
 pub use names::{ComputeDtype, DataFormat, InitLoraWeights, LrScheduler};
 pub use spec::{
     AdapterSpec, DataSpec, Ia3Spec, LoraSpec, OutputSpec, QloraSpec, Recipe, RunLength, TokenIndices, TokenizerSpec,
     TrainingSpec,
 };
+pub use targets::Projection;
 
 use locate::syntax_error;
 use overrides::Override;

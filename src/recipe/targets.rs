@@ -100,9 +100,9 @@ impl Recipe {
 
 #[cfg(test)]
 mod tests {
+    use super::Projection;
     use crate::adapter::{ExcludeModules, LayersPattern};
     use crate::recipe::testutil::{assert_msg, err, fixture, minimal, ok, Fixture};
-    use super::Projection;
     use crate::recipe::{AdapterSpec, Recipe, TargetModules};
 
     fn with_adapter(f: &Fixture, kind: &str, extra: &str) -> String {
@@ -253,8 +253,16 @@ mod tests {
     #[test]
     fn rank_above_the_narrowest_target_is_refused_with_its_line() {
         let f = fixture();
-        let e = check_on_model(&with_adapter(&f, "lora", "  r: 4000000000
-"), &[]).unwrap_err();
+        let e = check_on_model(
+            &with_adapter(
+                &f,
+                "lora",
+                "  r: 4000000000
+",
+            ),
+            &[],
+        )
+        .unwrap_err();
         assert!(
             e.contains(
                 ":4: adapter.r: rank 4000000000 is above min(in, out) = 32 of the targeted projection \
@@ -263,9 +271,13 @@ mod tests {
             "{e}"
         );
         // Only the targeted projections count: without k/v the limit is 64.
-        let text = with_adapter(&f, "qlora", "  r: 64
+        let text = with_adapter(
+            &f,
+            "qlora",
+            "  r: 64
   target_modules: [q_proj, o_proj, gate_proj]
-");
+",
+        );
         assert!(check_on_model(&text, &[]).is_ok());
         let e = check_on_model(&text, &["adapter.r=65"]).unwrap_err();
         assert!(e.starts_with("--set adapter.r=65: adapter.r: rank 65 is above min(in, out) = 64"), "{e}");
