@@ -61,6 +61,10 @@ impl fmt::Debug for ChatTemplate {
     }
 }
 
+/// Instructions a template may execute per render ([`ChatTemplate::render`]): ~10 000 times what a real template
+/// needs for a 100-message conversation.
+const TEMPLATE_FUEL: u64 = 50_000_000;
+
 impl ChatTemplate {
     /// Compiles `source` (Jinja, as found in `chat_template.jinja`) with the given special tokens.
     pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, DataError> {
@@ -115,6 +119,10 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_auto_escape_callback(|_| AutoEscape::None);
+        // A template comes with the model, i.e. from the Hub: bound its work so that a hostile or broken one
+        // (`{% for i in range(10**9) %}`, nested loops) fails with an error instead of hanging the run. A real
+        // chat template spends a few hundred instructions per message.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         minijinja_contrib::add_to_environment(&mut env);
         env.add_function("raise_exception", raise_exception);
@@ -288,6 +296,16 @@ mod tests {
 
     fn m(role: &str, content: &str) -> Message {
         Message::new(role, content)
+    }
+
+    #[test]
+    fn a_runaway_template_runs_out_of_fuel_instead_of_hanging() {
+        let src = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
+        let started = std::time::Instant::now();
+        let err = t.render(&[m("user", "hi")], true).unwrap_err().to_string();
+        assert!(err.contains("fuel"), "{err}");
+        assert!(started.elapsed().as_secs() < 30, "{:?}", started.elapsed());
     }
 
     #[test]
