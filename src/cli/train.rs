@@ -200,7 +200,12 @@ pub fn run(args: Args) -> Result<()> {
             tracing::info!("adapter initialised from {}", dir.display());
             base.model.linears().filter(|l| l.adapter.is_some()).count()
         }
-        None => adapter::attach(&mut base.model, &adapter_cfg, recipe.training.seed).map_err(user)?,
+        None => {
+            // A resumed PiSSA/OLoRA run rebuilds its residual base from the checkpoint's A₀, B₀.
+            let initial = if args.resume { train::resume_initial(&out).map_err(user)? } else { None };
+            adapter::attach_with_initial(&mut base.model, &adapter_cfg, recipe.training.seed, initial.as_ref())
+                .map_err(user)?
+        }
     };
     let new_ids: Vec<u32> = new_tokens.iter().map(|(_, i)| *i).collect();
     let vocab_cfg = peftkit::tokens::with_trainable_ids(
@@ -219,10 +224,18 @@ pub fn run(args: Args) -> Result<()> {
     let vocab_params = adapter::vocab::attach(&mut base.model, &vocab_cfg, &args.recipe).map_err(user)?;
     let trainable: usize = adapter::trainable(&base.model).iter().map(|(_, v)| v.elem_count()).sum();
     let dora = recipe.adapter.lora().is_some_and(|l| l.use_dora);
+    let residual_init = recipe.adapter.lora().map(|l| l.init_lora_weights).filter(|i| i.rewrites_base());
     tracing::info!(
         "{} adapter{} on {n_adapted} projections: {trainable} trainable parameters{}",
         recipe.adapter.type_name(),
-        if dora { " (DoRA: with a magnitude vector per projection)" } else { "" },
+        match residual_init {
+            _ if dora => " (DoRA: with a magnitude vector per projection)".to_string(),
+            Some(i) => format!(
+                " (init_lora_weights {}: trained on the residual base; saved converted for the original base)",
+                i.name()
+            ),
+            None => String::new(),
+        },
         match vocab_params {
             0 => String::new(),
             n => format!(" ({n} of them in {})", base.model.vocab.describe()),
@@ -326,6 +339,7 @@ pub fn run(args: Args) -> Result<()> {
         license,
         method: recipe.adapter.type_name().to_string(),
         dora,
+        residual_init: residual_init.map(|i| i.name()),
         adapter_dir: out.display().to_string(),
         sequence_len: recipe.data.sequence_len,
         train: facts(&train_set),
