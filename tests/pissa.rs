@@ -272,3 +272,48 @@ fn interrupted_pissa_run_resumes_from_the_checkpoints_start() {
         assert_eq!(run("full", None), run("resumed", Some(2)), "{init:?}: resumed adapter differs");
     }
 }
+
+#[test]
+fn peftkit_pissa_adapter_loads_in_peft_onto_the_original_base() {
+    // A PiSSA adapter trained by `peftkit train recipes/tiny-pissa.yaml` and saved converted; PEFT loaded it onto
+    // transformers' unmodified tiny-llama (tests/fixtures/tiny-llama-pissa-peftkit/make_peft_logits.py).
+    let dir = fixture("tiny-llama-pissa-peftkit");
+    let mut model = tiny();
+    peft_format::load_adapter(&mut model, &dir).unwrap();
+    let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
+    let want = candle_core::safetensors::load(dir.join("peft_logits.safetensors"), &Device::Cpu).unwrap();
+    let d = rel_diff(&model.forward(&ids).unwrap(), &want["logits"]);
+    println!("peftkit-trained PiSSA adapter (converted) in PEFT vs peftkit: max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+    adapter::merge_and_unload(&mut model).unwrap();
+    let d = rel_diff(&model.forward(&ids).unwrap(), &want["merged_logits"]);
+    println!("merged vs PEFT merge_and_unload: max rel diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+    assert!(rel_diff(&tiny().forward(&ids).unwrap(), &want["logits"]) > 1e-2, "the adapter changes nothing");
+}
+
+#[test]
+fn a_trained_pissa_or_olora_model_and_its_saved_adapter_on_the_original_base_agree() {
+    // The model as trained (residual base + A, B) and the converted adapter on the unmodified base compute the same.
+    let data = examples(8);
+    let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
+    for init in [LoraInit::Pissa, LoraInit::PissaNiter(2), LoraInit::Olora] {
+        let cfg = lora(init);
+        let out = std::env::temp_dir().join(format!("peftkit-pissa-agree-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let mut model = tiny();
+        adapter::attach(&mut model, &cfg, 5).unwrap();
+        let mut tc = config(3);
+        tc.save_every = None;
+        train::train(&mut model, &cfg, &data, None, &tc, "tiny-llama", &out, &TrainOptions::default()).unwrap();
+        peft_format::save_adapter(&model, &cfg, "tiny-llama", None, &out).unwrap();
+        let trained = model.forward(&ids).unwrap();
+        let mut fresh = tiny();
+        peft_format::load_adapter(&mut fresh, &out).unwrap();
+        let d = rel_diff(&fresh.forward(&ids).unwrap(), &trained);
+        println!("{init:?}: trained model vs original base + converted adapter: max rel diff {d:e}");
+        assert!(d <= 1e-5, "{init:?}: {d}");
+        assert!(rel_diff(&tiny().forward(&ids).unwrap(), &trained) > 1e-4, "{init:?}: training changed nothing");
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
