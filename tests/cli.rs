@@ -572,7 +572,10 @@ fn pissa_recipe_trains_saves_converted_and_merges() {
     let text = std::fs::read_to_string(Path::new(root).join("recipes/tiny-pissa.yaml")).unwrap();
     let line = text.lines().position(|l| l.starts_with("  init_lora_weights:")).unwrap() + 1;
     for (edit, want) in [
-        (text.replace("\n  type: lora\n", "\n  type: qlora\n"), "adapter.init_lora_weights: pissa rewrites the base weights"),
+        (
+            text.replace("\n  type: lora\n", "\n  type: qlora\n"),
+            "adapter.init_lora_weights: pissa rewrites the base weights",
+        ),
         (
             text.replace("\n  init_lora_weights: pissa\n", "\n  init_lora_weights: pissa\n  use_dora: true\n"),
             "adapter.init_lora_weights: pissa with adapter.use_dora is not supported",

@@ -54,8 +54,8 @@ pub fn rewrites_base(init: LoraInit) -> bool {
     matches!(init, LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora)
 }
 
-/// A₀ (r × in) and B₀ (out × r), row-major f32, for the weight `w` (out × in, row-major f32) by `init` (PiSSA or
-/// OLoRA). `rng` draws the Gaussian test matrix of the randomized SVD (`pissa_niter_N` only).
+/// A₀ (r × in) and B₀ (out × r), row-major f32, for the weight `w` (out × in, row-major f32) by `init` (OLoRA,
+/// else PiSSA: `PissaNiter` randomized, any other full). `rng` draws the Gaussian test matrix of the randomized SVD (`pissa_niter_N` only).
 pub fn decompose(
     w: &[f32],
     out: usize,
@@ -80,11 +80,14 @@ pub fn decompose(
             let qr = wm.qr();
             let q = qr.compute_thin_Q(); // (out, k)
             let rr = qr.thin_R(); // (k, in)
-            let a: Vec<f32> = (0..r).flat_map(|i| (0..inp).map(move |j| (i, j))).map(|(i, j)| rr[(i, j)] as f32).collect();
-            let b: Vec<f32> = (0..out).flat_map(|i| (0..r).map(move |j| (i, j))).map(|(i, j)| q[(i, j)] as f32).collect();
+            let a: Vec<f32> =
+                (0..r).flat_map(|i| (0..inp).map(move |j| (i, j))).map(|(i, j)| rr[(i, j)] as f32).collect();
+            let b: Vec<f32> =
+                (0..out).flat_map(|i| (0..r).map(move |j| (i, j))).map(|(i, j)| q[(i, j)] as f32).collect();
             (a, b)
         }
-        LoraInit::Pissa | LoraInit::PissaNiter(_) => {
+        // PiSSA (the only other initialisation that rewrites the base).
+        _ => {
             // U (out, ≥r), S (≥r), V (in, ≥r): the leading r singular triplets.
             let (u, s, v) = match init {
                 LoraInit::PissaNiter(niter) => svd_lowrank(&wm, r, niter, rng).map_err(svd_err)?,
@@ -96,17 +99,12 @@ pub fn decompose(
             };
             // √(S / s), as PEFT divides S by the scale before the square root.
             let root: Vec<f64> = s.iter().map(|x| (x / scaling).sqrt()).collect();
-            let a: Vec<f32> = (0..r)
-                .flat_map(|i| (0..inp).map(move |j| (i, j)))
-                .map(|(i, j)| (root[i] * v[(j, i)]) as f32)
-                .collect();
-            let b: Vec<f32> = (0..out)
-                .flat_map(|i| (0..r).map(move |j| (i, j)))
-                .map(|(i, j)| (u[(i, j)] * root[j]) as f32)
-                .collect();
+            let a: Vec<f32> =
+                (0..r).flat_map(|i| (0..inp).map(move |j| (i, j))).map(|(i, j)| (root[i] * v[(j, i)]) as f32).collect();
+            let b: Vec<f32> =
+                (0..out).flat_map(|i| (0..r).map(move |j| (i, j))).map(|(i, j)| (u[(i, j)] * root[j]) as f32).collect();
             (a, b)
         }
-        _ => unreachable!("decompose is only called for PiSSA and OLoRA"),
     };
     Ok((a, b))
 }
