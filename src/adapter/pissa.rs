@@ -56,6 +56,7 @@ pub fn rewrites_base(init: LoraInit) -> bool {
 
 /// A₀ (r × in) and B₀ (out × r), row-major f32, for the weight `w` (out × in, row-major f32) by `init` (OLoRA,
 /// else PiSSA: `PissaNiter` randomized, any other full). `rng` draws the Gaussian test matrix of the randomized SVD (`pissa_niter_N` only).
+#[allow(clippy::too_many_arguments)]
 pub fn decompose(
     w: &[f32],
     out: usize,
@@ -125,6 +126,9 @@ pub fn residual(w: &[f32], a: &[f32], b: &[f32], out: usize, inp: usize, r: usiz
     res
 }
 
+/// U (m × q), S (q), V (n × q).
+type Triplets = (Mat<f64>, Vec<f64>, Mat<f64>);
+
 /// The randomized SVD of `a` (m × n) with q components and `niter` subspace iterations, as
 /// `torch.svd_lowrank(a, q, niter)`: returns U (m × q), S (q), V (n × q).
 fn svd_lowrank(
@@ -132,7 +136,7 @@ fn svd_lowrank(
     q: usize,
     niter: usize,
     rng: &mut rand_chacha::ChaCha8Rng,
-) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>), faer::linalg::svd::SvdError> {
+) -> Result<Triplets, faer::linalg::svd::SvdError> {
     // Work on the tall orientation, as torch does.
     let tall = a.nrows() >= a.ncols();
     let a: Mat<f64> = if tall { a.clone() } else { a.transpose().to_owned() };

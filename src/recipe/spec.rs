@@ -117,8 +117,9 @@ pub struct LoraSpec {
     /// How the A/B matrices start (PEFT's `init_lora_weights`): `true` (default: Kaiming-uniform A, zero B),
     /// `gaussian` (A ~ N(0, 1/r²), zero B), `false` (both random: not a no-op; for tests), or one that starts from
     /// the base weights and rewrites them:
-    /// - `pissa`: A and B from the top-r singular values and vectors of each targeted weight W (full SVD, f64 on
-    ///   the CPU: seconds per 4096² matrix), A = √(S/s)·Vᵀ, B = U·√(S/s) (PiSSA, Meng et al. 2024);
+    /// - `pissa`: A and B from the top-r singular values and vectors of each targeted weight W (full SVD in f64 on
+    ///   the CPU, once at the start: the slow choice for large models), A = √(S/s)·Vᵀ, B = U·√(S/s) (PiSSA, Meng et
+    ///   al. 2024);
     /// - `pissa_niter_N`: the same from a randomized SVD with N subspace iterations (N ≥ 0; PEFT suggests 4–16),
     ///   much faster on large weights; its random start is drawn from `training.seed`;
     /// - `olora`: A = R[..r], B = Q[:, ..r] from the thin QR of W (OLoRA, Büyükakyüz 2024).
