@@ -595,5 +595,19 @@ fn pissa_recipe_trains_saves_converted_and_merges() {
         assert!(stderr(&o).contains(&want), "{}", stderr(&o));
         assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
     }
+    // A rank above a projection's smaller dimension (k_proj is 32×64) is refused at adapter.r's line.
+    let r_line = text.lines().position(|l| l.starts_with("  r:")).unwrap() + 1;
+    let recipe = write_recipe(&d, &text.replace("\n  r: 4\n", "\n  r: 48\n"));
+    let o = bin()
+        .current_dir(root)
+        .arg("train")
+        .arg(&recipe)
+        .arg("--set")
+        .arg(format!("output.dir={}", d.join("never").display()))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let want = format!("{}:{r_line}: adapter.r: pissa with r = 48 needs r ≤ min(out, in)", recipe.display());
+    assert!(stderr(&o).contains(&want), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -159,6 +159,9 @@ pub fn run(args: Args) -> Result<()> {
     recipe.check_token_ids(&args.recipe, &args.set, base.model.config.vocab_size).map_err(user)?;
     let projections: Vec<String> = base.model.linears().map(|l| l.path.clone()).collect();
     recipe.check_targets(&args.recipe, &args.set, base.model.config.num_hidden_layers, &projections).map_err(user)?;
+    let shapes: Vec<(String, usize, usize)> =
+        base.model.linears().map(|l| (l.path.clone(), l.out_features, l.in_features)).collect();
+    recipe.check_rank_fits(&args.recipe, &args.set, &shapes).map_err(user)?;
     let opts = EncodeOptions {
         sequence_len: recipe.data.sequence_len,
         train_on_inputs: recipe.data.train_on_inputs,
