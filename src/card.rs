@@ -41,6 +41,10 @@ pub struct TrainingRecord {
     /// A LoRA/QLoRA adapter trained as DoRA (`adapter.use_dora`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dora: bool,
+    /// `pissa`, `pissa_niter_N` or `olora` when the adapter started from the base weights (`init_lora_weights`)
+    /// and was saved converted for the original base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual_init: Option<String>,
     /// The adapter folder as the run wrote it.
     pub adapter_dir: String,
     /// The recipe's `data.sequence_len`, so `peftkit eval` reproduces the reported figures.
@@ -155,6 +159,14 @@ pub fn adapter_card(f: &TrainingRecord, recipe_yaml: &str) -> String {
             "It was trained on the base held in NF4 4-bit with double quantization (bitsandbytes' format); load \
              the base the same way (`--load-in-4bit`, or `BitsAndBytesConfig(load_in_4bit=True, \
              bnb_4bit_quant_type=\"nf4\", bnb_4bit_use_double_quant=True)`) to reproduce the figures below.\n\n",
+        );
+    }
+    if let Some(init) = &f.residual_init {
+        let _ = writeln!(
+            s,
+            "It was initialised with `init_lora_weights: {init}` (A and B from the base weights, trained on the residual \
+             W − s·B·A) and saved converted, as PEFT's `save_pretrained(path_initial_model_for_weight_conversion=…)` \
+             saves it: a plain LoRA adapter of twice the rank for the original, unmodified base model.\n"
         );
     }
     s.push_str("## How to use\n\nWith peftkit:\n\n```sh\n");
@@ -293,6 +305,7 @@ mod tests {
             license: hub.then(|| "apache-2.0".into()),
             method: "ia3".into(),
             dora: false,
+            residual_init: None,
             adapter_dir: "adapters/x".into(),
             sequence_len: 256,
             train: data.clone(),

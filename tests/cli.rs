@@ -518,3 +518,96 @@ fn exclude_recipe_trains_and_target_errors_exit_2_naming_the_key() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("target_parameters: [\"feed_forward.experts.down_proj\"]"), "{}", stderr(&o));
 }
+
+/// `recipes/tiny-pissa.yaml` end to end: the run trains on the residual base and saves the adapter converted for the
+/// original base (rank 2r, lora_alpha doubled, `init_lora_weights: true`), which `generate` uses unmerged as
+/// `merge` folds it in; PiSSA on an NF4 base and with DoRA exit 2 naming the key and line.
+#[test]
+fn pissa_recipe_trains_saves_converted_and_merges() {
+    let d = tmp("pissa");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = d.join("adapter");
+    let o = bin()
+        .current_dir(root)
+        .args(["train", "recipes/tiny-pissa.yaml", "--set", "training.max_steps=2", "--set"])
+        .arg(format!("output.dir={}", out.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("init_lora_weights pissa"), "{}", stderr(&o));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(8), Some(16.0)));
+    assert_eq!(cfg["init_lora_weights"], serde_json::json!(true));
+    let t = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(t["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].dims(), [8, 160]);
+    assert_eq!(t["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].dims(), [64, 8]);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("init_lora_weights: pissa"), "{card}");
+    let base = fixtures().join("tiny-llama");
+    let merged = d.join("merged");
+    let o = bin()
+        .args(["merge", "--dtype", "f32", "--base"])
+        .arg(&base)
+        .arg("--adapter")
+        .arg(&out)
+        .arg("--out")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let generate = |base: &Path, adapter: Option<&Path>| {
+        let mut c = bin();
+        c.arg("generate").arg("--base").arg(base).args(["--prompt", "Where is my Sprigbox?", "--max-new-tokens", "12"]);
+        if let Some(a) = adapter {
+            c.arg("--adapter").arg(a);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let unmerged = generate(&base, Some(&out));
+    assert_eq!(unmerged, generate(&merged, None));
+
+    let text = std::fs::read_to_string(Path::new(root).join("recipes/tiny-pissa.yaml")).unwrap();
+    let line = text.lines().position(|l| l.starts_with("  init_lora_weights:")).unwrap() + 1;
+    for (edit, want) in [
+        (
+            text.replace("\n  type: lora\n", "\n  type: qlora\n"),
+            "adapter.init_lora_weights: pissa rewrites the base weights",
+        ),
+        (
+            text.replace("\n  init_lora_weights: pissa\n", "\n  init_lora_weights: pissa\n  use_dora: true\n"),
+            "adapter.init_lora_weights: pissa with adapter.use_dora is not supported",
+        ),
+    ] {
+        let recipe = write_recipe(&d, &edit);
+        let o = bin()
+            .current_dir(root)
+            .arg("train")
+            .arg(&recipe)
+            .arg("--set")
+            .arg(format!("output.dir={}", d.join("never").display()))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        let want = format!("{}:{line}: {want}", recipe.display());
+        assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    }
+    // A rank above a projection's smaller dimension (k_proj is 32×64) is refused at adapter.r's line.
+    let r_line = text.lines().position(|l| l.starts_with("  r:")).unwrap() + 1;
+    let recipe = write_recipe(&d, &text.replace("\n  r: 4\n", "\n  r: 48\n"));
+    let o = bin()
+        .current_dir(root)
+        .arg("train")
+        .arg(&recipe)
+        .arg("--set")
+        .arg(format!("output.dir={}", d.join("never").display()))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let want = format!("{}:{r_line}: adapter.r: pissa with r = 48 needs r ≤ min(out, in)", recipe.display());
+    assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&d);
+}

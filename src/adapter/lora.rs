@@ -19,6 +19,12 @@ pub enum LoraInit {
     Gaussian,
     /// A and B both random (PEFT's `false`): the adapter changes the output from the start.
     Random,
+    /// PiSSA (PEFT's `"pissa"`): A, B from the top-r SVD of W, the base becomes W − s·B·A ([`super::pissa`]).
+    Pissa,
+    /// PiSSA with a randomized SVD of this many subspace iterations (PEFT's `"pissa_niter_N"`).
+    PissaNiter(usize),
+    /// OLoRA (PEFT's `"olora"`): A, B from the thin QR of W, the base becomes W − s·B·A ([`super::pissa`]).
+    Olora,
 }
 
 /// The LoRA hyperparameters of an adapter (PEFT's `LoraConfig`, the parts peftkit implements).
@@ -74,6 +80,9 @@ pub struct LoraLayer {
     pub b: Var,
     pub scaling: f64,
     pub dropout: f64,
+    /// A₀ and B₀ when the initialisation rewrote the base weight (PiSSA, OLoRA): the base then holds
+    /// W − s·B₀·A₀, and saving converts the adapter back to one for W ([`super::pissa::convert`]).
+    pub initial: Option<std::sync::Arc<super::pissa::InitialAdapter>>,
 }
 
 impl LoraLayer {
@@ -92,8 +101,10 @@ impl LoraLayer {
         let uniform = |rng: &mut rand_chacha::ChaCha8Rng, n: usize, bound: f64| -> Vec<f32> {
             (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect()
         };
+        // PiSSA and OLoRA start from the base weight instead: `attach` computes them (see `super::pissa`).
         let a: Vec<f32> = match init {
             LoraInit::Kaiming | LoraInit::Random => uniform(rng, r * in_features, bound),
+            LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora => vec![0.0; r * in_features],
             LoraInit::Gaussian => {
                 let std = 1.0 / r as f64;
                 (0..r * in_features).map(|_| (normal(rng) * std) as f32).collect()
@@ -108,6 +119,7 @@ impl LoraLayer {
             b: Var::from_tensor(&Tensor::from_vec(b, (out_features, r), device)?)?,
             scaling,
             dropout,
+            initial: None,
         })
     }
 
@@ -118,6 +130,7 @@ impl LoraLayer {
             b: Var::from_tensor(&b.to_dtype(crate::compute::Compute::PARAM_DTYPE)?)?,
             scaling,
             dropout,
+            initial: None,
         })
     }
 

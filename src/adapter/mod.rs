@@ -6,6 +6,7 @@ pub mod dora;
 pub mod ia3;
 pub mod lora;
 pub mod peft_format;
+pub mod pissa;
 pub mod target;
 pub mod vocab;
 
@@ -41,6 +42,18 @@ pub enum AdapterError {
     Format { path: std::path::PathBuf, msg: String },
     #[error("{path}: {source}")]
     Io { path: std::path::PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Init(#[from] pissa::InitError),
+    #[error(
+        "adapter.init_lora_weights: {init} rewrites the base weights, and {module} is held in NF4: initialise from \
+         a 16/32-bit base (type: lora)"
+    )]
+    InitOnQuantized { init: &'static str, module: String },
+    #[error(
+        "adapter.init_lora_weights: PiSSA/OLoRA with use_dora is not supported (PEFT's conversion back to the \
+         original base leaves out the magnitude vectors)"
+    )]
+    InitWithDora,
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -76,6 +89,9 @@ impl AdapterConfig {
                     InitLoraWeights::Default => LoraInit::Kaiming,
                     InitLoraWeights::Gaussian => LoraInit::Gaussian,
                     InitLoraWeights::Random => LoraInit::Random,
+                    InitLoraWeights::Pissa => LoraInit::Pissa,
+                    InitLoraWeights::PissaNiter(n) => LoraInit::PissaNiter(n),
+                    InitLoraWeights::Olora => LoraInit::Olora,
                 },
                 layers_to_transform: l.layers_to_transform.clone(),
                 exclude_modules: l.exclude_modules.clone(),
@@ -109,7 +125,21 @@ impl AdapterConfig {
 }
 
 /// Attaches fresh adapters to every targeted projection of `model`; returns the number of adapted projections.
+/// With PiSSA or OLoRA (`init_lora_weights`) each targeted base weight is replaced by its residual (see
+/// [`pissa`]).
 pub fn attach(model: &mut Llama, config: &AdapterConfig, seed: u64) -> Result<usize, AdapterError> {
+    attach_with_initial(model, config, seed, None)
+}
+
+/// [`attach`], taking PiSSA/OLoRA's A₀ and B₀ from `initial` (keyed by their PEFT tensor names, as a checkpoint
+/// stores them, [`initial_tensors`]) instead of factorising the base weights: a resumed run gets the residual
+/// base of the run it continues, bit for bit.
+pub fn attach_with_initial(
+    model: &mut Llama,
+    config: &AdapterConfig,
+    seed: u64,
+    initial: Option<&std::collections::HashMap<String, Tensor>>,
+) -> Result<usize, AdapterError> {
     let mut rng = lora::init_rng(seed);
     let mut count = 0;
     let matcher = target_matcher(config, model.config.num_hidden_layers)?;
@@ -131,13 +161,16 @@ pub fn attach(model: &mut Llama, config: &AdapterConfig, seed: u64) -> Result<us
     }
     match config {
         AdapterConfig::Lora(cfg) => {
+            if cfg.use_dora && pissa::rewrites_base(cfg.init) {
+                return Err(AdapterError::InitWithDora);
+            }
             let device = model.device.clone();
             for lin in model.linears_mut() {
                 if !matcher.matches(&lin.path) {
                     continue;
                 }
                 let (r, alpha) = cfg.rank_alpha(&lin.path);
-                let layer = LoraLayer::init(
+                let mut layer = LoraLayer::init(
                     lin.in_features,
                     lin.out_features,
                     r,
@@ -147,6 +180,9 @@ pub fn attach(model: &mut Llama, config: &AdapterConfig, seed: u64) -> Result<us
                     &mut rng,
                     &device,
                 )?;
+                if pissa::rewrites_base(cfg.init) {
+                    layer = rewrite_base(lin, &layer, cfg.init, initial, &mut rng)?;
+                }
                 lin.adapter = Some(if cfg.use_dora {
                     // m starts at ‖W + s·B·A‖: the fresh adapter is the identity.
                     LayerAdapter::Dora(DoraLayer::init(layer, &lin.weight)?)
@@ -181,6 +217,69 @@ pub fn attach(model: &mut Llama, config: &AdapterConfig, seed: u64) -> Result<us
         return Err(AdapterError::NoTargets { example });
     }
     Ok(count)
+}
+
+/// PiSSA/OLoRA for one projection: A₀, B₀ (from `initial` when it holds them, else factorised from the weight)
+/// become the adapter's starting values, and the weight its residual W − s·B₀·A₀ in its own dtype and device.
+fn rewrite_base(
+    lin: &mut crate::linear::AdaptedLinear,
+    fresh: &LoraLayer,
+    init: LoraInit,
+    initial: Option<&std::collections::HashMap<String, Tensor>>,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> Result<LoraLayer, AdapterError> {
+    use crate::weight::FrozenWeight;
+    if lin.weight.is_nf4() {
+        let name = if init == LoraInit::Olora { "olora" } else { "pissa" };
+        return Err(AdapterError::InitOnQuantized { init: name, module: lin.path.clone() });
+    }
+    let (r, scaling) = (fresh.rank(), fresh.scaling);
+    let dtype = match &lin.weight {
+        FrozenWeight::Dense(w) => w.dtype(),
+        _ => DType::F32,
+    };
+    let device = lin.weight.device();
+    let w = lin.weight.dense()?; // (out, in) f32 on the CPU
+    let key = |m: &str| format!("base_model.model.{}.{m}.weight", lin.path);
+    let stored = initial.and_then(|t| Some((t.get(&key("lora_A"))?.clone(), t.get(&key("lora_B"))?.clone())));
+    let (start, res) = match stored {
+        Some((a, b)) => {
+            let start = pissa::InitialAdapter { a: a.to_dtype(DType::F32)?, b: b.to_dtype(DType::F32)? };
+            let fits = start.a.dims() == [r, lin.in_features] && start.b.dims() == [lin.out_features, r];
+            if !fits {
+                return Err(AdapterError::Format {
+                    path: lin.path.clone().into(),
+                    msg: format!(
+                        "the checkpoint's initial A {:?} / B {:?} do not fit rank {r}",
+                        start.a.dims(),
+                        start.b.dims()
+                    ),
+                });
+            }
+            let res = pissa::residual_of(&w, &start, scaling)?;
+            (start, res)
+        }
+        None => pissa::init_projection(&w, r, scaling, init, &lin.path, rng)?,
+    };
+    lin.weight = FrozenWeight::Dense(res.to_dtype(dtype)?.to_device(&device)?);
+    let dev = fresh.a.device();
+    let mut layer = LoraLayer::from_weights(start.a.to_device(dev)?, start.b.to_device(dev)?, scaling, fresh.dropout)?;
+    layer.initial = Some(std::sync::Arc::new(start));
+    Ok(layer)
+}
+
+/// A₀ and B₀ of every adapter whose initialisation rewrote its base (PiSSA, OLoRA), with the PEFT names of A and B
+/// (empty when there are none). A checkpoint stores them beside the adapter, so that a resumed run rebuilds the
+/// same residual base ([`attach_with_initial`]).
+pub fn initial_tensors(model: &Llama) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    for lin in model.linears() {
+        if let Some(LayerAdapter::Lora(LoraLayer { initial: Some(i), .. })) = &lin.adapter {
+            out.push((format!("base_model.model.{}.lora_A.weight", lin.path), i.a.clone()));
+            out.push((format!("base_model.model.{}.lora_B.weight", lin.path), i.b.clone()));
+        }
+    }
+    out
 }
 
 /// The matcher of an adapter's `target_modules`, `layers_to_transform` and `exclude_modules`, for a model of

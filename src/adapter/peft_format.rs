@@ -449,13 +449,39 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<PeftConfig, Adapter
 }
 
 /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` for the adapters attached to `model`.
-/// Each file is written to a temporary name and renamed into place.
+/// Each file is written to a temporary name and renamed into place. A PiSSA/OLoRA adapter is saved converted, as
+/// PEFT's `save_pretrained(path_initial_model_for_weight_conversion=…)` saves it: a plain LoRA adapter of rank 2r for
+/// the original (unmodified) base model ([`super::pissa`]).
 pub fn save_adapter(
     model: &Llama,
     config: &AdapterConfig,
     base_model_name_or_path: &str,
     revision: Option<&str>,
     dir: &Path,
+) -> Result<(), AdapterError> {
+    save_adapter_as(model, config, base_model_name_or_path, revision, dir, true)
+}
+
+/// [`save_adapter`] without PiSSA/OLoRA's conversion: the adapter as trained, valid on the residual base, with
+/// `init_lora_weights` naming the initialisation (PEFT loading it onto the original base redoes the factorisation,
+/// and with it the residual, before loading the weights). Checkpoints are saved so, for `--resume`.
+pub fn save_adapter_residual(
+    model: &Llama,
+    config: &AdapterConfig,
+    base_model_name_or_path: &str,
+    revision: Option<&str>,
+    dir: &Path,
+) -> Result<(), AdapterError> {
+    save_adapter_as(model, config, base_model_name_or_path, revision, dir, false)
+}
+
+fn save_adapter_as(
+    model: &Llama,
+    config: &AdapterConfig,
+    base_model_name_or_path: &str,
+    revision: Option<&str>,
+    dir: &Path,
+    convert: bool,
 ) -> Result<(), AdapterError> {
     std::fs::create_dir_all(dir).map_err(|source| AdapterError::Io { path: dir.into(), source })?;
     let vocab = model.vocab.config();
@@ -500,7 +526,11 @@ pub fn save_adapter(
             };
             let pattern_json =
                 |p: &[(String, f64)]| Value::Object(p.iter().map(|(k, v)| (k.clone(), json!(v))).collect());
-            cfg.insert("alpha_pattern".into(), pattern_json(&l.alpha_pattern));
+            let double = |p: &[(String, f64)]| -> Vec<(String, f64)> {
+                let f = if convert && super::pissa::rewrites_base(l.init) { 2.0 } else { 1.0 };
+                p.iter().map(|(k, v)| (k.clone(), v * f)).collect()
+            };
+            cfg.insert("alpha_pattern".into(), pattern_json(&double(&l.alpha_pattern)));
             cfg.insert("auto_mapping".into(), Value::Null);
             cfg.insert("base_model_name_or_path".into(), json!(base_model_name_or_path));
             cfg.insert("bias".into(), json!("none"));
@@ -510,23 +540,43 @@ pub fn save_adapter(
             }
             cfg.insert("fan_in_fan_out".into(), json!(false));
             cfg.insert("inference_mode".into(), json!(true));
+            // PiSSA/OLoRA converted for the original base (PEFT's `path_initial_model_for_weight_conversion`):
+            // twice the rank, lora_alpha scaled so that s is unchanged, and a plain LoRA start.
+            let converted = convert && super::pissa::rewrites_base(l.init);
+            let (r_factor, alpha_factor) = match (converted, l.use_rslora) {
+                (false, _) => (1, 1.0),
+                (true, false) => (2, 2.0),
+                (true, true) => (2, std::f64::consts::SQRT_2),
+            };
+            if converted && l.use_rslora && (!l.rank_pattern.is_empty() || !l.alpha_pattern.is_empty()) {
+                // As PEFT refuses: the doubled pattern ranks would change their rsLoRA scales.
+                return Err(format_err(
+                    dir,
+                    "init_lora_weights: converting a PiSSA/OLoRA adapter with use_rslora and rank_pattern / \
+                     alpha_pattern is not supported (PEFT refuses it too)",
+                ));
+            }
             cfg.insert(
                 "init_lora_weights".into(),
                 match l.init {
+                    _ if converted => json!(true),
                     LoraInit::Kaiming => json!(true),
                     LoraInit::Gaussian => json!("gaussian"),
                     LoraInit::Random => json!(false),
+                    LoraInit::Pissa => json!("pissa"),
+                    LoraInit::PissaNiter(n) => json!(format!("pissa_niter_{n}")),
+                    LoraInit::Olora => json!("olora"),
                 },
             );
             cfg.insert("layers_pattern".into(), layers_pattern);
             cfg.insert("layers_to_transform".into(), json!(layers));
-            cfg.insert("lora_alpha".into(), json!(l.lora_alpha));
+            cfg.insert("lora_alpha".into(), json!(l.lora_alpha * alpha_factor));
             cfg.insert("lora_dropout".into(), json!(l.lora_dropout));
             cfg.insert("modules_to_save".into(), vocab.modules_to_save_json());
             cfg.insert("peft_type".into(), json!("LORA"));
-            cfg.insert("r".into(), json!(l.r));
+            cfg.insert("r".into(), json!(l.r * r_factor));
             let ranks: Vec<(String, f64)> = l.rank_pattern.iter().map(|(k, v)| (k.clone(), *v as f64)).collect();
-            cfg.insert("rank_pattern".into(), pattern_json(&ranks));
+            cfg.insert("rank_pattern".into(), pattern_json(&double(&ranks)));
             cfg.insert("revision".into(), json!(revision));
             cfg.insert("target_modules".into(), targets);
             cfg.insert("task_type".into(), json!("CAUSAL_LM"));
@@ -575,8 +625,24 @@ pub fn save_adapter(
         }
     }
     // The weights first, then the config that describes them.
-    let tensors: Vec<(String, Tensor)> =
+    let mut tensors: Vec<(String, Tensor)> =
         super::trainable(model).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+    if convert {
+        // PiSSA/OLoRA: A' = [A; A₀], B' = [B, −B₀], the adapter for the original base.
+        let mut pairs = std::collections::HashMap::new();
+        for lin in model.linears() {
+            if let Some(super::LayerAdapter::Lora(LoraLayer { a, b, initial: Some(i), .. })) = &lin.adapter {
+                let (a2, b2) = super::pissa::convert(a.as_tensor(), b.as_tensor(), i)?;
+                pairs.insert(format!("base_model.model.{}.lora_A.weight", lin.path), a2);
+                pairs.insert(format!("base_model.model.{}.lora_B.weight", lin.path), b2);
+            }
+        }
+        for (k, t) in tensors.iter_mut() {
+            if let Some(c) = pairs.remove(k) {
+                *t = c;
+            }
+        }
+    }
     save_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
     let text = serde_json::to_string_pretty(&Value::Object(cfg)).map_err(|e| format_err(dir, e.to_string()))?;
     write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())

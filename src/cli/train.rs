@@ -167,6 +167,9 @@ pub fn run(args: Args) -> Result<()> {
         .map(|l| Projection { path: l.path.clone(), in_features: l.in_features, out_features: l.out_features })
         .collect();
     recipe.check_targets(&args.recipe, &args.set, base.model.config.num_hidden_layers, &projections).map_err(user)?;
+    let shapes: Vec<(String, usize, usize)> =
+        base.model.linears().map(|l| (l.path.clone(), l.out_features, l.in_features)).collect();
+    recipe.check_rank_fits(&args.recipe, &args.set, &shapes).map_err(user)?;
     let opts = EncodeOptions {
         sequence_len: recipe.data.sequence_len,
         train_on_inputs: recipe.data.train_on_inputs,
@@ -208,7 +211,12 @@ pub fn run(args: Args) -> Result<()> {
             tracing::info!("adapter initialised from {}", dir.display());
             base.model.linears().filter(|l| l.adapter.is_some()).count()
         }
-        None => adapter::attach(&mut base.model, &adapter_cfg, recipe.training.seed).map_err(user)?,
+        None => {
+            // A resumed PiSSA/OLoRA run rebuilds its residual base from the checkpoint's A₀, B₀.
+            let initial = if args.resume { train::resume_initial(&out).map_err(user)? } else { None };
+            adapter::attach_with_initial(&mut base.model, &adapter_cfg, recipe.training.seed, initial.as_ref())
+                .map_err(user)?
+        }
     };
     let new_ids: Vec<u32> = new_tokens.iter().map(|(_, i)| *i).collect();
     let vocab_cfg = peftkit::tokens::with_trainable_ids(
@@ -227,10 +235,18 @@ pub fn run(args: Args) -> Result<()> {
     let vocab_params = adapter::vocab::attach(&mut base.model, &vocab_cfg, &args.recipe).map_err(user)?;
     let trainable: usize = adapter::trainable(&base.model).iter().map(|(_, v)| v.elem_count()).sum();
     let dora = recipe.adapter.lora().is_some_and(|l| l.use_dora);
+    let residual_init = recipe.adapter.lora().map(|l| l.init_lora_weights).filter(|i| i.rewrites_base());
     tracing::info!(
         "{} adapter{} on {n_adapted} projections: {trainable} trainable parameters{}",
         recipe.adapter.type_name(),
-        if dora { " (DoRA: with a magnitude vector per projection)" } else { "" },
+        match residual_init {
+            _ if dora => " (DoRA: with a magnitude vector per projection)".to_string(),
+            Some(i) => format!(
+                " (init_lora_weights {}: trained on the residual base; saved converted for the original base)",
+                i.name()
+            ),
+            None => String::new(),
+        },
         match vocab_params {
             0 => String::new(),
             n => format!(" ({n} of them in {})", base.model.vocab.describe()),
@@ -346,6 +362,7 @@ pub fn run(args: Args) -> Result<()> {
         license,
         method: recipe.adapter.type_name().to_string(),
         dora,
+        residual_init: residual_init.map(|i| i.name()),
         adapter_dir: out.display().to_string(),
         sequence_len: recipe.data.sequence_len,
         train: facts(&train_set),

@@ -185,6 +185,14 @@ fn build_adapter(value: Value) -> Result<AdapterSpec, Problem> {
                 "DoRA is a LoRA variant: use it with `type: lora` or `type: qlora`, not with ia3".to_string(),
             ),
         }),
+        "ia3" if has_key(&rest, "init_lora_weights") => Err(Problem {
+            path: vec![Seg::key("adapter"), Seg::key("init_lora_weights")],
+            kind: ProblemKind::Invalid(
+                "sets how LoRA's A and B start (true, gaussian, pissa, olora…): use it with `type: lora` or `type: \
+                 qlora`; IA3's vectors start from adapter.init_ia3_weights"
+                    .to_string(),
+            ),
+        }),
         "ia3" => deserialize_at(&prefix, rest).map(AdapterSpec::Ia3),
         other => Err(Problem {
             path: type_path(),
@@ -277,6 +285,59 @@ mod tests {
         );
         let text = minimal(&f, "lora").replace("type: lora", "type: lora\n  use_dora: maybe");
         assert_msg(&err(&text, &[]), "recipes/x.yaml:", &["adapter.use_dora: expected true or false"]);
+    }
+
+    #[test]
+    fn recipe_pissa_and_olora_keys() {
+        use crate::adapter::LoraInit;
+        let f = fixture();
+        let with = |kind: &str, extra: &str| {
+            minimal(&f, kind).replace(&format!("type: {kind}"), &format!("type: {kind}\n  init_lora_weights: {extra}"))
+        };
+        for (text, want, init) in [
+            ("pissa", InitLoraWeights::Pissa, LoraInit::Pissa),
+            ("pissa_niter_16", InitLoraWeights::PissaNiter(16), LoraInit::PissaNiter(16)),
+            ("olora", InitLoraWeights::Olora, LoraInit::Olora),
+        ] {
+            let recipe = ok(&with("lora", text), &[]);
+            assert_eq!(recipe.adapter.lora().unwrap().init_lora_weights, want);
+            assert!(recipe.to_yaml().contains(&format!("init_lora_weights: {text}")), "{}", recipe.to_yaml());
+            assert_eq!(Recipe::from_str(&recipe.to_yaml(), "resolved.yaml", &[]).unwrap(), recipe);
+            match crate::adapter::AdapterConfig::from_spec(&recipe.adapter).unwrap() {
+                crate::adapter::AdapterConfig::Lora(l) => assert_eq!(l.init, init),
+                other => panic!("{other:?}"),
+            }
+            // --set reaches it too.
+            let set = ok(&minimal(&f, "lora"), &[&format!("adapter.init_lora_weights={text}")]);
+            assert_eq!(set.adapter.lora().unwrap().init_lora_weights, want);
+        }
+        for bad in ["pissa_niter_", "pissa_niter_x", "pissa_niter_-1", "PiSSA", "corda"] {
+            assert_msg(
+                &err(&with("lora", bad), &[]),
+                "recipes/x.yaml:4: adapter.init_lora_weights: ",
+                &[&format!("unknown value \"{bad}\""), "pissa_niter_N", "olora"],
+            );
+        }
+        assert_msg(
+            &err(&with("qlora", "pissa"), &[]),
+            "recipes/x.yaml:4: adapter.init_lora_weights: pissa rewrites the base weights",
+            &["NF4", "type: lora"],
+        );
+        assert_msg(
+            &err(&with("qlora", "olora"), &[]),
+            "recipes/x.yaml:4: adapter.init_lora_weights: olora rewrites the base weights",
+            &[],
+        );
+        assert_msg(
+            &err(&with("lora", "pissa_niter_4").replace("type: lora", "type: lora\n  use_dora: true"), &[]),
+            "recipes/x.yaml:5: adapter.init_lora_weights: pissa_niter_4 with adapter.use_dora is not supported",
+            &["magnitude vectors"],
+        );
+        assert_msg(
+            &err(&with("ia3", "pissa"), &[]),
+            "recipes/x.yaml:4: adapter.init_lora_weights: sets how LoRA's A and B start",
+            &["init_ia3_weights"],
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Enums written in recipes by name: [`LrScheduler`], [`DataFormat`] and [`ComputeDtype`] (one of
 //! a fixed set of lowercase names, declared with `name_enum!`), and [`InitLoraWeights`] (`true`,
-//! `false` or `gaussian`).
+//! `false`, `gaussian`, `pissa`, `pissa_niter_N` or `olora`).
 
 use std::fmt;
 
@@ -114,6 +114,49 @@ pub enum InitLoraWeights {
     Gaussian,
     /// `false`: both random, so the adapter is not a no-op (for tests and debugging).
     Random,
+    /// `pissa`: A, B from the top-r singular triplets of each base weight (full SVD); the base keeps the residual.
+    Pissa,
+    /// `pissa_niter_N`: the same from a randomized SVD with N subspace iterations (faster, approximate).
+    PissaNiter(usize),
+    /// `olora`: A, B from the thin QR of each base weight; the base keeps the residual.
+    Olora,
+}
+
+const EXPECTED: &str = "true, false, gaussian, pissa, pissa_niter_N (N a number of iterations) or olora";
+
+impl InitLoraWeights {
+    /// Whether the initialisation rewrites the base weights (PiSSA, OLoRA).
+    pub fn rewrites_base(self) -> bool {
+        matches!(self, InitLoraWeights::Pissa | InitLoraWeights::PissaNiter(_) | InitLoraWeights::Olora)
+    }
+
+    /// The name as PEFT writes it (`true` and `false` are booleans there).
+    pub fn name(self) -> String {
+        match self {
+            InitLoraWeights::Default => "true".into(),
+            InitLoraWeights::Random => "false".into(),
+            InitLoraWeights::Gaussian => "gaussian".into(),
+            InitLoraWeights::Pissa => "pissa".into(),
+            InitLoraWeights::PissaNiter(n) => format!("pissa_niter_{n}"),
+            InitLoraWeights::Olora => "olora".into(),
+        }
+    }
+
+    /// Parses one of the string forms (`gaussian`, `pissa`, `pissa_niter_N`, `olora`).
+    pub fn from_name(text: &str) -> Option<Self> {
+        match text {
+            "gaussian" => Some(InitLoraWeights::Gaussian),
+            "pissa" => Some(InitLoraWeights::Pissa),
+            "olora" => Some(InitLoraWeights::Olora),
+            _ => {
+                let n = text.strip_prefix("pissa_niter_")?;
+                if n.is_empty() || !n.bytes().all(|c| c.is_ascii_digit()) {
+                    return None;
+                }
+                n.parse().ok().map(InitLoraWeights::PissaNiter)
+            }
+        }
+    }
 }
 
 impl Serialize for InitLoraWeights {
@@ -121,7 +164,7 @@ impl Serialize for InitLoraWeights {
         match self {
             InitLoraWeights::Default => serializer.serialize_bool(true),
             InitLoraWeights::Random => serializer.serialize_bool(false),
-            InitLoraWeights::Gaussian => serializer.serialize_str("gaussian"),
+            other => serializer.serialize_str(&other.name()),
         }
     }
 }
@@ -134,7 +177,7 @@ impl<'de> Deserialize<'de> for InitLoraWeights {
             type Value = InitLoraWeights;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("true, false or gaussian")
+                f.write_str(EXPECTED)
             }
 
             fn visit_bool<E: de::Error>(self, value: bool) -> Result<InitLoraWeights, E> {
@@ -142,11 +185,8 @@ impl<'de> Deserialize<'de> for InitLoraWeights {
             }
 
             fn visit_str<E: de::Error>(self, text: &str) -> Result<InitLoraWeights, E> {
-                if text == "gaussian" {
-                    Ok(InitLoraWeights::Gaussian)
-                } else {
-                    Err(E::custom(format!("unknown value \"{text}\" (expected true, false or gaussian)")))
-                }
+                InitLoraWeights::from_name(text)
+                    .ok_or_else(|| E::custom(format!("unknown value \"{text}\" (expected {EXPECTED})")))
             }
         }
 

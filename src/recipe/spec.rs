@@ -114,7 +114,23 @@ pub struct LoraSpec {
     pub target_modules: TargetModules,
     /// Scale by `lora_alpha / sqrt(r)` instead (rank-stabilized LoRA).
     pub use_rslora: bool,
-    /// How the A/B matrices start.
+    /// How the A/B matrices start (PEFT's `init_lora_weights`): `true` (default: Kaiming-uniform A, zero B),
+    /// `gaussian` (A ~ N(0, 1/r²), zero B), `false` (both random: not a no-op; for tests), or one that starts from
+    /// the base weights and rewrites them:
+    /// - `pissa`: A and B from the top-r singular values and vectors of each targeted weight W (full SVD in f64 on
+    ///   the CPU, once at the start: the slow choice for large models), A = √(S/s)·Vᵀ, B = U·√(S/s) (PiSSA, Meng et
+    ///   al. 2024);
+    /// - `pissa_niter_N`: the same from a randomized SVD with N subspace iterations (N ≥ 0; PEFT suggests 4–16),
+    ///   much faster on large weights; its random start is drawn from `training.seed`;
+    /// - `olora`: A = R[..r], B = Q[:, ..r] from the thin QR of W (OLoRA, Büyükakyüz 2024).
+    ///
+    /// These train on the residual base W − s·B·A (the model starts unchanged), and the saved adapter is converted,
+    /// as PEFT's `save_pretrained(path_initial_model_for_weight_conversion=…)` converts it, into a plain LoRA
+    /// adapter of rank 2r (lora_alpha doubled, `init_lora_weights: true`) for the original base model: it loads in
+    /// PEFT onto the unmodified base, and `peftkit merge` folds it into it. Checkpoints keep the unconverted adapter
+    /// and the starting A₀, B₀ (`initial_adapter.safetensors`) for `--resume`. r must not exceed the smaller
+    /// dimension of any targeted weight. Not supported with `type: qlora` (PEFT refuses PiSSA on 4-bit weights:
+    /// initialise on a 16/32-bit base) nor with `use_dora` (PEFT's conversion drops the magnitude vectors).
     pub init_lora_weights: InitLoraWeights,
     /// Bias training; only `none` is supported.
     pub bias: String,

@@ -59,6 +59,19 @@ fn check_adapter(adapter: &AdapterSpec) -> Result<(), Problem> {
         AdapterSpec::Lora(spec) => check_lora(spec),
         AdapterSpec::Qlora(spec) => {
             check_lora(&spec.lora)?;
+            if spec.lora.init_lora_weights.rewrites_base() {
+                // PEFT refuses PiSSA on a 4-bit weight too ("initialize PiSSA under float32, float16, or bfloat16.
+                // Subsequently, re-quantize the residual model"); its OLoRA re-quantizes W − s·B·A, after which the
+                // saved conversion no longer matches the original base.
+                return Err(Problem::invalid(
+                    "adapter.init_lora_weights",
+                    format!(
+                        "{} rewrites the base weights (W − s·B·A), which peftkit does not do on an NF4 base: use \
+                         `type: lora` (a 16/32-bit base), or keep qlora with init_lora_weights true or gaussian",
+                        spec.lora.init_lora_weights.name()
+                    ),
+                ));
+            }
             if spec.bnb_4bit_quant_type != "nf4" {
                 return Err(Problem::invalid(
                     "adapter.bnb_4bit_quant_type",
@@ -120,6 +133,17 @@ fn check_lora(spec: &LoraSpec) -> Result<(), Problem> {
         }
     }
     check_exclude(spec.exclude_modules.as_ref())?;
+    if spec.use_dora && spec.init_lora_weights.rewrites_base() {
+        // PEFT initialises it, but its conversion back to the original base drops lora_magnitude_vector.
+        return Err(Problem::invalid(
+            "adapter.init_lora_weights",
+            format!(
+                "{} with adapter.use_dora is not supported: PEFT's conversion of the trained adapter back to the \
+                 original base (path_initial_model_for_weight_conversion) leaves out DoRA's magnitude vectors",
+                spec.init_lora_weights.name()
+            ),
+        ));
+    }
     if let Some(pattern) = &spec.layers_pattern {
         const KEY: &str = "adapter.layers_pattern";
         if let Err((index, name)) = pattern.check() {

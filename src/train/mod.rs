@@ -280,6 +280,8 @@ pub fn evaluate(
 const CHECKPOINTS: &str = "checkpoints";
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// PiSSA/OLoRA's starting A₀, B₀ in a checkpoint (see [`resume_initial`]).
+const INITIAL_FILE: &str = "initial_adapter.safetensors";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// The checkpoint folders under `out/checkpoints/` that are complete, newest first.
@@ -295,6 +297,17 @@ pub fn checkpoints(out: &Path) -> Vec<PathBuf> {
         .collect();
     found.sort();
     found.into_iter().rev().map(|(_, p)| p).collect()
+}
+
+/// PiSSA/OLoRA's starting A₀, B₀ as the newest checkpoint under `out` stores them (every checkpoint of a run holds
+/// the same), for [`adapter::attach_with_initial`] when resuming; `None` when there is no such file.
+pub fn resume_initial(out: &Path) -> Result<Option<std::collections::HashMap<String, Tensor>>, TrainError> {
+    let Some(path) = checkpoints(out).into_iter().map(|c| c.join(INITIAL_FILE)).find(|p| p.exists()) else {
+        return Ok(None);
+    };
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .map(Some)
+        .map_err(|e| TrainError::Resume(format!("{}: {e}", path.display())))
 }
 
 /// The newest complete checkpoint folder under `out/checkpoints/`, if any.
@@ -351,7 +364,12 @@ fn save_checkpoint(
     let tmp = root.join(format!(".step-{step:06}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    peft_format::save_adapter(model, adapter, base, None, &tmp)?;
+    // As trained (for the residual base of PiSSA/OLoRA), with their starting A₀, B₀ beside it for --resume.
+    peft_format::save_adapter_residual(model, adapter, base, None, &tmp)?;
+    let initial = adapter::initial_tensors(model);
+    if !initial.is_empty() {
+        peft_format::save_safetensors(&tmp.join(INITIAL_FILE), &initial)?;
+    }
     let mut moments = Vec::with_capacity(names.len() * 2);
     for (i, n) in names.iter().enumerate() {
         moments.push((format!("m.{n}"), opt.m[i].clone()));
