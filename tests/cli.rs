@@ -607,7 +607,7 @@ fn pissa_recipe_trains_saves_converted_and_merges() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    let want = format!("{}:{r_line}: adapter.r: pissa with r = 48 needs r ≤ min(out, in)", recipe.display());
+    let want = format!("{}:{r_line}: adapter.r: rank 48 is above min(in, out) = 32", recipe.display());
     assert!(stderr(&o).contains(&want), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -2,6 +2,8 @@
 //! (greedy and sampled, with and without a LoRA adapter), a chat's cache reuse across turns changes nothing, the
 //! stop conditions hold, and the `generate` / `chat` commands print what the library generates.
 
+mod common;
+
 use candle_core::{Device, Tensor};
 use peftkit::adapter::peft_format;
 use peftkit::base::{load_base, BaseModel};
@@ -339,21 +341,9 @@ fn chat_needs_a_template() {
 // ---------------------------------------------------------------------------------------------------------------
 // A real chat model against transformers (skipped when the GGUF file is absent)
 
-/// SmolLM2-135M-Instruct (Q4_1 GGUF): `PEFTKIT_SMOLLM2_GGUF`, else where `scripts/fetch-smollm2.sh` puts it.
-fn smollm2_path() -> Option<PathBuf> {
-    let p = match std::env::var_os("PEFTKIT_SMOLLM2_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/peftkit-models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    p.is_file().then_some(p)
-}
-
 #[test]
 fn smollm2_greedy_answer_matches_transformers() {
-    let Some(path) = smollm2_path() else {
-        eprintln!("SKIPPED: SmolLM2-135M-Instruct.Q4_1.gguf not found (run scripts/fetch-smollm2.sh)");
-        return;
-    };
+    let Some(path) = common::smollm2_gguf("smollm2_greedy_answer_matches_transformers") else { return };
     let refs = fixture("smollm2");
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(refs.join("reference.json")).unwrap()).unwrap();

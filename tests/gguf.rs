@@ -17,24 +17,9 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2").join(name)
 }
 
-/// `PEFTKIT_SMOLLM2_GGUF`, else where `scripts/fetch-smollm2.sh` puts it by default.
-fn model_path() -> Option<PathBuf> {
-    let p = match std::env::var_os("PEFTKIT_SMOLLM2_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/peftkit-models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    p.is_file().then_some(p)
-}
-
 /// The model, or `None` after saying plainly (on the real stderr, not the captured one) that the test skipped.
 fn load(test: &str) -> Option<BaseModel> {
-    let Some(path) = model_path() else {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: SmolLM2-135M-Instruct.Q4_1.gguf not found (run scripts/fetch-smollm2.sh, or set PEFTKIT_SMOLLM2_GGUF)"
-        );
-        return None;
-    };
+    let path = common::smollm2_gguf(test)?;
     Some(load_base(path.to_str().unwrap(), None, None, &HubOptions::from_env(), &Device::Cpu).unwrap())
 }
 

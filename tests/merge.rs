@@ -538,14 +538,15 @@ fn bad_input_exits_2_naming_what_is_wrong_and_writes_nothing() {
     let o = merge(&base, &other, &out, &[]);
     assert_refused(&o, &["adapter_model.safetensors", q, "lora_A"]);
 
-    // An adapter for a module the base lacks.
+    // An adapter with tensors for a module its config does not select (the copied config lists layers 0 and 1 by
+    // path); a module the base lacks but the config selects is in tests/bad_inputs.rs.
     let l7 = "base_model.model.model.layers.7.self_attn.q_proj";
     let absent = crafted_adapter(
         &d.join("absent"),
         &[(&format!("{l7}.lora_A.weight"), (4, 64)), (&format!("{l7}.lora_B.weight"), (64, 4))],
     );
     let o = merge(&base, &absent, &out, &[]);
-    assert_refused(&o, &["adapter_model.safetensors", l7, "model.layers.7.self_attn.q_proj.weight"]);
+    assert_refused(&o, &["adapter_model.safetensors", l7, "do not select"]);
 
     // Bad flags.
     let adapter = base.join("peft-lora");
@@ -664,25 +665,9 @@ fn gguf_base_with_a_tied_head_writes_no_lm_head() {
     assert!(r <= 1e-4, "{r}");
 }
 
-/// `PEFTKIT_SMOLLM2_GGUF`, else where `scripts/fetch-smollm2.sh` puts it by default.
-fn smollm2() -> Option<PathBuf> {
-    let p = match std::env::var_os("PEFTKIT_SMOLLM2_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/peftkit-models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    p.is_file().then_some(p)
-}
-
 #[test]
 fn smollm2_gguf_merged_folder_computes_the_unmerged_adapter() {
-    let Some(gguf) = smollm2() else {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED smollm2_gguf_merged_folder_computes_the_unmerged_adapter: SmolLM2-135M-Instruct.Q4_1.gguf not \
-             found (run scripts/fetch-smollm2.sh, or set PEFTKIT_SMOLLM2_GGUF)"
-        );
-        return;
-    };
+    let Some(gguf) = common::smollm2_gguf("smollm2_gguf_merged_folder_computes_the_unmerged_adapter") else { return };
     let d = tmp("smollm2");
     // A LoRA adapter (r = 2, q_proj and down_proj of every layer) with random A and B, in PEFT's format.
     let adapter = d.join("adapter");

@@ -287,24 +287,9 @@ fn quantized_weights_are_within_ggmls_rounding_of_the_f32_merge() {
     }
 }
 
-/// `PEFTKIT_SMOLLM2_GGUF`, else where `scripts/fetch-smollm2.sh` puts it by default.
-fn smollm2() -> Option<PathBuf> {
-    let p = match std::env::var_os("PEFTKIT_SMOLLM2_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/peftkit-models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    p.is_file().then_some(p)
-}
-
 #[test]
 fn smollm2_q4_1_gguf_merged_to_gguf_computes_the_unmerged_adapter() {
-    let Some(gguf) = smollm2() else {
-        eprintln!(
-            "SKIPPED smollm2_q4_1_gguf_merged_to_gguf_computes_the_unmerged_adapter: SmolLM2-135M-Instruct.Q4_1.gguf \
-             not found (run scripts/fetch-smollm2.sh, or set PEFTKIT_SMOLLM2_GGUF)"
-        );
-        return;
-    };
+    let Some(gguf) = common::smollm2_gguf("smollm2_q4_1_gguf_merged_to_gguf_computes_the_unmerged_adapter") else { return };
     let d = tmp("smollm2");
     // A LoRA adapter (r = 2, q_proj and down_proj of every layer) with random A and B, in PEFT's format.
     let adapter = d.join("adapter");

@@ -300,7 +300,7 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<(PeftConfig, Vec<Load
         return Err(format_err(
             &wpath,
             format!(
-                "holds tensors for `{module}`, which {CONFIG_FILE}'s target_modules / layers_to_transform / \
+                "holds tensors for `{PREFIX}{module}`, which {CONFIG_FILE}'s target_modules / layers_to_transform / \
                  exclude_modules do not select: the config does not describe these weights"
             ),
         ));

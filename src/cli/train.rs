@@ -167,9 +167,6 @@ pub fn run(args: Args) -> Result<()> {
         .map(|l| Projection { path: l.path.clone(), in_features: l.in_features, out_features: l.out_features })
         .collect();
     recipe.check_targets(&args.recipe, &args.set, base.model.config.num_hidden_layers, &projections).map_err(user)?;
-    let shapes: Vec<(String, usize, usize)> =
-        base.model.linears().map(|l| (l.path.clone(), l.out_features, l.in_features)).collect();
-    recipe.check_rank_fits(&args.recipe, &args.set, &shapes).map_err(user)?;
     let opts = EncodeOptions {
         sequence_len: recipe.data.sequence_len,
         train_on_inputs: recipe.data.train_on_inputs,

@@ -98,40 +98,6 @@ impl Recipe {
     }
 }
 
-impl Recipe {
-    /// PiSSA/OLoRA need r ≤ min(out, in) of every adapted projection (`shapes`: path, out, in); the error names
-    /// `adapter.r` at its line, as [`Recipe::check_targets`] does for the target keys.
-    pub fn check_rank_fits(
-        &self,
-        path: &Path,
-        overrides: &[String],
-        shapes: &[(String, usize, usize)],
-    ) -> Result<(), RecipeError> {
-        let Some(problem) = rank_problem(&self.adapter, shapes) else { return Ok(()) };
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let overrides: Vec<Override> = overrides.iter().filter_map(|a| Override::parse(a).ok()).collect();
-        let name = path.display().to_string();
-        Err(Source { name: &name, text: &text, overrides: &overrides }.error(problem))
-    }
-}
-
-fn rank_problem(adapter: &AdapterSpec, shapes: &[(String, usize, usize)]) -> Option<Problem> {
-    let l = adapter.lora().filter(|l| l.init_lora_weights.rewrites_base())?;
-    let matcher = adapter.target_modules().matcher(l.layers_to_transform.as_deref()).ok()?;
-    let matcher = matcher.excluding(l.exclude_modules.as_ref()).ok()?;
-    let (p, out, inp) = shapes.iter().filter(|(p, _, _)| matcher.matches(p)).min_by_key(|(_, o, i)| (*o).min(*i))?;
-    (l.r > (*out).min(*inp)).then(|| {
-        Problem::invalid(
-            "adapter.r",
-            format!(
-                "{} with r = {} needs r ≤ min(out, in) of every adapted projection, and {p} is {out}×{inp}",
-                l.init_lora_weights.name(),
-                l.r
-            ),
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::Projection;
@@ -171,31 +137,6 @@ mod tests {
         let out = r.check_targets(&path, &overrides, 2, &paths()).map_err(|e| e.to_string());
         let _ = std::fs::remove_file(&path);
         out
-    }
-
-    #[test]
-    fn pissa_rank_must_fit_every_adapted_projection() {
-        let f = fixture();
-        let text = with_adapter(&f, "lora", "  r: 48\n  init_lora_weights: olora\n");
-        let path = std::env::temp_dir().join(format!("peftkit-rankfit-{}.yaml", std::process::id()));
-        std::fs::write(&path, &text).unwrap();
-        let r = Recipe::load(&path, &[]).unwrap();
-        let shapes: Vec<(String, usize, usize)> =
-            paths().into_iter().map(|p| if p.contains("k_proj") { (p, 32, 64) } else { (p, 64, 64) }).collect();
-        let e = r.check_rank_fits(&path, &[], &shapes).unwrap_err().to_string();
-        assert!(
-            e.ends_with(
-                ":4: adapter.r: olora with r = 48 needs r ≤ min(out, in) of every adapted projection, and \
-                         model.layers.0.self_attn.k_proj is 32×64"
-            ),
-            "{e}"
-        );
-        // Without k_proj among the targets, or with a plain init, it fits.
-        let r2 = Recipe::load(&path, &["adapter.target_modules=[q_proj]".to_string()]).unwrap();
-        assert!(r2.check_rank_fits(&path, &[], &shapes).is_ok());
-        let r3 = Recipe::load(&path, &["adapter.init_lora_weights=true".to_string()]).unwrap();
-        assert!(r3.check_rank_fits(&path, &[], &shapes).is_ok());
-        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -18,6 +18,28 @@ pub const TINY_LLAMA_FILES: &[&str] = &[
     "generation_config.json",
 ];
 
+/// SmolLM2-135M-Instruct as Q4_1 GGUF (the real model of the end-to-end tests): `PEFTKIT_SMOLLM2_GGUF`, else where
+/// `scripts/fetch-smollm2.sh` puts it. When it is absent the test says SKIPPED (on the real stderr) and gets `None`;
+/// with `PEFTKIT_REQUIRE_SMOLLM2=1` (what `.ci/run` sets) it fails instead, so that a failed fetch cannot turn the
+/// real-model tests into silent passes.
+pub fn smollm2_gguf(test: &str) -> Option<PathBuf> {
+    let path = match std::env::var_os("PEFTKIT_SMOLLM2_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+            .join(".cache/peftkit-models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
+    if path.is_file() {
+        return Some(path);
+    }
+    let why = format!("{} not found (run scripts/fetch-smollm2.sh, or set PEFTKIT_SMOLLM2_GGUF)", path.display());
+    if std::env::var("PEFTKIT_REQUIRE_SMOLLM2").is_ok_and(|v| v == "1") {
+        panic!("{test}: PEFTKIT_REQUIRE_SMOLLM2=1 but {why}");
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+    None
+}
+
 /// `tests/fixtures/<name>`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
