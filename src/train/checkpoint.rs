@@ -1,0 +1,346 @@
+//! Training checkpoints: `<out>/checkpoints/step-NNNNNN/` holds the adapter (PEFT format), the optimizer moments
+//! (`optimizer.safetensors`: `m.<name>`, `v.<name>`) and the typed [`TrainerState`] (`trainer_state.json`).
+//!
+//! A checkpoint is written into `.step-NNNNNN.tmp-PID/` and renamed into place whole; an old one is renamed to
+//! `.step-NNNNNN.del.tmp-PID/` before it is deleted. So a `step-NNNNNN/` folder is either complete or not
+//! peftkit's, and only a folder with all four files counts as a checkpoint ([`checkpoints`]); what a killed run
+//! leaves is removed by [`clean_checkpoints`] at the next start.
+//!
+//! The fingerprint stored in the state is a sha256 over the serde JSON of everything that determines the adapter
+//! bytes (training settings but how often to evaluate, save or log; the adapter and vocabulary settings; the
+//! tokens), so `--resume` refuses to continue with other settings or data.
+
+use super::optim::AdamW;
+use super::{io_err, EvalResult, LoraPlus, TrainConfig, TrainError};
+use crate::adapter::vocab::VocabConfig;
+use crate::adapter::{peft_format, AdapterConfig};
+use crate::data::Example;
+use crate::fsutil::TMP_MARK;
+use crate::model::Llama;
+use crate::outdir;
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub(super) const CHECKPOINTS: &str = "checkpoints";
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The files of a complete checkpoint (the state is written last).
+const CHECKPOINT_FILES: [&str; 4] = [peft_format::WEIGHTS_FILE, peft_format::CONFIG_FILE, OPTIMIZER_FILE, STATE_FILE];
+
+/// `trainer_state.json`: where a run stands after `step` optimizer steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// AdamW's step counter (bias correction).
+    pub optimizer_t: usize,
+    /// [`fingerprint`] of the run's settings and data.
+    pub fingerprint: String,
+    /// Totals of the run so far, so the card describes the whole run after a resume.
+    #[serde(default)]
+    pub progress: Progress,
+    /// The peftkit that wrote it.
+    #[serde(default)]
+    pub peftkit_version: String,
+}
+
+/// Totals of a run up to a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Input tokens processed (padding excluded).
+    #[serde(default)]
+    pub tokens: usize,
+    /// Positions processed, padding included (absent in early checkpoints: then `tokens`).
+    #[serde(default)]
+    pub positions: Option<usize>,
+    /// Seconds in optimizer steps.
+    #[serde(default)]
+    pub step_s: f64,
+    /// Wall-clock seconds.
+    #[serde(default)]
+    pub wall_s: f64,
+    /// Validation before training.
+    #[serde(default)]
+    pub initial_eval: Option<EvalResult>,
+}
+
+/// What the fingerprint hashes: the run's settings that change the adapter bytes, as serde JSON.
+#[derive(Serialize)]
+struct FingerprintInput<'a> {
+    micro_batch_size: usize,
+    gradient_accumulation_steps: usize,
+    max_steps: Option<usize>,
+    epochs: usize,
+    learning_rate: f64,
+    lr_scheduler: &'a str,
+    warmup_steps: usize,
+    weight_decay: f64,
+    adam: [f64; 3],
+    max_grad_norm: f64,
+    seed: u64,
+    shuffle: bool,
+    pad_id: u32,
+    packing: Option<usize>,
+    group_by_length: bool,
+    init_from: Option<&'a Path>,
+    loraplus: Option<[f64; 2]>,
+    /// The adapter and the trained vocabulary (their settings as the run holds them).
+    adapter: String,
+    vocab: String,
+}
+
+/// A short fingerprint of everything that determines the adapter bytes, stored in checkpoints so that `--resume`
+/// refuses to continue a run with different settings or data. How often to evaluate, save or log is left out.
+pub(super) fn fingerprint(cfg: &TrainConfig, adapter: &AdapterConfig, vocab: &VocabConfig, train: &[Example]) -> String {
+    use sha2::{Digest, Sha256};
+    let input = FingerprintInput {
+        micro_batch_size: cfg.micro_batch_size,
+        gradient_accumulation_steps: cfg.gradient_accumulation_steps,
+        max_steps: cfg.max_steps,
+        epochs: cfg.epochs,
+        learning_rate: cfg.learning_rate,
+        lr_scheduler: cfg.lr_scheduler.as_str(),
+        warmup_steps: cfg.warmup_steps,
+        weight_decay: cfg.weight_decay,
+        adam: [cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon],
+        max_grad_norm: cfg.max_grad_norm,
+        seed: cfg.seed,
+        shuffle: cfg.shuffle,
+        pad_id: cfg.pad_id,
+        packing: cfg.packing,
+        group_by_length: cfg.group_by_length,
+        init_from: cfg.init_from.as_deref(),
+        loraplus: cfg.loraplus.map(|LoraPlus { lr_ratio, lr_embedding }| [lr_ratio, lr_embedding]),
+        adapter: format!("{adapter:?}"),
+        vocab: format!("{vocab:?}"),
+    };
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(&input).unwrap_or_default());
+    for ex in train {
+        h.update((ex.input_ids.len() as u64).to_le_bytes());
+        for &id in &ex.input_ids {
+            h.update(id.to_le_bytes());
+        }
+        for &l in &ex.labels {
+            h.update(l.to_le_bytes());
+        }
+    }
+    format!("{:x}", h.finalize())[..16].to_string()
+}
+
+/// `step-NNNNNN` → NNNNNN.
+fn step_of(name: &str) -> Option<usize> {
+    name.strip_prefix("step-")?.parse().ok()
+}
+
+/// Whether `dir` holds every file of a checkpoint.
+fn is_complete(dir: &Path) -> bool {
+    CHECKPOINT_FILES.iter().all(|f| dir.join(f).is_file())
+}
+
+/// The `step-N` folders under `out/checkpoints/` with their step, complete or not, oldest first.
+fn step_folders(out: &Path) -> Vec<(usize, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(out.join(CHECKPOINTS)) else { return vec![] };
+    let mut found: Vec<(usize, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| Some((step_of(&e.file_name().to_string_lossy())?, e.path())))
+        .collect();
+    found.sort();
+    found
+}
+
+/// The checkpoint folders under `out/checkpoints/` that are complete, newest first.
+pub fn checkpoints(out: &Path) -> Vec<PathBuf> {
+    step_folders(out).into_iter().rev().map(|(_, p)| p).filter(|p| is_complete(p)).collect()
+}
+
+/// The newest complete checkpoint folder under `out/checkpoints/`, if any.
+pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
+    checkpoints(out).into_iter().next()
+}
+
+/// Deletes a checkpoint folder: renamed out of the `step-N` names first, so that a deletion cut short leaves a
+/// temporary name ([`clean_checkpoints`] removes it), never a half checkpoint.
+fn retire(dir: &Path) -> Result<(), TrainError> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let gone = dir.with_file_name(format!(".{name}.del{TMP_MARK}{}", std::process::id()));
+    std::fs::rename(dir, &gone).map_err(io_err(dir))?;
+    std::fs::remove_dir_all(&gone).map_err(io_err(&gone))
+}
+
+/// Removes what killed runs left in `out/checkpoints/`: temporary checkpoint folders of processes that are gone
+/// (and the pid-less `.step-N.tmp` of earlier versions), and incomplete `step-N` folders. The caller holds the
+/// output folder's lock. Returns what was removed, one line each.
+pub fn clean_checkpoints(out: &Path) -> Result<Vec<String>, TrainError> {
+    let root = out.join(CHECKPOINTS);
+    let outdir_err = |e: outdir::OutDirError| match e {
+        outdir::OutDirError::Io { path, source } => TrainError::Io { path, source },
+        other => TrainError::Io { path: root.clone(), source: std::io::Error::other(other.to_string()) },
+    };
+    let mut done = outdir::clean_stale(&root).map_err(outdir_err)?;
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let legacy = name.strip_prefix(".step-").and_then(|r| r.strip_suffix(".tmp")).is_some();
+            if legacy {
+                outdir::remove_any(&e.path()).map_err(outdir_err)?;
+                done.push(format!("removed {} (an unfinished checkpoint)", e.path().display()));
+            }
+        }
+    }
+    for (_, dir) in step_folders(out) {
+        if !is_complete(&dir) {
+            retire(&dir)?;
+            done.push(format!("removed {} (an incomplete checkpoint)", dir.display()));
+        }
+    }
+    Ok(done)
+}
+
+/// Writes a checkpoint for the state after `step` steps: `<out>/checkpoints/step-NNNNNN/`; then keeps the newest
+/// `keep` complete checkpoints (0: all) and deletes incomplete ones.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn save_checkpoint(
+    model: &Llama,
+    adapter: &AdapterConfig,
+    opt: &AdamW,
+    names: &[String],
+    state: &TrainerState,
+    base: &str,
+    out: &Path,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    let root = out.join(CHECKPOINTS);
+    let final_dir = root.join(format!("step-{:06}", state.step));
+    let tmp = crate::fsutil::tmp_name(&final_dir);
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let written = (|| {
+        peft_format::save_adapter(model, adapter, base, None, &tmp)?;
+        let mut moments = Vec::with_capacity(names.len() * 2);
+        for (i, n) in names.iter().enumerate() {
+            moments.push((format!("m.{n}"), opt.m[i].clone()));
+            moments.push((format!("v.{n}"), opt.v[i].clone()));
+        }
+        peft_format::save_safetensors(&tmp.join(OPTIMIZER_FILE), &moments)?;
+        let text = serde_json::to_string(state).map_err(|e| TrainError::Resume(e.to_string()))?;
+        peft_format::write_atomic(&tmp.join(STATE_FILE), text.as_bytes())?;
+        peft_format::sync_dir(&tmp);
+        if final_dir.exists() {
+            retire(&final_dir)?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))
+    })();
+    if let Err(e) = written {
+        // A full disk or an I/O error: no half checkpoint left behind.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    peft_format::sync_dir(&root);
+    // Older checkpoints go only once the new one is on disk.
+    let folders = step_folders(out);
+    let complete: Vec<&PathBuf> = folders.iter().rev().map(|(_, p)| p).filter(|p| is_complete(p)).collect();
+    for (_, dir) in &folders {
+        let old = keep > 0 && complete.iter().skip(keep).any(|p| p == &dir);
+        if old || !is_complete(dir) {
+            retire(dir)?;
+        }
+    }
+    Ok(final_dir)
+}
+
+/// Restores adapter weights and optimizer moments from a checkpoint; returns its state.
+pub(super) fn load_checkpoint(
+    dir: &Path,
+    opt: &mut AdamW,
+    names: &[String],
+    fp: &str,
+) -> Result<TrainerState, TrainError> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| TrainError::Resume(format!("{}: {e}", state_path.display())))?;
+    if state.fingerprint != fp {
+        return Err(TrainError::Resume(format!(
+            "{} was written by a run with other training settings, adapter settings or data (everything but \
+             eval_every, save_every and logging_every must match){}; restore them, or start afresh with --overwrite",
+            dir.display(),
+            if state.peftkit_version != env!("CARGO_PKG_VERSION") {
+                format!(", or by another peftkit version ({})", state.peftkit_version)
+            } else {
+                String::new()
+            }
+        )));
+    }
+    let read = |f: &str| {
+        let p = dir.join(f);
+        candle_core::safetensors::load(&p, &Device::Cpu)
+            .map_err(|e| TrainError::Resume(format!("{}: {e}", p.display())))
+    };
+    let weights = read(peft_format::WEIGHTS_FILE)?;
+    let moments = read(OPTIMIZER_FILE)?;
+    for (i, n) in names.iter().enumerate() {
+        let missing = |k: &str| TrainError::Resume(format!("{}: tensor {k} is missing", dir.display()));
+        let w = weights.get(n).ok_or_else(|| missing(n))?;
+        let dev = opt.vars[i].device().clone();
+        opt.vars[i].set(&w.to_device(&dev)?)?;
+        opt.m[i] = moments.get(&format!("m.{n}")).ok_or_else(|| missing(n))?.to_device(&dev)?;
+        opt.v[i] = moments.get(&format!("v.{n}")).ok_or_else(|| missing(n))?.to_device(&dev)?;
+    }
+    opt.t = state.optimizer_t;
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_checkpoint(out: &Path, step: usize, files: &[&str]) -> PathBuf {
+        let d = out.join(CHECKPOINTS).join(format!("step-{step:06}"));
+        std::fs::create_dir_all(&d).unwrap();
+        for f in files {
+            std::fs::write(d.join(f), b"x").unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn only_complete_checkpoints_count_and_cleaning_removes_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path();
+        let full = fake_checkpoint(out, 4, &CHECKPOINT_FILES);
+        // A half-deleted old checkpoint: weights gone, state kept (an earlier version's deletion, cut short).
+        let half = fake_checkpoint(out, 8, &[STATE_FILE, OPTIMIZER_FILE, peft_format::CONFIG_FILE]);
+        assert_eq!(checkpoints(out), [full.clone()]);
+        assert_eq!(latest_checkpoint(out), Some(full.clone()));
+        // Leftovers of killed runs: a temporary checkpoint of a dead pid, an earlier version's pid-less one.
+        let root = out.join(CHECKPOINTS);
+        std::fs::create_dir(root.join(".step-000012.tmp-4194305")).unwrap();
+        std::fs::create_dir(root.join(".step-000012.tmp")).unwrap();
+        std::fs::create_dir(root.join(".step-000002.del.tmp-4194305")).unwrap();
+        let done = clean_checkpoints(out).unwrap();
+        assert_eq!(done.len(), 4, "{done:?}");
+        let left: Vec<String> =
+            std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
+        assert_eq!(left, ["step-000004"]);
+        assert!(!half.exists());
+    }
+
+    #[test]
+    fn trainer_state_reads_earlier_files() {
+        // A state as the untyped version wrote it, and one from before `positions`.
+        let text = r#"{"step":5,"optimizer_t":5,"fingerprint":"abc","progress":{"tokens":10,"positions":12,
+            "step_s":1.5,"wall_s":2.0,"initial_eval":{"loss":2.0,"perplexity":7.38,"tokens":30}},"peftkit_version":"0.1.0"}"#;
+        let s: TrainerState = serde_json::from_str(text).unwrap();
+        assert_eq!((s.step, s.progress.positions, s.progress.initial_eval.unwrap().tokens), (5, Some(12), 30));
+        let old: TrainerState =
+            serde_json::from_str(r#"{"step":2,"optimizer_t":2,"fingerprint":"f","progress":{"tokens":3,"initial_eval":null}}"#)
+                .unwrap();
+        assert_eq!((old.progress.positions, old.progress.initial_eval), (None, None));
+        // Round trip.
+        let back: TrainerState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+}
