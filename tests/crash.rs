@@ -144,6 +144,7 @@ fn killed_train_and_merge_runs_recover_with_the_next_command() {
     std::fs::write(&data, lines).unwrap();
     let recipe_for = |out: &Path| {
         let r = out.with_extension("yaml");
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
         std::fs::write(
             &r,
             format!(
