@@ -237,3 +237,37 @@ fn a_save_killed_after_it_was_complete_is_finished_by_the_next_command() {
     assert_eq!(std::fs::read(out.join("adapter_config.json")).unwrap(), cfg);
     assert!(temporaries(&out).is_empty(), "{:?}", temporaries(&out));
 }
+
+#[test]
+fn merge_into_an_output_another_process_holds_exits_2_and_cleans_a_killed_merges_leftovers() {
+    let d = tempfile::tempdir().unwrap();
+    let merged = d.path().join("merged");
+    let merge = || {
+        let mut c = bin();
+        c.arg("merge").arg("--base").arg(common::fixture("tiny-llama"));
+        c.arg("--adapter").arg(common::fixture("tiny-llama/peft-lora")).arg("--out").arg(&merged).arg("--overwrite");
+        c.output().unwrap()
+    };
+    // This test process holds the output's lock, as a running merge would.
+    let lock = peftkit::outdir::OutputLock::sibling(&merged, "peftkit merge (test)").unwrap();
+    let o = merge();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("pid {}", std::process::id())), "{}", stderr(&o));
+    assert!(!merged.exists());
+    drop(lock);
+    // A merge killed while swapping an old output for the new one: the old one aside, the new one unfinished.
+    let o = merge();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = std::fs::read(merged.join("model.safetensors")).unwrap();
+    let dead = dead_pid();
+    std::fs::rename(&merged, d.path().join(format!(".merged.old-{dead}"))).unwrap();
+    std::fs::create_dir(d.path().join(format!(".merged.tmp-{dead}"))).unwrap();
+    std::fs::write(d.path().join(format!(".merged.tmp-{dead}/config.json")), b"{").unwrap();
+    let o = merge();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("restored"), "{}", stderr(&o));
+    let left: Vec<String> =
+        std::fs::read_dir(d.path()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
+    assert_eq!(left, ["merged"]);
+    assert_eq!(std::fs::read(merged.join("model.safetensors")).unwrap(), want);
+}

@@ -472,7 +472,7 @@ mod tests {
         };
         assert_eq!(
             resume_command(&args),
-            "peftkit train 'my recipes/run.yaml' --set training.learning_rate=1e-4 --set \"output.dir=out dir/it's\" \
+            "peftkit train 'my recipes/run.yaml' --set 'training.learning_rate=1e-4' --set \"output.dir=out dir/it's\" \
              --resume"
         );
     }

@@ -37,6 +37,9 @@ pub struct TrainerState {
     pub optimizer_t: usize,
     /// [`fingerprint`] of the run's settings and data.
     pub fingerprint: String,
+    /// [`FINGERPRINT_VERSION`] when written (absent, 0, in earlier checkpoints).
+    #[serde(default)]
+    pub fingerprint_version: u32,
     /// Totals of the run so far, so the card describes the whole run after a resume.
     #[serde(default)]
     pub progress: Progress,
@@ -65,9 +68,13 @@ pub struct Progress {
     pub initial_eval: Option<EvalResult>,
 }
 
+/// The layout of [`fingerprint`]'s input; a state without it (0) was fingerprinted differently, by an earlier peftkit.
+pub const FINGERPRINT_VERSION: u32 = 2;
+
 /// What the fingerprint hashes: the run's settings that change the adapter bytes, as serde JSON.
 #[derive(Serialize)]
 struct FingerprintInput<'a> {
+    version: u32,
     micro_batch_size: usize,
     gradient_accumulation_steps: usize,
     max_steps: Option<usize>,
@@ -76,7 +83,9 @@ struct FingerprintInput<'a> {
     lr_scheduler: &'a str,
     warmup_steps: usize,
     weight_decay: f64,
-    adam: [f64; 3],
+    adam_beta1: f64,
+    adam_beta2: f64,
+    adam_epsilon: f64,
     max_grad_norm: f64,
     seed: u64,
     shuffle: bool,
@@ -84,38 +93,69 @@ struct FingerprintInput<'a> {
     packing: Option<usize>,
     group_by_length: bool,
     init_from: Option<&'a Path>,
-    loraplus: Option<[f64; 2]>,
-    /// The adapter and the trained vocabulary (their settings as the run holds them).
-    adapter: String,
-    vocab: String,
+    /// LoRA+: (lr_ratio, lr_embedding).
+    loraplus: Option<(f64, f64)>,
+    adapter: &'a AdapterConfig,
+    vocab: &'a VocabConfig,
 }
 
 /// A short fingerprint of everything that determines the adapter bytes, stored in checkpoints so that `--resume`
-/// refuses to continue a run with different settings or data. How often to evaluate, save or log is left out.
+/// refuses to continue a run with different settings or data: sha256 over the serde JSON of the settings, then
+/// the tokens and labels.
 pub(super) fn fingerprint(cfg: &TrainConfig, adapter: &AdapterConfig, vocab: &VocabConfig, train: &[Example]) -> String {
     use sha2::{Digest, Sha256};
+    // Every field named, so that a new setting must be placed here (in the fingerprint or, like how often to
+    // evaluate, save or log, explicitly out of it).
+    let TrainConfig {
+        micro_batch_size,
+        gradient_accumulation_steps,
+        max_steps,
+        epochs,
+        learning_rate,
+        lr_scheduler,
+        warmup_steps,
+        weight_decay,
+        adam_beta1,
+        adam_beta2,
+        adam_epsilon,
+        max_grad_norm,
+        seed,
+        shuffle,
+        eval_every: _,
+        save_every: _,
+        logging_every: _,
+        pad_id,
+        packing,
+        group_by_length,
+        init_from,
+        loraplus,
+    } = cfg;
     let input = FingerprintInput {
-        micro_batch_size: cfg.micro_batch_size,
-        gradient_accumulation_steps: cfg.gradient_accumulation_steps,
-        max_steps: cfg.max_steps,
-        epochs: cfg.epochs,
-        learning_rate: cfg.learning_rate,
-        lr_scheduler: cfg.lr_scheduler.as_str(),
-        warmup_steps: cfg.warmup_steps,
-        weight_decay: cfg.weight_decay,
-        adam: [cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon],
-        max_grad_norm: cfg.max_grad_norm,
-        seed: cfg.seed,
-        shuffle: cfg.shuffle,
-        pad_id: cfg.pad_id,
-        packing: cfg.packing,
-        group_by_length: cfg.group_by_length,
-        init_from: cfg.init_from.as_deref(),
-        loraplus: cfg.loraplus.map(|LoraPlus { lr_ratio, lr_embedding }| [lr_ratio, lr_embedding]),
-        adapter: format!("{adapter:?}"),
-        vocab: format!("{vocab:?}"),
+        version: FINGERPRINT_VERSION,
+        micro_batch_size: *micro_batch_size,
+        gradient_accumulation_steps: *gradient_accumulation_steps,
+        max_steps: *max_steps,
+        epochs: *epochs,
+        learning_rate: *learning_rate,
+        lr_scheduler: lr_scheduler.as_str(),
+        warmup_steps: *warmup_steps,
+        weight_decay: *weight_decay,
+        adam_beta1: *adam_beta1,
+        adam_beta2: *adam_beta2,
+        adam_epsilon: *adam_epsilon,
+        max_grad_norm: *max_grad_norm,
+        seed: *seed,
+        shuffle: *shuffle,
+        pad_id: *pad_id,
+        packing: *packing,
+        group_by_length: *group_by_length,
+        init_from: init_from.as_deref(),
+        loraplus: loraplus.map(|LoraPlus { lr_ratio, lr_embedding }| (lr_ratio, lr_embedding)),
+        adapter,
+        vocab,
     };
     let mut h = Sha256::new();
+    // Plain data (numbers, strings, lists): serde_json cannot fail on it.
     h.update(serde_json::to_vec(&input).unwrap_or_default());
     for ex in train {
         h.update((ex.input_ids.len() as u64).to_le_bytes());
@@ -262,13 +302,21 @@ pub(super) fn load_checkpoint(
     let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
     let state: TrainerState =
         serde_json::from_str(&text).map_err(|e| TrainError::Resume(format!("{}: {e}", state_path.display())))?;
+    if state.fingerprint_version != FINGERPRINT_VERSION {
+        return Err(TrainError::Resume(format!(
+            "{} was written by an earlier peftkit ({}), whose settings fingerprint this one cannot check; finish that \
+             run with the peftkit that started it, or start afresh with --overwrite",
+            dir.display(),
+            if state.peftkit_version.is_empty() { "version unknown" } else { state.peftkit_version.as_str() }
+        )));
+    }
     if state.fingerprint != fp {
         return Err(TrainError::Resume(format!(
             "{} was written by a run with other training settings, adapter settings or data (everything but \
              eval_every, save_every and logging_every must match){}; restore them, or start afresh with --overwrite",
             dir.display(),
             if state.peftkit_version != env!("CARGO_PKG_VERSION") {
-                format!(", or by another peftkit version ({})", state.peftkit_version)
+                format!(" (peftkit {})", state.peftkit_version)
             } else {
                 String::new()
             }
@@ -329,6 +377,55 @@ mod tests {
     }
 
     #[test]
+    fn fingerprint_covers_settings_that_change_the_adapter_only() {
+        let cfg = TrainConfig {
+            micro_batch_size: 2,
+            gradient_accumulation_steps: 1,
+            max_steps: Some(1),
+            epochs: 1,
+            learning_rate: 1e-3,
+            lr_scheduler: crate::recipe::LrScheduler::Constant,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 1,
+            shuffle: true,
+            eval_every: None,
+            save_every: None,
+            logging_every: 1,
+            pad_id: 0,
+            packing: None,
+            group_by_length: false,
+            init_from: None,
+            loraplus: None,
+        };
+        let ia3 = AdapterConfig::Ia3(Default::default());
+        let data = [Example { input_ids: vec![1, 2], labels: vec![1, 2] }];
+        let vocab = VocabConfig::default();
+        let fp = |c: &TrainConfig, a: &AdapterConfig, v: &VocabConfig| fingerprint(c, a, v, &data);
+        let base = fp(&cfg, &ia3, &vocab);
+        assert_eq!(base.len(), 16);
+        let cadence = TrainConfig { eval_every: Some(3), save_every: Some(5), logging_every: 7, ..cfg.clone() };
+        assert_eq!(fp(&cadence, &ia3, &vocab), base, "how often to evaluate, save or log is left out");
+        let lr = TrainConfig { learning_rate: 2e-3, ..cfg.clone() };
+        let scheduler = TrainConfig { lr_scheduler: crate::recipe::LrScheduler::Linear, ..cfg.clone() };
+        let no_init = AdapterConfig::Ia3(crate::adapter::Ia3Config { init_ia3_weights: false, ..Default::default() });
+        let rows = VocabConfig {
+            modules_to_save: vec![],
+            trainable_tokens: vec![(crate::adapter::vocab::VocabModule::Embed, vec![3])],
+        };
+        let others = [fp(&lr, &ia3, &vocab), fp(&scheduler, &ia3, &vocab), fp(&cfg, &no_init, &vocab), fp(&cfg, &ia3, &rows)];
+        for (i, o) in others.iter().enumerate() {
+            assert_ne!(o, &base, "change {i} not in the fingerprint");
+        }
+        let other_data = [Example { input_ids: vec![1, 3], labels: vec![1, 3] }];
+        assert_ne!(fingerprint(&cfg, &ia3, &vocab, &other_data), base);
+    }
+
+    #[test]
     fn trainer_state_reads_earlier_files() {
         // A state as the untyped version wrote it, and one from before `positions`.
         let text = r#"{"step":5,"optimizer_t":5,"fingerprint":"abc","progress":{"tokens":10,"positions":12,
@@ -339,6 +436,8 @@ mod tests {
             serde_json::from_str(r#"{"step":2,"optimizer_t":2,"fingerprint":"f","progress":{"tokens":3,"initial_eval":null}}"#)
                 .unwrap();
         assert_eq!((old.progress.positions, old.progress.initial_eval), (None, None));
+        // Written before the serde fingerprint: version 0, refused on resume with its own message.
+        assert_eq!(old.fingerprint_version, 0);
         // Round trip.
         let back: TrainerState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);

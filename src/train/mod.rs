@@ -478,6 +478,7 @@ pub fn train(
                 step,
                 optimizer_t: opt.t,
                 fingerprint: fp.clone(),
+                fingerprint_version: checkpoint::FINGERPRINT_VERSION,
                 progress: Progress {
                     tokens: prior_tokens + tokens_total,
                     positions: Some(prior_positions + positions_total),
