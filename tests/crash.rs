@@ -69,7 +69,12 @@ enum Kill {
 }
 
 /// Starts `cmd` and kills it with SIGKILL at `when` (unless it has ended by then). Returns whether it was killed.
-fn kill9(mut cmd: Command, when: Kill, dir: &Path) -> bool {
+fn kill9(cmd: Command, when: Kill, dir: &Path) -> bool {
+    kill9_then(cmd, when, dir, || ())
+}
+
+/// [`kill9`], calling `at_kill` just before the kill (to note what the process was doing).
+fn kill9_then(mut cmd: Command, when: Kill, dir: &Path, mut at_kill: impl FnMut()) -> bool {
     let mut child: Child = cmd.spawn().unwrap();
     let started = Instant::now();
     loop {
@@ -92,6 +97,7 @@ fn kill9(mut cmd: Command, when: Kill, dir: &Path) -> bool {
             }
         };
         if now {
+            at_kill();
             let killed = child.try_wait().unwrap().is_none();
             let _ = child.kill();
             let _ = child.wait();
@@ -118,6 +124,37 @@ fn leftovers(dir: &Path) -> Vec<PathBuf> {
         }
     }
     found
+}
+
+/// What a training run was doing, from the temporary folders in its output folder.
+fn train_phase(out: &Path) -> &'static str {
+    let has = |dir: &Path, prefix: &str| {
+        std::fs::read_dir(dir).ok().is_some_and(|entries| {
+            entries.flatten().any(|e| {
+                let n = e.file_name().to_string_lossy().to_string();
+                n.starts_with(prefix) && n.contains(".tmp-")
+            })
+        })
+    };
+    if has(out, ".save.") {
+        "writing the final adapter"
+    } else if has(&out.join("checkpoints"), ".step-") {
+        "writing a checkpoint"
+    } else if out.join("adapter_config.json").exists() {
+        "done, or starting over a finished run"
+    } else {
+        "starting or training"
+    }
+}
+
+/// A final save that was complete and is being moved into place (it is finished by the next command).
+fn complete_save_pending(out: &Path) -> bool {
+    std::fs::read_dir(out).ok().is_some_and(|entries| {
+        entries.flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            n.starts_with(".save.") && n.contains(".tmp-") && e.path().join(".peftkit-complete").is_file()
+        })
+    })
 }
 
 /// The files of a folder (not `checkpoints/`), by name.
@@ -189,6 +226,7 @@ fn killed_train_and_merge_runs_recover_with_the_next_command() {
     let out = d.path().join("trial/adapter");
     let recipe = recipe_for(&out);
     let mut killed = 0;
+    let mut phases: BTreeMap<&str, usize> = BTreeMap::new();
     for i in 0..TRAIN_TRIALS {
         let when = match i % 4 {
             0 | 1 => Kill::After(train_time.mul_f64(1.2 * ((i * 7) % TRAIN_TRIALS) as f64 / TRAIN_TRIALS as f64)),
@@ -198,8 +236,22 @@ fn killed_train_and_merge_runs_recover_with_the_next_command() {
         let watch = if matches!(when, Kill::WhenAppears(".step-", ..)) { out.join("checkpoints") } else { out.clone() };
         let mut first = bin(&hub, &home);
         first.arg("train").arg(&recipe).arg("--overwrite");
-        if kill9(first, when, &watch) {
+        let mut phase = "";
+        if kill9_then(first, when, &watch, || phase = train_phase(&out)) {
             killed += 1;
+            *phases.entry(phase).or_default() += 1;
+        }
+        // Right after the kill: never adapter weights without their config (unless a complete save is being moved
+        // into place, which the next command finishes), and a config only with the finished adapter.
+        let (weights, config) = (out.join("adapter_model.safetensors"), out.join("adapter_config.json"));
+        if weights.exists() && !config.exists() {
+            assert!(complete_save_pending(&out), "trial {i} ({when:?}, {phase}): adapter weights without their config");
+        }
+        if config.exists() {
+            assert!(
+                std::fs::read(&weights).ok().as_ref() == want_adapter.get("adapter_model.safetensors"),
+                "trial {i} ({when:?}, {phase}): adapter_config.json beside other weights"
+            );
         }
         // The next command: resume when a checkpoint survived, else start again.
         let mut next = bin(&hub, &home);
@@ -220,8 +272,11 @@ fn killed_train_and_merge_runs_recover_with_the_next_command() {
         });
         assert!(o.status.success(), "trial {i}: push: {}", text(&o));
     }
-    eprintln!("train: {killed} of {TRAIN_TRIALS} runs killed before they ended ({:.0?} per run)", train_time);
+    eprintln!("train: {killed} of {TRAIN_TRIALS} runs killed before they ended ({:.0?} per run): {phases:?}", train_time);
     assert!(killed >= TRAIN_TRIALS / 2, "only {killed} runs were killed");
+    for phase in ["writing the final adapter", "writing a checkpoint", "starting or training"] {
+        assert!(phases.contains_key(phase), "no run was killed while {phase}: {phases:?}");
+    }
 
     // Merge: killed at spread-out moments, while writing its temporary folder, and while swapping it in.
     let merged = d.path().join("trial/merged");

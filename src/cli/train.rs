@@ -112,7 +112,8 @@ pub fn run(args: Args) -> Result<()> {
         )));
     }
     if args.overwrite {
-        for f in RUN_FILES {
+        // The adapter config last (RUN_FILES lists it first): a run killed here leaves no weights without it.
+        for f in RUN_FILES.iter().rev() {
             let _ = std::fs::remove_file(out.join(f));
         }
         let _ = std::fs::remove_dir_all(out.join("checkpoints"));
