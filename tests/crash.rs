@@ -66,6 +66,8 @@ enum Kill {
     /// As soon as an entry of `dir` whose name starts with the prefix and contains `.tmp-` (or, for merge's
     /// swap, `.old-`) appears, plus a delay.
     WhenAppears(&'static str, &'static str, Duration),
+    /// As soon as `dir` holds adapter weights without their config (a save caught half way).
+    WhenWeightsWithoutConfig,
 }
 
 /// Starts `cmd` and kills it with SIGKILL at `when` (unless it has ended by then). Returns whether it was killed.
@@ -83,6 +85,9 @@ fn kill9_then(mut cmd: Command, when: Kill, dir: &Path, mut at_kill: impl FnMut(
         }
         let now = match when {
             Kill::After(t) => started.elapsed() >= t,
+            Kill::WhenWeightsWithoutConfig => {
+                dir.join("adapter_model.safetensors").exists() && !dir.join("adapter_config.json").exists()
+            }
             Kill::WhenAppears(prefix, mark, delay) => {
                 let seen = std::fs::read_dir(dir).ok().is_some_and(|entries| {
                     entries.flatten().any(|e| {
@@ -231,6 +236,7 @@ fn killed_train_and_merge_runs_recover_with_the_next_command() {
         let when = match i % 4 {
             0 | 1 => Kill::After(train_time.mul_f64(1.2 * ((i * 7) % TRAIN_TRIALS) as f64 / TRAIN_TRIALS as f64)),
             2 => Kill::WhenAppears(".step-", ".tmp-", Duration::from_micros(300 * (i as u64 % 5))),
+            _ if i % 8 == 7 => Kill::WhenWeightsWithoutConfig,
             _ => Kill::WhenAppears(".save.", ".tmp-", Duration::from_micros(500 * (i as u64 % 3))),
         };
         let watch = if matches!(when, Kill::WhenAppears(".step-", ..)) { out.join("checkpoints") } else { out.clone() };
