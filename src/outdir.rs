@@ -104,7 +104,9 @@ impl OutputLock {
                     std::thread::sleep(std::time::Duration::from_millis(25));
                     continue;
                 }
-                Err(std::fs::TryLockError::Error(e)) => return Err(OutDirError::Io { path: lock.to_path_buf(), source: e }),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(OutDirError::Io { path: lock.to_path_buf(), source: e })
+                }
             }
             // The lock is ours, if the file is still the one at `lock` (its owner may have removed it meanwhile).
             let here = std::fs::metadata(lock);
@@ -167,11 +169,11 @@ pub fn lock_owner(path: &Path) -> Option<u32> {
     }
 }
 
-/// Removes, from `dir`, the temporary files and folders of peftkit processes that are gone (`.NAME.tmp-PID` with
-/// a dead PID, or this process's own pid from an earlier process: the caller holds the folder's lock). A complete
-/// [`Staging`] folder is finished (its files moved into `dir`) rather than removed. Returns what was done, one
-/// line each, for the log.
-pub fn clean_stale(dir: &Path) -> Result<Vec<String>, OutDirError> {
+/// Removes, from `dir`, the temporary files and folders of peftkit processes that are gone: `.NAME.tmp-PID` where
+/// `ours(NAME)` (a name peftkit writes there) and PID is dead, or is this process's own pid (an earlier process's:
+/// the caller holds the folder's lock). A complete [`Staging`] folder is finished (its files moved into `dir`)
+/// rather than removed. Returns what was done, one line each, for the log.
+pub fn clean_stale(dir: &Path, ours: &dyn Fn(&str) -> bool) -> Result<Vec<String>, OutDirError> {
     let mut done = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else { return Ok(done) };
     let mut entries: Vec<_> = entries.flatten().collect();
@@ -179,7 +181,8 @@ pub fn clean_stale(dir: &Path) -> Result<Vec<String>, OutDirError> {
     for e in entries {
         let name = e.file_name().to_string_lossy().to_string();
         let Some(pid) = tmp_pid(&name) else { continue };
-        if pid_alive(pid) && pid != std::process::id() {
+        let stem = name.strip_prefix('.').and_then(|n| n.rsplit_once(crate::fsutil::TMP_MARK)).map_or("", |(s, _)| s);
+        if !ours(stem) || pid_alive(pid) && pid != std::process::id() {
             continue;
         }
         let path = e.path();
@@ -202,7 +205,9 @@ pub fn remove_any(path: &Path) -> Result<(), OutDirError> {
         Err(_) => Ok(()),
     };
     match r {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(OutDirError::Io { path: path.to_path_buf(), source: e }),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(OutDirError::Io { path: path.to_path_buf(), source: e })
+        }
         _ => Ok(()),
     }
 }
@@ -228,7 +233,11 @@ pub fn clean_replaced_output(out: &Path) -> Result<Vec<String>, OutDirError> {
         } else if let Some(pid) = pid_of(&entry, "old").filter(|&p| !pid_alive(p) || p == std::process::id()) {
             if std::fs::symlink_metadata(out).is_err() {
                 std::fs::rename(&path, out).map_err(io_err(out))?;
-                done.push(format!("restored {} from {} (pid {pid} stopped while replacing it)", out.display(), path.display()));
+                done.push(format!(
+                    "restored {} from {} (pid {pid} stopped while replacing it)",
+                    out.display(),
+                    path.display()
+                ));
             } else {
                 remove_any(&path)?;
                 done.push(format!("removed {} (left by pid {pid}, which is no longer running)", path.display()));
@@ -277,8 +286,7 @@ impl Staging {
                 let _ = f.sync_all();
             }
         }
-        fsutil::write_atomic(&self.dir.join(COMPLETE_MARK), names.join("\n").as_bytes())
-            .map_err(io_err(&self.dir))?;
+        fsutil::write_atomic(&self.dir.join(COMPLETE_MARK), names.join("\n").as_bytes()).map_err(io_err(&self.dir))?;
         // From here on the files are as good as in place: a crash is finished by `clean_stale`.
         self.committed = true;
         roll_forward(&self.dir, &self.parent)
@@ -372,13 +380,19 @@ mod tests {
         for keep in ["adapter_config.json", "notes.tmp", ".hidden", "x.tmp-1"] {
             std::fs::write(d.path().join(keep), b"x").unwrap();
         }
-        let done = clean_stale(d.path()).unwrap();
+        // Someone else's file with a name like ours: not a name peftkit writes here, kept.
+        std::fs::write(d.path().join(format!(".notes.txt.tmp-{dead}")), b"x").unwrap();
+        let ours = |stem: &str| {
+            ["adapter_model.safetensors", "metrics.jsonl", "README.md"].contains(&stem) || stem.starts_with("step-")
+        };
+        let done = clean_stale(d.path(), &ours).unwrap();
         assert_eq!(done.len(), 3, "{done:?}");
         let mut left: Vec<String> =
             std::fs::read_dir(d.path()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
         left.sort();
         let mut want = vec![
             format!(".README.md.tmp-{parent_pid}"),
+            format!(".notes.txt.tmp-{dead}"),
             ".hidden".into(),
             "adapter_config.json".into(),
             "notes.tmp".into(),
@@ -412,7 +426,7 @@ mod tests {
         std::fs::write(staging.join("adapter_config.json"), b"c").unwrap();
         std::fs::write(staging.join(COMPLETE_MARK), "adapter_model.safetensors\nadapter_config.json").unwrap();
         std::fs::write(e.path().join("adapter_model.safetensors"), b"w").unwrap();
-        let done = clean_stale(e.path()).unwrap();
+        let done = clean_stale(e.path(), &|s| s == "save").unwrap();
         assert_eq!(done.len(), 1, "{done:?}");
         assert!(e.path().join("adapter_config.json").is_file());
         assert!(!staging.exists());
@@ -420,7 +434,7 @@ mod tests {
         let staging = e.path().join(format!(".save.tmp-{}", dead_pid()));
         std::fs::create_dir(&staging).unwrap();
         std::fs::write(staging.join("README.md"), b"new").unwrap();
-        clean_stale(e.path()).unwrap();
+        clean_stale(e.path(), &|s| s == "save").unwrap();
         assert!(!staging.exists() && !e.path().join("README.md").exists());
     }
 

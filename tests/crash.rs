@@ -278,7 +278,10 @@ fn killed_train_and_merge_runs_recover_with_the_next_command() {
         });
         assert!(o.status.success(), "trial {i}: push: {}", text(&o));
     }
-    eprintln!("train: {killed} of {TRAIN_TRIALS} runs killed before they ended ({:.0?} per run): {phases:?}", train_time);
+    eprintln!(
+        "train: {killed} of {TRAIN_TRIALS} runs killed before they ended ({:.0?} per run): {phases:?}",
+        train_time
+    );
     assert!(killed >= TRAIN_TRIALS / 2, "only {killed} runs were killed");
     for phase in ["writing the final adapter", "writing a checkpoint", "starting or training"] {
         assert!(phases.contains_key(phase), "no run was killed while {phase}: {phases:?}");

@@ -6,7 +6,7 @@ use peftkit::adapter::{self, peft_format, AdapterConfig};
 use peftkit::base::load_base_quant;
 use peftkit::card::{adapter_card, framework_versions, DataFacts, TrainingRecord, TRAINING_RECORD_FILE};
 use peftkit::data::{self, Dataset, EncodeOptions, Format};
-use peftkit::outdir::{self, OutputLock, Staging};
+use peftkit::outdir::{OutputLock, Staging};
 use peftkit::push::PushOptions;
 use peftkit::recipe::{DataFormat, Recipe};
 use peftkit::train::{self, TrainConfig, TrainOptions};
@@ -95,9 +95,7 @@ pub fn run(args: Args) -> Result<()> {
     let lock = OutputLock::folder(&out, &command_line()).map_err(user)?;
     // What killed runs left: their temporary files (a final save that was complete is finished instead), and
     // unfinished or incomplete checkpoints.
-    let mut cleaned = outdir::clean_stale(&out).map_err(user)?;
-    cleaned.extend(train::clean_checkpoints(&out).map_err(user)?);
-    for line in cleaned {
+    for line in train::clean_output(&out).map_err(user)? {
         tracing::info!("{}: {line}", out.display());
     }
     if args.resume && train::latest_checkpoint(&out).is_none() {

@@ -4,7 +4,7 @@
 //! A checkpoint is written into `.step-NNNNNN.tmp-PID/` and renamed into place whole; an old one is renamed to
 //! `.step-NNNNNN.del.tmp-PID/` before it is deleted. So a `step-NNNNNN/` folder is either complete or not
 //! peftkit's, and only a folder with all four files counts as a checkpoint ([`checkpoints`]); what a killed run
-//! leaves is removed by [`clean_checkpoints`] at the next start.
+//! leaves is removed by [`clean_output`] at the next start.
 //!
 //! The fingerprint stored in the state is a sha256 over the serde JSON of everything that determines the adapter
 //! bytes (training settings but how often to evaluate, save or log; the adapter and vocabulary settings; the
@@ -102,7 +102,12 @@ struct FingerprintInput<'a> {
 /// A short fingerprint of everything that determines the adapter bytes, stored in checkpoints so that `--resume`
 /// refuses to continue a run with different settings or data: sha256 over the serde JSON of the settings, then
 /// the tokens and labels.
-pub(super) fn fingerprint(cfg: &TrainConfig, adapter: &AdapterConfig, vocab: &VocabConfig, train: &[Example]) -> String {
+pub(super) fn fingerprint(
+    cfg: &TrainConfig,
+    adapter: &AdapterConfig,
+    vocab: &VocabConfig,
+    train: &[Example],
+) -> String {
     use sha2::{Digest, Sha256};
     // Every field named, so that a new setting must be placed here (in the fingerprint or, like how often to
     // evaluate, save or log, explicitly out of it).
@@ -202,7 +207,7 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
 }
 
 /// Deletes a checkpoint folder: renamed out of the `step-N` names first, so that a deletion cut short leaves a
-/// temporary name ([`clean_checkpoints`] removes it), never a half checkpoint.
+/// temporary name ([`clean_output`] removes it), never a half checkpoint.
 fn retire(dir: &Path) -> Result<(), TrainError> {
     let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     let gone = dir.with_file_name(format!(".{name}.del{TMP_MARK}{}", std::process::id()));
@@ -210,16 +215,38 @@ fn retire(dir: &Path) -> Result<(), TrainError> {
     std::fs::remove_dir_all(&gone).map_err(io_err(&gone))
 }
 
-/// Removes what killed runs left in `out/checkpoints/`: temporary checkpoint folders of processes that are gone
-/// (and the pid-less `.step-N.tmp` of earlier versions), and incomplete `step-N` folders. The caller holds the
-/// output folder's lock. Returns what was removed, one line each.
-pub fn clean_checkpoints(out: &Path) -> Result<Vec<String>, TrainError> {
+/// The files a run writes into its output folder through a temporary name (`.NAME.tmp-PID`), and its staging
+/// folder for the final save (`save`); earlier versions wrote the final files directly.
+const OUTPUT_NAMES: [&str; 10] = [
+    "save",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "README.md",
+    "peftkit_recipe.yaml",
+    "peftkit_training.json",
+    super::METRICS_FILE,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+];
+
+/// Whether `stem` (of `.STEM.tmp-PID`) names a checkpoint being written (`step-N`) or deleted (`step-N.del`).
+fn checkpoint_name(stem: &str) -> bool {
+    step_of(stem.strip_suffix(".del").unwrap_or(stem)).is_some()
+}
+
+/// Removes what killed runs left in the output folder `out` (the caller holds its lock): peftkit's temporary
+/// files of processes that are gone (a final save that was complete is finished instead, see
+/// [`crate::outdir::Staging`]), temporary checkpoint folders (and the pid-less `.step-N.tmp` of earlier
+/// versions), and incomplete `step-N` folders. Nothing else. Returns what was done, one line each.
+pub fn clean_output(out: &Path) -> Result<Vec<String>, TrainError> {
     let root = out.join(CHECKPOINTS);
     let outdir_err = |e: outdir::OutDirError| match e {
         outdir::OutDirError::Io { path, source } => TrainError::Io { path, source },
         other => TrainError::Io { path: root.clone(), source: std::io::Error::other(other.to_string()) },
     };
-    let mut done = outdir::clean_stale(&root).map_err(outdir_err)?;
+    let mut done = outdir::clean_stale(out, &|stem| OUTPUT_NAMES.contains(&stem)).map_err(outdir_err)?;
+    done.extend(outdir::clean_stale(&root, &checkpoint_name).map_err(outdir_err)?);
     if let Ok(entries) = std::fs::read_dir(&root) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
@@ -368,7 +395,7 @@ mod tests {
         std::fs::create_dir(root.join(".step-000012.tmp-4194305")).unwrap();
         std::fs::create_dir(root.join(".step-000012.tmp")).unwrap();
         std::fs::create_dir(root.join(".step-000002.del.tmp-4194305")).unwrap();
-        let done = clean_checkpoints(out).unwrap();
+        let done = clean_output(out).unwrap();
         assert_eq!(done.len(), 4, "{done:?}");
         let left: Vec<String> =
             std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
@@ -417,7 +444,8 @@ mod tests {
             modules_to_save: vec![],
             trainable_tokens: vec![(crate::adapter::vocab::VocabModule::Embed, vec![3])],
         };
-        let others = [fp(&lr, &ia3, &vocab), fp(&scheduler, &ia3, &vocab), fp(&cfg, &no_init, &vocab), fp(&cfg, &ia3, &rows)];
+        let others =
+            [fp(&lr, &ia3, &vocab), fp(&scheduler, &ia3, &vocab), fp(&cfg, &no_init, &vocab), fp(&cfg, &ia3, &rows)];
         for (i, o) in others.iter().enumerate() {
             assert_ne!(o, &base, "change {i} not in the fingerprint");
         }
@@ -432,9 +460,10 @@ mod tests {
             "step_s":1.5,"wall_s":2.0,"initial_eval":{"loss":2.0,"perplexity":7.38,"tokens":30}},"peftkit_version":"0.1.0"}"#;
         let s: TrainerState = serde_json::from_str(text).unwrap();
         assert_eq!((s.step, s.progress.positions, s.progress.initial_eval.unwrap().tokens), (5, Some(12), 30));
-        let old: TrainerState =
-            serde_json::from_str(r#"{"step":2,"optimizer_t":2,"fingerprint":"f","progress":{"tokens":3,"initial_eval":null}}"#)
-                .unwrap();
+        let old: TrainerState = serde_json::from_str(
+            r#"{"step":2,"optimizer_t":2,"fingerprint":"f","progress":{"tokens":3,"initial_eval":null}}"#,
+        )
+        .unwrap();
         assert_eq!((old.progress.positions, old.progress.initial_eval), (None, None));
         // Written before the serde fingerprint: version 0, refused on resume with its own message.
         assert_eq!(old.fingerprint_version, 0);

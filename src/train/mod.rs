@@ -30,7 +30,7 @@ use crate::model::Llama;
 use crate::ops::{self, Segments};
 use crate::recipe::LrScheduler;
 use candle_core::Tensor;
-pub use checkpoint::{checkpoints, clean_checkpoints, latest_checkpoint, Progress, TrainerState};
+pub use checkpoint::{checkpoints, clean_output, latest_checkpoint, Progress, TrainerState};
 use checkpoint::{fingerprint, load_checkpoint, save_checkpoint, CHECKPOINTS};
 use optim::AdamW;
 use serde_json::json;
@@ -488,8 +488,7 @@ pub fn train(
                 },
                 peftkit_version: env!("CARGO_PKG_VERSION").to_string(),
             };
-            let dir =
-                save_checkpoint(model, adapter, &opt, &names, &state, base_model, out, opts.keep_checkpoints)?;
+            let dir = save_checkpoint(model, adapter, &opt, &names, &state, base_model, out, opts.keep_checkpoints)?;
             last_checkpoint = Some(dir.clone());
             if stop {
                 interrupted_at = Some(dir);

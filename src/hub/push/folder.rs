@@ -237,7 +237,8 @@ fn safetensors_length(path: &Path) -> Result<u64, String> {
 }
 
 fn hash_file(path: &Path) -> Result<(String, Vec<u8>), PushError> {
-    crate::fsutil::sha256_file_sample(path, SAMPLE_LEN).map_err(|source| PushError::Io { path: path.to_path_buf(), source })
+    crate::fsutil::sha256_file_sample(path, SAMPLE_LEN)
+        .map_err(|source| PushError::Io { path: path.to_path_buf(), source })
 }
 
 /// Files must be as they were when hashed: same size and modification time.
