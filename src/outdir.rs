@@ -51,6 +51,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OutDirError + '_ {
 pub struct OutputLock {
     file: File,
     path: PathBuf,
+    /// The folder this lock created (removed with the lock when it is still empty).
+    created: Option<PathBuf>,
 }
 
 /// The owner recorded in a lock file: its pid and command.
@@ -125,16 +127,29 @@ impl OutputLock {
                 file.sync_all()
             })();
             written.map_err(io_err(lock))?;
-            return Ok(OutputLock { file, path: lock.to_path_buf() });
+            return Ok(OutputLock { file, path: lock.to_path_buf(), created: None });
         }
         let (pid, command) = last_owner.unwrap_or((0, String::new()));
         Err(OutDirError::Locked { target: target.to_path_buf(), lock: lock.to_path_buf(), pid, command })
     }
 
     /// Locks the training output folder `dir` (created if missing): the lock file is `dir/.peftkit.lock`.
+    /// A run that fails before writing anything leaves no empty folder behind.
     pub fn folder(dir: &Path, command: &str) -> Result<Self, OutDirError> {
+        let created = !dir.exists();
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        Self::acquire(dir, &dir.join(LOCK_FILE), command)
+        match Self::acquire(dir, &dir.join(LOCK_FILE), command) {
+            Ok(mut lock) => {
+                lock.created = created.then(|| dir.to_path_buf());
+                Ok(lock)
+            }
+            Err(e) => {
+                if created {
+                    let _ = std::fs::remove_dir(dir);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Locks an output that is replaced as a whole (`merge --out`): the lock file is its hidden sibling
@@ -156,6 +171,10 @@ impl Drop for OutputLock {
             if same_file(&here, &mine) {
                 let _ = std::fs::remove_file(&self.path);
             }
+        }
+        if let Some(dir) = &self.created {
+            // Only when empty (remove_dir refuses otherwise).
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }
@@ -352,6 +371,11 @@ mod tests {
         assert_eq!(read_owner(&mut f).map(|o| o.0), Some(std::process::id()));
         drop(lock);
         assert!(!out.join(LOCK_FILE).exists(), "the lock file goes with the lock");
+        assert!(out.is_dir(), "a folder that was there stays");
+        // A folder the lock created goes with it while empty.
+        let fresh = d.path().join("fresh");
+        drop(OutputLock::folder(&fresh, "x").unwrap());
+        assert!(!fresh.exists());
         // Free again.
         drop(OutputLock::folder(&out, "x").unwrap());
     }

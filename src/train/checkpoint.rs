@@ -312,7 +312,10 @@ pub(super) fn save_checkpoint(
     for (_, dir) in &folders {
         let old = keep > 0 && complete.iter().skip(keep).any(|p| p == &dir);
         if old || !is_complete(dir) {
-            retire(dir)?;
+            // Not worth stopping the run for: the next start removes what is left.
+            if let Err(e) = retire(dir) {
+                tracing::warn!("could not delete the old checkpoint {}: {e}", dir.display());
+            }
         }
     }
     Ok(final_dir)
