@@ -19,6 +19,7 @@ pub mod gpu;
 pub mod host;
 pub mod hub;
 pub mod linear;
+pub mod memory;
 pub mod merge;
 pub mod model;
 pub mod ops;

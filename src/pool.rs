@@ -120,7 +120,7 @@ impl SpinPool {
 /// so that a waiter never holds a core for a whole time slice from a thread it waits for (more threads than cores).
 fn spin_or_yield(spins: &mut u32) {
     *spins = spins.wrapping_add(1);
-    if *spins > 4096 && *spins % 64 == 0 {
+    if *spins > 4096 && (*spins).is_multiple_of(64) {
         std::thread::yield_now();
     } else {
         std::hint::spin_loop();
@@ -149,7 +149,7 @@ fn worker(s: &Shared) {
                 break e;
             }
             spin_or_yield(&mut spins);
-            if spins % 1024 == 0 && start.elapsed() > SPIN {
+            if spins.is_multiple_of(1024) && start.elapsed() > SPIN {
                 let mut parked = s.parked.lock().unwrap_or_else(|e| e.into_inner());
                 *parked += 1;
                 while s.epoch.load(Ordering::Acquire) == seen {

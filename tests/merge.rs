@@ -331,8 +331,7 @@ fn qlora_without_flag_on_16bit_base_is_w_plus_s_b_a_of_the_original_weights() {
         };
         adapted += 1;
         let b = &ad[&format!("base_model.model.{module}.lora_B.weight")];
-        let (a, b, w): (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>) =
-            (a.to_vec2().unwrap(), b.to_vec2().unwrap(), w.to_vec2().unwrap());
+        let (a, b, w) = (a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
         let (out_f, in_f, r) = (w.len(), w[0].len(), a.len());
         for o in 0..out_f {
             for i in 0..in_f {
@@ -408,9 +407,6 @@ fn prequantized_base_without_from_quantized_exits_2() {
 // ---------------------------------------------------------------------------------------------
 // 5. The card
 // ---------------------------------------------------------------------------------------------
-
-/// An HF hub cache (as huggingface_hub writes it) holding tiny-llama as `peftkit-test/tiny-llama`, its config
-/// declaring a license.
 
 /// The front matter of a card, parsed.
 fn front_matter(card: &str) -> serde_yaml::Mapping {

@@ -173,6 +173,18 @@ impl LoraLayer {
     }
 }
 
+/// One standard-normal draw (Box–Muller).
+pub(crate) fn normal(rng: &mut rand_chacha::ChaCha8Rng) -> f64 {
+    let u1: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+    let u2: f64 = rng.random_range(0.0..1.0);
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// A seeded generator for adapter initialisation.
+pub fn init_rng(seed: u64) -> rand_chacha::ChaCha8Rng {
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,16 +211,4 @@ mod tests {
         assert_eq!(cfg.rank_alpha("model.layers.5.self_attn.xq_proj"), (8, 16.0));
         assert_eq!(cfg.scaling(4, 8.0), 2.0);
     }
-}
-
-/// One standard-normal draw (Box–Muller).
-pub(crate) fn normal(rng: &mut rand_chacha::ChaCha8Rng) -> f64 {
-    let u1: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
-    let u2: f64 = rng.random_range(0.0..1.0);
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
-
-/// A seeded generator for adapter initialisation.
-pub fn init_rng(seed: u64) -> rand_chacha::ChaCha8Rng {
-    rand_chacha::ChaCha8Rng::seed_from_u64(seed)
 }

@@ -292,6 +292,19 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<(PeftConfig, Vec<Load
         };
         by_module.entry(module).or_default().push((leaf, t));
     }
+    // The config must describe the tensors: a module it does not target would be adapted by peftkit but skipped by
+    // PEFT (and the other way round), so a hand-edited or mixed-up folder is refused here, not silently trusted.
+    let matcher = super::target_matcher(&cfg.adapter, usize::MAX)
+        .map_err(|e| format_err(&dir.join(CONFIG_FILE), e.to_string()))?;
+    if let Some(module) = by_module.keys().find(|m| !matcher.matches(m)) {
+        return Err(format_err(
+            &wpath,
+            format!(
+                "holds tensors for `{module}`, which {CONFIG_FILE}'s target_modules / layers_to_transform / \
+                 exclude_modules do not select: the config does not describe these weights"
+            ),
+        ));
+    }
     let mut out = Vec::with_capacity(by_module.len());
     for (module, mut parts) in by_module {
         let adapter = match &cfg.adapter {
@@ -319,7 +332,17 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<(PeftConfig, Vec<Load
                     ));
                 }
                 let r = a.dims()[0];
-                let (_, alpha) = lcfg.rank_alpha(&module);
+                let (config_r, alpha) = lcfg.rank_alpha(&module);
+                if r != config_r {
+                    return Err(format_err(
+                        &wpath,
+                        format!(
+                            "{a_key}: rank {r} (shape {:?}), but {CONFIG_FILE} gives this module r = {config_r}{}",
+                            a.dims(),
+                            if lcfg.rank_pattern.is_empty() { "" } else { " (r and rank_pattern)" }
+                        ),
+                    ));
+                }
                 let lora = LoraLayer::from_weights(
                     a.to_device(device)?,
                     b.to_device(device)?,
@@ -407,6 +430,19 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<PeftConfig, Adapter
     }
     if let Some(k) = by_path.keys().next() {
         return Err(format_err(&wpath, format!("`{PREFIX}{k}` does not match any projection of this model")));
+    }
+    // And every projection the config selects must have its tensors (PEFT would leave it at its initial values).
+    let matcher = super::target_matcher(&cfg.adapter, model.config.num_hidden_layers)
+        .map_err(|e| format_err(&dir.join(CONFIG_FILE), e.to_string()))?;
+    if let Some(lin) = model.linears().find(|l| l.adapter.is_none() && matcher.matches(&l.path)) {
+        return Err(format_err(
+            &wpath,
+            format!(
+                "has no tensors for `{}`, which {CONFIG_FILE}'s target_modules selects: the config does not \
+                 describe these weights",
+                lin.path
+            ),
+        ));
     }
     super::vocab::load(model, dir, &cfg.vocab)?;
     Ok(cfg)

@@ -188,6 +188,9 @@ pub fn run(a: Args) -> Result<()> {
         }
         (None, Some(cfg)) => {
             let c = ModelConfig::from_file(cfg).map_err(user)?;
+            // The random weights are allocated here: check the whole run's memory before.
+            let weight_bytes = if a.qlora { 0.55 } else { compute.dtype.size_in_bytes() as f64 };
+            check_bench_memory(&a, &c, &compute, peftkit::memory::base_params(&c) * weight_bytes)?;
             let mut m = model::random_llama(c, 0, &device, compute.dtype)?;
             if a.qlora {
                 // The projections in NF4 (double quantization), as QLoRA holds a real base. On the CPU the random
@@ -209,6 +212,22 @@ pub fn run(a: Args) -> Result<()> {
         }
         (None, None) => return Err(user(anyhow::anyhow!("give --model DIR or --config config.json"))),
     };
+    if a.model.is_some() {
+        check_bench_memory(&a, &m.config, &compute, 0.0)?;
+    }
+    if !a.ia3 {
+        // A rank above a projection's min(in, out) adds nothing and, mistyped, exhausts memory.
+        if let Some(l) = m.linears().find(|l| a.rank > l.in_features.min(l.out_features)) {
+            return Err(user(anyhow::anyhow!(
+                "--rank {}: above min(in, out) = {} of {} ({} → {})",
+                a.rank,
+                l.in_features.min(l.out_features),
+                l.path,
+                l.in_features,
+                l.out_features
+            )));
+        }
+    }
     if a.generate {
         return bench_generate(&m, &source, &a);
     }
@@ -408,4 +427,23 @@ fn bench_generate(m: &peftkit::model::Llama, source: &str, a: &Args) -> Result<(
         );
     }
     Ok(())
+}
+
+/// Refuses a benchmark whose memory estimate ([`peftkit::memory`]) exceeds what this machine has (CPU only):
+/// `--seq 1000000000` would otherwise abort in an allocation.
+fn check_bench_memory(a: &Args, c: &ModelConfig, compute: &peftkit::compute::Compute, weight_bytes: f64) -> Result<()> {
+    if !compute.device.is_cpu() {
+        return Ok(());
+    }
+    let (batch, seq) = if a.generate { (1, a.seq.saturating_add(a.new_tokens)) } else { (a.batch, a.seq) };
+    let shape = peftkit::memory::StepShape {
+        batch,
+        seq,
+        activation_bytes: compute.dtype.size_in_bytes(),
+        gradient_checkpointing: a.gradient_checkpointing,
+    };
+    let trainable = if a.ia3 { 0 } else { peftkit::memory::lora_params(c, a.rank.min(c.hidden_size)) as usize };
+    let estimate = peftkit::memory::training(c, trainable, shape, weight_bytes);
+    let what = format!("--batch {batch} × --seq {seq}");
+    peftkit::memory::check(&estimate, peftkit::memory::available(), &what).map_err(|m| user(anyhow::anyhow!("{m}")))
 }

@@ -58,8 +58,25 @@ pub fn run(a: Args) -> Result<()> {
         print_config(&c);
     } else if p.is_dir() && p.join("config.json").is_file() {
         let c = ModelConfig::from_file(&p.join("config.json")).map_err(user)?;
+        // The weights' headers are read too, so that a damaged or missing file is reported here (exit 2), not at
+        // the first run that loads it.
+        let files = peftkit::hub::resolve_model(&p.to_string_lossy(), None, &super::hub_options()).map_err(user)?;
+        let source = peftkit::model::WeightSource::open(&files.weights).map_err(user)?;
         println!("model: {}", p.display());
         print_config(&c);
+        let headers = source.headers();
+        let params: usize = headers.iter().map(|(_, _, shape)| shape.iter().product::<usize>()).sum();
+        let mut dtypes = std::collections::BTreeMap::<&str, usize>::new();
+        for (_, dtype, _) in &headers {
+            *dtypes.entry(dtype.as_str()).or_default() += 1;
+        }
+        let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect();
+        println!(
+            "  weights: {} file(s), {} tensors ({}), {params} parameters",
+            files.weights.len(),
+            headers.len(),
+            dtypes.join(", ")
+        );
     } else if p.is_file() {
         let r = peftkit::recipe::Recipe::load(p, &[]).map_err(user)?;
         println!("recipe {} is valid; resolved:\n{}", p.display(), r.to_yaml());

@@ -6,9 +6,10 @@ use peftkit::adapter::{self, peft_format, AdapterConfig};
 use peftkit::base::load_base_quant;
 use peftkit::card::{adapter_card, framework_versions, DataFacts, TrainingRecord, TRAINING_RECORD_FILE};
 use peftkit::data::{self, Dataset, EncodeOptions, Format};
+use peftkit::memory;
 use peftkit::outdir::{OutputLock, Staging};
 use peftkit::push::PushOptions;
-use peftkit::recipe::{DataFormat, Recipe};
+use peftkit::recipe::{DataFormat, Projection, Recipe};
 use peftkit::train::{self, TrainConfig, TrainOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,6 +91,9 @@ pub fn run(args: Args) -> Result<()> {
             .map_err(|e| user(anyhow::anyhow!("{}: output.hub_model_id ({}): {e}", args.recipe.display(), p.repo)))?;
     }
     let out = recipe.output.dir.clone();
+    if let Some(problem) = peftkit::util::output_dir_problem(&out) {
+        return Err(user(anyhow::anyhow!("{}: output.dir: {problem}", args.recipe.display())));
+    }
     // One run per output folder: a second one stops here, naming the first's pid. Held until this function
     // returns (also on errors); an interrupted run releases it before exiting.
     let lock = OutputLock::folder(&out, &command_line()).map_err(user)?;
@@ -167,7 +171,11 @@ pub fn run(args: Args) -> Result<()> {
         tracing::info!("special tokens: {}", shown.join(", "));
     }
     recipe.check_token_ids(&args.recipe, &args.set, base.model.config.vocab_size).map_err(user)?;
-    let projections: Vec<String> = base.model.linears().map(|l| l.path.clone()).collect();
+    let projections: Vec<Projection> = base
+        .model
+        .linears()
+        .map(|l| Projection { path: l.path.clone(), in_features: l.in_features, out_features: l.out_features })
+        .collect();
     recipe.check_targets(&args.recipe, &args.set, base.model.config.num_hidden_layers, &projections).map_err(user)?;
     let opts = EncodeOptions {
         sequence_len: recipe.data.sequence_len,
@@ -253,6 +261,7 @@ pub fn run(args: Args) -> Result<()> {
             }
         );
     }
+    check_memory(&recipe, &args.recipe, &base.model.config, &compute, trainable, &train_set.examples)?;
     if cfg.packing.is_some() {
         let rows = cfg.rows(&train_set.examples).len();
         tracing::info!(
@@ -293,6 +302,7 @@ pub fn run(args: Args) -> Result<()> {
         keep_checkpoints: 2,
     };
     let valid_examples = valid_set.as_ref().map(|d| d.examples.as_slice());
+    let out_existed = out.exists();
     let summary = train::train(
         &mut base.model,
         &adapter_cfg,
@@ -305,6 +315,16 @@ pub fn run(args: Args) -> Result<()> {
     )
     .map_err(|e| match e {
         train::TrainError::Resume(_) | train::TrainError::EmptyDataset => user(e),
+        // A loss that is not finite comes from the inputs (data, learning rate, a damaged base). Before the first
+        // checkpoint there is nothing to resume: the log of the failed steps is removed with the folder it made.
+        train::TrainError::NonFinite { checkpoint: None, .. } => {
+            let _ = std::fs::remove_file(out.join(train::METRICS_FILE));
+            if !out_existed {
+                let _ = std::fs::remove_dir(&out);
+            }
+            user(e)
+        }
+        train::TrainError::NonFinite { .. } => user(e),
         other => anyhow::Error::new(other),
     })?;
     if let Some(ckpt) = &summary.interrupted_at {
@@ -436,6 +456,37 @@ pub fn run(args: Args) -> Result<()> {
         super::push::print_report(&report);
     }
     Ok(())
+}
+
+/// Refuses a run whose memory estimate ([`peftkit::memory`]) exceeds what the machine has, before its first step
+/// allocates (on a CPU; a GPU's memory is the GPU's concern, reported by its out-of-memory error). The longest row
+/// is the longest example, or `sequence_len` with packing.
+fn check_memory(
+    recipe: &Recipe,
+    path: &Path,
+    config: &peftkit::model::ModelConfig,
+    compute: &peftkit::compute::Compute,
+    trainable: usize,
+    examples: &[data::Example],
+) -> Result<()> {
+    if !compute.device.is_cpu() {
+        return Ok(());
+    }
+    let longest = examples.iter().map(|e| e.len()).max().unwrap_or(0);
+    let seq = if recipe.data.packing { recipe.data.sequence_len } else { longest.min(recipe.data.sequence_len) };
+    let shape = memory::StepShape {
+        batch: recipe.training.micro_batch_size.min(examples.len()),
+        seq,
+        activation_bytes: compute.dtype.size_in_bytes(),
+        gradient_checkpointing: recipe.training.gradient_checkpointing,
+    };
+    let estimate = memory::training(config, trainable, shape, 0.0);
+    let what = format!(
+        "training.micro_batch_size {} × {seq} tokens ({})",
+        shape.batch,
+        if recipe.data.packing { "data.sequence_len" } else { "the longest example" }
+    );
+    memory::check(&estimate, memory::available(), &what).map_err(|m| user(anyhow::anyhow!("{}: {m}", path.display())))
 }
 
 /// The command that continues an interrupted run: the same recipe, `--set` overrides and compute flags, with

@@ -44,6 +44,9 @@ impl OnlineFetcher {
             builder = builder.token(t.as_str());
         }
         let endpoint = opts.endpoint.as_deref().map(str::trim).filter(|e| !e.is_empty());
+        if let Some(problem) = endpoint.and_then(super::options::endpoint_problem) {
+            return Err(HubError::BadEndpoint(problem));
+        }
         if let Some(e) = endpoint {
             builder = builder.endpoint(e.trim_end_matches('/'));
         }

@@ -135,6 +135,9 @@ pub enum HubError {
         /// The sha256 of what arrived.
         actual: String,
     },
+    /// `HF_ENDPOINT` is not an http(s) URL (the message names the variable and the value).
+    #[error("{0}")]
+    BadEndpoint(String),
     /// The endpoint URL or the HTTP client could not be set up.
     #[error("cannot set up the Hub client for endpoint {endpoint}")]
     Client {

@@ -40,7 +40,7 @@ use std::path::{Component, Path, PathBuf};
 mod cache;
 mod download;
 mod error;
-mod options;
+pub mod options;
 pub mod push;
 mod resolve;
 

@@ -70,6 +70,22 @@ impl HubOptions {
     }
 }
 
+/// Why `endpoint` (the `HF_ENDPOINT` value) cannot be the Hub's address, or `None` when it is an http(s) URL with a
+/// host. Checked before a client is built, so that the message names the variable rather than a URL parser's
+/// "relative URL without a base".
+pub fn endpoint_problem(endpoint: &str) -> Option<String> {
+    let reason = match reqwest::Url::parse(endpoint.trim()) {
+        Err(e) => e.to_string(),
+        Ok(url) if !matches!(url.scheme(), "http" | "https") => format!("scheme `{}`, not http(s)", url.scheme()),
+        Ok(url) if url.host_str().is_none_or(str::is_empty) => "no host".to_string(),
+        Ok(_) => return None,
+    };
+    Some(format!(
+        "HF_ENDPOINT={endpoint:?} is not an http(s) URL ({reason}): set it to a Hub address such as \
+         https://huggingface.co, or unset it"
+    ))
+}
+
 /// The standard Hub cache folder: `HF_HUB_CACHE`, else `HUGGINGFACE_HUB_CACHE`, else `$HF_HOME/hub`
 /// (`HF_HOME` defaults to `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`).
 pub fn default_cache_dir() -> PathBuf {
@@ -177,5 +193,15 @@ mod tests {
         assert_eq!(o.token, None);
         let o = from(vars(&[("HOME", "/home/someone"), ("XDG_CACHE_HOME", "/xdg")]));
         assert_eq!(o.cache_dir, Some(PathBuf::from("/xdg/huggingface/hub")));
+    }
+
+    #[test]
+    fn endpoint_must_be_an_http_url() {
+        assert_eq!(endpoint_problem("https://mirror.example/"), None);
+        assert_eq!(endpoint_problem("http://127.0.0.1:8080"), None);
+        for bad in ["notaurl", "ftp://x.example", "file:///tmp/hub"] {
+            let msg = endpoint_problem(bad).unwrap_or_default();
+            assert!(msg.starts_with(&format!("HF_ENDPOINT=\"{bad}\" is not an http(s) URL (")), "{msg}");
+        }
     }
 }

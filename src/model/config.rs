@@ -144,15 +144,38 @@ impl ModelConfig {
             return Err(unsupported("num_attention_heads", "sizes must be positive".into()));
         }
         let kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if kv_heads == 0 || raw.num_attention_heads % kv_heads != 0 {
+        if kv_heads == 0 || !raw.num_attention_heads.is_multiple_of(kv_heads) {
             return Err(unsupported(
                 "num_key_value_heads",
                 format!("{kv_heads} does not divide num_attention_heads {}", raw.num_attention_heads),
             ));
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(unsupported("head_dim", format!("{head_dim} must be even for rotary embeddings")));
+        }
+
+        // Sizes beyond any real model (the largest vocabularies are ~256k, hidden sizes ~16k, MLPs ~53k): a typo or a
+        // damaged file would otherwise end in an allocation failure, or in hours of work, before any other check.
+        let kv_width = kv_heads.saturating_mul(head_dim);
+        for (key, value, max) in [
+            ("vocab_size", raw.vocab_size, 1 << 24),
+            ("hidden_size", raw.hidden_size, 1 << 18),
+            ("intermediate_size", raw.intermediate_size, 1 << 20),
+            ("num_hidden_layers", raw.num_hidden_layers, 1 << 12),
+            ("num_attention_heads", raw.num_attention_heads, 1 << 12),
+            ("head_dim", head_dim, 1 << 14),
+            ("num_key_value_heads × head_dim", kv_width, 1 << 18),
+        ] {
+            if value > max {
+                return Err(unsupported(key, format!("{value} is beyond any supported model (at most {max})")));
+            }
+        }
+        if raw.intermediate_size == 0 || raw.vocab_size == 0 || head_dim == 0 {
+            return Err(unsupported(
+                "intermediate_size",
+                "vocab_size, intermediate_size and head_dim must be positive".into(),
+            ));
         }
 
         // rope_theta: top level (transformers ≤ 4) or inside rope_parameters (transformers 5).
@@ -307,11 +330,11 @@ mod tests {
     fn llama3_scaling_matches_closed_form() {
         // Llama 3.1 8B's values; inv_freq of transformers' _compute_llama3_parameters for i = 0 (unchanged),
         // the last (divided by factor) and a middle one in the smooth band.
-        let c = parse(&format!(
-            r#"{{ "vocab_size": 10, "hidden_size": 4096, "intermediate_size": 16, "num_hidden_layers": 1,
-            "num_attention_heads": 32, "rope_theta": 500000.0, "rope_scaling": {{"rope_type": "llama3", "factor": 8.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}} }}"#
-        ))
+        let c = parse(
+            r#"{ "vocab_size": 10, "hidden_size": 4096, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 32, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192} }"#,
+        )
         .unwrap();
         let f = c.rope_inv_freq();
         assert_eq!(f.len(), 64);
@@ -324,6 +347,26 @@ mod tests {
         assert!(wavelen > 2048.0 && wavelen < 8192.0);
         let smooth = (8192.0 / wavelen - 1.0) / 3.0;
         assert!((f[30] - ((1.0 - smooth) * plain / 8.0 + smooth * plain)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_is_allocated() {
+        let base = r#"{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "vocab_size": 256}"#;
+        parse(base).unwrap();
+        for (from, to, key) in [
+            ("\"vocab_size\": 256", "\"vocab_size\": 1000000000000", "vocab_size: 1000000000000 is beyond"),
+            ("\"hidden_size\": 64", "\"hidden_size\": 4000000000", "hidden_size: 4000000000 is beyond"),
+            ("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 100000", "num_hidden_layers: 100000 is beyond"),
+            ("\"vocab_size\": 256", "\"vocab_size\": 0", "must be positive"),
+        ] {
+            let text = base.replace(from, to);
+            let e = match ModelConfig::from_json_str(&text, Path::new("m/config.json")) {
+                Ok(_) => panic!("{text} loaded"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(key) && e.contains("m/config.json"), "{e}");
+        }
     }
 
     #[test]

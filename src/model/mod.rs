@@ -29,6 +29,8 @@ pub enum ModelError {
     Tensor { name: String, files: String, source: candle_core::Error },
     #[error("tensor `{name}` has shape {got:?}, expected {expected:?} from the model's configuration")]
     Shape { name: String, got: Vec<usize>, expected: Vec<usize> },
+    #[error("tensor `{name}` in {files} is stored as {dtype}, but the model needs floating-point weights there")]
+    Dtype { name: String, files: String, dtype: String },
     #[error("tensor `{name}` in {files}: {msg}")]
     Quantized { name: String, files: String, msg: String },
     #[error("tensor `{name}`: {source}")]
@@ -84,6 +86,18 @@ impl WeightSource {
         self.st.get(name).is_ok()
     }
 
+    /// Every tensor's name, dtype (safetensors' spelling, e.g. `BF16`) and shape, from the files' headers.
+    pub fn headers(&self) -> Vec<(String, String, Vec<usize>)> {
+        let mut out: Vec<_> = self
+            .st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (name, format!("{:?}", view.dtype()), view.shape().to_vec()))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Loads `name` with the expected shape, converted to `dtype` on `device`.
     pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, ModelError> {
         if !self.contains(name) {
@@ -96,6 +110,11 @@ impl WeightSource {
         })?;
         if t.dims() != shape {
             return Err(ModelError::Shape { name: name.into(), got: t.dims().to_vec(), expected: shape.to_vec() });
+        }
+        // An integer tensor would be converted to floats without a word and change every output.
+        if !t.dtype().is_float() {
+            let dtype = format!("{:?}", t.dtype()).to_uppercase();
+            return Err(ModelError::Dtype { name: name.to_string(), files: self.files_str(), dtype });
         }
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }

@@ -288,7 +288,7 @@ mod tests {
         let labels: Vec<i64> = (0..200).map(|i| if i % 7 == 0 { -100 } else { (i * 37 % 300) as i64 }).collect();
         let h = rand(&[200, 16], 15);
         compare_with_reference(
-            &[h.clone()],
+            std::slice::from_ref(&h),
             |t| linear_cross_entropy(&t[0], &head, &labels, 150.0).unwrap(),
             |t| super::super::reference::linear_cross_entropy(&t[0], &head, &labels, 150.0).unwrap(),
             1e-5,

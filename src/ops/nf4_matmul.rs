@@ -49,7 +49,7 @@ mod tests {
         let x = rand(&[3, 128], 35);
         let fw = FrozenWeight::Nf4(q.clone());
         compare_with_reference(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             |t| nf4_matmul(&t[0], &q).unwrap(),
             |t| super::super::reference::frozen_product(&t[0], &fw).unwrap(),
             1e-5,
@@ -70,7 +70,12 @@ mod tests {
         let w2_gpu = FrozenWeight::Nf4(q2.clone()).to_device(&gpu).unwrap();
         let x = rand(&[3, 5, 256], 42);
         let pick = |t: &Tensor| if t.device().is_cpu() { &w_cpu } else { &w_gpu };
-        compare_gpu_with_cpu(&gpu, &[x.clone()], |t| super::super::frozen_product(&t[0], pick(&t[0])).unwrap(), 1e-5);
+        compare_gpu_with_cpu(
+            &gpu,
+            std::slice::from_ref(&x),
+            |t| super::super::frozen_product(&t[0], pick(&t[0])).unwrap(),
+            1e-5,
+        );
         compare_gpu_with_cpu(
             &gpu,
             &[x.to_dtype(DType::BF16).unwrap()],

@@ -121,7 +121,7 @@ mod tests {
     fn kernel_matches_reference_and_bf16_matches_f32() {
         let x = (rand(&[2, 4, 6], 10) * 3.0).unwrap();
         compare_with_reference(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             |t| causal_softmax(&t[0], 0.7).unwrap(),
             |t| super::super::reference::causal_softmax(&t[0], 0.7).unwrap(),
             1e-5,

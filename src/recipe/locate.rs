@@ -32,6 +32,74 @@ pub(super) fn syntax_error(file: &str, text: &str, err: &serde_yaml::Error) -> R
     }
 }
 
+/// How deep a recipe may nest flow collections (`[`, `{`). A recipe needs three or four levels; serde_yaml stops at
+/// 128, but only after a parse whose time grows with the square of the depth (minutes for a 400 KB file).
+pub(super) const MAX_NESTING: usize = 64;
+
+/// The recipe text as UTF-8, or an error naming the line and byte of the first invalid byte.
+pub(super) fn utf8_text<'a>(file: &str, bytes: &'a [u8]) -> Result<&'a str, RecipeError> {
+    std::str::from_utf8(bytes).map_err(|err| {
+        let at = err.valid_up_to();
+        let before = &bytes[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = at - before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+        RecipeError::Syntax {
+            file: file.to_string(),
+            line: Some(line),
+            column: Some(column),
+            message: format!("byte {at} (0x{:02x}) is not UTF-8 text: a recipe is a YAML text file", bytes[at]),
+        }
+    })
+}
+
+/// An error at the first place where flow collections (`[`, `{`) nest deeper than [`MAX_NESTING`], found by a
+/// linear scan that skips quoted strings and comments. Block nesting needs indentation, so its depth is bounded by
+/// the line lengths and serde_yaml's own limit refuses it quickly.
+pub(super) fn nesting_error(file: &str, text: &str) -> Option<RecipeError> {
+    let (mut depth, mut line, mut column) = (0usize, 1usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut comment = false;
+    let mut prev = '\n';
+    for c in text.chars() {
+        column += 1;
+        if c == '\n' {
+            // A comment ends with its line; a quoted scalar may go on.
+            (line, column, comment) = (line + 1, 0, false);
+            prev = c;
+            continue;
+        }
+        match quote {
+            Some(q) => {
+                if c == q && !(q == '"' && prev == '\\') {
+                    quote = None;
+                }
+            }
+            None if comment => {}
+            None => match c {
+                '#' if prev.is_whitespace() => comment = true,
+                '"' | '\'' if prev.is_whitespace() || matches!(prev, '[' | '{' | ',' | ':') => quote = Some(c),
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > MAX_NESTING {
+                        return Some(RecipeError::Syntax {
+                            file: file.to_string(),
+                            line: Some(line),
+                            column: Some(column),
+                            message: format!(
+                                "collections nested deeper than {MAX_NESTING} levels (a recipe needs at most 4)"
+                            ),
+                        });
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+        prev = if quote.is_some() && c == '\\' && prev == '\\' { ' ' } else { c };
+    }
+    None
+}
+
 /// Where the second occurrence of the key named by serde_yaml's
 /// `[path: ]duplicate entry with key "name"` message is.
 fn duplicate_key_position(text: &str, message: &str) -> Option<(usize, usize)> {

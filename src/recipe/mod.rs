@@ -42,6 +42,7 @@ pub use spec::{
     AdapterSpec, DataSpec, Ia3Spec, LoraSpec, OutputSpec, QloraSpec, Recipe, RunLength, TokenIndices, TokenizerSpec,
     TrainingSpec,
 };
+pub use targets::Projection;
 
 use locate::syntax_error;
 use overrides::Override;
@@ -58,13 +59,20 @@ impl Recipe {
     /// current directory).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe, RecipeError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read { file: file.clone(), source })?;
-        Recipe::from_str(&text, &file, overrides)
+        let bytes = std::fs::read(path).map_err(|source| RecipeError::Read { file: file.clone(), source })?;
+        let text = locate::utf8_text(&file, &bytes)?;
+        Recipe::from_str(text, &file, overrides)
     }
 
     /// Like [`Recipe::load`], from text; `source_name` names the text in error messages.
     pub fn from_str(text: &str, source_name: &str, overrides: &[String]) -> Result<Recipe, RecipeError> {
         let mut overrides = overrides.iter().map(|arg| Override::parse(arg)).collect::<Result<Vec<_>, _>>()?;
+        // A byte-order mark is not YAML content (editors on Windows write one); skip it as the dataset reader does.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        // serde_yaml refuses deep nesting only after a parse whose time grows with the square of the depth.
+        if let Some(err) = locate::nesting_error(source_name, text) {
+            return Err(err);
+        }
         let mut doc: Value = serde_yaml::from_str(text).map_err(|err| syntax_error(source_name, text, &err))?;
         doc.apply_merge().map_err(|err| syntax_error(source_name, text, &err))?;
         for item in &mut overrides {
@@ -211,6 +219,37 @@ mod tests {
             assert!(yaml.contains("learning_rate:"), "{yaml}");
             assert!(yaml.contains("epochs: 1") || yaml.contains("epochs: 2"), "{yaml}");
         }
+    }
+
+    #[test]
+    fn recipe_deep_nesting_is_refused_at_once() {
+        // 200 000 levels: serde_yaml took minutes on this (quadratic); the scan refuses it at the 65th bracket.
+        let text = format!("base_model: x\nadapter: {}{}\n", "[".repeat(200_000), "]".repeat(200_000));
+        let started = std::time::Instant::now();
+        let e = err(&text, &[]);
+        assert!(started.elapsed().as_secs_f64() < 2.0, "{:?}", started.elapsed());
+        assert_msg(&e, "recipes/x.yaml:2:74: invalid YAML: collections nested deeper than 64 levels", &[]);
+        // Brackets inside quotes and comments do not count; a normal flow list still loads.
+        let f = fixture();
+        let quoted = minimal(&f, "lora").replace(
+            "type: lora",
+            &format!("type: lora # {}\n  target_modules: ['{}q_proj', \"v_proj\"]", "[".repeat(100), "[".repeat(0)),
+        );
+        ok(&quoted, &[]);
+        let in_string = format!("base_model: '{}'\n", "[".repeat(100));
+        assert!(!err(&in_string, &[]).to_string().contains("nested deeper"));
+    }
+
+    #[test]
+    fn recipe_bom_and_invalid_utf8() {
+        let f = fixture();
+        let text = format!("\u{feff}{}", minimal(&f, "lora"));
+        ok(&text, &[]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.yaml");
+        fs::write(&path, b"base_model: x\nadapter:\n  type: l\xffora\n").unwrap();
+        let e = Recipe::load(&path, &[]).unwrap_err().to_string();
+        assert!(e.contains("r.yaml:3:10: invalid YAML: byte 32 (0xff) is not UTF-8 text"), "{e}");
     }
 
     #[test]

@@ -10,9 +10,21 @@ use super::problem::{Problem, ProblemKind, Source};
 use super::{AdapterSpec, Recipe, RecipeError};
 use crate::adapter::target;
 
+/// One linear projection of the loaded model: its path and its (in, out) features.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Projection {
+    /// Module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    /// Input features (columns of the weight).
+    pub in_features: usize,
+    /// Output features (rows of the weight).
+    pub out_features: usize,
+}
+
 /// The first problem of the recipe's target keys on a model of `num_layers` decoder layers whose projections are
-/// at `paths`.
-fn target_problem(adapter: &AdapterSpec, num_layers: usize, paths: &[String]) -> Option<Problem> {
+/// `projections`.
+fn target_problem(adapter: &AdapterSpec, num_layers: usize, projections: &[Projection]) -> Option<Problem> {
+    let paths: Vec<&str> = projections.iter().map(|p| p.path.as_str()).collect();
     let (layers, exclude) = match adapter {
         AdapterSpec::Ia3(i) => (None, i.exclude_modules.as_ref()),
         _ => adapter.lora().map(|l| (l.layers_to_transform.as_deref(), l.exclude_modules.as_ref()))?,
@@ -26,9 +38,26 @@ fn target_problem(adapter: &AdapterSpec, num_layers: usize, paths: &[String]) ->
     }
     // Invalid regexes were refused when the recipe loaded.
     let matcher = adapter.target_modules().matcher(layers).ok()?.excluding(exclude).ok()?;
-    let coverage = matcher.coverage(paths.iter().map(String::as_str));
+    let coverage = matcher.coverage(paths.iter().copied());
     if coverage.adapted > 0 {
-        return None;
+        // A rank above min(in, out) adds no capacity (B·A cannot exceed that rank) and only costs memory; a typo
+        // like `r: 4000000000` would otherwise end in an allocation failure.
+        let r = adapter.lora()?.r;
+        let narrowest = projections
+            .iter()
+            .filter(|p| matcher.matches(&p.path))
+            .min_by_key(|p| p.in_features.min(p.out_features))?;
+        let limit = narrowest.in_features.min(narrowest.out_features);
+        return (r > limit).then(|| {
+            Problem::invalid(
+                "adapter.r",
+                format!(
+                    "rank {r} is above min(in, out) = {limit} of the targeted projection {} ({} → {}): a LoRA \
+                     update of rank r spans at most min(in, out) dimensions, so r must be at most {limit}",
+                    narrowest.path, narrowest.in_features, narrowest.out_features
+                ),
+            )
+        });
     }
     if coverage.excluded > 0 {
         return Some(Problem::invalid(
@@ -39,7 +68,7 @@ fn target_problem(adapter: &AdapterSpec, num_layers: usize, paths: &[String]) ->
             ),
         ));
     }
-    let example = paths.first().map(String::as_str).unwrap_or_default();
+    let example = paths.first().copied().unwrap_or_default();
     let layers_note = match layers {
         Some(l) => format!(" in layers {l:?}"),
         None => String::new(),
@@ -51,17 +80,17 @@ fn target_problem(adapter: &AdapterSpec, num_layers: usize, paths: &[String]) ->
 }
 
 impl Recipe {
-    /// Checks `adapter.target_modules` / `exclude_modules` / `layers_to_transform` against the loaded model (its
-    /// number of decoder layers and its projection paths). `path` and `overrides` are what the recipe was loaded
+    /// Checks `adapter.target_modules` / `exclude_modules` / `layers_to_transform` and the rank `adapter.r` against
+    /// the loaded model (its number of decoder layers and its projections). `path` and `overrides` are what the recipe was loaded
     /// from, so that the error names the line (or the `--set` argument) as loading's errors do.
     pub fn check_targets(
         &self,
         path: &Path,
         overrides: &[String],
         num_layers: usize,
-        paths: &[String],
+        projections: &[Projection],
     ) -> Result<(), RecipeError> {
-        let Some(problem) = target_problem(&self.adapter, num_layers, paths) else { return Ok(()) };
+        let Some(problem) = target_problem(&self.adapter, num_layers, projections) else { return Ok(()) };
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let overrides: Vec<Override> = overrides.iter().filter_map(|a| Override::parse(a).ok()).collect();
         let name = path.display().to_string();
@@ -71,6 +100,7 @@ impl Recipe {
 
 #[cfg(test)]
 mod tests {
+    use super::Projection;
     use crate::adapter::{ExcludeModules, LayersPattern};
     use crate::recipe::testutil::{assert_msg, err, fixture, minimal, ok, Fixture};
     use crate::recipe::{AdapterSpec, Recipe, TargetModules};
@@ -79,15 +109,20 @@ mod tests {
         minimal(f, kind).replace(&format!("  type: {kind}\n"), &format!("  type: {kind}\n{extra}"))
     }
 
-    /// The projections of a 2-layer Llama.
-    fn paths() -> Vec<String> {
+    /// The projections of a 2-layer Llama (hidden 64, k/v 32 wide, MLP 128).
+    fn paths() -> Vec<Projection> {
         let mut out = Vec::new();
         for l in 0..2 {
-            for p in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"] {
-                out.push(format!("model.layers.{l}.{p}"));
-            }
-            for p in ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
-                out.push(format!("model.layers.{l}.{p}"));
+            for (p, i, o) in [
+                ("self_attn.q_proj", 64, 64),
+                ("self_attn.k_proj", 64, 32),
+                ("self_attn.v_proj", 64, 32),
+                ("self_attn.o_proj", 64, 64),
+                ("mlp.gate_proj", 64, 128),
+                ("mlp.up_proj", 64, 128),
+                ("mlp.down_proj", 128, 64),
+            ] {
+                out.push(Projection { path: format!("model.layers.{l}.{p}"), in_features: i, out_features: o });
             }
         }
         out
@@ -213,5 +248,40 @@ mod tests {
         assert!(e.contains(":4: adapter.target_modules: matches no projection of the model"), "{e}");
         let r = ok(&minimal(&f, "lora"), &[]);
         assert_eq!(r.adapter.target_modules(), &TargetModules::AllLinear);
+    }
+
+    #[test]
+    fn rank_above_the_narrowest_target_is_refused_with_its_line() {
+        let f = fixture();
+        let e = check_on_model(
+            &with_adapter(
+                &f,
+                "lora",
+                "  r: 4000000000
+",
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.contains(
+                ":4: adapter.r: rank 4000000000 is above min(in, out) = 32 of the targeted projection \
+                 model.layers.0.self_attn.k_proj (64 → 32)"
+            ),
+            "{e}"
+        );
+        // Only the targeted projections count: without k/v the limit is 64.
+        let text = with_adapter(
+            &f,
+            "qlora",
+            "  r: 64
+  target_modules: [q_proj, o_proj, gate_proj]
+",
+        );
+        assert!(check_on_model(&text, &[]).is_ok());
+        let e = check_on_model(&text, &["adapter.r=65"]).unwrap_err();
+        assert!(e.starts_with("--set adapter.r=65: adapter.r: rank 65 is above min(in, out) = 64"), "{e}");
+        // IA3 has no rank.
+        assert!(check_on_model(&minimal(&f, "ia3"), &[]).is_ok());
     }
 }

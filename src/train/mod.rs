@@ -45,7 +45,11 @@ use std::time::Instant;
 pub enum TrainError {
     #[error("the training set is empty")]
     EmptyDataset,
-    #[error("step {step}: the loss is {value} (not finite); stopping. The last good checkpoint is kept{}", .checkpoint.as_ref().map(|c| format!(" at {}", c.display())).unwrap_or_default())]
+    #[error("step {step}: the loss is {value} (not finite); stopping. {}", match .checkpoint {
+        Some(c) => format!("The last good checkpoint is kept at {}", c.display()),
+        None => "No checkpoint was written before it, so there is nothing to resume from: lower the learning rate \
+                 or check the data, then start again".to_string(),
+    })]
     NonFinite { step: usize, value: f32, checkpoint: Option<PathBuf> },
     #[error("--resume: {0}")]
     Resume(String),

@@ -26,9 +26,12 @@ pub(super) struct LocalFile {
     pub(super) sample: Vec<u8>,
 }
 
+/// Paths left out of an upload, each with the reason.
+pub(super) type Skipped = Vec<(String, &'static str)>;
+
 /// Lists and checks the folder: a model card, no temporary or truncated files, complete safetensors and JSON.
 /// Returns the files (sorted by path) and the paths left out.
-pub(super) fn scan_folder(folder: &Path) -> Result<(Vec<LocalFile>, Vec<(String, &'static str)>), PushError> {
+pub(super) fn scan_folder(folder: &Path) -> Result<(Vec<LocalFile>, Skipped), PushError> {
     let bad = |reason: String| PushError::Folder { folder: folder.to_path_buf(), reason };
     let meta = std::fs::metadata(folder).map_err(|e| bad(format!("cannot read the folder ({e})")))?;
     if !meta.is_dir() {

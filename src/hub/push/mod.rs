@@ -158,6 +158,8 @@ pub enum PushError {
     NoToken { token_file: PathBuf },
     #[error("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it to publish")]
     Offline,
+    #[error("{0}")]
+    BadEndpoint(String),
     #[error("--repo {0:?}: a Hub repo id looks like owner/name (letters, digits, '-', '_', '.')")]
     BadRepo(String),
     #[error("--revision {0:?} is not a valid branch name")]
@@ -192,6 +194,7 @@ impl PushError {
             | PushError::CardMetadata { .. }
             | PushError::NoToken { .. }
             | PushError::Offline
+            | PushError::BadEndpoint(_)
             | PushError::BadRepo(_)
             | PushError::BadRevision(_)
             | PushError::Refused { .. }
@@ -243,6 +246,9 @@ pub fn preflight(opts: &PushOptions) -> Result<String, PushError> {
     }
     if opts.hub.offline {
         return Err(PushError::Offline);
+    }
+    if let Some(problem) = opts.hub.endpoint.as_deref().and_then(hub::options::endpoint_problem) {
+        return Err(PushError::BadEndpoint(problem));
     }
     let token = opts.hub.token.as_deref().map(str::trim).filter(|t| !t.is_empty()).map(str::to_string);
     token.ok_or_else(|| PushError::NoToken { token_file: hf_hub::hf_home().join("token") })
