@@ -391,7 +391,7 @@ mod tests {
         let full = fake_checkpoint(out, 4, &CHECKPOINT_FILES);
         // A half-deleted old checkpoint: weights gone, state kept (an earlier version's deletion, cut short).
         let half = fake_checkpoint(out, 8, &[STATE_FILE, OPTIMIZER_FILE, peft_format::CONFIG_FILE]);
-        assert_eq!(checkpoints(out), [full.clone()]);
+        assert_eq!(checkpoints(out), std::slice::from_ref(&full));
         assert_eq!(latest_checkpoint(out), Some(full.clone()));
         // Leftovers of killed runs: a temporary checkpoint of a dead pid, an earlier version's pid-less one.
         let root = out.join(CHECKPOINTS);
