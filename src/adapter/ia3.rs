@@ -12,7 +12,7 @@ use super::target::{ExcludeModules, TargetModules};
 use candle_core::{Device, Result, Tensor, Var};
 
 /// Which targets scale their input: PEFT's `feedforward_modules`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub enum FeedforwardModules {
     /// Module names or paths; a module is feedforward when its path ends with one of them (PEFT's rule).
     List(Vec<String>),
@@ -31,7 +31,7 @@ impl FeedforwardModules {
 }
 
 /// The IA3 hyperparameters of an adapter (PEFT's `IA3Config`, the parts that change the math).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Ia3Config {
     pub target_modules: TargetModules,
     pub feedforward_modules: FeedforwardModules,

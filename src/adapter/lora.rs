@@ -11,7 +11,7 @@ use candle_core::{Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 /// How fresh LoRA weights are drawn.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub enum LoraInit {
     /// A kaiming-uniform, B zero (PEFT's `true`).
     Kaiming,
@@ -28,7 +28,7 @@ pub enum LoraInit {
 }
 
 /// The LoRA hyperparameters of an adapter (PEFT's `LoraConfig`, the parts peftkit implements).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LoraConfig {
     pub r: usize,
     pub lora_alpha: f64,

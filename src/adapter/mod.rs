@@ -59,7 +59,7 @@ pub enum AdapterError {
 }
 
 /// The adapter kinds peftkit trains and loads.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub enum AdapterConfig {
     Lora(LoraConfig),
     Ia3(Ia3Config),

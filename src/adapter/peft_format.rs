@@ -18,7 +18,7 @@ use super::{AdapterConfig, AdapterError};
 use crate::model::Llama;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Map, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -669,33 +669,12 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(),
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename ([`crate::fsutil`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
-    use std::io::Write;
-    let tmp = tmp_name(path);
-    let io = |source| AdapterError::Io { path: path.to_path_buf(), source };
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    // On disk before the rename, so a crash leaves either the old file or the whole new one.
-    f.sync_all().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io)?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")));
-    Ok(())
+    crate::fsutil::write_atomic(path, bytes).map_err(|source| AdapterError::Io { path: path.to_path_buf(), source })
 }
 
-/// Makes a rename inside `dir` durable (best effort: not every filesystem supports syncing a directory).
-pub fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
-/// `dir/.name.tmp-<pid>`: the temporary name used before a rename into place.
-pub fn tmp_name(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
+pub use crate::fsutil::{sync_dir, tmp_name};
 
 #[cfg(test)]
 mod tests {

@@ -28,7 +28,7 @@ const PREFIX: &str = "base_model.model.";
 const TOKENS_SUFFIX: &str = ".token_adapter.trainable_tokens_delta";
 
 /// The two vocabulary matrices an adapter can train.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum VocabModule {
     /// `model.embed_tokens` (vocab, hidden).
     Embed,
@@ -105,7 +105,7 @@ impl TokenIndices {
 }
 
 /// Which vocabulary matrices an adapter trains, and how.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
 pub struct VocabConfig {
     /// Full trainable copies (PEFT's `modules_to_save`).
     pub modules_to_save: Vec<VocabModule>,

@@ -3,7 +3,7 @@
 //! the adapter folded into the base, written as a Hugging Face model folder, or as one GGUF file for llama.cpp
 //! (see [`peftkit::merge`]).
 
-use super::{hub_options, user};
+use super::{command_line, hub_options, user};
 use anyhow::Result;
 use peftkit::merge::{
     merge, parse_size, GgufQuant, MergeError, MergeOptions, OutDtype, OutFormat, DEFAULT_MAX_SHARD_SIZE,
@@ -51,11 +51,18 @@ pub fn run(args: Args) -> Result<()> {
     {
         let flag = interrupt.clone();
         let _ = ctrlc::set_handler(move || {
+            use std::io::Write;
             if flag.swap(true, Ordering::SeqCst) {
-                eprintln!("\nsecond Ctrl-C: exiting at once (a .tmp folder may be left beside --out)");
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\nsecond interrupt: exiting at once (the next merge into --out removes the .tmp folder left beside it)"
+                );
                 std::process::exit(130);
             }
-            eprintln!("\nCtrl-C: stopping after this tensor and removing the partial output");
+            let _ = writeln!(
+                std::io::stderr(),
+                "\ninterrupted (Ctrl-C, SIGTERM or SIGHUP): stopping after this tensor and removing the partial output"
+            );
         });
     }
     if args.quant.is_some() && args.format != OutFormat::Gguf {
@@ -63,6 +70,12 @@ pub fn run(args: Args) -> Result<()> {
     }
     if let Some(problem) = args.out.parent().and_then(peftkit::util::output_dir_problem) {
         return Err(user(anyhow::anyhow!("--out {}: {problem}", args.out.display())));
+    }
+    // One merge per output: a second one stops here, naming the first's pid. Then what a killed merge left beside
+    // --out goes (its temporary output; an old output it was replacing is put back).
+    let lock = peftkit::outdir::OutputLock::sibling(&args.out, &command_line()).map_err(user)?;
+    for line in peftkit::outdir::clean_replaced_output(&args.out).map_err(user)? {
+        tracing::info!("{line}");
     }
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let opts = MergeOptions {
@@ -86,6 +99,7 @@ pub fn run(args: Args) -> Result<()> {
         Ok(r) => r,
         Err(MergeError::Interrupted) => {
             eprintln!("interrupted: nothing was written to {}", opts.out.display());
+            drop(lock);
             std::process::exit(130);
         }
         Err(e) if e.is_user_error() => return Err(user(e)),

@@ -34,6 +34,12 @@ pub fn user<E: Into<anyhow::Error>>(e: E) -> anyhow::Error {
     anyhow::Error::new(UserError(e.into()))
 }
 
+/// This process's command line, recorded in an output's lock (a second run names it).
+pub fn command_line() -> String {
+    let args: Vec<String> = std::env::args().collect();
+    shlex::try_join(args.iter().map(String::as_str)).unwrap_or_else(|_| args.join(" "))
+}
+
 /// Hub options from the environment, with progress bars when stderr is a terminal.
 pub fn hub_options() -> peftkit::hub::HubOptions {
     let mut o = peftkit::hub::HubOptions::from_env();

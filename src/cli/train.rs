@@ -1,12 +1,13 @@
 //! `peftkit train RECIPE.yaml [--set key=value]… [--resume]`
 
-use super::{hub_options, user};
+use super::{command_line, hub_options, user};
 use anyhow::{Context, Result};
 use peftkit::adapter::{self, peft_format, AdapterConfig};
 use peftkit::base::load_base_quant;
 use peftkit::card::{adapter_card, framework_versions, DataFacts, TrainingRecord, TRAINING_RECORD_FILE};
 use peftkit::data::{self, Dataset, EncodeOptions, Format};
 use peftkit::memory;
+use peftkit::outdir::{OutputLock, Staging};
 use peftkit::push::PushOptions;
 use peftkit::recipe::{DataFormat, Projection, Recipe};
 use peftkit::train::{self, TrainConfig, TrainOptions};
@@ -93,6 +94,14 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(problem) = peftkit::util::output_dir_problem(&out) {
         return Err(user(anyhow::anyhow!("{}: output.dir: {problem}", args.recipe.display())));
     }
+    // One run per output folder: a second one stops here, naming the first's pid. Held until this function
+    // returns (also on errors); an interrupted run releases it before exiting.
+    let lock = OutputLock::folder(&out, &command_line()).map_err(user)?;
+    // What killed runs left: their temporary files (a final save that was complete is finished instead), and
+    // unfinished or incomplete checkpoints.
+    for line in train::clean_output(&out).map_err(user)? {
+        tracing::info!("{}: {line}", out.display());
+    }
     if args.resume && train::latest_checkpoint(&out).is_none() {
         return Err(user(anyhow::anyhow!("--resume: no checkpoint in {}", out.join("checkpoints").display())));
     }
@@ -105,7 +114,8 @@ pub fn run(args: Args) -> Result<()> {
         )));
     }
     if args.overwrite {
-        for f in RUN_FILES {
+        // The adapter config last (RUN_FILES lists it first): a run killed here leaves no weights without it.
+        for f in RUN_FILES.iter().rev() {
             let _ = std::fs::remove_file(out.join(f));
         }
         let _ = std::fs::remove_dir_all(out.join("checkpoints"));
@@ -281,13 +291,20 @@ pub fn run(args: Args) -> Result<()> {
     }
     let interrupt = Arc::new(AtomicBool::new(false));
     {
+        // Ctrl-C, and SIGTERM / SIGHUP (what batch schedulers, containers and a closed terminal send): all stop
+        // the run after the current step with a checkpoint. (A closed terminal may refuse the messages: ignored.)
         let flag = interrupt.clone();
         let _ = ctrlc::set_handler(move || {
+            use std::io::Write;
             if flag.swap(true, Ordering::SeqCst) {
-                eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
+                let _ = writeln!(std::io::stderr(), "\nsecond interrupt: exiting without a checkpoint");
                 std::process::exit(130);
             }
-            eprintln!("\nCtrl-C: finishing this step and writing a checkpoint (press again to quit at once)");
+            let _ = writeln!(
+                std::io::stderr(),
+                "\ninterrupted (Ctrl-C, SIGTERM or SIGHUP): finishing this step and writing a checkpoint (interrupt \
+                 again to quit at once)"
+            );
         });
     }
     let options = TrainOptions {
@@ -324,13 +341,17 @@ pub fn run(args: Args) -> Result<()> {
         other => anyhow::Error::new(other),
     })?;
     if let Some(ckpt) = &summary.interrupted_at {
-        eprintln!(
-            "stopped after step {} of {}; checkpoint: {}\nresume with: peftkit train {} --resume",
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "stopped after step {} of {}; checkpoint: {}\nresume with: {}",
             summary.steps,
             summary.total_steps,
             ckpt.display(),
-            args.recipe.display()
+            resume_command(&args)
         );
+        // process::exit runs no destructors: the lock goes first.
+        drop(lock);
         std::process::exit(130);
     }
 
@@ -339,18 +360,22 @@ pub fn run(args: Args) -> Result<()> {
         peftkit::hub::ModelSource::Hub { revision, .. } => Some(revision.as_str()),
         _ => None,
     };
-    peft_format::save_adapter(&base.model, &adapter_cfg, &base.name, revision, &out)?;
+    // Everything is written into a hidden folder first and moved into place once complete, the adapter config
+    // last: a run killed while saving leaves no adapter without its config (see peftkit::outdir::Staging).
+    let staging = Staging::create(&out, "save").map_err(user)?;
+    let dir = staging.path();
+    peft_format::save_adapter(&base.model, &adapter_cfg, &base.name, revision, dir)?;
     if !new_tokens.is_empty() {
         // The tokenizer with its new tokens, beside the adapter (PEFT users load it from there).
         let files = base.files.as_ref();
         let tok_cfg = files.and_then(|f| f.tokenizer_config.as_deref());
-        peftkit::tokens::save(&base.tokenizer, &new_tokens, tok_cfg, &out)?;
+        peftkit::tokens::save(&base.tokenizer, &new_tokens, tok_cfg, dir)?;
         if let Some(t) = files.and_then(|f| f.chat_template.as_deref()) {
-            std::fs::copy(t, out.join("chat_template.jinja")).with_context(|| format!("copying {}", t.display()))?;
+            std::fs::copy(t, dir.join("chat_template.jinja")).with_context(|| format!("copying {}", t.display()))?;
         }
     }
     let recipe_yaml = recipe.to_yaml();
-    peft_format::write_atomic(&out.join("peftkit_recipe.yaml"), recipe_yaml.as_bytes())?;
+    peft_format::write_atomic(&dir.join("peftkit_recipe.yaml"), recipe_yaml.as_bytes())?;
     let license = peftkit::base::license_of(&base, &hub_options());
     let record = TrainingRecord {
         base_model: base.name.clone(),
@@ -401,9 +426,10 @@ pub fn run(args: Args) -> Result<()> {
         }),
     };
     let record_json = serde_json::to_string_pretty(&record)?;
-    peft_format::write_atomic(&out.join(TRAINING_RECORD_FILE), record_json.as_bytes())?;
+    peft_format::write_atomic(&dir.join(TRAINING_RECORD_FILE), record_json.as_bytes())?;
     let card = adapter_card(&record, &recipe_yaml);
-    peft_format::write_atomic(&out.join("README.md"), card.as_bytes()).context("writing the model card")?;
+    peft_format::write_atomic(&dir.join("README.md"), card.as_bytes()).context("writing the model card")?;
+    staging.commit(&[peft_format::CONFIG_FILE]).map_err(user)?;
 
     let eval_line = |name: &str, r: &Option<train::EvalResult>| {
         if let Some(r) = r {
@@ -475,4 +501,43 @@ fn check_memory(
         if recipe.data.packing { "data.sequence_len" } else { "the longest example" }
     );
     memory::check(&estimate, memory::available(), &what).map_err(|m| user(anyhow::anyhow!("{}: {m}", path.display())))
+}
+
+/// The command that continues an interrupted run: the same recipe, `--set` overrides and compute flags, with
+/// `--resume`, each argument quoted for a POSIX shell.
+fn resume_command(args: &Args) -> String {
+    let mut words: Vec<String> = vec!["peftkit".into(), "train".into(), args.recipe.display().to_string()];
+    for s in &args.set {
+        words.push("--set".into());
+        words.push(s.clone());
+    }
+    if let Some(d) = &args.compute.device {
+        words.extend(["--device".to_string(), d.to_string()]);
+    }
+    if let Some(d) = &args.compute.dtype {
+        words.extend(["--dtype".to_string(), d.to_string()]);
+    }
+    words.push("--resume".into());
+    shlex::try_join(words.iter().map(String::as_str)).unwrap_or_else(|_| words.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_command_repeats_the_overrides_shell_quoted() {
+        let args = Args {
+            recipe: "my recipes/run.yaml".into(),
+            set: vec!["training.learning_rate=1e-4".into(), "output.dir=out dir/it's".into()],
+            resume: false,
+            overwrite: true,
+            compute: Default::default(),
+        };
+        assert_eq!(
+            resume_command(&args),
+            "peftkit train 'my recipes/run.yaml' --set 'training.learning_rate=1e-4' --set \"output.dir=out dir/it's\" \
+             --resume"
+        );
+    }
 }

@@ -27,7 +27,6 @@ use std::str::FromStr;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 pub use batch::{epoch_order, make_batch, pad_token_id, Batch};
@@ -137,7 +136,7 @@ pub fn load_dataset(
     opts: &EncodeOptions,
 ) -> Result<Dataset, DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-    let sha256 = hex(&Sha256::digest(&bytes));
+    let sha256 = crate::fsutil::sha256_hex(&bytes);
     let text = std::str::from_utf8(&bytes)
         .map_err(|err| DataError::Utf8 { path: path.to_path_buf(), line: line_of_offset(&bytes, err.valid_up_to()) })?;
 
@@ -227,10 +226,6 @@ fn check_vocab(record: &Record, vocab: usize) -> Result<(), (String, String)> {
 }
 
 /// Lowercase hex of `bytes`.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,7 +266,7 @@ mod tests {
         assert_eq!((stats.records, stats.examples, stats.truncated, stats.dropped), (2, 2, 0, 0));
         assert_eq!(stats.tokens, dataset.examples.iter().map(Example::len).sum::<usize>());
         assert_eq!(stats.supervised_tokens, dataset.examples.iter().map(Example::supervised).sum::<usize>());
-        assert_eq!(stats.sha256, hex(&Sha256::digest(CHAT.as_bytes())));
+        assert_eq!(stats.sha256, crate::fsutil::sha256_hex(CHAT.as_bytes()));
         assert_eq!(stats.sha256.len(), 64);
         let supervised: Vec<u32> = dataset.examples[1]
             .input_ids

@@ -84,7 +84,7 @@ impl OnlineFetcher {
         if !is_sha256 || blobs_before.contains(&expected) {
             return Ok(());
         }
-        let actual = sha256_file(&blob).map_err(|source| HubError::Io { path: blob.clone(), source })?;
+        let actual = crate::fsutil::sha256_file(&blob).map_err(|source| HubError::Io { path: blob.clone(), source })?;
         if actual == expected {
             return Ok(());
         }
@@ -196,23 +196,6 @@ fn blob_names(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)
         .map(|entries| entries.flatten().filter_map(|e| e.file_name().to_str().map(str::to_ascii_lowercase)).collect())
         .unwrap_or_default()
-}
-
-/// Lower-case hex sha256 of a file, streamed.
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// An indicatif bar for one file download, fed by hf-hub's progress events.

@@ -18,18 +18,20 @@
 //! forwards keep only each decoder layer's input and recompute the layer during the backward pass
 //! ([`crate::model::checkpoint`]); the gradients, and so the run, are the same.
 
+pub mod checkpoint;
 pub mod optim;
 pub mod schedule;
 pub mod step;
 
-use crate::adapter::vocab::VocabConfig;
 use crate::adapter::{self, peft_format, AdapterConfig, AdapterError};
 use crate::data::{epoch_order, group_by_length, make_batch, make_packed_batch, pack, Example};
 use crate::linear::ForwardCtx;
 use crate::model::Llama;
 use crate::ops::{self, Segments};
 use crate::recipe::LrScheduler;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
+pub use checkpoint::{checkpoints, clean_output, latest_checkpoint, resume_initial, Progress, TrainerState};
+use checkpoint::{fingerprint, load_checkpoint, save_checkpoint, CHECKPOINTS};
 use optim::AdamW;
 use serde_json::json;
 use std::io::Write;
@@ -277,160 +279,7 @@ pub fn evaluate(
     Ok(EvalResult { loss, perplexity: loss.exp(), tokens: count })
 }
 
-const CHECKPOINTS: &str = "checkpoints";
-const STATE_FILE: &str = "trainer_state.json";
-const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-/// PiSSA/OLoRA's starting A₀, B₀ in a checkpoint (see [`resume_initial`]).
-const INITIAL_FILE: &str = "initial_adapter.safetensors";
 pub const METRICS_FILE: &str = "metrics.jsonl";
-
-/// The checkpoint folders under `out/checkpoints/` that are complete, newest first.
-pub fn checkpoints(out: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(out.join(CHECKPOINTS)) else { return vec![] };
-    let mut found: Vec<(usize, PathBuf)> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let step = name.strip_prefix("step-")?.parse().ok()?;
-            e.path().join(STATE_FILE).is_file().then_some((step, e.path()))
-        })
-        .collect();
-    found.sort();
-    found.into_iter().rev().map(|(_, p)| p).collect()
-}
-
-/// PiSSA/OLoRA's starting A₀, B₀ as the newest checkpoint under `out` stores them (every checkpoint of a run holds
-/// the same), for [`adapter::attach_with_initial`] when resuming; `None` when there is no such file.
-pub fn resume_initial(out: &Path) -> Result<Option<std::collections::HashMap<String, Tensor>>, TrainError> {
-    let Some(path) = checkpoints(out).into_iter().map(|c| c.join(INITIAL_FILE)).find(|p| p.exists()) else {
-        return Ok(None);
-    };
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .map(Some)
-        .map_err(|e| TrainError::Resume(format!("{}: {e}", path.display())))
-}
-
-/// The newest complete checkpoint folder under `out/checkpoints/`, if any.
-pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
-    checkpoints(out).into_iter().next()
-}
-
-/// A short fingerprint of everything that determines the adapter bytes, stored in checkpoints so that `--resume`
-/// refuses to continue a run with different settings or data.
-fn fingerprint(cfg: &TrainConfig, adapter: &AdapterConfig, vocab: &VocabConfig, train: &[Example]) -> String {
-    use sha2::{Digest, Sha256};
-    // How often to evaluate, save or log does not change the adapter: leave it out.
-    let semantic = TrainConfig { eval_every: None, save_every: None, logging_every: 1, ..cfg.clone() };
-    let mut described = format!("{semantic:?}");
-    // Row layout settings enter only when set, so that checkpoints written before they existed still resume.
-    if cfg.packing.is_none() && !cfg.group_by_length {
-        described = described.replace(", packing: None, group_by_length: false", "");
-    }
-    // So do the starting adapter and LoRA+.
-    described = described.replace(", init_from: None", "").replace(", loraplus: None", "");
-    let mut h = Sha256::new();
-    h.update(format!("{described}|{adapter:?}").as_bytes());
-    // Trained embedding / head rows (only when there are some, so earlier runs' checkpoints still resume).
-    if !vocab.is_empty() {
-        h.update(format!("|{vocab:?}").as_bytes());
-    }
-    for ex in train {
-        h.update((ex.input_ids.len() as u64).to_le_bytes());
-        for &id in &ex.input_ids {
-            h.update(id.to_le_bytes());
-        }
-        for &l in &ex.labels {
-            h.update(l.to_le_bytes());
-        }
-    }
-    format!("{:x}", h.finalize())[..16].to_string()
-}
-
-/// Writes a checkpoint for the state after `step` steps: `<out>/checkpoints/step-NNNNNN/`.
-fn save_checkpoint(
-    model: &Llama,
-    adapter: &AdapterConfig,
-    opt: &AdamW,
-    names: &[String],
-    step: usize,
-    fp: &str,
-    progress: &serde_json::Value,
-    base: &str,
-    out: &Path,
-    keep: usize,
-) -> Result<PathBuf, TrainError> {
-    let root = out.join(CHECKPOINTS);
-    let final_dir = root.join(format!("step-{step:06}"));
-    let tmp = root.join(format!(".step-{step:06}.tmp"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    // As trained (for the residual base of PiSSA/OLoRA), with their starting A₀, B₀ beside it for --resume.
-    peft_format::save_adapter_residual(model, adapter, base, None, &tmp)?;
-    let initial = adapter::initial_tensors(model);
-    if !initial.is_empty() {
-        peft_format::save_safetensors(&tmp.join(INITIAL_FILE), &initial)?;
-    }
-    let mut moments = Vec::with_capacity(names.len() * 2);
-    for (i, n) in names.iter().enumerate() {
-        moments.push((format!("m.{n}"), opt.m[i].clone()));
-        moments.push((format!("v.{n}"), opt.v[i].clone()));
-    }
-    peft_format::save_safetensors(&tmp.join(OPTIMIZER_FILE), &moments)?;
-    let state = json!({"step": step, "optimizer_t": opt.t, "fingerprint": fp, "progress": progress,
-        "peftkit_version": env!("CARGO_PKG_VERSION")});
-    peft_format::write_atomic(&tmp.join(STATE_FILE), state.to_string().as_bytes())?;
-    peft_format::sync_dir(&tmp);
-    let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
-    peft_format::sync_dir(&root);
-    // Older checkpoints go only once the new one is on disk.
-    if keep > 0 {
-        for old in checkpoints(out).into_iter().skip(keep) {
-            let _ = std::fs::remove_dir_all(old);
-        }
-    }
-    Ok(final_dir)
-}
-
-/// Restores adapter weights and optimizer moments from a checkpoint; returns the step it was taken after and the
-/// run's progress facts saved with it.
-fn load_checkpoint(
-    dir: &Path,
-    opt: &mut AdamW,
-    names: &[String],
-    fp: &str,
-) -> Result<(usize, serde_json::Value), TrainError> {
-    let state_path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
-    let state: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| TrainError::Resume(format!("{}: {e}", state_path.display())))?;
-    if state["fingerprint"].as_str() != Some(fp) {
-        return Err(TrainError::Resume(format!(
-            "{} was written by a run with other training settings, adapter settings or data (everything but \
-             eval_every, save_every and logging_every must match); restore them, or start afresh with --overwrite",
-            dir.display()
-        )));
-    }
-    let step =
-        state["step"].as_u64().ok_or_else(|| TrainError::Resume(format!("{}: no step", state_path.display())))?;
-    let read = |f: &str| {
-        let p = dir.join(f);
-        candle_core::safetensors::load(&p, &Device::Cpu)
-            .map_err(|e| TrainError::Resume(format!("{}: {e}", p.display())))
-    };
-    let weights = read(peft_format::WEIGHTS_FILE)?;
-    let moments = read(OPTIMIZER_FILE)?;
-    for (i, n) in names.iter().enumerate() {
-        let missing = |k: &str| TrainError::Resume(format!("{}: tensor {k} is missing", dir.display()));
-        let w = weights.get(n).ok_or_else(|| missing(n))?;
-        let dev = opt.vars[i].device().clone();
-        opt.vars[i].set(&w.to_device(&dev)?)?;
-        opt.m[i] = moments.get(&format!("m.{n}")).ok_or_else(|| missing(n))?.to_device(&dev)?;
-        opt.v[i] = moments.get(&format!("v.{n}")).ok_or_else(|| missing(n))?.to_device(&dev)?;
-    }
-    opt.t = state["optimizer_t"].as_u64().unwrap_or(step) as usize;
-    Ok((step as usize, state["progress"].clone()))
-}
 
 /// Keeps the lines of `metrics.jsonl` up to `step` (used on resume, so the file reads as one run).
 fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
@@ -486,7 +335,7 @@ pub fn train(
     let metrics_path = out.join(METRICS_FILE);
     let mut start_step = 0;
     let mut last_checkpoint = None;
-    let mut resumed_progress = serde_json::Value::Null;
+    let mut resumed_progress = Progress::default();
     if opts.resume {
         let all = checkpoints(out);
         if all.is_empty() {
@@ -496,9 +345,9 @@ pub fn train(
         let mut last_err = None;
         for ckpt in all {
             match load_checkpoint(&ckpt, &mut opt, &names, &fp) {
-                Ok((step, progress)) => {
-                    start_step = step;
-                    resumed_progress = progress;
+                Ok(state) => {
+                    start_step = state.step;
+                    resumed_progress = state.progress;
                     tracing::info!("resuming from {} (step {start_step} of {total_steps})", ckpt.display());
                     last_checkpoint = Some(ckpt);
                     break;
@@ -524,26 +373,19 @@ pub fn train(
         |v: serde_json::Value| -> Result<(), TrainError> { writeln!(metrics, "{v}").map_err(io_err(&metrics_path)) };
 
     let eval_batch = cfg.micro_batch_size;
-    let eval_from_json = |v: &serde_json::Value| -> Option<EvalResult> {
-        Some(EvalResult {
-            loss: v["loss"].as_f64()?,
-            perplexity: v["perplexity"].as_f64()?,
-            tokens: v["tokens"].as_u64()? as usize,
-        })
-    };
     let initial_eval = match valid_set {
         Some(v) if start_step == 0 && !v.is_empty() => {
             let r = evaluate(model, v, eval_batch, cfg.pad_id)?;
             log(json!({"step": 0, "eval_loss": r.loss, "eval_perplexity": r.perplexity, "eval_tokens": r.tokens}))?;
             Some(r)
         }
-        _ => eval_from_json(&resumed_progress["initial_eval"]),
+        _ => resumed_progress.initial_eval,
     };
     // Totals carried over from before a resume, so the card describes the whole run.
-    let prior_tokens = resumed_progress["tokens"].as_u64().unwrap_or(0) as usize;
-    let prior_positions = resumed_progress["positions"].as_u64().map_or(prior_tokens, |p| p as usize);
-    let prior_wall = resumed_progress["wall_s"].as_f64().unwrap_or(0.0);
-    let prior_step_s = resumed_progress["step_s"].as_f64().unwrap_or(0.0);
+    let prior_tokens = resumed_progress.tokens;
+    let prior_positions = resumed_progress.positions.unwrap_or(prior_tokens);
+    let prior_wall = resumed_progress.wall_s;
+    let prior_step_s = resumed_progress.step_s;
 
     let bar = if opts.progress {
         let pb = indicatif::ProgressBar::new(total_steps as u64);
@@ -636,25 +478,21 @@ pub fn train(
         let stop = (opts.interrupt.load(Ordering::SeqCst) || opts.stop_after_step == Some(step)) && step < total_steps;
         let scheduled = cfg.save_every.is_some_and(|e| step % e == 0) && step < total_steps;
         if stop || scheduled {
-            let progress = json!({
-                "tokens": prior_tokens + tokens_total,
-                "positions": prior_positions + positions_total,
-                "step_s": prior_step_s + step_s_total,
-                "wall_s": prior_wall + started.elapsed().as_secs_f64(),
-                "initial_eval": initial_eval.map(|r| json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens})),
-            });
-            let dir = save_checkpoint(
-                model,
-                adapter,
-                &opt,
-                &names,
+            let state = TrainerState {
                 step,
-                &fp,
-                &progress,
-                base_model,
-                out,
-                opts.keep_checkpoints,
-            )?;
+                optimizer_t: opt.t,
+                fingerprint: fp.clone(),
+                fingerprint_version: checkpoint::FINGERPRINT_VERSION,
+                progress: Progress {
+                    tokens: prior_tokens + tokens_total,
+                    positions: Some(prior_positions + positions_total),
+                    step_s: prior_step_s + step_s_total,
+                    wall_s: prior_wall + started.elapsed().as_secs_f64(),
+                    initial_eval,
+                },
+                peftkit_version: env!("CARGO_PKG_VERSION").to_string(),
+            };
+            let dir = save_checkpoint(model, adapter, &opt, &names, &state, base_model, out, opts.keep_checkpoints)?;
             last_checkpoint = Some(dir.clone());
             if stop {
                 interrupted_at = Some(dir);
@@ -690,6 +528,7 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adapter::vocab::VocabConfig;
 
     #[test]
     fn loraplus_groups_as_peft() {
@@ -734,13 +573,6 @@ mod tests {
         };
         let adapter = AdapterConfig::Ia3(Default::default());
         let data = [Example { input_ids: vec![1, 2], labels: vec![1, 2] }];
-        // The description hashed for a run without packing is the one written before packing existed.
-        let described = format!("{cfg:?}");
-        assert!(
-            described
-                .ends_with(", pad_id: 0, packing: None, group_by_length: false, init_from: None, loraplus: None }"),
-            "{described}"
-        );
         let plain = fingerprint(&cfg, &adapter, &VocabConfig::default(), &data);
         let packed =
             fingerprint(&TrainConfig { packing: Some(64), ..cfg.clone() }, &adapter, &VocabConfig::default(), &data);

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests (each test file includes this module with `mod common;`).
 #![allow(dead_code)]
 
+pub mod fakehub;
 pub mod loopback;
 
 use candle_core::quantized::gguf_file::{self, Value};

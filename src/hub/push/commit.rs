@@ -8,7 +8,6 @@ use std::path::Path;
 use base64::Engine;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::api::{upload_timeout, Api, Retry, API_TIMEOUT};
 use super::folder::LocalFile;
@@ -110,7 +109,7 @@ pub(super) fn commit(
             );
         } else {
             let bytes = std::fs::read(&f.path).map_err(|source| PushError::Io { path: f.path.clone(), source })?;
-            if format!("{:x}", Sha256::digest(&bytes)) != f.sha256 {
+            if crate::fsutil::sha256_hex(&bytes) != f.sha256 {
                 return Err(PushError::Changed { path: f.path.clone() });
             }
             line(json!({"key": "file", "value": {"path": f.rel, "encoding": "base64", "content": b64.encode(&bytes)}}));

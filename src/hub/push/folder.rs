@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use super::{PushError, MODEL_CARD, SKIPPED_DIRS};
 
@@ -134,6 +133,25 @@ fn walk(
                 walk(root, &path, found, skipped)?;
             }
         } else if meta.is_file() {
+            if dir == root && name == crate::outdir::LOCK_FILE {
+                // peftkit's lock: a live owner is still writing the folder; a dead one's (or our own) is no content.
+                if let Some(pid) = crate::outdir::lock_owner(&path) {
+                    return Err(PushError::HalfWritten {
+                        path,
+                        reason: format!("peftkit (pid {pid}) is still writing this folder; wait for it to finish"),
+                    });
+                }
+                continue;
+            }
+            if let Some(pid) = crate::fsutil::tmp_pid(&name).filter(|&p| !crate::fsutil::pid_alive(p)) {
+                return Err(PushError::HalfWritten {
+                    path,
+                    reason: format!(
+                        "a temporary file of peftkit (pid {pid}, which stopped before it finished); the next \
+                         peftkit command on this folder (e.g. `peftkit train --resume`) removes it, or delete it"
+                    ),
+                });
+            }
             if is_temporary_name(&name) {
                 return Err(PushError::HalfWritten {
                     path,
@@ -222,23 +240,8 @@ fn safetensors_length(path: &Path) -> Result<u64, String> {
 }
 
 fn hash_file(path: &Path) -> Result<(String, Vec<u8>), PushError> {
-    let io = |source| PushError::Io { path: path.to_path_buf(), source };
-    let mut f = std::fs::File::open(path).map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut sample = Vec::with_capacity(SAMPLE_LEN);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        if sample.len() < SAMPLE_LEN {
-            let take = (SAMPLE_LEN - sample.len()).min(n);
-            sample.extend_from_slice(&buf[..take]);
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok((format!("{:x}", hasher.finalize()), sample))
+    crate::fsutil::sha256_file_sample(path, SAMPLE_LEN)
+        .map_err(|source| PushError::Io { path: path.to_path_buf(), source })
 }
 
 /// Files must be as they were when hashed: same size and modification time.
