@@ -466,6 +466,27 @@ fn several_adapters_refuse_bad_names_and_mixes() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o.stderr));
         assert!(text(&o.stderr).contains(needle), "{args:?}: {}", text(&o.stderr));
     }
+    // An adapter for another model: its tensor named; a missing folder named.
+    let bad = std::env::temp_dir().join(format!("peftkit-gen-badshape-{}", std::process::id()));
+    std::fs::create_dir_all(&bad).unwrap();
+    let b = fixture("tiny-llama-weighted-peft/b");
+    std::fs::copy(b.join("adapter_config.json"), bad.join("adapter_config.json")).unwrap();
+    let key = "base_model.model.model.layers.0.self_attn.q_proj";
+    let t = |r, c| Tensor::zeros((r, c), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let tensors = vec![(format!("{key}.lora_A.weight"), t(4, 32)), (format!("{key}.lora_B.weight"), t(64, 4))];
+    peft_format::save_safetensors(&bad.join("adapter_model.safetensors"), &tensors).unwrap();
+    for (second, needle) in [
+        (format!("y={}", bad.display()), format!("{key}: lora_A [4, 32]")),
+        ("y=/nonexistent/adapter".to_string(), "/nonexistent/adapter/adapter_config.json".to_string()),
+    ] {
+        let o = bin()
+            .args(["generate", "--base", dir.to_str().unwrap(), "--prompt", "hi", "--adapter", &format!("x={a}")])
+            .args(["--adapter", &second])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+        assert!(text(&o.stderr).contains(&needle), "{needle}: {}", text(&o.stderr));
+    }
     let o = bin()
         .args(["generate", "--base", dir.to_str().unwrap(), "--prompt", "hi", "--adapter", &format!("x={a}")])
         .args(["--active", "y"])

@@ -76,8 +76,10 @@ pub struct Args {
 pub fn run(mut args: Args) -> Result<()> {
     let to_adapter = args.to.as_deref() == Some("adapter");
     let several = args.adapter.len() > 1 || !args.weights.is_empty() || args.combination.is_some() || to_adapter;
+    if !to_adapter && args.base.is_none() {
+        return Err(user(anyhow::anyhow!("--base is needed to merge into a model (or write --to adapter)")));
+    }
     // The combination first: a combined adapter is written (to --out, or to a folder beside it that is merged).
-    let mut combined_dir = None;
     if several {
         let dir = if to_adapter {
             args.out.clone()
@@ -85,16 +87,17 @@ pub fn run(mut args: Args) -> Result<()> {
             let name = args.out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
             args.out.with_file_name(format!(".{name}.combined-{}", std::process::id()))
         };
-        combine_adapters(&args, &dir, to_adapter)?;
         if to_adapter {
+            combine_adapters(&args, &dir, true)?;
             return Ok(());
         }
-        args.adapter = vec![dir.display().to_string()];
-        combined_dir = Some(TempFolder(dir));
+        // Removed when done, whatever happens (but for a second Ctrl-C, which exits at once).
+        let combined = TempFolder(dir);
+        let label = combine_adapters(&args, &combined.0, false)?;
+        args.adapter = vec![combined.0.display().to_string()];
+        return merge_one(args, Some(label));
     }
-    let result = merge_one(args);
-    drop(combined_dir);
-    result
+    merge_one(args, None)
 }
 
 /// Removes a folder when dropped.
@@ -107,8 +110,8 @@ impl Drop for TempFolder {
 }
 
 /// Writes the weighted combination of `args.adapter` to `dir` (the --out of `--to adapter`, which is then checked
-/// as merge checks its output folder).
-fn combine_adapters(args: &Args, dir: &std::path::Path, to_adapter: bool) -> Result<()> {
+/// as merge checks its output folder). Returns the combination in words, e.g. `0.7·a + 0.3·b (svd, r=4)`.
+fn combine_adapters(args: &Args, dir: &std::path::Path, to_adapter: bool) -> Result<String> {
     let bad = |msg: String| Err(user(anyhow::anyhow!(msg)));
     if to_adapter && args.format != OutFormat::Safetensors {
         return bad("--format applies to --to model (an adapter is written as a PEFT folder)".into());
@@ -149,14 +152,15 @@ fn combine_adapters(args: &Args, dir: &std::path::Path, to_adapter: bool) -> Res
     } else {
         eprintln!("combined {names} ({what}, r={}, {} projections); merging it", c.rank, c.modules);
     }
-    Ok(())
+    Ok(format!("{names} ({what}, r={})", c.rank))
 }
 
 fn same_path(a: &std::path::Path, b: &std::path::Path) -> bool {
     a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
 }
 
-fn merge_one(args: Args) -> Result<()> {
+/// The existing merge of one adapter folder; `label` names a combined adapter in the summary line.
+fn merge_one(args: Args, label: Option<String>) -> Result<()> {
     let interrupt = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupt.clone();
@@ -196,6 +200,7 @@ fn merge_one(args: Args) -> Result<()> {
         progress,
         interrupt: Some(interrupt),
     };
+    let adapter_label = label.unwrap_or_else(|| opts.adapter.display().to_string());
     let started = std::time::Instant::now();
     let report = match merge(&opts) {
         Ok(r) => r,
@@ -212,7 +217,7 @@ fn merge_one(args: Args) -> Result<()> {
             "merged {} projections of {} ({}) into {}: {} (GGUF, {} tensors, {:.1} MB, {types}) in {:.1} s; peak RSS \
              {rss}",
             report.merged_modules,
-            opts.adapter.display(),
+            adapter_label,
             peftkit::card::method_title(&report.method),
             opts.base,
             report.out.display(),
@@ -225,7 +230,7 @@ fn merge_one(args: Args) -> Result<()> {
     println!(
         "merged {} projections of {} ({}) into {}: {} ({} tensors, {} file{}, {:.1} MB, {}) in {:.1} s; peak RSS {rss}",
         report.merged_modules,
-        opts.adapter.display(),
+        adapter_label,
         peftkit::card::method_title(&report.method),
         opts.base,
         report.out.display(),
