@@ -237,4 +237,22 @@ fn merge_command_refuses_bad_combinations() {
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!out.join("x").exists(), "{args:?}");
     }
+    // An existing --out is replaced only with --overwrite, and never when it is an input adapter.
+    let both = ["--adapter".to_string(), spec("a"), "--adapter".to_string(), spec("b")];
+    let run = |extra: &[&str], to: &Path| {
+        let o = bin().arg("merge").args(&both).args(["--to", "adapter"]).args(extra).arg("--out").arg(to).output();
+        let o = o.unwrap();
+        (o.status.code(), text(&o.stderr))
+    };
+    std::fs::create_dir_all(out.join("full")).unwrap();
+    std::fs::write(out.join("full/keep"), "x").unwrap();
+    let (code, err) = run(&[], &out.join("full"));
+    assert!(code == Some(2) && err.contains("not empty"), "{err}");
+    let (code, err) = run(&["--overwrite"], &out.join("full"));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.join("full/adapter_model.safetensors").is_file() && !out.join("full/keep").exists());
+    let (code, err) = run(&["--overwrite"], &input("b"));
+    assert!(code == Some(2) && err.contains("is the folder of --adapter b"), "{err}");
+    let (code, err) = run(&["--dtype", "f32"], &out.join("y"));
+    assert!(code == Some(2) && err.contains("--dtype"), "{err}");
 }

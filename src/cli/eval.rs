@@ -316,6 +316,12 @@ mod tests {
     }
 
     #[test]
+    fn answers_of_several_adapters_go_to_one_file_each() {
+        assert_eq!(with_suffix(Path::new("out/answers.jsonl"), "a"), PathBuf::from("out/answers.a.jsonl"));
+        assert_eq!(with_suffix(Path::new("answers"), "b.1"), PathBuf::from("answers.b.1"));
+    }
+
+    #[test]
     fn questions_files_are_checked_line_by_line() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("q.jsonl");

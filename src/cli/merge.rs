@@ -113,8 +113,17 @@ impl Drop for TempFolder {
 /// as merge checks its output folder). Returns the combination in words, e.g. `0.7·a + 0.3·b (svd, r=4)`.
 fn combine_adapters(args: &Args, dir: &std::path::Path, to_adapter: bool) -> Result<String> {
     let bad = |msg: String| Err(user(anyhow::anyhow!(msg)));
-    if to_adapter && args.format != OutFormat::Safetensors {
-        return bad("--format applies to --to model (an adapter is written as a PEFT folder)".into());
+    if to_adapter
+        && (args.format != OutFormat::Safetensors
+            || args.quant.is_some()
+            || args.dtype.is_some()
+            || args.from_quantized)
+    {
+        return bad(
+            "--format, --quant, --dtype and --from-quantized apply to --to model (an adapter is written as a PEFT \
+             folder of f32 tensors)"
+                .into(),
+        );
     }
     let specs = args.adapter.iter().map(|s| peftkit::adapter::multi::parse_spec(s)).collect::<Result<Vec<_>, _>>();
     let specs = specs.map_err(|e| user(anyhow::anyhow!("--adapter: {e}")))?;
@@ -141,10 +150,18 @@ fn combine_adapters(args: &Args, dir: &std::path::Path, to_adapter: bool) -> Res
     if args.svd_rank.is_some() && c.combination != Combination::Svd {
         return bad("--svd-rank applies to --combination svd".into());
     }
-    if to_adapter && dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| anyhow::anyhow!("removing {}: {e}", dir.display()))?;
+    if to_adapter {
+        // Written beside --out, then renamed into place: an interrupted run leaves no half adapter.
+        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let tmp = TempFolder(dir.with_file_name(format!(".{name}.tmp-{}", std::process::id())));
+        combine::save(&c, &tmp.0)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| anyhow::anyhow!("removing {}: {e}", dir.display()))?;
+        }
+        std::fs::rename(&tmp.0, dir).map_err(|e| anyhow::anyhow!("renaming into {}: {e}", dir.display()))?;
+    } else {
+        combine::save(&c, dir)?;
     }
-    combine::save(&c, dir)?;
     let names = specs.iter().zip(&weights).map(|((n, _), w)| format!("{w}·{n}")).collect::<Vec<_>>().join(" + ");
     let what = format!("{:?}", c.combination).to_lowercase();
     if to_adapter {
