@@ -54,8 +54,10 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// The PEFT cases: (folder, inputs, weights, combination, svd rank).
-fn cases() -> Vec<(&'static str, Vec<&'static str>, Vec<f64>, Combination, Option<usize>)> {
+/// One PEFT case: (folder, inputs, weights, combination, svd rank).
+type Case = (&'static str, Vec<&'static str>, Vec<f64>, Combination, Option<usize>);
+
+fn cases() -> Vec<Case> {
     vec![
         ("linear", vec!["a", "b"], vec![0.7, 0.3], Combination::Linear, None),
         ("linear-neg", vec!["a", "b"], vec![1.0, -0.5], Combination::Linear, None),

@@ -8,8 +8,9 @@
 //!   adapters' ranks (rows and columns beyond a projection's own adapters are zero).
 //! - `svd`: Δ = Σ wᵢsᵢ·BᵢAᵢ truncated to rank R (`svd_rank`, else the largest rank): B = U_R·diag(σ_R),
 //!   A = V_Rᵀ (see [`super::lowrank_svd`]; PEFT's `svd_clamp` is not offered).
-//! A projection only some adapters adapt combines those. The new config is the first adapter's with r = lora_alpha
-//! = the new rank (so s = 1 without rsLoRA), empty rank/alpha patterns, and target_modules the union of the
+//!
+//! A projection only some adapters adapt combines those. The new config is the first adapter's with r = lora_alpha,
+//! the new rank (so s = 1 without rsLoRA), empty rank/alpha patterns, and target_modules the union of the
 //! adapters' (a list of names; regex strings are joined as `(a)|(b)`), as PEFT writes it.
 //! Only plain LoRA adapters combine: DoRA, IA3, modules_to_save and trainable tokens are refused.
 
