@@ -377,3 +377,148 @@ fn smollm2_greedy_answer_matches_transformers() {
     assert_eq!(cli("none"), format!("{answer}\n"));
     assert!(!cli("auto").trim().is_empty());
 }
+
+/// `--adapter NAME=DIR` repeated: each adapter, made active, generates what it generates loaded alone.
+#[test]
+fn several_adapters_generate_as_each_alone() {
+    let dir = fixture("tiny-llama");
+    let (a, b) = (dir.join("peft-lora"), fixture("tiny-llama-weighted-peft/b"));
+    let gen = |extra: &[String]| {
+        let o = bin()
+            .args(["generate", "--base", dir.to_str().unwrap(), "--prompt", "hi", "--max-new-tokens", "8"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{extra:?}: {}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let (a_s, b_s) = (a.display().to_string(), b.display().to_string());
+    let alone_a = gen(&s(&["--adapter", &a_s]));
+    let alone_b = gen(&s(&["--adapter", &b_s]));
+    let base = gen(&[]);
+    assert!(alone_a != alone_b && alone_a != base, "the adapters must change the text for this test to mean much");
+    let both = s(&["--adapter", &format!("a={a_s}"), "--adapter", &format!("b={b_s}")]);
+    assert_eq!(gen(&both), alone_a, "the first is active by default");
+    assert_eq!(gen(&[both.clone(), s(&["--active", "b"])].concat()), alone_b);
+    assert_eq!(gen(&[both, s(&["--active", "none"])].concat()), base);
+}
+
+/// `/adapter NAME` switches in a chat without reloading; the conversation is kept, the next reply recomputed.
+#[test]
+fn chat_switches_adapters() {
+    let dir = fixture("tiny-llama");
+    let (a, b) = (dir.join("peft-lora"), fixture("tiny-llama-weighted-peft/b"));
+    let mut c = bin();
+    c.args(["chat", "--base", dir.to_str().unwrap(), "--temperature", "0", "--max-new-tokens", "6"])
+        .arg("--adapter")
+        .arg(format!("a={}", a.display()))
+        .arg("--adapter")
+        .arg(format!("b={}", b.display()));
+    let o = with_stdin(c, "hello\n/adapter\n/adapter b\nagain\n/adapter zz\n/adapter none\n/reset\nhi\n");
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let mut with_a = load("tiny-llama");
+    peft_format::load_adapter(&mut with_a.model, &a).unwrap();
+    let mut with_b = load("tiny-llama");
+    peft_format::load_adapter(&mut with_b.model, &b).unwrap();
+    let base = load("tiny-llama");
+    let r1 = greedy_text(&with_a, &chat_prompt(&with_a, &[Message::new("user", "hello")]), 6);
+    let kept = [
+        Message::new("user", "hello"),
+        Message::new("assistant", r1.strip_suffix('\n').unwrap()),
+        Message::new("user", "again"),
+    ];
+    let r2 = greedy_text(&with_b, &chat_prompt(&with_b, &kept), 6);
+    let r3 = greedy_text(&base, &chat_prompt(&base, &[Message::new("user", "hi")]), 6);
+    assert_eq!(text(&o.stdout), r1 + &r2 + &r3);
+    assert!(err.contains("* a") && err.contains("  b") && err.contains("none"), "the listing: {err}");
+    assert!(err.contains("(adapter: b)") && err.contains("no adapter is named `zz` (loaded: a, b)"), "{err}");
+}
+
+#[test]
+fn several_adapters_refuse_bad_names_and_mixes() {
+    let dir = fixture("tiny-llama");
+    let a = format!("{}", dir.join("peft-lora").display());
+    let tokens = fixture("tiny-llama-tokens-peftkit").display().to_string();
+    for (args, needle) in [
+        (vec![format!("x={a}"), format!("x={a}")], "`x` is given twice"),
+        (vec![a.clone(), a.clone()], "`default` is given twice"),
+        (vec![format!("a:b={a}")], "`a:b` is not valid"),
+        (vec![format!("x={a}"), format!("t={tokens}")], "carries its own tokenizer"),
+    ] {
+        let mut c = bin();
+        c.args(["generate", "--base", dir.to_str().unwrap(), "--prompt", "hi", "--max-new-tokens", "2"]);
+        for s in &args {
+            c.arg("--adapter").arg(s);
+        }
+        let o = c.output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o.stderr));
+        assert!(text(&o.stderr).contains(needle), "{args:?}: {}", text(&o.stderr));
+    }
+    // An adapter for another model: its tensor named; a missing folder named.
+    let bad = std::env::temp_dir().join(format!("peftkit-gen-badshape-{}", std::process::id()));
+    std::fs::create_dir_all(&bad).unwrap();
+    let b = fixture("tiny-llama-weighted-peft/b");
+    std::fs::copy(b.join("adapter_config.json"), bad.join("adapter_config.json")).unwrap();
+    let key = "base_model.model.model.layers.0.self_attn.q_proj";
+    let t = |r, c| Tensor::zeros((r, c), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let tensors = vec![(format!("{key}.lora_A.weight"), t(4, 32)), (format!("{key}.lora_B.weight"), t(64, 4))];
+    peft_format::save_safetensors(&bad.join("adapter_model.safetensors"), &tensors).unwrap();
+    for (second, needle) in [
+        (format!("y={}", bad.display()), format!("{key}: lora_A [4, 32]")),
+        ("y=/nonexistent/adapter".to_string(), "/nonexistent/adapter/adapter_config.json".to_string()),
+    ] {
+        let o = bin()
+            .args(["generate", "--base", dir.to_str().unwrap(), "--prompt", "hi", "--adapter", &format!("x={a}")])
+            .args(["--adapter", &second])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+        assert!(text(&o.stderr).contains(&needle), "{needle}: {}", text(&o.stderr));
+    }
+    let o = bin()
+        .args(["generate", "--base", dir.to_str().unwrap(), "--prompt", "hi", "--adapter", &format!("x={a}")])
+        .args(["--active", "y"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("--active y: no --adapter is named so (given: x)"), "{}", text(&o.stderr));
+}
+
+/// `eval` with several adapters: one row each, the scores each gets alone.
+#[test]
+fn eval_compares_several_adapters() {
+    let dir = fixture("tiny-llama");
+    let (a, b) = (dir.join("peft-lora"), fixture("tiny-llama-weighted-peft/b"));
+    let d = std::env::temp_dir().join(format!("peftkit-gen-eval-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let data = d.join("eval.jsonl");
+    std::fs::write(&data, "{\"text\": \"hello there, how are you\"}\n{\"text\": \"the quick brown fox\"}\n").unwrap();
+    let eval = |adapters: &[String], json: bool| {
+        let mut c = bin();
+        c.args(["eval", "--base", dir.to_str().unwrap(), "--data"]).arg(&data);
+        if json {
+            c.arg("--json");
+        }
+        for s in adapters {
+            c.arg("--adapter").arg(s);
+        }
+        let o = c.output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    let loss = |line: &str| serde_json::from_str::<serde_json::Value>(line).unwrap()["loss"].as_f64().unwrap();
+    let alone_a = loss(eval(&[a.display().to_string()], true).trim());
+    let alone_b = loss(eval(&[b.display().to_string()], true).trim());
+    let both = [format!("a={}", a.display()), format!("b={}", b.display())];
+    let out = eval(&both, true);
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!((lines[0]["adapter"].as_str(), lines[1]["adapter"].as_str()), (Some("a"), Some("b")));
+    assert!((lines[0]["loss"].as_f64().unwrap() - alone_a).abs() < 1e-9, "{out}");
+    assert!((lines[1]["loss"].as_f64().unwrap() - alone_b).abs() < 1e-9, "{out}");
+    let table = eval(&both, false);
+    assert!(table.contains("adapter") && table.contains("perplexity"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("a ")) && table.lines().any(|l| l.starts_with("b ")), "{table}");
+}

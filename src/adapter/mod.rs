@@ -2,9 +2,12 @@
 //!
 //! The set is closed: [`AdapterConfig`] is an enum and `match` is the registry.
 
+pub mod combine;
 pub mod dora;
 pub mod ia3;
 pub mod lora;
+pub mod lowrank_svd;
+pub mod multi;
 pub mod peft_format;
 pub mod pissa;
 pub mod target;

@@ -2,6 +2,9 @@
 //! perplexity of a dataset, scored as training scores it.
 //! `peftkit eval … --questions FILE [--answers OUT.jsonl]`: greedy answers to held-out questions, each checked for
 //! the fact it must contain — the domain-bot check ("does the tuned model know the facts?").
+//! With several adapters (`--adapter a=DIR --adapter b=DIR`), the base is loaded once and each adapter is scored in
+//! turn: a comparison table, one row per adapter (with --json, one line per adapter with its "adapter" name;
+//! with --answers, one file per adapter, `OUT.NAME.jsonl`).
 
 use super::{load_model, user, ModelArgs};
 use anyhow::{Context, Result};
@@ -44,7 +47,8 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
     /// Print one JSON line: {"loss": …, "perplexity": …, "tokens": …} and, with --questions,
-    /// "questions": {"total": …, "correct": …, "accuracy": …}.
+    /// "questions": {"total": …, "correct": …, "accuracy": …}; with several adapters, one line per adapter with
+    /// its "adapter" name.
     #[arg(long)]
     pub json: bool,
 }
@@ -57,93 +61,198 @@ pub fn run(a: Args) -> Result<()> {
     // Both inputs are read before the (slow) model load.
     let questions = a.questions.as_deref().map(read_questions).transpose().map_err(user)?;
     // Scoring a file (--data) reads the weights exactly; answering questions alone generates (--quant auto).
-    let base = load_model(&a.model, a.data.is_none())?;
-    let mut json = serde_json::Map::new();
-    if let Some(path) = &a.data {
+    let (mut base, mut adapters) = load_model(&a.model, a.data.is_none())?;
+    let ds = match &a.data {
         // The file is scored as in training: loss on supervised tokens only.
-        let opts = EncodeOptions {
-            sequence_len: a.sequence_len,
-            train_on_inputs: a.train_on_inputs,
-            vocab_size: Some(base.model.config.vocab_size),
-        };
-        let ds =
-            data::load_dataset(path, format, &base.tokenizer, base.template.as_ref(), base.eos_token.as_deref(), &opts)
-                .map_err(user)?;
-        let r = peftkit::train::evaluate(&base.model, &ds.examples, a.batch_size, base.pad_id)?;
-        json.insert("loss".into(), r.loss.into());
-        json.insert("perplexity".into(), r.perplexity.into());
-        json.insert("tokens".into(), r.tokens.into());
-        if !a.json {
-            println!(
-                "{}: {} examples ({} format), {} predicted tokens: loss {:.4}, perplexity {:.3}",
-                path.display(),
-                ds.stats.examples,
-                ds.format,
-                r.tokens,
-                r.loss,
-                r.perplexity
-            );
-            if ds.stats.truncated > 0 {
-                println!("note: {} examples were truncated to {} tokens", ds.stats.truncated, a.sequence_len);
+        Some(path) => {
+            let opts = EncodeOptions {
+                sequence_len: a.sequence_len,
+                train_on_inputs: a.train_on_inputs,
+                vocab_size: Some(base.model.config.vocab_size),
+            };
+            let ds = data::load_dataset(
+                path,
+                format,
+                &base.tokenizer,
+                base.template.as_ref(),
+                base.eos_token.as_deref(),
+                &opts,
+            )
+            .map_err(user)?;
+            Some(ds)
+        }
+        None => None,
+    };
+    if questions.is_some() && base.template.is_none() {
+        return Err(user(anyhow::anyhow!("--questions: {} has no chat template to ask the questions with", base.name)));
+    }
+    // One adapter (or none): its scores. Several: each scored in turn on the one base, then a comparison table.
+    let names: Vec<Option<String>> = if adapters.len() > 1 {
+        adapters.names().map(|n| Some(n.to_string())).collect()
+    } else {
+        vec![adapters.active().map(str::to_string)]
+    };
+    let several = names.len() > 1;
+    let mut rows = Vec::new();
+    for name in &names {
+        if several {
+            adapters.activate(&mut base.model, name.as_deref()).map_err(user)?;
+            tracing::info!("evaluating adapter {}", name.as_deref().unwrap_or("none"));
+        }
+        let mut json = serde_json::Map::new();
+        if several {
+            json.insert("adapter".into(), name.clone().into());
+        }
+        if let (Some(ds), Some(path)) = (&ds, &a.data) {
+            let r = peftkit::train::evaluate(&base.model, &ds.examples, a.batch_size, base.pad_id)?;
+            json.insert("loss".into(), r.loss.into());
+            json.insert("perplexity".into(), r.perplexity.into());
+            json.insert("tokens".into(), r.tokens.into());
+            if !a.json && !several {
+                println!(
+                    "{}: {} examples ({} format), {} predicted tokens: loss {:.4}, perplexity {:.3}",
+                    path.display(),
+                    ds.stats.examples,
+                    ds.format,
+                    r.tokens,
+                    r.loss,
+                    r.perplexity
+                );
+                if ds.stats.truncated > 0 {
+                    println!("note: {} examples were truncated to {} tokens", ds.stats.truncated, a.sequence_len);
+                }
             }
         }
-    }
-    if let (Some(questions), Some(path)) = (questions, &a.questions) {
-        let template = base.template.as_ref().ok_or_else(|| {
-            user(anyhow::anyhow!("--questions: {} has no chat template to ask the questions with", base.name))
-        })?;
-        let mut generator = Generator::new(&base.model);
-        let params = SamplingParams::greedy(a.max_new_tokens);
-        let mut correct = 0;
-        let mut records = Vec::new();
-        for (i, q) in questions.iter().enumerate() {
-            let mut messages = Vec::new();
-            if let Some(system) = &a.system {
-                messages.push(Message::new("system", system));
+        if let (Some(questions), Some(path)) = (&questions, &a.questions) {
+            let answers = a.answers.as_ref().map(|out| match (several, name) {
+                (true, Some(n)) => with_suffix(out, n),
+                _ => out.clone(),
+            });
+            let q = ask(&base, &a, questions, answers.as_deref())?;
+            if !a.json && !several {
+                println!(
+                    "{}: {} of {} greedy answers contain the expected fact ({:.1}%)",
+                    path.display(),
+                    q["correct"],
+                    q["total"],
+                    100.0 * q["accuracy"].as_f64().unwrap_or(0.0)
+                );
             }
-            messages.push(Message::new("user", &q.question));
-            let prompt = template.render(&messages, true).map_err(user)?;
-            let ids = base.tokenizer.encode(prompt, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-            // Each question is asked afresh (no cache reuse between questions).
-            generator.reset();
-            let out = generator.generate(ids.get_ids(), &params, &base.stop_ids, |_| Ok::<_, anyhow::Error>(true))?;
-            let reply = base
-                .tokenizer
-                .decode(out.content_tokens(), true)
-                .map_err(|e| anyhow::anyhow!("decoding a reply: {e}"))?;
-            let pass = contains_expected(&reply, &q.expected);
-            correct += usize::from(pass);
-            tracing::info!(
-                "[{}/{}] {} {} → {}",
-                i + 1,
-                questions.len(),
-                if pass { "ok  " } else { "miss" },
-                q.question,
-                reply.trim().replace('\n', " ")
-            );
-            records.push(serde_json::json!({
-                "question": q.question, "expected": q.expected, "reply": reply.trim(), "correct": pass,
-            }));
+            json.insert("questions".into(), q);
         }
-        let total = questions.len();
-        let accuracy = correct as f64 / total as f64;
-        if let Some(out) = &a.answers {
-            let text: String = records.iter().map(|r| format!("{r}\n")).collect();
-            peftkit::adapter::peft_format::write_atomic(out, text.as_bytes())?;
+        if a.json {
+            println!("{}", serde_json::Value::Object(json.clone()));
         }
-        json.insert("questions".into(), serde_json::json!({"total": total, "correct": correct, "accuracy": accuracy}));
-        if !a.json {
-            println!(
-                "{}: {correct} of {total} greedy answers contain the expected fact ({:.1}%)",
-                path.display(),
-                100.0 * accuracy
-            );
-        }
+        rows.push(json);
     }
-    if a.json {
-        println!("{}", serde_json::Value::Object(json));
+    if several && !a.json {
+        print_table(&rows, a.data.as_deref(), a.questions.as_deref(), ds.as_ref().map(|d| d.stats.truncated));
     }
     Ok(())
+}
+
+/// `out` with `.NAME` before its extension: `answers.jsonl` → `answers.NAME.jsonl` (one file per adapter).
+fn with_suffix(out: &Path, name: &str) -> PathBuf {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let file = match out.extension() {
+        Some(ext) => format!("{stem}.{name}.{}", ext.to_string_lossy()),
+        None => format!("{stem}.{name}"),
+    };
+    out.with_file_name(file)
+}
+
+/// The comparison table of several adapters: one row each.
+fn print_table(
+    rows: &[serde_json::Map<String, serde_json::Value>],
+    data: Option<&Path>,
+    questions: Option<&Path>,
+    truncated: Option<usize>,
+) {
+    if let Some(d) = data {
+        print!("data: {}", d.display());
+        if let Some(t) = rows.first().and_then(|r| r.get("tokens")) {
+            print!(" ({t} predicted tokens)");
+        }
+        println!();
+    }
+    if let Some(q) = questions {
+        println!("questions: {}", q.display());
+    }
+    let width = rows.iter().filter_map(|r| r["adapter"].as_str()).map(str::len).max().unwrap_or(0).max(7);
+    let mut head = format!("{:<width$}", "adapter");
+    if data.is_some() {
+        head.push_str(&format!("  {:>9}  {:>10}", "loss", "perplexity"));
+    }
+    if questions.is_some() {
+        head.push_str(&format!("  {:>9}  {:>8}", "correct", "accuracy"));
+    }
+    println!("{head}");
+    for r in rows {
+        let mut line = format!("{:<width$}", r["adapter"].as_str().unwrap_or("none"));
+        if data.is_some() {
+            let f = |k: &str| r.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+            line.push_str(&format!("  {:>9.4}  {:>10.3}", f("loss"), f("perplexity")));
+        }
+        if let Some(q) = r.get("questions") {
+            let correct = format!("{}/{}", q["correct"], q["total"]);
+            let acc = 100.0 * q["accuracy"].as_f64().unwrap_or(0.0);
+            line.push_str(&format!("  {correct:>9}  {acc:>7.1}%"));
+        }
+        println!("{line}");
+    }
+    if let Some(t) = truncated.filter(|t| *t > 0) {
+        println!("note: {t} examples were truncated");
+    }
+}
+
+/// Asks every question greedily with the model as it is; writes the answers to `answers` when given. Returns
+/// {"total", "correct", "accuracy"}.
+fn ask(
+    base: &peftkit::base::BaseModel,
+    a: &Args,
+    questions: &[Question],
+    answers: Option<&Path>,
+) -> Result<serde_json::Value> {
+    let Some(template) = base.template.as_ref() else {
+        return Err(user(anyhow::anyhow!("--questions: {} has no chat template to ask the questions with", base.name)));
+    };
+    let mut generator = Generator::new(&base.model);
+    let params = SamplingParams::greedy(a.max_new_tokens);
+    let mut correct = 0;
+    let mut records = Vec::new();
+    for (i, q) in questions.iter().enumerate() {
+        let mut messages = Vec::new();
+        if let Some(system) = &a.system {
+            messages.push(Message::new("system", system));
+        }
+        messages.push(Message::new("user", &q.question));
+        let prompt = template.render(&messages, true).map_err(user)?;
+        let ids = base.tokenizer.encode(prompt, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        // Each question is asked afresh (no cache reuse between questions).
+        generator.reset();
+        let out = generator.generate(ids.get_ids(), &params, &base.stop_ids, |_| Ok::<_, anyhow::Error>(true))?;
+        let reply =
+            base.tokenizer.decode(out.content_tokens(), true).map_err(|e| anyhow::anyhow!("decoding a reply: {e}"))?;
+        let pass = contains_expected(&reply, &q.expected);
+        correct += usize::from(pass);
+        tracing::info!(
+            "[{}/{}] {} {} → {}",
+            i + 1,
+            questions.len(),
+            if pass { "ok  " } else { "miss" },
+            q.question,
+            reply.trim().replace('\n', " ")
+        );
+        records.push(serde_json::json!({
+            "question": q.question, "expected": q.expected, "reply": reply.trim(), "correct": pass,
+        }));
+    }
+    let total = questions.len();
+    if let Some(out) = answers {
+        let text: String = records.iter().map(|r| format!("{r}\n")).collect();
+        peftkit::adapter::peft_format::write_atomic(out, text.as_bytes())?;
+    }
+    Ok(serde_json::json!({"total": total, "correct": correct, "accuracy": correct as f64 / total as f64}))
 }
 
 /// One question of a `--questions` file.
@@ -204,6 +313,12 @@ mod tests {
         assert!(contains_expected("Call Ottilie brandvold", &e(&["nobody", "Ottilie Brandvold"])));
         assert!(!contains_expected("It lasts 3 months", &e(&["30 months"])));
         assert!(!contains_expected("anything", &e(&[""])));
+    }
+
+    #[test]
+    fn answers_of_several_adapters_go_to_one_file_each() {
+        assert_eq!(with_suffix(Path::new("out/answers.jsonl"), "a"), PathBuf::from("out/answers.a.jsonl"));
+        assert_eq!(with_suffix(Path::new("answers"), "b.1"), PathBuf::from("answers.b.1"));
     }
 
     #[test]

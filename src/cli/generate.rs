@@ -100,7 +100,7 @@ pub struct ChatArgs {
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
     // Flags are checked before the (slow) model load.
     let params = a.sampling.params(0.0)?;
-    let base = load(&a.model, true)?;
+    let (base, _adapters) = load(&a.model, true)?;
     let (text, add_special_tokens) = if a.chat {
         let template = require_template(&base, "--chat")?;
         let mut messages = Vec::new();
@@ -132,14 +132,19 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
 const CHAT_HELP: &str = "commands:
   /reset          clear the conversation (the system message stays)
   /system TEXT    set the system message and clear the conversation (/system alone removes it)
+  /adapter NAME   make the --adapter NAME active (the base stays loaded); the conversation is kept, and the
+                  next reply is computed afresh with the new adapter
+  /adapter none   the base alone (also /adapter base)
+  /adapter        list the loaded adapters, the active one marked with *
   /exit, /quit    leave (Ctrl-D too)
   /help           this list
 a line starting with // is sent as a message starting with /";
 
 pub fn run_chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params(SamplingParams::default().temperature)?;
-    let base = load(&a.model, true)?;
-    let template = require_template(&base, "`peftkit chat`")?;
+    let (mut base, mut adapters) = load(&a.model, true)?;
+    let template = require_template(&base, "`peftkit chat`")?.clone();
+    let template = &template;
     let limit = context_limit(&base.model.config);
     // Room kept for the reply when old turns must be dropped to fit the context.
     let reply_room = params.max_new_tokens.min(limit / 2);
@@ -150,7 +155,8 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
     let mut system = a.system.clone();
     // user and assistant turns, alternating, without the system message
     let mut history: Vec<Message> = Vec::new();
-    let mut generator = Generator::new(&base.model);
+    // Rebuilt (its cache dropped) when the active adapter changes: the cached keys and values were the old one's.
+    let mut generator = Some(Generator::new(&base.model));
     let mut printer = Printer::default();
     let mut stdin = std::io::stdin().lock();
     let mut raw = Vec::new();
@@ -191,6 +197,25 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
                         if system.is_some() { "set" } else { "removed" }
                     );
                 }
+                "adapter" => {
+                    let arg = arg.trim();
+                    if arg.is_empty() {
+                        eprintln!("{}", adapter_list(&adapters));
+                    } else if adapters.is_empty() {
+                        eprintln!("(no adapter is loaded: start the chat with --adapter NAME=DIR)");
+                    } else {
+                        let name = Some(arg).filter(|a| !matches!(*a, "none" | "base"));
+                        if name == adapters.active() {
+                            eprintln!("(already active)");
+                            continue;
+                        }
+                        generator = None;
+                        match adapters.activate(&mut base.model, name) {
+                            Ok(()) => eprintln!("(adapter: {})", name.unwrap_or("none, the base alone")),
+                            Err(e) => eprintln!("{e}"),
+                        }
+                    }
+                }
                 "help" => eprintln!("{CHAT_HELP}"),
                 _ => eprintln!("unknown command /{name} (not sent to the model); /help lists the commands"),
             }
@@ -206,7 +231,8 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
         };
         let turn_params = SamplingParams { seed: params.seed.wrapping_add(turn), ..params.clone() };
         turn += 1;
-        let out = stream_reply(&mut generator, &base, &ids, &turn_params, &mut printer)?;
+        let generator = generator.get_or_insert_with(|| Generator::new(&base.model));
+        let out = stream_reply(generator, &base, &ids, &turn_params, &mut printer)?;
         tracing::debug!(
             "{} tokens in {:.2} s ({:.1} tokens/s), prompt {} tokens ({} from the cache) in {:.2} s",
             out.tokens.len(),
@@ -225,6 +251,22 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `/adapter` listing: every loaded adapter, the active one marked.
+fn adapter_list(adapters: &peftkit::adapter::multi::AdapterSet) -> String {
+    if adapters.is_empty() {
+        return "(no adapter is loaded: the base alone)".to_string();
+    }
+    let mut out = String::from("adapters:");
+    for name in adapters.names() {
+        let mark = if adapters.active() == Some(name) { "*" } else { " " };
+        let dir = adapters.get(name).map(|(d, _)| d.display().to_string()).unwrap_or_default();
+        out.push_str(&format!("\n {mark} {name}  {dir}"));
+    }
+    let mark = if adapters.active().is_none() { "*" } else { " " };
+    out.push_str(&format!("\n {mark} none  (the base alone)"));
+    out
 }
 
 /// Renders the conversation and tokenizes it, dropping the oldest exchanges while the prompt leaves less than

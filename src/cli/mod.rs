@@ -91,9 +91,15 @@ pub struct ModelArgs {
     pub base: BaseArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
-    /// A PEFT adapter folder to apply (unmerged).
-    #[arg(long)]
-    pub adapter: Option<std::path::PathBuf>,
+    /// A PEFT adapter folder to apply (unmerged), as `DIR` or `NAME=DIR`; repeat it to load several adapters on
+    /// the one base (names: letters, digits, `_`, `.`, `-`; an unnamed one is `default`, as in PEFT). One is
+    /// active at a time: the first, or --active's. `chat` switches with /adapter NAME; `eval` scores each.
+    #[arg(long, value_name = "[NAME=]DIR")]
+    pub adapter: Vec<String>,
+    /// The adapter active at the start (generate, chat), by its --adapter name; `none` for the base alone
+    /// [default: the first --adapter].
+    #[arg(long, value_name = "NAME")]
+    pub active: Option<String>,
     /// Hold the base's projections in NF4 with double quantization (transformers' load_in_4bit), as a QLoRA
     /// adapter was trained. Pre-quantized bitsandbytes checkpoints are NF4 without this flag.
     #[arg(long, conflicts_with = "quant")]
@@ -138,10 +144,31 @@ impl std::str::FromStr for QuantArg {
     }
 }
 
-/// Loads the base model of `m` and applies its adapter, warning when the adapter was trained on another base.
-/// `generation`: the model will generate text (`--quant auto` keeps a GGUF base quantized), rather than score it.
-pub fn load_model(m: &ModelArgs, generation: bool) -> anyhow::Result<peftkit::base::BaseModel> {
+/// The `--adapter` values of `m` as (name, folder), names checked (exit 2 on a bad or repeated one).
+pub fn adapter_specs(m: &ModelArgs) -> anyhow::Result<Vec<(String, std::path::PathBuf)>> {
+    use peftkit::adapter::multi;
+    let specs = m.adapter.iter().map(|s| multi::parse_spec(s)).collect::<Result<Vec<_>, _>>();
+    let specs = specs.map_err(|e| user(anyhow::anyhow!("--adapter: {e}")))?;
+    multi::check_names(&specs).map_err(|e| user(anyhow::anyhow!("--adapter: {e}")))?;
+    if let Some(a) = m.active.as_deref().filter(|a| !matches!(*a, "none" | "base")) {
+        if !specs.iter().any(|(n, _)| n == a) {
+            let names = specs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
+            return Err(user(anyhow::anyhow!("--active {a}: no --adapter is named so (given: {names})")));
+        }
+    }
+    Ok(specs)
+}
+
+/// Loads the base model of `m` and its adapters (the active one applied), warning when an adapter was trained on
+/// another base. `generation`: the model will generate text (`--quant auto` keeps a GGUF base quantized), rather
+/// than score it.
+pub fn load_model(
+    m: &ModelArgs,
+    generation: bool,
+) -> anyhow::Result<(peftkit::base::BaseModel, peftkit::adapter::multi::AdapterSet)> {
     use peftkit::model::BaseQuant;
+    // Flags are checked before the (slow) model load.
+    let specs = adapter_specs(m)?;
     let quant = match (m.load_in_4bit, m.quant.unwrap_or(QuantArg::Auto)) {
         (true, _) => BaseQuant::Nf4 { double_quant: true },
         (false, QuantArg::Auto) if generation => BaseQuant::Ggml { to: None },
@@ -160,25 +187,44 @@ pub fn load_model(m: &ModelArgs, generation: bool) -> anyhow::Result<peftkit::ba
     if let Some(id) = &m.base_model_id {
         base.name = id.clone();
     }
-    if let Some(dir) = &m.adapter {
-        let cfg = peftkit::adapter::peft_format::load_adapter(&mut base.model, dir).map_err(user)?;
-        // Only generation and evaluation load a model here: DoRA's norms are fixed once.
-        peftkit::adapter::freeze_for_inference(&mut base.model)?;
-        // An adapter trained with added tokens carries its tokenizer.
+    // An adapter trained with added tokens carries its tokenizer: alone, it replaces the base's; several
+    // adapters share one model and so one tokenizer.
+    for (name, dir) in &specs {
         if let Some(t) = peftkit::tokens::load_saved(dir).map_err(user)? {
+            if specs.len() > 1 {
+                return Err(user(anyhow::anyhow!(
+                    "--adapter {name}={}: this adapter carries its own tokenizer (added tokens), so it cannot share \
+                     the base with other adapters; load it alone",
+                    dir.display()
+                )));
+            }
             tracing::info!(
                 "using the tokenizer saved with the adapter ({} tokens)",
                 peftkit::tokens::tokenizer_len(&t)
             );
             base.tokenizer = t;
         }
-        // The same model named two ways (relative and absolute path) is the same model.
-        let same = |a: &str, b: &str| {
-            a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
-        };
-        if let Some(trained_on) = cfg.base_model_name_or_path.filter(|b| !same(b, &base.name)) {
+    }
+    let mut set = peftkit::adapter::multi::AdapterSet::load(&mut base.model, &specs).map_err(|e| {
+        use peftkit::adapter::multi::MultiError;
+        match e {
+            MultiError::Candle(e) => anyhow::Error::new(e),
+            e => user(e),
+        }
+    })?;
+    // The same model named two ways (relative and absolute path) is the same model.
+    let same = |a: &str, b: &str| {
+        a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
+    };
+    for (name, dir) in &specs {
+        let trained_on = set.get(name).and_then(|(_, c)| c.base_model_name_or_path.clone());
+        if let Some(trained_on) = trained_on.filter(|b| !same(b, &base.name)) {
             tracing::warn!("{} was trained on `{trained_on}`, not `{}`", dir.display(), base.name);
         }
     }
-    Ok(base)
+    if let Some(a) = &m.active {
+        let name = Some(a.as_str()).filter(|a| !matches!(*a, "none" | "base"));
+        set.activate(&mut base.model, name).map_err(user)?;
+    }
+    Ok((base, set))
 }
