@@ -289,7 +289,9 @@ fn quantized_weights_are_within_ggmls_rounding_of_the_f32_merge() {
 
 #[test]
 fn smollm2_q4_1_gguf_merged_to_gguf_computes_the_unmerged_adapter() {
-    let Some(gguf) = common::smollm2_gguf("smollm2_q4_1_gguf_merged_to_gguf_computes_the_unmerged_adapter") else { return };
+    let Some(gguf) = common::smollm2_gguf("smollm2_q4_1_gguf_merged_to_gguf_computes_the_unmerged_adapter") else {
+        return;
+    };
     let d = tmp("smollm2");
     // A LoRA adapter (r = 2, q_proj and down_proj of every layer) with random A and B, in PEFT's format.
     let adapter = d.join("adapter");
