@@ -233,7 +233,7 @@ fn refuses_what_llama_cpp_cannot_represent() {
     let d = edited_adapter("bias", |c| c["lora_bias"] = serde_json::json!(true));
     assert!(refused(&d).contains("bias"));
     // A target llama.cpp has no tensor for.
-    let d = edited_adapter("target", |_| {});
+    let d = edited_adapter("target", |c| c["target_modules"] = serde_json::json!(["rotary_proj"]));
     let a = Tensor::zeros((4, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
     let b = Tensor::zeros((64, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
     peftkit::adapter::peft_format::save_safetensors(

@@ -194,7 +194,8 @@ fn strip_generation_tags(source: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        match tag.find("%}") {
+        // The closing `%}` comes after the opening `{%` (in `{%}` the `%` is shared and closes nothing).
+        match tag[2..].find("%}").map(|i| i + 2) {
             Some(end) => {
                 let inner = tag[2..end].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
                 if inner != "generation" && inner != "endgeneration" {
@@ -296,6 +297,14 @@ mod tests {
 
     fn m(role: &str, content: &str) -> Message {
         Message::new(role, content)
+    }
+
+    #[test]
+    fn an_unclosed_tag_sharing_its_percent_sign_is_a_template_error_not_a_panic() {
+        // Found by tests/fuzz.rs: `{%}` made the generation-tag scan slice backwards.
+        for src in ["{%}", "a{%}b", "{%-}"] {
+            assert!(ChatTemplate::new(src.into(), String::new(), String::new()).is_err(), "{src}");
+        }
     }
 
     #[test]
