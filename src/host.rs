@@ -70,7 +70,7 @@ fn narrow(x: f32) -> u16 {
     (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
-/// Σ a[i]·b[i] over 16 independent lanes (so that it vectorizes at any width; the same sum at every level).
+/// Σ a\[i\]·b\[i\] over 16 independent lanes (so that it vectorizes at any width; the same sum at every level).
 #[inline(always)]
 pub fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -87,7 +87,7 @@ pub fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Σ a[i] over 16 independent lanes (vectorizes at any width; the same sum at every level).
+/// Σ a\[i\] over 16 independent lanes (vectorizes at any width; the same sum at every level).
 #[inline(always)]
 pub fn sum_lanes(a: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -146,7 +146,7 @@ pub fn exp_f32(x: f32) -> f32 {
 }
 
 isa_variants! {
-    /// dst[i] = src[i] as f32 (single-threaded; see [`bf16_to_f32`]).
+    /// dst\[i\] = src\[i\] as f32 (single-threaded; see [`bf16_to_f32`]).
     pub fn widen_slice / widen_slice_at(src: &[u16], dst: &mut [f32]) {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = widen(s);
@@ -155,7 +155,7 @@ isa_variants! {
 }
 
 isa_variants! {
-    /// dst[i] = bf16(src[i]) with round-to-nearest-even (single-threaded; see [`f32_to_bf16`]).
+    /// dst\[i\] = bf16(src\[i\]) with round-to-nearest-even (single-threaded; see [`f32_to_bf16`]).
     pub fn narrow_slice / narrow_slice_at(src: &[f32], dst: &mut [u16]) {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = narrow(s);

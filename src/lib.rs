@@ -2,7 +2,7 @@
 //!
 //! Data flow: `recipe` (validated YAML) → `hub` (resolve the base model files) → `model` (Llama-family
 //! forward whose projections are `linear::AdaptedLinear`) + `adapter` (LoRA / IA3, PEFT format) ← `data`
-//! (datasets → tokens + label masks → batches) → `train` (the loop) → adapters/<run>/ in PEFT's format;
+//! (datasets → tokens + label masks → batches) → `train` (the loop) → `adapters/<run>/` in PEFT's format;
 //! `merge` folds an adapter into its base and writes a Hugging Face model folder.
 
 pub mod adapter;

@@ -7,7 +7,7 @@
 //! the rounding of the weight itself.
 //!
 //! On a GPU (feature `cuda`) a dense weight is an ordinary device tensor, and an NF4 weight is an
-//! [`Nf4Cuda`](crate::quant::cuda::Nf4Cuda) (codes and scales in device memory). Each product dequantizes it with
+//! `quant::cuda::Nf4Cuda` (with the `cuda` feature) (codes and scales in device memory). Each product dequantizes it with
 //! peftkit's kernel into one scratch buffer per device and dtype ([`FrozenWeight::gpu_dense`]), sized by the largest
 //! projection and reused by all of them in stream order, then cuBLAS multiplies: the model's full-precision weights
 //! never exist on the device either.
@@ -59,7 +59,7 @@ impl FrozenWeight {
     }
 
     /// The weight moved to `device`: a dense tensor is copied; an NF4 weight is uploaded as an
-    /// [`Nf4Cuda`](crate::quant::cuda::Nf4Cuda) (codes and scales only) for a GPU, or brought back to the CPU codec.
+    /// `quant::cuda::Nf4Cuda` (with the `cuda` feature) (codes and scales only) for a GPU, or brought back to the CPU codec.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         Ok(match self {
             FrozenWeight::Dense(w) => FrozenWeight::Dense(w.to_device(device)?),

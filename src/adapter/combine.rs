@@ -240,7 +240,7 @@ fn linear(parts: &[(&Input, f64)], module: &str) -> Result<(Tensor, Tensor), Ada
     Ok((a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?))
 }
 
-/// PEFT's `cat`: A = [wᵢsᵢ·Aᵢ] stacked by rows, B = [Bᵢ] by columns, zero-padded to `rank`.
+/// PEFT's `cat`: A = \[wᵢsᵢ·Aᵢ\] stacked by rows, B = \[Bᵢ\] by columns, zero-padded to `rank`.
 fn cat(parts: &[(&Input, f64)], module: &str, rank: usize) -> Result<(Tensor, Tensor), AdapterError> {
     let mut a_rows = Vec::new();
     let mut b_cols = Vec::new();

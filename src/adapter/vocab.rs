@@ -3,8 +3,8 @@
 //!
 //! Both replace rows of a (vocab × hidden) matrix W, never add to them:
 //! - a full copy C: W' = C (the embedding looks rows up in C; the head computes logits h·Cᵀ);
-//! - trainable tokens with ids I and rows R (|I| × hidden): W'[I[j]] = R[j], every other row is W's. R starts as a
-//!   copy of W[I] (PEFT's `trainable_tokens_delta` holds the new rows themselves, not a difference).
+//! - trainable tokens with ids I and rows R (|I| × hidden): W'\[I\[j\]\] = R\[j\], every other row is W's. R starts as a
+//!   copy of W\[I\] (PEFT's `trainable_tokens_delta` holds the new rows themselves, not a difference).
 //!
 //! Tied embeddings (SmolLM2): the head *is* the embedding. As PEFT does, trainable tokens on the embedding of a
 //! tied model also act on the head (PEFT's "tied adapter": the same rows, saved once under the embedding's name),
@@ -230,7 +230,7 @@ fn row_map(indices: &[u32], ids: &[u32], device: &Device) -> candle_core::Result
     Ok((Tensor::from_vec(map, n, device)?, Tensor::from_vec(mask, (n, 1), device)?))
 }
 
-/// base ⊙ (1 − mask) + rows[map] ⊙ mask: (n, hidden) f32.
+/// base ⊙ (1 − mask) + rows\[map\] ⊙ mask: (n, hidden) f32.
 fn mix(base: &Tensor, rows: &Var, map: &Tensor, mask: &Tensor, no_grad: bool) -> candle_core::Result<Tensor> {
     let rows = if no_grad { rows.as_tensor().detach() } else { rows.as_tensor().clone() };
     let picked = rows.index_select(map, 0)?; // (n, hidden)
@@ -681,7 +681,7 @@ pub fn grow_rows(base: &Tensor, vocab: usize) -> candle_core::Result<Tensor> {
 }
 
 /// Next-token cross-entropy through a trainable head `w` (vocab, hidden): Σ over labelled rows of
-/// −log softmax(h·wᵀ)[label], divided by `denom`; composed from candle's differentiable ops (gradients reach both
+/// −log softmax(h·wᵀ)\[label\], divided by `denom`; composed from candle's differentiable ops (gradients reach both
 /// h and w). Only the labelled rows' logits are formed: (n_labelled, vocab) f32.
 pub fn cross_entropy(h: &Tensor, w: &Tensor, labels: &[i64], denom: f64) -> candle_core::Result<Tensor> {
     let vocab = w.dims2()?.0;

@@ -15,7 +15,7 @@
 //!   of a test text, which needs the tokenizer's Python code), `.tokens` (padded with `[PADi]` to the config's
 //!   vocabulary), `.token_type` (1 normal, 3 control for special added tokens and `<|…|>` lookalikes, 4 user-defined
 //!   for other added tokens, 5 unused for padding), `.merges` (`"left right"`), the special ids (`bos`, `eos`,
-//!   `unknown`, `seperator` [sic], `padding`, `cls`, `mask`; from tokenizer_config.json's `*_token`, else
+//!   `unknown`, `seperator` \[sic\], `padding`, `cls`, `mask`; from tokenizer_config.json's `*_token`, else
 //!   config.json's `*_token_id`), `.add_bos_token` / `.add_eos_token`, and `tokenizer.chat_template`.
 //!
 //! From a GGUF base every key is kept as the file has it (tokenizer included) but `general.file_type` (the new

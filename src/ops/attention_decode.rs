@@ -2,7 +2,7 @@
 //!
 //! A decode step has one query row per head and a KV cache of s positions: per head, s dot products of length d,
 //! a softmax over s scores and a weighted sum of s value rows, some 2·s·d flops. Through the fused training op
-//! ([`super::attention`]) each head costs two calls into the `gemm` crate, whose dispatch and packing dominate at
+//! ([`fn@super::attention`]) each head costs two calls into the `gemm` crate, whose dispatch and packing dominate at
 //! this size; here each head is a plain loop compiled per instruction-set level ([`crate::host::isa_variants`])
 //! and the heads share [`crate::pool`]. Same formula as the fused op: scores and sums in f32, causal with the
 //! queries being the last t of the s positions.
@@ -10,7 +10,7 @@
 use crate::host::{dot_lanes, exp_f32, max_lanes, sum_lanes, tensor_from_f32, with_f32};
 use candle_core::{Result, Tensor};
 
-/// Query rows up to which [`super::attention`] takes this path (decode steps; prompts take the fused op).
+/// Query rows up to which [`fn@super::attention`] takes this path (decode steps; prompts take the fused op).
 pub(crate) const MAX_ROWS: usize = 4;
 
 /// Whether `q`, `k`, `v` are a CPU decode step with no gradient wanted.
@@ -46,7 +46,7 @@ crate::host::isa_variants! {
     }
 }
 
-/// Causal grouped-query attention as [`super::attention`]: q (b, t, nh, d), k and v (b, s, nkv, d), s ≥ t.
+/// Causal grouped-query attention as [`fn@super::attention`]: q (b, t, nh, d), k and v (b, s, nkv, d), s ≥ t.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, t, nh, d) = q.dims4()?;
     let (bk, s, nkv, dk) = k.dims4()?;

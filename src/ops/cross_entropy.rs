@@ -1,4 +1,4 @@
-//! Output head + cross-entropy, fused and chunked: loss = Σ −log softmax(h·Wᵀ)[label] / denom over labelled rows.
+//! Output head + cross-entropy, fused and chunked: loss = Σ −log softmax(h·Wᵀ)\[label\] / denom over labelled rows.
 //! The (tokens × vocab) logits are never held at once: [`CE_CHUNK_ROWS`] rows at a time, and dL/dh is computed in
 //! the forward pass (it needs the softmax the forward computes anyway): dh = (softmax − onehot)·W / denom.
 //! Logits, log-sum-exp and the loss are f32 (the sum in f64) whatever the storage dtype; dh has h's dtype.
@@ -19,7 +19,7 @@ use std::sync::Mutex;
 const CE_CHUNK_ROWS: usize = 128;
 
 isa_variants! {
-    /// One row of logits → its loss lse − logit[label], with lse = log Σ exp in f64 (the exponentials in f32,
+    /// One row of logits → its loss lse − logit\[label\], with lse = log Σ exp in f64 (the exponentials in f32,
     /// vectorized; their sum in f64). With `want_grad` the row becomes dlogits = (softmax − onehot)·grad_scale;
     /// otherwise it is left holding the exponentials.
     pub fn loss_row / loss_row_at(row: &mut [f32], label: usize, grad_scale: f32, want_grad: bool) -> f64 {
@@ -121,7 +121,7 @@ impl CustomOp1 for LinearCrossEntropy {
 
 /// Cross-entropy of `softmax(h · headᵀ)` against `labels`, summed over rows whose label is ≥ 0 and divided by
 /// `denom` (the number of labelled tokens of the whole optimizer step, so accumulated micro-batches average
-/// correctly). h: (n, d), head: (V, d), labels: n targets (already shifted: row i predicts labels[i]).
+/// correctly). h: (n, d), head: (V, d), labels: n targets (already shifted: row i predicts labels\[i\]).
 /// Returns an f32 scalar. Rows with a negative label cost nothing: their logits are never computed.
 pub fn linear_cross_entropy(h: &Tensor, head: &Tensor, labels: &[i64], denom: f64) -> Result<Tensor> {
     if h.device().is_cuda() {

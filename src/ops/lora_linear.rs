@@ -1,7 +1,7 @@
 //! A frozen projection with a LoRA update, fused: y = x·Wᵀ (+ b) + s·(drop(x)·Aᵀ)·Bᵀ.
 //!
 //! One autograd node per projection instead of a dozen. The backward recomputes drop(x) (a pure function of the
-//! seed, see [`super::dropout`]) and xa = drop(x)·Aᵀ (m×r, cheap) rather than keeping them:
+//! seed, see [`fn@super::dropout`]) and xa = drop(x)·Aᵀ (m×r, cheap) rather than keeping them:
 //!   dxa = s·dY·B,  dB = s·dYᵀ·xa,  dA = dxaᵀ·drop(x),  dx = dY·W + mask ⊙ (dxa·A).
 //! Mixed precision: x, W, b and y may be bf16 while A and B (and so dA, dB) are f32; the kernel computes in f32.
 //! Reference: Hu et al., "LoRA" (2021), and PEFT's `lora.Linear.forward`.

@@ -2,7 +2,7 @@
 //!
 //! The weight stays in bitsandbytes' NF4 layout (4-bit codes, blocksize 64, absmax double-quantized); each product
 //! dequantizes it into the thread's reused buffer just before the GEMM, so the full-precision weight is never
-//! kept (see [`crate::weight`]). The op is [`super::frozen_matmul`]'s with an NF4 weight: on the CPU into the
+//! kept (see [`crate::weight`]). The op is [`fn@super::frozen_matmul`]'s with an NF4 weight: on the CPU into the
 //! thread's f32 buffer and the gemm crate; on CUDA (`FrozenWeight::Nf4Cuda`) peftkit's dequantization kernel
 //! (`src/quant/cuda/`) into the device's scratch buffer in the activations' dtype, then cuBLAS; for generation
 //! (≤ 64 rows, no graph) the fused dequantize + GEMM kernel.

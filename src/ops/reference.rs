@@ -137,7 +137,7 @@ pub fn linear_cross_entropy(h: &Tensor, head: &Tensor, labels: &[i64], denom: f6
     lsm.gather(&tgt, 1)?.sum_all()?.neg()? / denom
 }
 
-/// x ⊙ mask, the mask drawn as [`super::dropout`] draws it.
+/// x ⊙ mask, the mask drawn as [`fn@super::dropout`] draws it.
 pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());

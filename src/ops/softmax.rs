@@ -2,7 +2,7 @@
 //! keys 0..=i + (s_len − t). Backward: dx = s·y ⊙ (g − Σ g⊙y).
 //!
 //! candle's `softmax_last_dim` has no backward, hence this op. It serves the composed attention (the reference the
-//! fused [`super::attention`] is tested against, and the path of devices without an attention kernel). The row
+//! fused [`fn@super::attention`] is tested against, and the path of devices without an attention kernel). The row
 //! statistics (max, sum) are f32 whatever the storage dtype.
 
 use crate::host::{exp_f32, f32_view, isa_variants, max_lanes, storage_from_f32, sum_lanes};

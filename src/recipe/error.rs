@@ -10,7 +10,7 @@ pub enum Origin {
     /// A place in the recipe file. `line` (1-based) is `None` when the key is not written in the
     /// file (a default value, or a missing top-level key).
     File {
-        /// The recipe's name as given to [`Recipe::load`] / [`Recipe::from_str`].
+        /// The recipe's name as given to [`Recipe::load`](super::Recipe::load) / [`Recipe::from_str`](super::Recipe::from_str).
         file: String,
         /// 1-based line of the key, when it could be found.
         line: Option<usize>,
@@ -22,7 +22,7 @@ pub enum Origin {
         /// The override argument, as given (without `--set`).
         arg: String,
     },
-    /// No source is known: [`Recipe::validate`] called on a recipe built in code.
+    /// No source is known: [`Recipe::validate`](super::Recipe::validate) called on a recipe built in code.
     Unknown,
 }
 
