@@ -69,55 +69,6 @@ pub enum AdapterConfig {
 }
 
 impl AdapterConfig {
-    /// The adapter described by a recipe's `adapter` section.
-    pub fn from_spec(spec: &crate::recipe::AdapterSpec) -> Result<Self, AdapterError> {
-        use crate::recipe::InitLoraWeights;
-        if let crate::recipe::AdapterSpec::Ia3(i) = spec {
-            return Ok(AdapterConfig::Ia3(Ia3Config {
-                target_modules: i.target_modules.clone(),
-                feedforward_modules: FeedforwardModules::List(i.feedforward_modules.clone()),
-                init_ia3_weights: i.init_ia3_weights,
-                exclude_modules: i.exclude_modules.clone(),
-            }));
-        }
-        // QLoRA trains the same LoRA adapter; only the base's storage differs (see `base_quant`).
-        match spec.lora() {
-            Some(l) => Ok(AdapterConfig::Lora(LoraConfig {
-                r: l.r,
-                lora_alpha: l.lora_alpha,
-                lora_dropout: l.lora_dropout,
-                target_modules: l.target_modules.clone(),
-                use_rslora: l.use_rslora,
-                init: match l.init_lora_weights {
-                    InitLoraWeights::Default => LoraInit::Kaiming,
-                    InitLoraWeights::Gaussian => LoraInit::Gaussian,
-                    InitLoraWeights::Random => LoraInit::Random,
-                    InitLoraWeights::Pissa => LoraInit::Pissa,
-                    InitLoraWeights::PissaNiter(n) => LoraInit::PissaNiter(n),
-                    InitLoraWeights::Olora => LoraInit::Olora,
-                },
-                layers_to_transform: l.layers_to_transform.clone(),
-                exclude_modules: l.exclude_modules.clone(),
-                layers_pattern: l.layers_pattern.clone(),
-                rank_pattern: Default::default(),
-                alpha_pattern: Default::default(),
-                use_dora: l.use_dora,
-            })),
-            None => unreachable!("every adapter type other than ia3 has LoRA settings"),
-        }
-    }
-
-    /// How a recipe's adapter wants the base held: NF4 for `qlora` (bitsandbytes' `load_in_4bit` with the
-    /// recipe's double quantization), dense otherwise.
-    pub fn base_quant(spec: &crate::recipe::AdapterSpec) -> crate::model::BaseQuant {
-        match spec {
-            crate::recipe::AdapterSpec::Qlora(q) => {
-                crate::model::BaseQuant::Nf4 { double_quant: q.bnb_4bit_use_double_quant }
-            }
-            _ => crate::model::BaseQuant::None,
-        }
-    }
-
     /// PEFT's `peft_type`.
     pub fn peft_type(&self) -> &'static str {
         match self {
@@ -184,7 +135,7 @@ pub fn attach_with_initial(
                     &device,
                 )?;
                 if pissa::rewrites_base(cfg.init) {
-                    layer = rewrite_base(lin, &layer, cfg.init, initial, &mut rng)?;
+                    layer = rewrite_base(&lin.path, &mut lin.weight, &layer, cfg.init, initial, &mut rng)?;
                 }
                 lin.adapter = Some(if cfg.use_dora {
                     // m starts at ‖W + s·B·A‖: the fresh adapter is the identity.
@@ -225,33 +176,34 @@ pub fn attach_with_initial(
 /// PiSSA/OLoRA for one projection: A₀, B₀ (from `initial` when it holds them, else factorised from the weight)
 /// become the adapter's starting values, and the weight its residual W − s·B₀·A₀ in its own dtype and device.
 fn rewrite_base(
-    lin: &mut crate::linear::AdaptedLinear,
+    path: &str,
+    weight: &mut crate::weight::FrozenWeight,
     fresh: &LoraLayer,
     init: LoraInit,
     initial: Option<&std::collections::HashMap<String, Tensor>>,
     rng: &mut rand_chacha::ChaCha8Rng,
 ) -> Result<LoraLayer, AdapterError> {
     use crate::weight::FrozenWeight;
-    if lin.weight.is_nf4() {
+    if weight.is_nf4() {
         let name = if init == LoraInit::Olora { "olora" } else { "pissa" };
-        return Err(AdapterError::InitOnQuantized { init: name, module: lin.path.clone() });
+        return Err(AdapterError::InitOnQuantized { init: name, module: path.to_string() });
     }
     let (r, scaling) = (fresh.rank(), fresh.scaling);
-    let dtype = match &lin.weight {
+    let dtype = match &*weight {
         FrozenWeight::Dense(w) => w.dtype(),
         _ => DType::F32,
     };
-    let device = lin.weight.device();
-    let w = lin.weight.dense()?; // (out, in) f32 on the CPU
-    let key = |m: &str| format!("base_model.model.{}.{m}.weight", lin.path);
+    let device = weight.device();
+    let w = weight.dense()?; // (out, in) f32 on the CPU
+    let key = |m: &str| format!("base_model.model.{}.{m}.weight", path);
     let stored = initial.and_then(|t| Some((t.get(&key("lora_A"))?.clone(), t.get(&key("lora_B"))?.clone())));
     let (start, res) = match stored {
         Some((a, b)) => {
             let start = pissa::InitialAdapter { a: a.to_dtype(DType::F32)?, b: b.to_dtype(DType::F32)? };
-            let fits = start.a.dims() == [r, lin.in_features] && start.b.dims() == [lin.out_features, r];
+            let fits = start.a.dims() == fresh.a.dims() && start.b.dims() == fresh.b.dims();
             if !fits {
                 return Err(AdapterError::Format {
-                    path: lin.path.clone().into(),
+                    path: path.to_string().into(),
                     msg: format!(
                         "the checkpoint's initial A {:?} / B {:?} do not fit rank {r}",
                         start.a.dims(),
@@ -262,9 +214,9 @@ fn rewrite_base(
             let res = pissa::residual_of(&w, &start, scaling)?;
             (start, res)
         }
-        None => pissa::init_projection(&w, r, scaling, init, &lin.path, rng)?,
+        None => pissa::init_projection(&w, r, scaling, init, path, rng)?,
     };
-    lin.weight = FrozenWeight::Dense(res.to_dtype(dtype)?.to_device(&device)?);
+    *weight = FrozenWeight::Dense(res.to_dtype(dtype)?.to_device(&device)?);
     let dev = fresh.a.device();
     let mut layer = LoraLayer::from_weights(start.a.to_device(dev)?, start.b.to_device(dev)?, scaling, fresh.dropout)?;
     layer.initial = Some(std::sync::Arc::new(start));

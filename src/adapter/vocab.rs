@@ -118,27 +118,6 @@ impl VocabConfig {
         self.modules_to_save.is_empty() && self.trainable_tokens.is_empty()
     }
 
-    /// The settings of a recipe's adapter section (validated by the recipe).
-    pub fn from_spec(spec: &crate::recipe::AdapterSpec) -> Self {
-        let (mts, tti) = spec.vocab_settings();
-        let mut cfg = VocabConfig::default();
-        for m in mts {
-            if let Some(m) = VocabModule::parse(m) {
-                if !cfg.modules_to_save.contains(&m) {
-                    cfg.modules_to_save.push(m);
-                }
-            }
-        }
-        if let Some(t) = tti {
-            for (name, ids) in t.entries() {
-                if let Some(m) = VocabModule::parse(name) {
-                    cfg.trainable_tokens.push((m, ids.to_vec()));
-                }
-            }
-        }
-        cfg
-    }
-
     /// Reads `modules_to_save` and `trainable_token_indices` of an `adapter_config.json` object. Modules other
     /// than the embedding and the head are refused (peftkit has no other full-precision modules to train).
     pub fn from_peft_json(obj: &serde_json::Map<String, Value>, path: &Path) -> Result<Self, AdapterError> {

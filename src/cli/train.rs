@@ -71,7 +71,7 @@ pub fn run(args: Args) -> Result<()> {
     let init_from = recipe.adapter.lora().and_then(|l| l.init_from.clone());
     let adapter_cfg = match &init_from {
         Some(dir) => peft_format::read_config(dir).map_err(user)?.adapter,
-        None => AdapterConfig::from_spec(&recipe.adapter).map_err(user)?,
+        None => recipe.adapter.adapter_config(),
     };
     // A push at the end needs a token and the network: found out now, not after hours of training.
     let push_opts = recipe.output.hub_model_id.as_ref().map(|id| {
@@ -123,7 +123,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let compute = args.compute.resolve((recipe.training.device, recipe.training.dtype))?;
     tracing::info!("loading base model {}", recipe.base_model);
-    let quant = AdapterConfig::base_quant(&recipe.adapter);
+    let quant = recipe.adapter.base_quant();
     let mut base = load_base_quant(
         &recipe.base_model,
         recipe.revision.as_deref(),
@@ -227,7 +227,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let new_ids: Vec<u32> = new_tokens.iter().map(|(_, i)| *i).collect();
     let vocab_cfg = peftkit::tokens::with_trainable_ids(
-        adapter::vocab::VocabConfig::from_spec(&recipe.adapter),
+        recipe.adapter.vocab_config(),
         &new_ids,
         base.model.config.tie_word_embeddings,
     );

@@ -19,6 +19,7 @@
 //! [`Origin`], `validate` the value checks, `problem` key-path errors before their origin is known,
 //! `overrides` the `--set` arguments and `locate` the positions of keys and syntax errors.
 
+mod convert;
 mod error;
 mod init_from;
 mod locate;
@@ -268,7 +269,7 @@ mod tests {
             let recipe = ok(&text, &[]);
             assert!(recipe.adapter.lora().is_some_and(|l| l.use_dora), "{kind}");
             assert_eq!(Recipe::from_str(&recipe.to_yaml(), "resolved.yaml", &[]).unwrap(), recipe);
-            match crate::adapter::AdapterConfig::from_spec(&recipe.adapter).unwrap() {
+            match recipe.adapter.adapter_config() {
                 crate::adapter::AdapterConfig::Lora(l) => assert!(l.use_dora),
                 other => panic!("{other:?}"),
             }
@@ -303,7 +304,7 @@ mod tests {
             assert_eq!(recipe.adapter.lora().unwrap().init_lora_weights, want);
             assert!(recipe.to_yaml().contains(&format!("init_lora_weights: {text}")), "{}", recipe.to_yaml());
             assert_eq!(Recipe::from_str(&recipe.to_yaml(), "resolved.yaml", &[]).unwrap(), recipe);
-            match crate::adapter::AdapterConfig::from_spec(&recipe.adapter).unwrap() {
+            match recipe.adapter.adapter_config() {
                 crate::adapter::AdapterConfig::Lora(l) => assert_eq!(l.init, init),
                 other => panic!("{other:?}"),
             }
