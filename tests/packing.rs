@@ -181,27 +181,13 @@ fn training_with_packing_and_length_grouping_runs_and_reports_padding() {
     let exs = examples(24);
     let cfg = |packing: Option<usize>, group_by_length: bool| TrainConfig {
         micro_batch_size: 2,
-        gradient_accumulation_steps: 1,
         max_steps: Some(3),
-        epochs: 1,
         learning_rate: 1e-2,
         lr_scheduler: LrScheduler::Constant,
-        warmup_steps: 0,
-        weight_decay: 0.0,
-        adam_beta1: 0.9,
-        adam_beta2: 0.999,
-        adam_epsilon: 1e-8,
-        max_grad_norm: 1.0,
         seed: 5,
-        shuffle: true,
-        eval_every: None,
-        save_every: None,
-        logging_every: 1,
-        pad_id: 0,
         packing,
         group_by_length,
-        init_from: None,
-        loraplus: None,
+        ..Default::default()
     };
     let mut padding = Vec::new();
     for (name, c) in [("plain", cfg(None, false)), ("grouped", cfg(None, true)), ("packed", cfg(Some(32), false))] {
@@ -350,27 +336,14 @@ fn oracle_batches_round_trip_through_a_tokens_file() {
 
     let cfg = TrainConfig {
         micro_batch_size: 2,
-        gradient_accumulation_steps: 1,
         max_steps: Some(3),
-        epochs: 1,
         learning_rate: 1e-2,
         lr_scheduler: LrScheduler::Constant,
-        warmup_steps: 0,
         weight_decay: 0.01,
-        adam_beta1: 0.9,
-        adam_beta2: 0.999,
-        adam_epsilon: 1e-8,
         max_grad_norm: 0.5,
         seed: 0,
         shuffle: false,
-        eval_every: None,
-        save_every: None,
-        logging_every: 1,
-        pad_id: 0,
-        packing: None,
-        group_by_length: false,
-        init_from: None,
-        loraplus: None,
+        ..Default::default()
     };
     // The trainer's batching: rows, the epoch's order, windows of micro_batch_size rows.
     let units = cfg.rows(&ds.examples);

@@ -209,28 +209,12 @@ fn examples(n: usize) -> Vec<Example> {
 
 fn config(max_steps: usize) -> TrainConfig {
     TrainConfig {
-        micro_batch_size: 4,
-        gradient_accumulation_steps: 1,
         max_steps: Some(max_steps),
-        epochs: 1,
         learning_rate: 1e-2,
         lr_scheduler: LrScheduler::Constant,
-        warmup_steps: 0,
-        weight_decay: 0.0,
-        adam_beta1: 0.9,
-        adam_beta2: 0.999,
-        adam_epsilon: 1e-8,
-        max_grad_norm: 1.0,
         seed: 7,
-        shuffle: true,
-        eval_every: None,
         save_every: Some(2),
-        logging_every: 1,
-        pad_id: 0,
-        packing: None,
-        group_by_length: false,
-        init_from: None,
-        loraplus: None,
+        ..Default::default()
     }
 }
 

@@ -45,28 +45,16 @@ fn lora(dropout: f64) -> AdapterConfig {
 
 fn config(max_steps: usize) -> TrainConfig {
     TrainConfig {
-        micro_batch_size: 4,
         gradient_accumulation_steps: 2,
         max_steps: Some(max_steps),
-        epochs: 1,
         learning_rate: 1e-2,
         lr_scheduler: LrScheduler::Cosine,
         warmup_steps: 2,
         weight_decay: 0.01,
-        adam_beta1: 0.9,
-        adam_beta2: 0.999,
-        adam_epsilon: 1e-8,
-        max_grad_norm: 1.0,
         seed: 7,
-        shuffle: true,
         eval_every: Some(5),
         save_every: Some(4),
-        logging_every: 1,
-        pad_id: 0,
-        packing: None,
-        group_by_length: false,
-        init_from: None,
-        loraplus: None,
+        ..Default::default()
     }
 }
 

@@ -518,28 +518,12 @@ fn fresh_copies_and_rows_are_the_identity_and_resume_restores_them() {
         })
         .collect();
     let cfg = peftkit::train::TrainConfig {
-        micro_batch_size: 4,
-        gradient_accumulation_steps: 1,
         max_steps: Some(5),
-        epochs: 1,
         learning_rate: 1e-2,
         lr_scheduler: peftkit::recipe::LrScheduler::Constant,
-        warmup_steps: 0,
         weight_decay: 0.01,
-        adam_beta1: 0.9,
-        adam_beta2: 0.999,
-        adam_epsilon: 1e-8,
-        max_grad_norm: 1.0,
         seed: 7,
-        shuffle: true,
-        eval_every: None,
-        save_every: None,
-        logging_every: 1,
-        pad_id: 0,
-        packing: None,
-        group_by_length: false,
-        init_from: None,
-        loraplus: None,
+        ..Default::default()
     };
     let work = tmp("resume");
     for (i, vcfg) in configs.iter().enumerate() {

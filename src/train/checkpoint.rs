@@ -429,27 +429,11 @@ mod tests {
     fn fingerprint_covers_settings_that_change_the_adapter_only() {
         let cfg = TrainConfig {
             micro_batch_size: 2,
-            gradient_accumulation_steps: 1,
             max_steps: Some(1),
-            epochs: 1,
             learning_rate: 1e-3,
             lr_scheduler: crate::recipe::LrScheduler::Constant,
-            warmup_steps: 0,
-            weight_decay: 0.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            max_grad_norm: 1.0,
             seed: 1,
-            shuffle: true,
-            eval_every: None,
-            save_every: None,
-            logging_every: 1,
-            pad_id: 0,
-            packing: None,
-            group_by_length: false,
-            init_from: None,
-            loraplus: None,
+            ..Default::default()
         };
         let ia3 = AdapterConfig::Ia3(Default::default());
         let data = [Example { input_ids: vec![1, 2], labels: vec![1, 2] }];

@@ -127,6 +127,39 @@ impl LoraPlus {
     }
 }
 
+impl Default for TrainConfig {
+    /// A recipe's defaults ([`crate::recipe::TrainingSpec`]'s, one epoch, LoRA's learning rate 2e-4, shuffled
+    /// one-example rows), padding with id 0: tests and library callers override what they need with
+    /// `..Default::default()`.
+    fn default() -> Self {
+        let t = crate::recipe::TrainingSpec::default();
+        TrainConfig {
+            micro_batch_size: t.micro_batch_size,
+            gradient_accumulation_steps: t.gradient_accumulation_steps,
+            max_steps: t.max_steps,
+            epochs: t.epochs.unwrap_or(1),
+            lr_scheduler: t.lr_scheduler,
+            warmup_steps: t.warmup_steps,
+            weight_decay: t.weight_decay,
+            adam_beta1: t.adam_beta1,
+            adam_beta2: t.adam_beta2,
+            adam_epsilon: t.adam_epsilon,
+            max_grad_norm: t.max_grad_norm,
+            seed: t.seed,
+            eval_every: t.eval_every,
+            save_every: t.save_every,
+            logging_every: t.logging_every,
+            learning_rate: 2e-4,
+            shuffle: true,
+            pad_id: 0,
+            packing: None,
+            group_by_length: false,
+            init_from: None,
+            loraplus: None,
+        }
+    }
+}
+
 impl TrainConfig {
     /// The settings of a recipe's `training` section (and of `data.packing`, `data.group_by_length`) for the
     /// training set `train`.
@@ -549,27 +582,11 @@ mod tests {
     fn row_layout_enters_the_fingerprint_only_when_set() {
         let cfg = TrainConfig {
             micro_batch_size: 2,
-            gradient_accumulation_steps: 1,
             max_steps: Some(1),
-            epochs: 1,
             learning_rate: 1e-3,
             lr_scheduler: LrScheduler::Constant,
-            warmup_steps: 0,
-            weight_decay: 0.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            max_grad_norm: 1.0,
             seed: 1,
-            shuffle: true,
-            eval_every: None,
-            save_every: None,
-            logging_every: 1,
-            pad_id: 0,
-            packing: None,
-            group_by_length: false,
-            init_from: None,
-            loraplus: None,
+            ..Default::default()
         };
         let adapter = AdapterConfig::Ia3(Default::default());
         let data = [Example { input_ids: vec![1, 2], labels: vec![1, 2] }];
