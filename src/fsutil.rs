@@ -104,6 +104,19 @@ pub fn pid_alive(pid: u32) -> bool {
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
+/// Why `dir` cannot become an output folder: it, or a folder above it, exists and is not a folder. Checked before
+/// a run starts so that the error names the path, not "File exists (os error 17)" at the first write.
+pub fn output_dir_problem(dir: &Path) -> Option<String> {
+    dir.ancestors().filter(|a| !a.as_os_str().is_empty()).find_map(|a| match std::fs::metadata(a) {
+        Ok(m) if !m.is_dir() => Some(if a == dir {
+            format!("{} exists and is not a folder", dir.display())
+        } else {
+            format!("{}: {} is a file, not a folder, so nothing can be written under it", dir.display(), a.display())
+        }),
+        _ => None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,5 +165,22 @@ mod tests {
         assert!(!pid_alive(u32::MAX));
         // pid_max is at most 2^22 on Linux.
         assert!(!pid_alive((1 << 22) + 1));
+    }
+}
+
+#[cfg(test)]
+mod output_dir_tests {
+    #[test]
+    fn output_under_a_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("afile");
+        std::fs::write(&file, "x").unwrap();
+        let msg = super::output_dir_problem(&file.join("sub/out")).unwrap();
+        assert!(
+            msg.ends_with(&format!("{} is a file, not a folder, so nothing can be written under it", file.display())),
+            "{msg}"
+        );
+        assert!(super::output_dir_problem(&file).unwrap().ends_with("exists and is not a folder"));
+        assert_eq!(super::output_dir_problem(&dir.path().join("new/out")), None);
     }
 }

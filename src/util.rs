@@ -33,33 +33,3 @@ pub fn tune_runtime() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200");
     }
 }
-
-/// Why `dir` cannot become an output folder: it, or a folder above it, exists and is not a folder. Checked before
-/// a run starts so that the error names the path, not "File exists (os error 17)" at the first write.
-pub fn output_dir_problem(dir: &std::path::Path) -> Option<String> {
-    dir.ancestors().filter(|a| !a.as_os_str().is_empty()).find_map(|a| match std::fs::metadata(a) {
-        Ok(m) if !m.is_dir() => Some(if a == dir {
-            format!("{} exists and is not a folder", dir.display())
-        } else {
-            format!("{}: {} is a file, not a folder, so nothing can be written under it", dir.display(), a.display())
-        }),
-        _ => None,
-    })
-}
-
-#[cfg(test)]
-mod output_dir_tests {
-    #[test]
-    fn output_under_a_file_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("afile");
-        std::fs::write(&file, "x").unwrap();
-        let msg = super::output_dir_problem(&file.join("sub/out")).unwrap();
-        assert!(
-            msg.ends_with(&format!("{} is a file, not a folder, so nothing can be written under it", file.display())),
-            "{msg}"
-        );
-        assert!(super::output_dir_problem(&file).unwrap().ends_with("exists and is not a folder"));
-        assert_eq!(super::output_dir_problem(&dir.path().join("new/out")), None);
-    }
-}

@@ -199,7 +199,7 @@ fn merge_one(args: Args, label: Option<String>) -> Result<()> {
     if args.quant.is_some() && args.format != OutFormat::Gguf {
         return Err(user(anyhow::anyhow!("--quant applies to --format gguf only (a model folder takes --dtype)")));
     }
-    if let Some(problem) = args.out.parent().and_then(peftkit::util::output_dir_problem) {
+    if let Some(problem) = args.out.parent().and_then(peftkit::fsutil::output_dir_problem) {
         return Err(user(anyhow::anyhow!("--out {}: {problem}", args.out.display())));
     }
     // One merge per output: a second one stops here, naming the first's pid. Then what a killed merge left beside

@@ -91,7 +91,7 @@ pub fn run(args: Args) -> Result<()> {
             .map_err(|e| user(anyhow::anyhow!("{}: output.hub_model_id ({}): {e}", args.recipe.display(), p.repo)))?;
     }
     let out = recipe.output.dir.clone();
-    if let Some(problem) = peftkit::util::output_dir_problem(&out) {
+    if let Some(problem) = peftkit::fsutil::output_dir_problem(&out) {
         return Err(user(anyhow::anyhow!("{}: output.dir: {problem}", args.recipe.display())));
     }
     // One run per output folder: a second one stops here, naming the first's pid. Held until this function
