@@ -30,6 +30,18 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
+/// `peftkit train RECIPE --set output.dir=OUT [extra…]` from the repository root (where the recipes' relative paths
+/// point).
+fn train_recipe(recipe: &str, out: &Path, extra: &[&str]) -> Output {
+    bin()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["train", recipe, "--set"])
+        .arg(format!("output.dir={}", out.display()))
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 fn write_recipe(dir: &Path, body: &str) -> PathBuf {
     let p = dir.join("recipe.yaml");
     std::fs::write(&p, body).unwrap();
@@ -422,14 +434,8 @@ fn base_model_id_names_the_hub_repo_of_a_local_base() {
 #[test]
 fn dora_recipe_trains_inspects_and_generates_like_its_merge() {
     let d = tmp("dora");
-    let root = env!("CARGO_MANIFEST_DIR");
     let out = d.join("adapter");
-    let o = bin()
-        .current_dir(root)
-        .args(["train", "recipes/tiny-llama-dora.yaml", "--set", "training.max_steps=2", "--set"])
-        .arg(format!("output.dir={}", out.display()))
-        .output()
-        .unwrap();
+    let o = train_recipe("recipes/tiny-llama-dora.yaml", &out, &["--set", "training.max_steps=2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("DoRA"), "{}", stderr(&o));
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
@@ -475,12 +481,7 @@ fn exclude_recipe_trains_and_target_errors_exit_2_naming_the_key() {
     let d = tmp("targets");
     let root = env!("CARGO_MANIFEST_DIR");
     let out = d.join("adapter");
-    let o = bin()
-        .current_dir(root)
-        .args(["train", "recipes/tiny-llama-exclude.yaml", "--set"])
-        .arg(format!("output.dir={}", out.display()))
-        .output()
-        .unwrap();
+    let o = train_recipe("recipes/tiny-llama-exclude.yaml", &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("lora adapter on 6 projections"), "{}", stderr(&o));
     let cfg: serde_json::Value =
@@ -527,12 +528,7 @@ fn pissa_recipe_trains_saves_converted_and_merges() {
     let d = tmp("pissa");
     let root = env!("CARGO_MANIFEST_DIR");
     let out = d.join("adapter");
-    let o = bin()
-        .current_dir(root)
-        .args(["train", "recipes/tiny-pissa.yaml", "--set", "training.max_steps=2", "--set"])
-        .arg(format!("output.dir={}", out.display()))
-        .output()
-        .unwrap();
+    let o = train_recipe("recipes/tiny-pissa.yaml", &out, &["--set", "training.max_steps=2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("init_lora_weights pissa"), "{}", stderr(&o));
     let cfg: serde_json::Value =
