@@ -29,7 +29,7 @@ mod problem;
 mod spec;
 mod targets;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 mod validate;
 mod vocab;
 
@@ -40,8 +40,7 @@ use serde_yaml::Value;
 pub use error::{Origin, RecipeError};
 pub use names::{ComputeDtype, DataFormat, InitLoraWeights, LrScheduler};
 pub use spec::{
-    AdapterSpec, DataSpec, Ia3Spec, LoraSpec, OutputSpec, QloraSpec, Recipe, RunLength, TokenIndices, TokenizerSpec,
-    TrainingSpec,
+    AdapterSpec, DataSpec, Ia3Spec, LoraSpec, OutputSpec, QloraSpec, Recipe, TokenIndices, TokenizerSpec, TrainingSpec,
 };
 pub use targets::Projection;
 

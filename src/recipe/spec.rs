@@ -1,6 +1,6 @@
 //! The recipe's types as serde sees them: [`Recipe`] and its sections ([`AdapterSpec`] with
 //! [`LoraSpec`] / [`QloraSpec`] / [`Ia3Spec`], [`DataSpec`], [`TrainingSpec`], [`OutputSpec`]),
-//! their defaults and derived values (scaling, learning rate, run length, steps), the YAML forms
+//! their defaults and derived values (scaling, learning rate), the YAML forms
 //! of [`TargetModules`], and the raw document shapes (`RecipeDoc`, `QloraDoc`) that loading
 //! deserializes before dispatching on `adapter.type`.
 
@@ -565,20 +565,12 @@ fn default_true() -> bool {
     true
 }
 
-/// How long a run lasts: [`TrainingSpec::max_steps`] wins over [`TrainingSpec::epochs`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunLength {
-    /// A number of passes over the training data.
-    Epochs(usize),
-    /// A number of optimizer steps.
-    Steps(usize),
-}
-
 /// Optimization settings (AdamW plus a warmup-then-schedule learning rate).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainingSpec {
-    /// Passes over the data; 1 when neither this nor `max_steps` is given.
+    /// Passes over the data; 1 when neither this nor `max_steps` is given. The run's step count is
+    /// [`crate::train::TrainConfig::total_steps`].
     pub epochs: Option<usize>,
     /// Optimizer steps; wins over `epochs` when both are given.
     pub max_steps: Option<usize>,
@@ -673,40 +665,6 @@ impl TrainingSpec {
     pub fn learning_rate(&self, adapter: &AdapterSpec) -> f64 {
         self.learning_rate.unwrap_or_else(|| adapter.default_learning_rate())
     }
-
-    /// How long the run lasts: `max_steps` if given, else `epochs` (1 if neither).
-    pub fn run_length(&self) -> RunLength {
-        match (self.max_steps, self.epochs) {
-            (Some(steps), _) => RunLength::Steps(steps),
-            (None, Some(epochs)) => RunLength::Epochs(epochs),
-            (None, None) => RunLength::Epochs(1),
-        }
-    }
-
-    /// Sequences per optimizer step: `micro_batch_size × gradient_accumulation_steps`.
-    pub fn effective_batch_size(&self) -> usize {
-        self.micro_batch_size.saturating_mul(self.gradient_accumulation_steps)
-    }
-
-    /// Total optimizer steps for a run whose epoch has `micro_batches_per_epoch` micro-batches:
-    /// `max_steps`, or `epochs × ceil(micro_batches_per_epoch / gradient_accumulation_steps)`.
-    pub fn total_steps(&self, micro_batches_per_epoch: usize) -> usize {
-        match self.run_length() {
-            RunLength::Steps(steps) => steps,
-            RunLength::Epochs(epochs) => {
-                let accumulation = self.gradient_accumulation_steps.max(1);
-                epochs.saturating_mul(micro_batches_per_epoch.div_ceil(accumulation))
-            }
-        }
-    }
-
-    /// Warmup steps for a run of `total_steps`: `warmup_steps`, or `ceil(warmup_ratio × total_steps)`.
-    pub fn warmup_steps_for(&self, total_steps: usize) -> usize {
-        match self.warmup_ratio {
-            Some(ratio) if self.warmup_steps == 0 => (ratio * total_steps as f64).ceil() as usize,
-            _ => self.warmup_steps,
-        }
-    }
 }
 
 /// Where the trained adapter is written.
@@ -784,8 +742,6 @@ mod tests {
         assert_eq!(t.save_every, Some(100));
         assert_eq!(t.logging_every, 1);
         assert!(!t.gradient_checkpointing);
-        assert_eq!(t.effective_batch_size(), 8);
-        assert_eq!(t.total_steps(9), 10); // 2 epochs × ceil(9 / 2)
         assert_eq!(r.output.dir, PathBuf::from("adapters/smollm2-135m-lora"));
         assert!(!r.output.private);
     }
@@ -816,9 +772,8 @@ output: {{dir: out, hub_model_id: me/my-adapter, private: true}}
         assert!(r.data.train_on_inputs);
         assert_eq!(r.training.max_steps, Some(30));
         assert_eq!(r.training.epochs, None);
-        assert_eq!(r.training.run_length(), RunLength::Steps(30));
         assert_eq!(r.training.learning_rate, Some(1e-4));
-        assert_eq!(r.training.warmup_steps_for(30), 3);
+        assert_eq!(r.training.warmup_ratio, Some(0.1));
         assert_eq!(r.output.hub_model_id.as_deref(), Some("me/my-adapter"));
         assert!(r.output.private);
     }

@@ -192,7 +192,11 @@ impl TrainConfig {
                 lr_embedding: t.loraplus_lr_embedding.unwrap_or(LoraPlus::DEFAULT_LR_EMBEDDING),
             }),
         };
-        cfg.warmup_steps = t.warmup_steps_for(cfg.total_steps(cfg.rows(train).len()));
+        // `warmup_ratio` (exclusive with `warmup_steps`, validated): a fraction of the run, rounded up as
+        // transformers' `get_warmup_steps` does.
+        if let (Some(ratio), 0) = (t.warmup_ratio, t.warmup_steps) {
+            cfg.warmup_steps = (ratio * cfg.total_steps(cfg.rows(train).len()) as f64).ceil() as usize;
+        }
         cfg
     }
 
@@ -224,8 +228,11 @@ impl TrainConfig {
     pub fn steps_per_epoch(&self, n: usize) -> usize {
         self.micro_per_epoch(n).div_ceil(self.gradient_accumulation_steps)
     }
+    /// Optimizer steps of the whole run over `n` rows: `max_steps` if set (it wins over `epochs`, wrapping over
+    /// epochs), else `epochs × ceil(ceil(n / micro_batch_size) / gradient_accumulation_steps)`. The one place a
+    /// run's length is computed: the schedule, the warmup ratio, progress and the model card all take it from here.
     pub fn total_steps(&self, n: usize) -> usize {
-        self.max_steps.unwrap_or(self.epochs * self.steps_per_epoch(n))
+        self.max_steps.unwrap_or(self.epochs.saturating_mul(self.steps_per_epoch(n)))
     }
 }
 
@@ -605,5 +612,32 @@ mod tests {
         let fp = |c: &TrainConfig| fingerprint(c, &adapter, &VocabConfig::default(), &data);
         let (init, plus) = (fp(&init), fp(&plus));
         assert!(init != plain && plus != plain && init != plus);
+    }
+
+    #[test]
+    fn run_length_and_warmup_come_from_the_recipe() {
+        let f = crate::recipe::testutil::fixture();
+        let recipe = |training: &str| {
+            crate::recipe::testutil::ok(
+                &format!(
+                    "base_model: m/x\nadapter: {{type: lora}}\ndata: {{train: {}}}\ntraining: {training}\noutput: {{dir: o}}\n",
+                    f.train
+                ),
+                &[],
+            )
+        };
+        let data: Vec<Example> = (0..9).map(|_| Example { input_ids: vec![1, 2], labels: vec![1, 2] }).collect();
+        // 9 rows, micro-batches of 1, 2 per step: ceil(9 / 2) = 5 steps an epoch.
+        let r = recipe("{epochs: 2, micro_batch_size: 1, gradient_accumulation_steps: 2, warmup_ratio: 0.15}");
+        let cfg = TrainConfig::from_recipe(&r, 0, &data);
+        assert_eq!((cfg.steps_per_epoch(data.len()), cfg.total_steps(data.len())), (5, 10));
+        assert_eq!(cfg.warmup_steps, 2); // ceil(0.15 × 10), as transformers rounds
+                                         // max_steps wins over epochs; warmup_steps as given.
+        let r = recipe("{epochs: 2, max_steps: 7, micro_batch_size: 2, warmup_steps: 3}");
+        let cfg = TrainConfig::from_recipe(&r, 0, &data);
+        assert_eq!((cfg.total_steps(data.len()), cfg.warmup_steps), (7, 3));
+        // Neither: one epoch of ceil(9 / 4) = 3 steps.
+        let cfg = TrainConfig::from_recipe(&recipe("{micro_batch_size: 4}"), 0, &data);
+        assert_eq!(cfg.total_steps(data.len()), 3);
     }
 }
