@@ -22,7 +22,7 @@ fn main() -> Result<()> {
 
     let mut base =
         peftkit::base::load_base(&base_name, None, None, &peftkit::hub::HubOptions::from_env(), &Device::Cpu)?;
-    let cfg = peftkit::adapter::peft_format::load_adapter(&mut base.model, &adapter_dir)?;
+    let cfg = peftkit::peft_model::load_adapter(&mut base.model, &adapter_dir)?;
     println!("{} adapter from {} on {}", cfg.adapter.peft_type(), adapter_dir.display(), base.name);
 
     // The chat template turns the conversation into the prompt the model was tuned on.

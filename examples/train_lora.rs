@@ -9,9 +9,10 @@
 
 use anyhow::Result;
 use candle_core::Device;
-use peftkit::adapter::{self, peft_format, AdapterConfig, LoraConfig, LoraInit, TargetModules};
+use peftkit::adapter::{AdapterConfig, LoraConfig, LoraInit, TargetModules};
 use peftkit::data::{self, EncodeOptions};
 use peftkit::hub::HubOptions;
+use peftkit::peft_model;
 use peftkit::recipe::LrScheduler;
 use peftkit::train::{self, TrainConfig, TrainOptions};
 use std::path::PathBuf;
@@ -57,8 +58,8 @@ fn main() -> Result<()> {
         alpha_pattern: Vec::new(),
         use_dora: false,
     });
-    let n = adapter::attach(&mut base.model, &lora, 42)?;
-    let params: usize = adapter::trainable(&base.model).iter().map(|(_, v)| v.elem_count()).sum();
+    let n = peft_model::attach(&mut base.model, &lora, 42)?;
+    let params: usize = peft_model::trainable(&base.model).iter().map(|(_, v)| v.elem_count()).sum();
     println!("LoRA on {n} projections: {params} trainable parameters");
 
     // 4. Train: a few steps of AdamW with a cosine schedule; the first 16 examples double as a validation set.
@@ -102,7 +103,7 @@ fn main() -> Result<()> {
     }
 
     // 5. Save in PEFT's format: PeftModel.from_pretrained(base, OUT) loads it.
-    peft_format::save_adapter(&base.model, &lora, &base.name, None, &out)?;
+    peft_model::save_adapter(&base.model, &lora, &base.name, None, &out)?;
     println!("adapter written to {}", out.display());
     Ok(())
 }

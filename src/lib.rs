@@ -1,7 +1,8 @@
 //! peftkit: parameter-efficient fine-tuning (LoRA, QLoRA, IA3) of Llama-family models on candle.
 //!
 //! Data flow: `recipe` (validated YAML) → `hub` (resolve the base model files) → `model` (Llama-family
-//! forward whose projections are `linear::AdaptedLinear`) + `adapter` (LoRA / IA3, PEFT format) ← `data`
+//! forward whose projections are `linear::AdaptedLinear`) + `adapter` (LoRA / IA3 layers, PEFT format), put on
+//! the model by `peft_model` ← `data`
 //! (datasets → tokens + label masks → batches) → `train` (the loop) → `adapters/<run>/` in PEFT's format;
 //! `merge` folds an adapter into its base and writes a Hugging Face model folder.
 
@@ -24,6 +25,7 @@ pub mod merge;
 pub mod model;
 pub mod ops;
 pub mod outdir;
+pub mod peft_model;
 pub mod pool;
 pub mod push;
 pub mod quant;

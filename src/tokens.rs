@@ -2,7 +2,7 @@
 //!
 //! As transformers users do it: `tokenizer.add_special_tokens({"additional_special_tokens": [...]})`, then
 //! `model.resize_token_embeddings(len(tokenizer))` (new rows = the mean of the old ones, see
-//! [`crate::adapter::vocab::resize_vocab`]), then PEFT trains the new rows (`trainable_token_indices`). The
+//! [`crate::peft_model::vocab::resize_vocab`]), then PEFT trains the new rows (`trainable_token_indices`). The
 //! tokenizer with its new tokens is saved beside the adapter (`tokenizer.json`, `tokenizer_config.json` with the
 //! tokens in `added_tokens_decoder` and `additional_special_tokens`), so that PEFT users load it with
 //! `AutoTokenizer.from_pretrained(adapter_dir)`, call `model.resize_token_embeddings(<vocab>)` and then

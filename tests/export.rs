@@ -363,7 +363,7 @@ fn llama_cpp_logits_with_the_adapter_match_peftkits_unmerged_forward() {
             DType::F32,
         )
         .unwrap();
-        peftkit::adapter::peft_format::load_adapter(&mut m, &dir.join("peft-lora")).unwrap();
+        peftkit::peft_model::load_adapter(&mut m, &dir.join("peft-lora")).unwrap();
         let lc = candle_core::safetensors::load(
             fixtures().join(format!("llamacpp/{model}-llamacpp-logits.safetensors")),
             &Device::Cpu,

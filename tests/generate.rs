@@ -14,6 +14,7 @@ use peftkit::generate::{
 use peftkit::hub::HubOptions;
 use peftkit::linear::ForwardCtx;
 use peftkit::model::{KvCache, Llama};
+use peftkit::peft_model;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -63,7 +64,7 @@ fn cache_gives_the_tokens_of_full_recomputation() {
         let prompt = encode(&base, "The quick brown fox jumps over the lazy dog.", true);
         for adapter in [false, true] {
             if adapter {
-                peft_format::load_adapter(&mut base.model, &fixture(name).join("peft-lora")).unwrap();
+                peft_model::load_adapter(&mut base.model, &fixture(name).join("peft-lora")).unwrap();
             }
             for params in [SamplingParams::greedy(24), sampled(24)] {
                 // No stop ids: every run goes the full 24 tokens.
@@ -257,7 +258,7 @@ fn generate_command_prints_the_library_text() {
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let mut adapted = load("tiny-llama");
-    peft_format::load_adapter(&mut adapted.model, &adapter).unwrap();
+    peft_model::load_adapter(&mut adapted.model, &adapter).unwrap();
     assert_eq!(text(&o.stdout), greedy_text(&adapted, &encode(&adapted, "hi", true), 5));
 }
 
@@ -419,9 +420,9 @@ fn chat_switches_adapters() {
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(0), "{err}");
     let mut with_a = load("tiny-llama");
-    peft_format::load_adapter(&mut with_a.model, &a).unwrap();
+    peft_model::load_adapter(&mut with_a.model, &a).unwrap();
     let mut with_b = load("tiny-llama");
-    peft_format::load_adapter(&mut with_b.model, &b).unwrap();
+    peft_model::load_adapter(&mut with_b.model, &b).unwrap();
     let base = load("tiny-llama");
     let r1 = greedy_text(&with_a, &chat_prompt(&with_a, &[Message::new("user", "hello")]), 6);
     let kept = [

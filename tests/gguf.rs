@@ -135,7 +135,7 @@ fn tiny_models_from_gguf_match_transformers_and_their_tokenizers() {
         let adapter_dir = common::fixture(name).join("peft-lora");
         // A PEFT adapter trained on the safetensors model applies unchanged to the GGUF one.
         let mut model = base.model.clone();
-        peftkit::adapter::peft_format::load_adapter(&mut model, &adapter_dir).unwrap();
+        peftkit::peft_model::load_adapter(&mut model, &adapter_dir).unwrap();
         let lora = model.forward(&ids).unwrap();
         let want = &expected["logits_lora"];
         let d = (&lora - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()

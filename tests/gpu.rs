@@ -11,9 +11,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::fixture;
-use peftkit::adapter::{self, AdapterConfig, LoraConfig, LoraInit, TargetModules};
+use peftkit::adapter::{AdapterConfig, LoraConfig, LoraInit, TargetModules};
 use peftkit::data::Batch;
 use peftkit::model::{self, BaseQuant, Llama};
+use peftkit::peft_model;
 use peftkit::train::optim::AdamW;
 use peftkit::train::step::{optimizer_step, StepOutcome};
 use rand::{Rng, SeedableRng};
@@ -44,11 +45,11 @@ fn tiny(device: &Device, dtype: DType, quant: BaseQuant) -> Llama {
         alpha_pattern: Default::default(),
         use_dora: false,
     });
-    adapter::attach(&mut m, &cfg, 7).unwrap();
+    peft_model::attach(&mut m, &cfg, 7).unwrap();
     // B starts at zero, which would make every dA zero: give all adapter weights the same random values on
     // every device (drawn on the CPU), so that both factors get gradients.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-    for (_, var) in adapter::trainable(&m) {
+    for (_, var) in peft_model::trainable(&m) {
         let v: Vec<f32> = (0..var.elem_count()).map(|_| rng.random_range(-0.1f32..0.1)).collect();
         let t = Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap().to_device(device).unwrap();
         var.set(&t).unwrap();
@@ -72,7 +73,7 @@ fn flat(t: &Tensor) -> Vec<f32> {
 fn step(device: &Device, dtype: DType, quant: BaseQuant) -> StepResult {
     let m = tiny(device, dtype, quant);
     let b = batch(m.config.vocab_size as u32);
-    let vars: Vec<_> = adapter::trainable(&m).into_iter().map(|(_, v)| v).collect();
+    let vars: Vec<_> = peft_model::trainable(&m).into_iter().map(|(_, v)| v).collect();
     // The gradients, from a forward/backward of their own (optimizer_step does not return them).
     let ids = Tensor::from_vec(b.input_ids.clone(), (b.batch, b.seq), device).unwrap();
     let ctx = peftkit::linear::ForwardCtx { dropout_seed: Some(5), no_grad: false };

@@ -659,7 +659,7 @@ fn gguf_base_with_a_tied_head_writes_no_lm_head() {
     // Merged ≡ unmerged: the folder computes what the GGUF base with the adapter attached computes.
     let mut unmerged =
         peftkit::base::load_base(gguf.to_str().unwrap(), None, None, &HubOptions::default(), &Device::Cpu).unwrap();
-    peftkit::adapter::peft_format::load_adapter(&mut unmerged.model, &adapter).unwrap();
+    peftkit::peft_model::load_adapter(&mut unmerged.model, &adapter).unwrap();
     let ids = &expected("tiny-llama")["input_ids"];
     let r = rel_diff(&logits(&load_model(&out), ids), &logits(&unmerged.model, ids));
     assert!(r <= 1e-4, "{r}");
@@ -690,7 +690,7 @@ fn smollm2_gguf_merged_folder_computes_the_unmerged_adapter() {
     merge_ok(&gguf, &adapter, &out, &["--dtype", "f32"]);
     let mut unmerged =
         peftkit::base::load_base(gguf.to_str().unwrap(), None, None, &HubOptions::default(), &Device::Cpu).unwrap();
-    peftkit::adapter::peft_format::load_adapter(&mut unmerged.model, &adapter).unwrap();
+    peftkit::peft_model::load_adapter(&mut unmerged.model, &adapter).unwrap();
     let ids = Tensor::new(&[[1u32, 504, 3458, 282, 4649, 314, 16, 2]], &Device::Cpu).unwrap();
     let merged =
         peftkit::base::load_base(out.to_str().unwrap(), None, None, &HubOptions::default(), &Device::Cpu).unwrap();

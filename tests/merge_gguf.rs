@@ -314,7 +314,7 @@ fn smollm2_q4_1_gguf_merged_to_gguf_computes_the_unmerged_adapter() {
     let run = |m: &Llama| m.forward(&ids).unwrap();
     let mut unmerged =
         peftkit::base::load_base(gguf.to_str().unwrap(), None, None, &HubOptions::default(), &Device::Cpu).unwrap();
-    peftkit::adapter::peft_format::load_adapter(&mut unmerged.model, &adapter).unwrap();
+    peftkit::peft_model::load_adapter(&mut unmerged.model, &adapter).unwrap();
     let want = run(&unmerged.model);
     let base = read_gguf(&gguf);
     // (--quant, bound on max |Δlogit| / max |logit| against the unmerged adapter on the Q4_1 base). Measured over

@@ -1,8 +1,8 @@
 //! The forward pass against transformers + PEFT (fixtures made by the Python stack, see tests/fixtures/README.md).
 
 use candle_core::{DType, Device, Tensor};
-use peftkit::adapter::peft_format;
 use peftkit::model::{load_llama, Llama};
+use peftkit::peft_model;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -44,7 +44,7 @@ fn base_logits_match_transformers() {
 fn peft_lora_fixture_matches_unmerged_logits() {
     for name in ["tiny-llama", "tiny-qwen2"] {
         let (mut model, expected) = load(name);
-        let cfg = peft_format::load_adapter(&mut model, &fixture(name).join("peft-lora")).unwrap();
+        let cfg = peft_model::load_adapter(&mut model, &fixture(name).join("peft-lora")).unwrap();
         assert_eq!(cfg.adapter.peft_type(), "LORA");
         assert_eq!(model.linears().filter(|l| l.adapter.is_some()).count(), 14);
         let d = rel_diff(&logits(&model, &expected), &expected["logits_lora"]);
@@ -59,7 +59,7 @@ fn peft_lora_fixture_matches_unmerged_logits() {
 fn peft_ia3_fixture_matches_logits() {
     for name in ["tiny-llama", "tiny-qwen2"] {
         let (mut model, expected) = load(name);
-        let cfg = peft_format::load_adapter(&mut model, &fixture(name).join("peft-ia3")).unwrap();
+        let cfg = peft_model::load_adapter(&mut model, &fixture(name).join("peft-ia3")).unwrap();
         assert_eq!(cfg.adapter.peft_type(), "IA3");
         // k_proj, v_proj (output scaled) and down_proj (input scaled) in each of the 2 layers.
         assert_eq!(model.linears().filter(|l| l.adapter.is_some()).count(), 6);
@@ -76,13 +76,13 @@ fn peftkit_ia3_adapter_loads_in_peft_and_merges_like_peft() {
     // after merge_and_unload() (tests/fixtures/tiny-qwen2-ia3-peftkit/make_peft_logits.py).
     let (mut model, _) = load("tiny-qwen2");
     let dir = fixture("tiny-qwen2-ia3-peftkit");
-    peft_format::load_adapter(&mut model, &dir).unwrap();
+    peft_model::load_adapter(&mut model, &dir).unwrap();
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
     let want = candle_core::safetensors::load(dir.join("peft_logits.safetensors"), &Device::Cpu).unwrap();
     let d = rel_diff(&model.forward(&ids).unwrap(), &want["logits"]);
     println!("peftkit IA3 adapter in PEFT: max rel diff {d:e}");
     assert!(d <= 1e-4, "{d}");
-    peftkit::adapter::merge_and_unload(&mut model).unwrap();
+    peftkit::peft_model::merge_and_unload(&mut model).unwrap();
     assert!(model.linears().all(|l| l.adapter.is_none()));
     let d = rel_diff(&model.forward(&ids).unwrap(), &want["merged_logits"]);
     println!("merged IA3 vs PEFT merge_and_unload: max rel diff {d:e}");
@@ -93,8 +93,8 @@ fn peftkit_ia3_adapter_loads_in_peft_and_merges_like_peft() {
 fn merge_and_unload_reproduces_peft_lora_merged_logits() {
     for name in ["tiny-llama", "tiny-qwen2"] {
         let (mut model, expected) = load(name);
-        peft_format::load_adapter(&mut model, &fixture(name).join("peft-lora")).unwrap();
-        peftkit::adapter::merge_and_unload(&mut model).unwrap();
+        peft_model::load_adapter(&mut model, &fixture(name).join("peft-lora")).unwrap();
+        peftkit::peft_model::merge_and_unload(&mut model).unwrap();
         let d = rel_diff(&logits(&model, &expected), &expected["logits_lora_merged"]);
         println!("{name}: merged LoRA vs PEFT merge_and_unload: max rel diff {d:e}");
         assert!(d <= 1e-4, "{name}: {d}");
@@ -103,7 +103,8 @@ fn merge_and_unload_reproduces_peft_lora_merged_logits() {
 
 #[test]
 fn ia3_with_all_ones_vectors_is_the_identity() {
-    use peftkit::adapter::{attach, AdapterConfig, Ia3Config, TargetModules};
+    use peftkit::adapter::{AdapterConfig, Ia3Config, TargetModules};
+    use peftkit::peft_model::attach;
     for name in ["tiny-llama", "tiny-qwen2"] {
         let (mut model, expected) = load(name);
         let base = logits(&model, &expected);
@@ -166,7 +167,7 @@ fn peftkit_qlora_adapter_loads_in_peft_on_a_bnb4_base() {
     // the 4-bit base the same way.
     let (mut model, _) = load("tiny-llama-bnb4");
     let dir = fixture("tiny-llama-bnb4-qlora");
-    peft_format::load_adapter(&mut model, &dir).unwrap();
+    peft_model::load_adapter(&mut model, &dir).unwrap();
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
     let want = candle_core::safetensors::load(dir.join("peft_logits.safetensors"), &Device::Cpu).unwrap();
     let d = rel_diff(&model.forward(&ids).unwrap(), &want["logits"]);
@@ -184,7 +185,7 @@ fn peft_dora_fixture_matches_unmerged_and_merged_logits() {
     for name in ["tiny-llama", "tiny-qwen2"] {
         let (mut model, _) = load(name);
         let v2 = expected_v2(name);
-        let cfg = peft_format::load_adapter(&mut model, &fixture(name).join("peft-dora")).unwrap();
+        let cfg = peft_model::load_adapter(&mut model, &fixture(name).join("peft-dora")).unwrap();
         let peftkit::adapter::AdapterConfig::Lora(l) = &cfg.adapter else { panic!("not LoRA") };
         assert!(l.use_dora);
         assert_eq!(
@@ -194,14 +195,14 @@ fn peft_dora_fixture_matches_unmerged_and_merged_logits() {
         let d = rel_diff(&logits(&model, &v2), &v2["logits_dora"]);
         println!("{name}: DoRA logits max rel diff {d:e}");
         assert!(d <= 1e-4, "{name}: {d}");
-        peftkit::adapter::merge_and_unload(&mut model).unwrap();
+        peftkit::peft_model::merge_and_unload(&mut model).unwrap();
         assert!(model.linears().all(|l| l.adapter.is_none()));
         let d = rel_diff(&logits(&model, &v2), &v2["logits_dora_merged"]);
         println!("{name}: merged DoRA vs PEFT merge_and_unload: max rel diff {d:e}");
         assert!(d <= 1e-4, "{name}: {d}");
         // The magnitudes matter: the fixture's are ±10% off the norm, so DoRA differs from plain LoRA with its A, B.
         let mut plain = load(name).0;
-        peft_format::load_adapter(&mut plain, &fixture(name).join("peft-dora")).unwrap();
+        peft_model::load_adapter(&mut plain, &fixture(name).join("peft-dora")).unwrap();
         for lin in plain.linears_mut() {
             if let Some(peftkit::adapter::LayerAdapter::Dora(d)) = lin.adapter.take() {
                 lin.adapter = Some(peftkit::adapter::LayerAdapter::Lora(d.lora));
@@ -216,7 +217,7 @@ fn dora_in_bf16_stays_within_bf16_tolerance_of_the_f32_reference() {
     let dir = fixture("tiny-llama");
     let mut model =
         load_llama(&dir.join("config.json"), &[dir.join("model.safetensors")], &Device::Cpu, DType::BF16).unwrap();
-    peft_format::load_adapter(&mut model, &dir.join("peft-dora")).unwrap();
+    peft_model::load_adapter(&mut model, &dir.join("peft-dora")).unwrap();
     let v2 = expected_v2("tiny-llama");
     let got = logits(&model, &v2).to_dtype(DType::F32).unwrap();
     let d = rel_diff(&got, &v2["logits_dora"]);
@@ -230,13 +231,13 @@ fn peftkit_dora_adapter_loads_in_peft_and_merges_like_peft() {
     // after merge_and_unload() (tests/fixtures/tiny-llama-dora-peftkit/make_peft_logits.py).
     let (mut model, _) = load("tiny-llama");
     let dir = fixture("tiny-llama-dora-peftkit");
-    peft_format::load_adapter(&mut model, &dir).unwrap();
+    peft_model::load_adapter(&mut model, &dir).unwrap();
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
     let want = candle_core::safetensors::load(dir.join("peft_logits.safetensors"), &Device::Cpu).unwrap();
     let d = rel_diff(&model.forward(&ids).unwrap(), &want["logits"]);
     println!("peftkit DoRA adapter in PEFT: max rel diff {d:e}");
     assert!(d <= 1e-4, "{d}");
-    peftkit::adapter::merge_and_unload(&mut model).unwrap();
+    peftkit::peft_model::merge_and_unload(&mut model).unwrap();
     let d = rel_diff(&model.forward(&ids).unwrap(), &want["merged_logits"]);
     println!("merged DoRA vs PEFT merge_and_unload: max rel diff {d:e}");
     assert!(d <= 1e-4, "{d}");

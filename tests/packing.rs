@@ -11,11 +11,12 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use peftkit::adapter::{self, peft_format, AdapterConfig, LoraConfig, LoraInit, TargetModules};
+use peftkit::adapter::{AdapterConfig, LoraConfig, LoraInit, TargetModules};
 use peftkit::data::{self, make_batch, make_packed_batch, pack, Batch, EncodeOptions, Example, Format};
 use peftkit::linear::ForwardCtx;
 use peftkit::model::{load_llama, Llama};
 use peftkit::ops::Segments;
+use peftkit::peft_model;
 use peftkit::recipe::LrScheduler;
 use peftkit::train::optim::AdamW;
 use peftkit::train::step::{optimizer_step, StepOutcome};
@@ -60,7 +61,7 @@ fn lora_model(seed: u64) -> Llama {
         alpha_pattern: Default::default(),
         use_dora: false,
     });
-    adapter::attach(&mut model, &cfg, seed).unwrap();
+    peft_model::attach(&mut model, &cfg, seed).unwrap();
     model
 }
 
@@ -77,7 +78,7 @@ fn loss_and_grads(model: &Llama, batch: &Batch, segments: bool) -> (f64, Vec<Vec
     let denom = Llama::count_targets(&batch.labels, batch.batch, batch.seq) as f64;
     let loss = model.loss(&hidden, &batch.labels, denom).unwrap();
     let grads = loss.backward().unwrap();
-    let g = adapter::trainable(model)
+    let g = peft_model::trainable(model)
         .iter()
         .map(|(name, var)| grads.get(var.as_tensor()).expect(name).flatten_all().unwrap().to_vec1().unwrap())
         .collect();
@@ -160,7 +161,7 @@ fn packed_and_unpacked_batches_give_equal_loss_and_lora_gradients() {
     // Through the trainer's step (two micro-batches of each layout): the same loss and gradient norm.
     let step = |batches: &[Batch]| {
         let model = lora_model(11);
-        let vars: Vec<Var> = adapter::trainable(&model).into_iter().map(|(_, v)| v).collect();
+        let vars: Vec<Var> = peft_model::trainable(&model).into_iter().map(|(_, v)| v).collect();
         let mut opt = AdamW::new(vars, 0.9, 0.999, 1e-8, 0.0).unwrap();
         match optimizer_step(&model, &mut opt, batches, |_| None, 1e9, 1e-3).unwrap() {
             StepOutcome::Updated { loss, grad_norm, tokens } => (loss, grad_norm, tokens),
@@ -349,8 +350,8 @@ fn oracle_batches_round_trip_through_a_tokens_file() {
     let units = cfg.rows(&ds.examples);
     let order = cfg.row_order(&units.iter().map(|r| r.len()).collect::<Vec<_>>(), 0);
     let mut model = tiny(DType::F32);
-    peft_format::load_adapter(&mut model, &dir.join("init")).unwrap();
-    let vars: Vec<Var> = adapter::trainable(&model).into_iter().map(|(_, v)| v).collect();
+    peft_model::load_adapter(&mut model, &dir.join("init")).unwrap();
+    let vars: Vec<Var> = peft_model::trainable(&model).into_iter().map(|(_, v)| v).collect();
     let mut opt = AdamW::new(vars, 0.9, 0.999, 1e-8, 0.01).unwrap();
     for step in 1..=3 {
         let window = &order[(step - 1) * 2..step * 2];

@@ -3,9 +3,10 @@
 //! (tests/fixtures/tiny-llama-pissa/make.py), merging it, and resuming a PiSSA run.
 
 use candle_core::{DType, Device, Tensor};
-use peftkit::adapter::{self, peft_format, AdapterConfig, LayerAdapter, LoraConfig, LoraInit, TargetModules};
+use peftkit::adapter::{self, AdapterConfig, LayerAdapter, LoraConfig, LoraInit, TargetModules};
 use peftkit::data::Example;
 use peftkit::model::{load_llama, Llama};
+use peftkit::peft_model;
 use peftkit::recipe::LrScheduler;
 use peftkit::train::{self, TrainConfig, TrainOptions};
 use peftkit::weight::FrozenWeight;
@@ -75,7 +76,7 @@ fn pissa_and_olora_initialisation_match_peft() {
     for (name, init) in [("pissa", LoraInit::Pissa), ("olora", LoraInit::Olora)] {
         let mut model = tiny();
         let original: HashMap<String, Tensor> = model.linears().map(|l| (l.path.clone(), dense(&l.weight))).collect();
-        assert_eq!(adapter::attach(&mut model, &lora(init), 3).unwrap(), 14);
+        assert_eq!(peft_model::attach(&mut model, &lora(init), 3).unwrap(), 14);
         let (mut worst_res, mut worst_ba, mut worst_ab) = (0f32, 0f32, 0f32);
         for lin in model.linears() {
             let l = lora_of(&lin.adapter);
@@ -107,7 +108,7 @@ fn randomized_pissa_reconstructs_the_weight() {
     // update is the weight, and the factors have PiSSA's shape (B·A of rank r, A's rows orthogonal).
     let mut model = tiny();
     let original: HashMap<String, Tensor> = model.linears().map(|l| (l.path.clone(), dense(&l.weight))).collect();
-    adapter::attach(&mut model, &lora(LoraInit::PissaNiter(4)), 3).unwrap();
+    peft_model::attach(&mut model, &lora(LoraInit::PissaNiter(4)), 3).unwrap();
     for lin in model.linears() {
         let l = lora_of(&lin.adapter);
         let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
@@ -129,7 +130,7 @@ fn randomized_pissa_reconstructs_the_weight() {
 fn peft_trained_pissa() -> Llama {
     let want = candle_core::safetensors::load(fixture("tiny-llama-pissa/init.safetensors"), &Device::Cpu).unwrap();
     let mut model = tiny();
-    adapter::attach(&mut model, &lora(LoraInit::Pissa), 3).unwrap();
+    peft_model::attach(&mut model, &lora(LoraInit::Pissa), 3).unwrap();
     for lin in model.linears_mut() {
         let key = |k: &str| want[&k.replace('@', &lin.path)].clone();
         lin.weight = FrozenWeight::Dense(key("pissa.@.base"));
@@ -149,7 +150,7 @@ fn converted_adapter_matches_peft_and_loads_onto_the_original_base() {
     let conv = fixture("tiny-llama-pissa/converted");
     let model = peft_trained_pissa();
     let out = std::env::temp_dir().join(format!("peftkit-pissa-conv-{}", std::process::id()));
-    peft_format::save_adapter(&model, &lora(LoraInit::Pissa), "tests/fixtures/tiny-llama", None, &out).unwrap();
+    peft_model::save_adapter(&model, &lora(LoraInit::Pissa), "tests/fixtures/tiny-llama", None, &out).unwrap();
     // Tensors: A' = [A; A₀], B' = [B, −B₀] as PEFT wrote them.
     let mine = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
     let peft = candle_core::safetensors::load(conv.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
@@ -172,19 +173,19 @@ fn converted_adapter_matches_peft_and_loads_onto_the_original_base() {
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
     let d_trained = rel_diff(&model.forward(&ids).unwrap(), &want["trained_logits"]);
     let mut fresh = tiny();
-    peft_format::load_adapter(&mut fresh, &out).unwrap();
+    peft_model::load_adapter(&mut fresh, &out).unwrap();
     let d = rel_diff(&fresh.forward(&ids).unwrap(), &want["logits"]);
     println!("residual model + PiSSA adapter vs PEFT {d_trained:e}; original base + converted vs PEFT {d:e}");
     assert!(d_trained <= 1e-4 && d <= 1e-4);
     assert!(rel_diff(&tiny().forward(&ids).unwrap(), &want["logits"]) > 1e-3, "the adapter changes nothing");
     // PEFT's own converted adapter loads in peftkit too, to the same logits.
     let mut fresh = tiny();
-    peft_format::load_adapter(&mut fresh, &conv).unwrap();
+    peft_model::load_adapter(&mut fresh, &conv).unwrap();
     assert!(rel_diff(&fresh.forward(&ids).unwrap(), &want["logits"]) <= 1e-4);
     // Merging it into the original base gives the trained weights W_res + s·B·A.
     let mut fresh = tiny();
-    peft_format::load_adapter(&mut fresh, &out).unwrap();
-    adapter::merge_and_unload(&mut fresh).unwrap();
+    peft_model::load_adapter(&mut fresh, &out).unwrap();
+    peft_model::merge_and_unload(&mut fresh).unwrap();
     let mut worst = 0f32;
     for (lin, merged) in model.linears().zip(fresh.linears()) {
         let l = lora_of(&lin.adapter);
@@ -229,7 +230,7 @@ fn interrupted_pissa_run_resumes_from_the_checkpoints_start() {
             let out = std::env::temp_dir().join(format!("peftkit-pissa-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&out);
             let mut model = tiny();
-            adapter::attach(&mut model, &cfg, 5).unwrap();
+            peft_model::attach(&mut model, &cfg, 5).unwrap();
             let opts = TrainOptions { stop_after_step: stop, ..Default::default() };
             train::train(&mut model, &cfg, &data, None, &config(4), "tiny-llama", &out, &opts).unwrap();
             if stop.is_some() {
@@ -242,12 +243,12 @@ fn interrupted_pissa_run_resumes_from_the_checkpoints_start() {
                 // A different seed would give another randomized SVD: the stored start must win.
                 let mut model = tiny();
                 let initial = train::resume_initial(&out).unwrap().expect("initial_adapter.safetensors");
-                adapter::attach_with_initial(&mut model, &cfg, 99, Some(&initial)).unwrap();
+                peft_model::attach_with_initial(&mut model, &cfg, 99, Some(&initial)).unwrap();
                 let opts = TrainOptions { resume: true, ..Default::default() };
                 train::train(&mut model, &cfg, &data, None, &config(4), "tiny-llama", &out, &opts).unwrap();
-                peft_format::save_adapter(&model, &cfg, "tiny-llama", None, &out).unwrap();
+                peft_model::save_adapter(&model, &cfg, "tiny-llama", None, &out).unwrap();
             } else {
-                peft_format::save_adapter(&model, &cfg, "tiny-llama", None, &out).unwrap();
+                peft_model::save_adapter(&model, &cfg, "tiny-llama", None, &out).unwrap();
             }
             let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
             let _ = std::fs::remove_dir_all(&out);
@@ -263,13 +264,13 @@ fn peftkit_pissa_adapter_loads_in_peft_onto_the_original_base() {
     // transformers' unmodified tiny-llama (tests/fixtures/tiny-llama-pissa-peftkit/make_peft_logits.py).
     let dir = fixture("tiny-llama-pissa-peftkit");
     let mut model = tiny();
-    peft_format::load_adapter(&mut model, &dir).unwrap();
+    peft_model::load_adapter(&mut model, &dir).unwrap();
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
     let want = candle_core::safetensors::load(dir.join("peft_logits.safetensors"), &Device::Cpu).unwrap();
     let d = rel_diff(&model.forward(&ids).unwrap(), &want["logits"]);
     println!("peftkit-trained PiSSA adapter (converted) in PEFT vs peftkit: max rel diff {d:e}");
     assert!(d <= 1e-4, "{d}");
-    adapter::merge_and_unload(&mut model).unwrap();
+    peft_model::merge_and_unload(&mut model).unwrap();
     let d = rel_diff(&model.forward(&ids).unwrap(), &want["merged_logits"]);
     println!("merged vs PEFT merge_and_unload: max rel diff {d:e}");
     assert!(d <= 1e-4, "{d}");
@@ -286,14 +287,14 @@ fn a_trained_pissa_or_olora_model_and_its_saved_adapter_on_the_original_base_agr
         let out = std::env::temp_dir().join(format!("peftkit-pissa-agree-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
         let mut model = tiny();
-        adapter::attach(&mut model, &cfg, 5).unwrap();
+        peft_model::attach(&mut model, &cfg, 5).unwrap();
         let mut tc = config(3);
         tc.save_every = None;
         train::train(&mut model, &cfg, &data, None, &tc, "tiny-llama", &out, &TrainOptions::default()).unwrap();
-        peft_format::save_adapter(&model, &cfg, "tiny-llama", None, &out).unwrap();
+        peft_model::save_adapter(&model, &cfg, "tiny-llama", None, &out).unwrap();
         let trained = model.forward(&ids).unwrap();
         let mut fresh = tiny();
-        peft_format::load_adapter(&mut fresh, &out).unwrap();
+        peft_model::load_adapter(&mut fresh, &out).unwrap();
         let d = rel_diff(&fresh.forward(&ids).unwrap(), &trained);
         println!("{init:?}: trained model vs original base + converted adapter: max rel diff {d:e}");
         assert!(d <= 1e-5, "{init:?}: {d}");

@@ -2,9 +2,10 @@
 //! interrupted and resumed writes the same adapter bytes as an uninterrupted one.
 
 use candle_core::{DType, Device, Tensor};
-use peftkit::adapter::{self, peft_format, AdapterConfig, Ia3Config, LoraConfig, LoraInit, TargetModules};
+use peftkit::adapter::{AdapterConfig, Ia3Config, LoraConfig, LoraInit, TargetModules};
 use peftkit::data::Example;
 use peftkit::model::{load_llama, Llama};
+use peftkit::peft_model;
 use peftkit::recipe::LrScheduler;
 use peftkit::train::{self, TrainConfig, TrainOptions};
 use std::path::{Path, PathBuf};
@@ -71,7 +72,7 @@ fn training_lowers_loss_and_adapter_round_trips() {
     let valid = data[..8].to_vec();
     let mut model = tiny();
     let cfg_a = lora(0.05);
-    adapter::attach(&mut model, &cfg_a, 7).unwrap();
+    peft_model::attach(&mut model, &cfg_a, 7).unwrap();
     let before = train::evaluate(&model, &valid, 4, 0).unwrap();
     let out = tmpdir("train");
     let mut cfg = config(30);
@@ -86,11 +87,11 @@ fn training_lowers_loss_and_adapter_round_trips() {
     assert!(metrics.lines().count() >= 30);
 
     // Save, reload into a fresh model: identical logits.
-    peft_format::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
+    peft_model::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250]], &Device::Cpu).unwrap();
     let want = model.forward(&ids).unwrap();
     let mut fresh = tiny();
-    let loaded = peft_format::load_adapter(&mut fresh, &out).unwrap();
+    let loaded = peft_model::load_adapter(&mut fresh, &out).unwrap();
     // all-linear is saved expanded to module names, as PEFT does.
     let AdapterConfig::Lora(l) = &loaded.adapter else { panic!("not LoRA") };
     assert_eq!((l.r, l.lora_alpha, l.lora_dropout), (4, 8.0, 0.05));
@@ -112,7 +113,7 @@ fn ia3_training_lowers_loss_and_adapter_round_trips() {
     let valid = data[..8].to_vec();
     let mut model = tiny();
     let cfg_a = AdapterConfig::Ia3(Ia3Config::default());
-    assert_eq!(adapter::attach(&mut model, &cfg_a, 7).unwrap(), 6); // k, v, down in 2 layers
+    assert_eq!(peft_model::attach(&mut model, &cfg_a, 7).unwrap(), 6); // k, v, down in 2 layers
     let before = train::evaluate(&model, &valid, 4, 0).unwrap();
     let out = tmpdir("ia3");
     let mut cfg = config(30);
@@ -124,11 +125,11 @@ fn ia3_training_lowers_loss_and_adapter_round_trips() {
     println!("IA3 eval loss {} -> {}", before.loss, after.loss);
     assert!(after.loss < before.loss - 0.05, "loss did not drop: {} -> {}", before.loss, after.loss);
 
-    peft_format::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
+    peft_model::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250]], &Device::Cpu).unwrap();
     let want = model.forward(&ids).unwrap();
     let mut fresh = tiny();
-    let loaded = peft_format::load_adapter(&mut fresh, &out).unwrap();
+    let loaded = peft_model::load_adapter(&mut fresh, &out).unwrap();
     assert_eq!(loaded.adapter, cfg_a);
     let diff =
         (want - fresh.forward(&ids).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -152,21 +153,21 @@ fn interrupted_and_resumed_run_writes_identical_adapter_bytes() {
     let run = |name: &str, stop: Option<usize>| -> (PathBuf, Vec<u8>) {
         let out = tmpdir(name);
         let mut model = tiny();
-        adapter::attach(&mut model, &cfg_a, 7).unwrap();
+        peft_model::attach(&mut model, &cfg_a, 7).unwrap();
         let opts = TrainOptions { stop_after_step: stop, ..Default::default() };
         let s = train::train(&mut model, &cfg_a, &data, None, &config(9), "tiny-llama", &out, &opts).unwrap();
         if stop.is_some() {
             assert!(s.interrupted_at.is_some());
             // Resume in a fresh process state: a new model, adapters re-initialised, then restored.
             let mut model = tiny();
-            adapter::attach(&mut model, &cfg_a, 7).unwrap();
+            peft_model::attach(&mut model, &cfg_a, 7).unwrap();
             let opts = TrainOptions { resume: true, ..Default::default() };
             let s = train::train(&mut model, &cfg_a, &data, None, &config(9), "tiny-llama", &out, &opts).unwrap();
             assert_eq!(s.steps, 9);
-            peft_format::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
+            peft_model::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
         } else {
             assert_eq!(s.steps, 9);
-            peft_format::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
+            peft_model::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
         }
         let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
         (out, bytes)
@@ -183,7 +184,7 @@ fn interrupted_and_resumed_run_writes_identical_adapter_bytes() {
     assert_eq!(steps, (1..=9).collect::<Vec<_>>());
     // A resume with other settings is refused.
     let mut model = tiny();
-    adapter::attach(&mut model, &cfg_a, 7).unwrap();
+    peft_model::attach(&mut model, &cfg_a, 7).unwrap();
     let mut other = config(9);
     other.learning_rate = 0.5;
     let err = train::train(
@@ -227,7 +228,7 @@ fn model_ia3_gradients_match_finite_differences() {
 /// tensor whose name contains one of `modules`; returns how many entries were checked.
 fn check_gradients(cfg: &AdapterConfig, modules: &[&str]) -> usize {
     let mut model = tiny();
-    adapter::attach(&mut model, cfg, 3).unwrap();
+    peft_model::attach(&mut model, cfg, 3).unwrap();
     let batch = peftkit::data::make_batch(&examples(3).iter().collect::<Vec<_>>(), 0);
     let ids = Tensor::from_vec(batch.input_ids.clone(), (batch.batch, batch.seq), &Device::Cpu).unwrap();
     let ctx = peftkit::linear::ForwardCtx::default();
@@ -237,7 +238,7 @@ fn check_gradients(cfg: &AdapterConfig, modules: &[&str]) -> usize {
     };
     let h = model.forward_hidden(&ids, &ctx, None).unwrap();
     let grads = model.loss(&h, &batch.labels, 10.0).unwrap().backward().unwrap();
-    let params = adapter::trainable(&model);
+    let params = peft_model::trainable(&model);
     let mut checked = 0;
     for (name, var) in params.iter().filter(|(n, _)| modules.iter().any(|m| n.contains(m))) {
         let g: Vec<f32> = grads.get(var.as_tensor()).expect(name).flatten_all().unwrap().to_vec1().unwrap();
@@ -283,7 +284,7 @@ fn qlora_training_lowers_loss_and_adapter_reloads_onto_the_nf4_base() {
     let mut model = nf4();
     assert!(model.linears().all(|l| matches!(l.weight, FrozenWeight::Nf4(_))));
     let cfg_a = lora(0.05);
-    adapter::attach(&mut model, &cfg_a, 7).unwrap();
+    peft_model::attach(&mut model, &cfg_a, 7).unwrap();
     let before = train::evaluate(&model, &valid, 4, 0).unwrap();
     let out = tmpdir("qlora");
     let mut cfg = config(30);
@@ -293,11 +294,11 @@ fn qlora_training_lowers_loss_and_adapter_reloads_onto_the_nf4_base() {
     let after = s.final_eval.unwrap();
     println!("QLoRA eval loss {} -> {}", before.loss, after.loss);
     assert!(after.loss < before.loss - 0.1, "loss did not drop: {} -> {}", before.loss, after.loss);
-    peft_format::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
+    peft_model::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250]], &Device::Cpu).unwrap();
     let want = model.forward(&ids).unwrap();
     let mut fresh = nf4();
-    peft_format::load_adapter(&mut fresh, &out).unwrap();
+    peft_model::load_adapter(&mut fresh, &out).unwrap();
     let diff =
         (want - fresh.forward(&ids).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0);
@@ -324,21 +325,21 @@ fn gradient_checkpointing_trains_identically() {
     let run = |name: &str, checkpointing: bool, stop: Option<usize>| -> (PathBuf, Vec<(f64, f64)>, Vec<f32>) {
         let out = tmpdir(name);
         let mut model = tiny();
-        adapter::attach(&mut model, &cfg_a, 7).unwrap();
+        peft_model::attach(&mut model, &cfg_a, 7).unwrap();
         model.gradient_checkpointing = checkpointing;
         let opts = TrainOptions { stop_after_step: stop, ..Default::default() };
         let s = train::train(&mut model, &cfg_a, &data, None, &config(6), "tiny-llama", &out, &opts).unwrap();
         if stop.is_some() {
             let mut model = tiny();
-            adapter::attach(&mut model, &cfg_a, 7).unwrap();
+            peft_model::attach(&mut model, &cfg_a, 7).unwrap();
             model.gradient_checkpointing = !checkpointing;
             let opts = TrainOptions { resume: true, ..Default::default() };
             let s = train::train(&mut model, &cfg_a, &data, None, &config(6), "tiny-llama", &out, &opts).unwrap();
             assert_eq!(s.steps, 6);
-            peft_format::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
+            peft_model::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
         } else {
             assert_eq!(s.steps, 6);
-            peft_format::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
+            peft_model::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
         }
         let tensors = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
         let mut names: Vec<_> = tensors.keys().cloned().collect();
@@ -393,7 +394,7 @@ fn dora_training_on_dense_and_nf4_bases_round_trips_and_merges() {
             AdapterConfig::Lora(l) => AdapterConfig::Lora(LoraConfig { use_dora: true, ..l }),
             _ => unreachable!(),
         };
-        assert_eq!(adapter::attach(&mut model, &cfg_a, 7).unwrap(), 14);
+        assert_eq!(peft_model::attach(&mut model, &cfg_a, 7).unwrap(), 14);
         let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250]], &Device::Cpu).unwrap();
         // A fresh DoRA adapter (B = 0, m = ‖W‖) leaves the model unchanged.
         let plain = load(quant).forward(&ids).unwrap();
@@ -428,7 +429,7 @@ fn dora_training_on_dense_and_nf4_bases_round_trips_and_merges() {
             .fold(f32::INFINITY, f32::min);
         assert!(moved > 1e-3, "{quant:?}: a magnitude vector did not move ({moved})");
 
-        peft_format::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
+        peft_model::save_adapter(&model, &cfg_a, "tiny-llama", None, &out).unwrap();
         let saved: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
         assert_eq!(saved["use_dora"], true);
@@ -437,10 +438,10 @@ fn dora_training_on_dense_and_nf4_bases_round_trips_and_merges() {
         assert_eq!(m.dims(), [160]);
         let want = model.forward(&ids).unwrap();
         let mut reloaded = load(quant);
-        peft_format::load_adapter(&mut reloaded, &out).unwrap();
+        peft_model::load_adapter(&mut reloaded, &out).unwrap();
         let got = reloaded.forward(&ids).unwrap();
         assert_eq!((&want - &got).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
-        adapter::merge_and_unload(&mut reloaded).unwrap();
+        peft_model::merge_and_unload(&mut reloaded).unwrap();
         let merged = reloaded.forward(&ids).unwrap();
         let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         let d = (&want - &merged).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() / scale;

@@ -6,9 +6,10 @@
 //! gradients and optimizer in f32, as mixed precision holds them).
 
 use candle_core::{DType, Device, Tensor};
-use peftkit::adapter::{self, peft_format};
+use peftkit::adapter::peft_format;
 use peftkit::data::Batch;
 use peftkit::model::load_llama;
+use peftkit::peft_model;
 use peftkit::train::optim::AdamW;
 use peftkit::train::step::{optimizer_step, StepOutcome};
 use std::collections::HashMap;
@@ -62,8 +63,8 @@ fn run(dtype: DType) -> Vec<StepResult> {
     let tiny = fixtures().join("tiny-llama");
     let mut model =
         load_llama(&tiny.join("config.json"), &[tiny.join("model.safetensors")], &Device::Cpu, dtype).unwrap();
-    peft_format::load_adapter(&mut model, &fixtures().join("train-oracle/init")).unwrap();
-    let named = adapter::trainable(&model);
+    peft_model::load_adapter(&mut model, &fixtures().join("train-oracle/init")).unwrap();
+    let named = peft_model::trainable(&model);
     assert_eq!(named.len(), 28, "2 layers × 7 projections × (A, B)");
     for (_, v) in &named {
         assert_eq!(v.dtype(), DType::F32, "adapter weights stay f32 in every compute dtype");

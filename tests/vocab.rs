@@ -3,9 +3,10 @@
 //! and merged logits, in memory and through `peftkit merge`, on untied and tied models.
 
 use candle_core::{DType, Device, Tensor};
-use peftkit::adapter::{self, peft_format};
+use peftkit::adapter::{self};
 use peftkit::merge::{MergeOptions, OutDtype};
 use peftkit::model::{load_llama, Llama};
+use peftkit::peft_model;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -53,18 +54,18 @@ fn peft_modules_to_save_fixture_matches_unmerged_and_merged_logits() {
         let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
         let mut model = load_dir(&fixture(name));
         let dir = fixture(name).join("peft-lora-mts");
-        let cfg = peft_format::load_adapter(&mut model, &dir).unwrap();
+        let cfg = peft_model::load_adapter(&mut model, &dir).unwrap();
         assert_eq!(cfg.vocab.modules_to_save.len(), 2);
         assert!(model.vocab.embed.is_some() && model.vocab.head.is_some());
         // The copies are trainable parameters under PEFT's names.
-        let names: Vec<String> = adapter::trainable(&model).into_iter().map(|(n, _)| n).collect();
+        let names: Vec<String> = peft_model::trainable(&model).into_iter().map(|(n, _)| n).collect();
         assert!(names.contains(&"base_model.model.model.embed_tokens.weight".to_string()), "{names:?}");
         assert!(names.contains(&"base_model.model.lm_head.weight".to_string()), "{names:?}");
         let d = rel_diff(&model.forward(&ids).unwrap(), &expected["logits_mts"]);
         println!("{name}: LoRA + modules_to_save, unmerged: max rel diff {d:e}");
         assert!(d <= 1e-4, "{name}: {d}");
 
-        adapter::merge_and_unload(&mut model).unwrap();
+        peft_model::merge_and_unload(&mut model).unwrap();
         assert!(model.vocab.is_empty());
         let d = rel_diff(&model.forward(&ids).unwrap(), &expected["logits_mts_merged"]);
         println!("{name}: LoRA + modules_to_save, merged in memory: max rel diff {d:e}");
@@ -114,12 +115,12 @@ fn peft_trainable_tokens_and_tied_modules_to_save_match_peft() {
     for (case, base, stays_tied) in cases {
         let dir = root.join(case);
         let mut model = load_dir(&base);
-        peft_format::load_adapter(&mut model, &dir).unwrap();
+        peft_model::load_adapter(&mut model, &dir).unwrap();
         let d = rel_diff(&model.forward(&ids).unwrap(), &want[&format!("{case}.logits")]);
         println!("{case}: unmerged vs PEFT: max rel diff {d:e}");
         assert!(d <= 1e-4, "{case}: {d}");
         let merged_want = &want[&format!("{case}.merged_logits")];
-        adapter::merge_and_unload(&mut model).unwrap();
+        peft_model::merge_and_unload(&mut model).unwrap();
         assert_eq!(model.config.tie_word_embeddings, stays_tied, "{case}");
         let d = rel_diff(&model.forward(&ids).unwrap(), merged_want);
         println!("{case}: merged in memory vs PEFT merge_and_unload: max rel diff {d:e}");
@@ -146,13 +147,13 @@ fn peftkit_modules_to_save_adapter_loads_in_peft() {
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
     let mut model = load_dir(&fixture("tiny-llama"));
     let base_logits = model.forward(&ids).unwrap();
-    peft_format::load_adapter(&mut model, &dir).unwrap();
+    peft_model::load_adapter(&mut model, &dir).unwrap();
     // Training moved the copies.
     assert!(rel_diff(&base_logits, &want["logits"]) > 0.1);
     let d = rel_diff(&model.forward(&ids).unwrap(), &want["logits"]);
     println!("peftkit LoRA + modules_to_save adapter in PEFT: max rel diff {d:e}");
     assert!(d <= 1e-4, "{d}");
-    adapter::merge_and_unload(&mut model).unwrap();
+    peft_model::merge_and_unload(&mut model).unwrap();
     let d = rel_diff(&model.forward(&ids).unwrap(), &want["merged_logits"]);
     println!("merged vs PEFT merge_and_unload: max rel diff {d:e}");
     assert!(d <= 1e-4, "{d}");
@@ -174,13 +175,13 @@ fn peftkit_new_tokens_adapter_loads_in_peft() {
 
     let ids = Tensor::new(&[[5u32, 17, 384, 42, 99, 385, 7, 8]], &Device::Cpu).unwrap();
     let mut model = load_dir(&fixture("tiny-llama"));
-    let cfg = peft_format::load_adapter(&mut model, &dir).unwrap();
+    let cfg = peft_model::load_adapter(&mut model, &dir).unwrap();
     assert_eq!(model.config.vocab_size, 386);
     assert_eq!(cfg.vocab.trainable_tokens.len(), 2);
     let d = rel_diff(&model.forward(&ids).unwrap(), &want["logits"]);
     println!("peftkit new-tokens adapter in PEFT: max rel diff {d:e}");
     assert!(d <= 1e-4, "{d}");
-    adapter::merge_and_unload(&mut model).unwrap();
+    peft_model::merge_and_unload(&mut model).unwrap();
     let d = rel_diff(&model.forward(&ids).unwrap(), &want["merged_logits"]);
     println!("merged in memory vs PEFT merge_and_unload: max rel diff {d:e}");
     assert!(d <= 1e-4, "{d}");
@@ -202,7 +203,7 @@ fn resized_rows_are_the_mean_of_the_old_ones() {
     let mut model = load_dir(&fixture("tiny-llama"));
     let old_embed = model.embed_tokens.clone();
     let old_head = model.lm_head.clone();
-    adapter::vocab::resize_vocab(&mut model, 387).unwrap();
+    peft_model::vocab::resize_vocab(&mut model, 387).unwrap();
     assert_eq!(model.embed_tokens.dims(), [387, 64]);
     assert_eq!(model.lm_head.dims(), [387, 64]);
     assert_eq!(model.config.vocab_size, 387);
@@ -233,7 +234,7 @@ fn bad_vocab_adapters_are_refused_with_the_file_and_tensor() {
     let copy = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| copy_from("tiny-llama/peft-lora-mts", name, edit);
     let tokens =
         |name: &str, edit: &dyn Fn(&mut serde_json::Value)| copy_from("tiny-llama-tokens-peft/untied", name, edit);
-    let load = |d: &Path| peft_format::load_adapter(&mut load_dir(&fixture("tiny-llama")), d).unwrap_err().to_string();
+    let load = |d: &Path| peft_model::load_adapter(&mut load_dir(&fixture("tiny-llama")), d).unwrap_err().to_string();
     let d = copy("norm", &|c| c["modules_to_save"] = serde_json::json!(["embed_tokens", "lm_head", "norm"]));
     let e = load(&d);
     assert!(e.contains("adapter_config.json") && e.contains("modules_to_save: `norm` is not supported"), "{e}");
@@ -348,7 +349,7 @@ fn qlora_trains_modules_to_save_beside_an_nf4_base() {
         peftkit::model::BaseQuant::Nf4 { double_quant: true },
     )
     .unwrap();
-    peft_format::load_adapter(&mut nf4, &dir.join("out")).unwrap();
+    peft_model::load_adapter(&mut nf4, &dir.join("out")).unwrap();
     assert!(nf4.vocab.embed.is_some());
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -414,8 +415,8 @@ fn optimizer_steps_on_copies_and_rows_match_torch() {
         [("mts", fixture("tiny-llama")), ("tokens", fixture("tiny-llama")), ("tied-tokens", tied.clone())]
     {
         let mut model = load_dir(&base);
-        peft_format::load_adapter(&mut model, &root.join(case).join("init")).unwrap();
-        let (names, vars): (Vec<String>, Vec<_>) = adapter::trainable(&model).into_iter().unzip();
+        peft_model::load_adapter(&mut model, &root.join(case).join("init")).unwrap();
+        let (names, vars): (Vec<String>, Vec<_>) = peft_model::trainable(&model).into_iter().unzip();
         assert!(names.iter().any(|n| !n.contains("lora_")), "{names:?}");
         let mut opt = AdamW::new(vars.clone(), 0.9, 0.999, 1e-8, 0.01).unwrap();
         for step in 1..=2usize {
@@ -504,8 +505,8 @@ fn fresh_copies_and_rows_are_the_identity_and_resume_restores_them() {
     let what = Path::new("recipe.yaml");
     for vcfg in &configs {
         let mut m = load_dir(&fixture("tiny-llama"));
-        adapter::attach(&mut m, &lora, 1).unwrap();
-        adapter::vocab::attach(&mut m, vcfg, what).unwrap();
+        peft_model::attach(&mut m, &lora, 1).unwrap();
+        peft_model::vocab::attach(&mut m, vcfg, what).unwrap();
         assert_eq!(rel_diff(&m.forward(&ids).unwrap(), &base), 0.0, "{vcfg:?}");
     }
 
@@ -531,8 +532,8 @@ fn fresh_copies_and_rows_are_the_identity_and_resume_restores_them() {
             let out = work.join(format!("{name}-{i}"));
             let fresh = || {
                 let mut m = load_dir(&fixture("tiny-llama"));
-                adapter::attach(&mut m, &lora, 7).unwrap();
-                adapter::vocab::attach(&mut m, vcfg, what).unwrap();
+                peft_model::attach(&mut m, &lora, 7).unwrap();
+                peft_model::vocab::attach(&mut m, vcfg, what).unwrap();
                 m
             };
             let mut m = fresh();
@@ -543,7 +544,7 @@ fn fresh_copies_and_rows_are_the_identity_and_resume_restores_them() {
                 let opts = peftkit::train::TrainOptions { resume: true, ..Default::default() };
                 peftkit::train::train(&mut m, &lora, &data, None, &cfg, "tiny-llama", &out, &opts).unwrap();
             }
-            peft_format::save_adapter(&m, &lora, "tiny-llama", None, &out).unwrap();
+            peft_model::save_adapter(&m, &lora, "tiny-llama", None, &out).unwrap();
             std::fs::read(out.join("adapter_model.safetensors")).unwrap()
         };
         let full = run("full", None);
@@ -572,7 +573,7 @@ fn merge_refuses_a_copy_of_another_shape_naming_file_and_tensor() {
     let e = e.to_string();
     assert!(e.contains("adapter_model.safetensors") && e.contains(&key) && e.contains("[384, 32]"), "{e}");
     // Loading it for generation says the same.
-    let e = peft_format::load_adapter(&mut load_dir(&fixture("tiny-llama")), &d).unwrap_err().to_string();
+    let e = peft_model::load_adapter(&mut load_dir(&fixture("tiny-llama")), &d).unwrap_err().to_string();
     assert!(e.contains(&key) && e.contains("[384, 32]"), "{e}");
     let _ = std::fs::remove_dir_all(&work);
 }

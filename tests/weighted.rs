@@ -4,9 +4,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use peftkit::adapter::combine::{self, Combination};
-use peftkit::adapter::multi::AdapterSet;
 use peftkit::adapter::peft_format;
 use peftkit::model::{load_llama, Llama};
+use peftkit::peft_model;
+use peftkit::peft_model::multi::AdapterSet;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -134,7 +135,7 @@ fn weighted_combinations_match_peft_add_weighted_adapter() {
             delta_diff = delta_diff.max(rel_diff(&delta(&ours), &delta(&peft)));
         }
         let mut model = load_dir(&base);
-        peft_format::load_adapter(&mut model, &out).unwrap();
+        peft_model::load_adapter(&mut model, &out).unwrap();
         let logit_diff = rel_diff(&model.forward(&ids()).unwrap(), &expected[&format!("{name}.logits")]);
         println!(
             "{name}: max rel diff to PEFT: tensors {tensor_diff:e}{}, B·A {delta_diff:e}, logits {logit_diff:e}",

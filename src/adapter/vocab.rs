@@ -19,7 +19,6 @@
 //! `tuners/trainable_tokens/layer.py`.
 
 use super::AdapterError;
-use crate::model::Llama;
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -311,64 +310,6 @@ fn err(path: &Path, msg: impl Into<String>) -> AdapterError {
     AdapterError::Format { path: path.to_path_buf(), msg: msg.into() }
 }
 
-/// The model's base matrix of `m`, and whether the model ties it to the other one.
-fn base_of(model: &Llama, m: VocabModule) -> &Tensor {
-    match m {
-        VocabModule::Embed => &model.embed_tokens,
-        VocabModule::Head => &model.lm_head,
-    }
-}
-
-/// Attaches fresh vocabulary adapters as `cfg` says (copies of the model's matrices, or of their chosen rows), in
-/// f32; returns the number of trainable parameters. `what` names the setting in errors (a recipe key or a file).
-pub fn attach(model: &mut Llama, cfg: &VocabConfig, what: &Path) -> Result<usize, AdapterError> {
-    model.vocab = VocabAdapters::default();
-    if cfg.is_empty() {
-        return Ok(0);
-    }
-    let tied = model.config.tie_word_embeddings;
-    let vocab = model.embed_tokens.dims2()?.0;
-    let dev = model.device.clone();
-    for &m in &cfg.modules_to_save {
-        if cfg.trainable_tokens.iter().any(|(t, _)| *t == m) {
-            return Err(err(
-                what,
-                format!("{} is both in modules_to_save and in trainable_token_indices: choose one", m.name()),
-            ));
-        }
-        // A copy of its own: a Var made from the base tensor would share (and update) the base's storage.
-        let copy = Var::from_tensor(&base_of(model, m).to_dtype(DType::F32)?.to_device(&dev)?.copy()?)?;
-        set(&mut model.vocab, m, VocabAdapter::Full(copy));
-    }
-    for (m, ids) in &cfg.trainable_tokens {
-        if tied && *m == VocabModule::Head {
-            return Err(err(
-                what,
-                "trainable_token_indices: the model ties lm_head to embed_tokens; list the ids under embed_tokens \
-                 (the head then uses the same trained rows)",
-            ));
-        }
-        check_ids(ids, vocab, what, m.name())?;
-        let idx = Tensor::new(ids.as_slice(), &dev)?;
-        let rows = base_of(model, *m).index_select(&idx, 0)?.to_dtype(DType::F32)?.copy()?;
-        let rows = Var::from_tensor(&rows)?;
-        let a = VocabAdapter::Tokens { indices: ids.clone(), rows };
-        if tied && *m == VocabModule::Embed && model.vocab.head.is_none() {
-            model.vocab.head = Some(a.clone());
-            model.vocab.head_tied = true;
-        }
-        set(&mut model.vocab, *m, a);
-    }
-    Ok(model.vocab.param_count())
-}
-
-fn set(v: &mut VocabAdapters, m: VocabModule, a: VocabAdapter) {
-    match m {
-        VocabModule::Embed => v.embed = Some(a),
-        VocabModule::Head => v.head = Some(a),
-    }
-}
-
 /// Checks token ids against a vocabulary of `vocab` rows: in range and without duplicates.
 pub fn check_ids(ids: &[u32], vocab: usize, what: &Path, module: &str) -> Result<(), AdapterError> {
     if ids.is_empty() {
@@ -389,103 +330,13 @@ pub fn check_ids(ids: &[u32], vocab: usize, what: &Path, module: &str) -> Result
     Ok(())
 }
 
-/// Loads the vocabulary tensors of a PEFT adapter folder (as `cfg`, read from its config, announces them) onto
-/// `model`. A copy with more rows than the model has, or token ids beyond its vocabulary (an adapter trained with
-/// added tokens), first grows the model's vocabulary ([`resize_vocab`]) to the copy's rows, or to the size of the
-/// tokenizer saved beside the adapter.
-pub fn load(model: &mut Llama, dir: &Path, cfg: &VocabConfig) -> Result<(), AdapterError> {
-    model.vocab = VocabAdapters::default();
-    let wpath = dir.join(super::peft_format::WEIGHTS_FILE);
-    let tensors = read_tensors(&wpath)?;
-    // Keys the config does not announce are an error, as are announced keys that are missing.
-    check_announced(&tensors, cfg, &wpath)?;
-    let get = |key: &str| {
-        tensors
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, t)| t.clone())
-            .ok_or_else(|| err(&wpath, format!("tensor `{key}` is missing (adapter_config.json announces it)")))
-    };
-    let hidden = model.config.hidden_size;
-    // The vocabulary the adapter was trained with.
-    let mut want = model.embed_tokens.dims2()?.0;
-    for &m in &cfg.modules_to_save {
-        let t = get(&m.copy_key())?;
-        match t.dims() {
-            [v, h] if *h == hidden => want = want.max(*v),
-            d => {
-                return Err(err(&wpath, format!("`{}`: shape {d:?}, expected (vocab, {hidden})", m.copy_key())));
-            }
-        }
-    }
-    if let Some(m) = cfg.modules_to_save.iter().find(|m| cfg.trainable_tokens.iter().any(|(t, _)| t == *m)) {
-        let cpath = dir.join(super::peft_format::CONFIG_FILE);
-        return Err(err(&cpath, format!("{} is both in modules_to_save and in trainable_token_indices", m.name())));
-    }
-    let max_id = cfg.trainable_tokens.iter().flat_map(|(_, ids)| ids.iter().copied()).max();
-    if let Some(max_id) = max_id.filter(|&i| i as usize >= want) {
-        // Ids beyond the model's vocabulary are new tokens only when the adapter's saved tokenizer has them.
-        match super::super::tokens::saved_vocab_size(dir) {
-            Some(tok) if tok > max_id as usize => want = tok,
-            _ => {
-                let cpath = dir.join(super::peft_format::CONFIG_FILE);
-                return Err(err(
-                    &cpath,
-                    format!(
-                        "trainable_token_indices: token id {max_id} is outside the model's vocabulary of {want} tokens \
-                         (and no tokenizer.json beside the adapter adds it)"
-                    ),
-                ));
-            }
-        }
-    }
-    if want > model.embed_tokens.dims2()?.0 {
-        tracing::info!("{}: the adapter's vocabulary has {want} tokens; growing the model's to match", dir.display());
-        resize_vocab(model, want)?;
-    }
-    let vocab = model.embed_tokens.dims2()?.0;
-    let dev = model.device.clone();
-    let tied = model.config.tie_word_embeddings;
-    for &m in &cfg.modules_to_save {
-        let key = m.copy_key();
-        let t = get(&key)?;
-        if t.dims() != [vocab, hidden] {
-            return Err(err(&wpath, format!("`{key}`: shape {:?}, the model's is {:?}", t.dims(), [vocab, hidden])));
-        }
-        let v = Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(&dev)?)?;
-        set(&mut model.vocab, m, VocabAdapter::Full(v));
-    }
-    for (m, ids) in &cfg.trainable_tokens {
-        check_ids(ids, vocab, &dir.join(super::peft_format::CONFIG_FILE), m.name())?;
-        let key = m.tokens_key();
-        let t = get(&key)?;
-        if t.dims() != [ids.len(), hidden] {
-            return Err(err(
-                &wpath,
-                format!(
-                    "`{key}`: shape {:?}, expected ({}, {hidden}) for {} token ids",
-                    t.dims(),
-                    ids.len(),
-                    ids.len()
-                ),
-            ));
-        }
-        let rows = Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(&dev)?)?;
-        let a = VocabAdapter::Tokens { indices: ids.clone(), rows };
-        let head_listed = cfg.trainable_tokens.iter().any(|(t, _)| *t == VocabModule::Head);
-        if tied && *m == VocabModule::Embed && !head_listed && model.vocab.head.is_none() {
-            // PEFT's tied adapter: the head uses the embedding's rows.
-            model.vocab.head = Some(a.clone());
-            model.vocab.head_tied = true;
-        }
-        set(&mut model.vocab, *m, a);
-    }
-    Ok(())
-}
-
 /// Every vocabulary tensor of the file must be announced by the config (`modules_to_save` for a copy,
 /// `trainable_token_indices` for rows): an unannounced one would be silently ignored by PEFT.
-fn check_announced(tensors: &[(String, Tensor)], cfg: &VocabConfig, wpath: &Path) -> Result<(), AdapterError> {
+pub(crate) fn check_announced(
+    tensors: &[(String, Tensor)],
+    cfg: &VocabConfig,
+    wpath: &Path,
+) -> Result<(), AdapterError> {
     for (key, _) in tensors {
         let Some((m, full)) = key.strip_prefix(PREFIX).and_then(VocabModule::of_key) else { continue };
         let announced =
@@ -499,7 +350,7 @@ fn check_announced(tensors: &[(String, Tensor)], cfg: &VocabConfig, wpath: &Path
 }
 
 /// The vocabulary tensors of an adapter file (only those: the rest is read by [`super::peft_format`]).
-fn read_tensors(wpath: &Path) -> Result<Vec<(String, Tensor)>, AdapterError> {
+pub(crate) fn read_tensors(wpath: &Path) -> Result<Vec<(String, Tensor)>, AdapterError> {
     // SAFETY: read-only map of a file peftkit does not modify while it is open.
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(wpath) }
         .map_err(|e| err(wpath, format!("cannot read: {e}")))?;
@@ -512,59 +363,6 @@ fn read_tensors(wpath: &Path) -> Result<Vec<(String, Tensor)>, AdapterError> {
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
-}
-
-/// Grows the model's vocabulary to `new_vocab` rows as transformers' `resize_token_embeddings` does by default
-/// (`mean_resizing=True`, transformers ≥ 4.46): each new row of the embedding (and of an untied head) is the mean
-/// of the old rows. transformers draws them from N(mean, 1e-9·covariance) — a perturbation ~3·10⁻⁵ of the rows'
-/// spread — and uses the plain mean when that covariance is not positive definite; peftkit uses the mean, which is
-/// deterministic. The adapter then trains (and saves) the new rows, so the draw does not matter to PEFT users.
-pub fn resize_vocab(model: &mut Llama, new_vocab: usize) -> candle_core::Result<()> {
-    let (vocab, _) = model.embed_tokens.dims2()?;
-    if new_vocab <= vocab {
-        return Ok(());
-    }
-    let grow = |w: &Tensor| grow_rows(w, new_vocab)?.to_dtype(w.dtype());
-    let tied = model.config.tie_word_embeddings;
-    model.embed_tokens = grow(&model.embed_tokens)?;
-    model.lm_head = if tied { model.embed_tokens.clone() } else { grow(&model.lm_head)? };
-    // A quantized head (GGUF generation) would miss the new rows: the dense one is used instead.
-    model.lm_head_q = None;
-    model.config.vocab_size = new_vocab;
-    Ok(())
-}
-
-/// Folds the vocabulary adapters into the model's matrices and removes them (PEFT's `merge_and_unload()`: a copy
-/// replaces the base matrix, trainable rows are written into it). A copy of only one of two tied matrices unties
-/// them (`config.tie_word_embeddings` becomes false).
-pub fn merge(model: &mut Llama) -> candle_core::Result<()> {
-    let v = std::mem::take(&mut model.vocab);
-    if v.is_empty() {
-        return Ok(());
-    }
-    let dtype = model.embed_tokens.dtype();
-    let tied = model.config.tie_word_embeddings;
-    let new_embed = match &v.embed {
-        Some(a) => Some(a.weight(&model.embed_tokens, true)?.to_dtype(dtype)?),
-        None => None,
-    };
-    let new_head = match (&v.head, v.head_tied) {
-        (Some(_), true) => new_embed.clone(),
-        (Some(a), false) => Some(a.weight(&model.lm_head, true)?.to_dtype(model.lm_head.dtype())?),
-        (None, _) => None,
-    };
-    let untied = tied && !v.head_tied && (new_embed.is_some() || new_head.is_some());
-    if let Some(e) = new_embed {
-        model.embed_tokens = e;
-    }
-    if let Some(h) = new_head {
-        model.lm_head = h;
-        model.lm_head_q = None;
-    }
-    if untied {
-        model.config.tie_word_embeddings = false;
-    }
-    Ok(())
 }
 
 /// The output tensors a merge writes for the vocabulary adapters of a folder: for each base tensor name, the
@@ -642,13 +440,13 @@ pub fn merged_vocab(loaded: &[LoadedVocab], vocab: usize, dir: &Path) -> usize {
     v
 }
 
-/// `base` (vocab, hidden), grown to `vocab` rows by mean rows ([`resize_vocab`]'s rule), with `a` applied; f32.
+/// `base` (vocab, hidden), grown to `vocab` rows by mean rows ([`crate::peft_model::vocab::resize_vocab`]'s rule), with `a` applied; f32.
 pub fn apply_to_base(base: &Tensor, a: &VocabAdapter, vocab: usize) -> candle_core::Result<Tensor> {
     a.weight(&grow_rows(base, vocab)?, true)
 }
 
 /// `base` (v, hidden) in f32, with rows equal to the mean of its rows appended up to `vocab` rows (as
-/// [`resize_vocab`] grows a model).
+/// [`crate::peft_model::vocab::resize_vocab`] grows a model).
 pub fn grow_rows(base: &Tensor, vocab: usize) -> candle_core::Result<Tensor> {
     let base = base.to_dtype(DType::F32)?;
     let (v, _) = base.dims2()?;

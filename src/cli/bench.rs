@@ -8,9 +8,10 @@
 use super::user;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use peftkit::adapter::{self, AdapterConfig, Ia3Config, LoraConfig, LoraInit, TargetModules};
+use peftkit::adapter::{AdapterConfig, Ia3Config, LoraConfig, LoraInit, TargetModules};
 use peftkit::linear::ForwardCtx;
 use peftkit::model::{self, ModelConfig};
+use peftkit::peft_model;
 use peftkit::train::optim::AdamW;
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
@@ -265,9 +266,9 @@ pub fn run(a: Args) -> Result<()> {
             use_dora: false,
         })
     };
-    adapter::attach(&mut m, &cfg, 0).map_err(user)?;
+    peft_model::attach(&mut m, &cfg, 0).map_err(user)?;
     m.gradient_checkpointing = a.gradient_checkpointing;
-    let vars: Vec<_> = adapter::trainable(&m).into_iter().map(|(_, v)| v).collect();
+    let vars: Vec<_> = peft_model::trainable(&m).into_iter().map(|(_, v)| v).collect();
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
     let mut opt = AdamW::new(vars.clone(), 0.9, 0.999, 1e-8, 0.0)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);

@@ -254,7 +254,7 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
 }
 
 /// The `/adapter` listing: every loaded adapter, the active one marked.
-fn adapter_list(adapters: &peftkit::adapter::multi::AdapterSet) -> String {
+fn adapter_list(adapters: &peftkit::peft_model::multi::AdapterSet) -> String {
     if adapters.is_empty() {
         return "(no adapter is loaded: the base alone)".to_string();
     }

@@ -125,9 +125,9 @@ fn combine_adapters(args: &Args, dir: &std::path::Path, to_adapter: bool) -> Res
                 .into(),
         );
     }
-    let specs = args.adapter.iter().map(|s| peftkit::adapter::multi::parse_spec(s)).collect::<Result<Vec<_>, _>>();
+    let specs = args.adapter.iter().map(|s| peftkit::peft_model::multi::parse_spec(s)).collect::<Result<Vec<_>, _>>();
     let specs = specs.map_err(|e| user(anyhow::anyhow!("--adapter: {e}")))?;
-    peftkit::adapter::multi::check_names(&specs).map_err(|e| user(anyhow::anyhow!("--adapter: {e}")))?;
+    peftkit::peft_model::multi::check_names(&specs).map_err(|e| user(anyhow::anyhow!("--adapter: {e}")))?;
     let weights = if args.weights.is_empty() { vec![1.0; specs.len()] } else { args.weights.clone() };
     if weights.len() != specs.len() {
         return bad(format!("--weights: {} weights for {} --adapter folders", weights.len(), specs.len()));
@@ -216,7 +216,7 @@ fn merge_one(args: Args, label: Option<String>) -> Result<()> {
     let Some(one) = args.adapter.first() else {
         return Err(user(anyhow::anyhow!("--adapter: no adapter to merge")));
     };
-    let adapter = peftkit::adapter::multi::parse_spec(one).map_err(|e| user(anyhow::anyhow!("--adapter: {e}")))?.1;
+    let adapter = peftkit::peft_model::multi::parse_spec(one).map_err(|e| user(anyhow::anyhow!("--adapter: {e}")))?.1;
     let opts = MergeOptions {
         base,
         revision: args.revision,

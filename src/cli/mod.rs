@@ -146,7 +146,7 @@ impl std::str::FromStr for QuantArg {
 
 /// The `--adapter` values of `m` as (name, folder), names checked (exit 2 on a bad or repeated one).
 pub fn adapter_specs(m: &ModelArgs) -> anyhow::Result<Vec<(String, std::path::PathBuf)>> {
-    use peftkit::adapter::multi;
+    use peftkit::peft_model::multi;
     let specs = m.adapter.iter().map(|s| multi::parse_spec(s)).collect::<Result<Vec<_>, _>>();
     let specs = specs.map_err(|e| user(anyhow::anyhow!("--adapter: {e}")))?;
     multi::check_names(&specs).map_err(|e| user(anyhow::anyhow!("--adapter: {e}")))?;
@@ -165,7 +165,7 @@ pub fn adapter_specs(m: &ModelArgs) -> anyhow::Result<Vec<(String, std::path::Pa
 pub fn load_model(
     m: &ModelArgs,
     generation: bool,
-) -> anyhow::Result<(peftkit::base::BaseModel, peftkit::adapter::multi::AdapterSet)> {
+) -> anyhow::Result<(peftkit::base::BaseModel, peftkit::peft_model::multi::AdapterSet)> {
     use peftkit::model::BaseQuant;
     // Flags are checked before the (slow) model load.
     let specs = adapter_specs(m)?;
@@ -205,8 +205,8 @@ pub fn load_model(
             base.tokenizer = t;
         }
     }
-    let mut set = peftkit::adapter::multi::AdapterSet::load(&mut base.model, &specs).map_err(|e| {
-        use peftkit::adapter::multi::MultiError;
+    let mut set = peftkit::peft_model::multi::AdapterSet::load(&mut base.model, &specs).map_err(|e| {
+        use peftkit::peft_model::multi::MultiError;
         match e {
             MultiError::Candle(e) => anyhow::Error::new(e),
             e => user(e),

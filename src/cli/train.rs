@@ -2,12 +2,13 @@
 
 use super::{command_line, hub_options, user};
 use anyhow::{Context, Result};
-use peftkit::adapter::{self, peft_format, AdapterConfig};
+use peftkit::adapter::{peft_format, AdapterConfig};
 use peftkit::base::load_base_quant;
 use peftkit::card::{adapter_card, framework_versions, DataFacts, TrainingRecord, TRAINING_RECORD_FILE};
 use peftkit::data::{self, Dataset, EncodeOptions, Format};
 use peftkit::memory;
 use peftkit::outdir::{OutputLock, Staging};
+use peftkit::peft_model;
 use peftkit::push::PushOptions;
 use peftkit::recipe::{DataFormat, Projection, Recipe};
 use peftkit::train::{self, TrainConfig, TrainOptions};
@@ -164,7 +165,7 @@ pub fn run(args: Args) -> Result<()> {
                  resize_token_embeddings does)",
                 base.model.config.vocab_size
             );
-            adapter::vocab::resize_vocab(&mut base.model, want)?;
+            peft_model::vocab::resize_vocab(&mut base.model, want)?;
         }
         new_tokens = list.iter().cloned().zip(ids).collect();
         let shown: Vec<String> = new_tokens.iter().map(|(t, i)| format!("{t} = {i}")).collect();
@@ -212,7 +213,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let n_adapted = match &init_from {
         Some(dir) => {
-            peft_format::load_adapter(&mut base.model, dir)
+            peft_model::load_adapter(&mut base.model, dir)
                 .with_context(|| format!("adapter.init_from: {}", dir.display()))
                 .map_err(user)?;
             tracing::info!("adapter initialised from {}", dir.display());
@@ -221,7 +222,7 @@ pub fn run(args: Args) -> Result<()> {
         None => {
             // A resumed PiSSA/OLoRA run rebuilds its residual base from the checkpoint's A₀, B₀.
             let initial = if args.resume { train::resume_initial(&out).map_err(user)? } else { None };
-            adapter::attach_with_initial(&mut base.model, &adapter_cfg, recipe.training.seed, initial.as_ref())
+            peft_model::attach_with_initial(&mut base.model, &adapter_cfg, recipe.training.seed, initial.as_ref())
                 .map_err(user)?
         }
     };
@@ -239,8 +240,8 @@ pub fn run(args: Args) -> Result<()> {
             if base.model.config.tie_word_embeddings { "" } else { " and lm_head" }
         )));
     }
-    let vocab_params = adapter::vocab::attach(&mut base.model, &vocab_cfg, &args.recipe).map_err(user)?;
-    let trainable: usize = adapter::trainable(&base.model).iter().map(|(_, v)| v.elem_count()).sum();
+    let vocab_params = peft_model::vocab::attach(&mut base.model, &vocab_cfg, &args.recipe).map_err(user)?;
+    let trainable: usize = peft_model::trainable(&base.model).iter().map(|(_, v)| v.elem_count()).sum();
     let dora = recipe.adapter.lora().is_some_and(|l| l.use_dora);
     let residual_init = recipe.adapter.lora().map(|l| l.init_lora_weights).filter(|i| i.rewrites_base());
     tracing::info!(
@@ -364,7 +365,7 @@ pub fn run(args: Args) -> Result<()> {
     // last: a run killed while saving leaves no adapter without its config (see peftkit::outdir::Staging).
     let staging = Staging::create(&out, "save").map_err(user)?;
     let dir = staging.path();
-    peft_format::save_adapter(&base.model, &adapter_cfg, &base.name, revision, dir)?;
+    peft_model::save_adapter(&base.model, &adapter_cfg, &base.name, revision, dir)?;
     if !new_tokens.is_empty() {
         // The tokenizer with its new tokens, beside the adapter (PEFT users load it from there).
         let files = base.files.as_ref();

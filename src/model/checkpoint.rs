@@ -126,9 +126,10 @@ impl CustomOp1 for SeedGrad {
 
 #[cfg(test)]
 mod tests {
-    use crate::adapter::{self, AdapterConfig, Ia3Config, LoraConfig, LoraInit, TargetModules};
+    use crate::adapter::{AdapterConfig, Ia3Config, LoraConfig, LoraInit, TargetModules};
     use crate::linear::ForwardCtx;
     use crate::model::{load_llama_quant, BaseQuant, Llama};
+    use crate::peft_model;
     use candle_core::{DType, Device, Tensor};
     use std::path::Path;
 
@@ -159,7 +160,7 @@ mod tests {
         })
     }
 
-    /// Loss and the gradient of every adapter variable (in `adapter::trainable` order) for one training forward
+    /// Loss and the gradient of every adapter variable (in `peft_model::trainable` order) for one training forward
     /// with dropout active, with or without checkpointing.
     /// Also the number of activation-sized nodes ((b, t, …) or (b·t, …)) of the loss's autograd graph.
     fn loss_and_grads(model: &Llama, checkpointing: bool) -> (f32, Vec<Tensor>, usize) {
@@ -177,7 +178,7 @@ mod tests {
         let activation = |d: &[usize]| d.first() == Some(&(b * t)) || d.starts_with(&[b, t]);
         let nodes = loss.sorted_nodes().iter().filter(|n| activation(n.dims())).count();
         let store = loss.backward().unwrap();
-        let grads = adapter::trainable(&m)
+        let grads = peft_model::trainable(&m)
             .iter()
             .map(|(name, v)| store.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")).clone())
             .collect();
@@ -210,7 +211,7 @@ mod tests {
         assert!((loss - loss_c).abs() <= tol * loss.abs(), "loss {loss} vs checkpointed {loss_c}");
         assert_eq!(grads.len(), grads_c.len());
         assert!(!grads.is_empty());
-        let names: Vec<String> = adapter::trainable(model).into_iter().map(|(n, _)| n).collect();
+        let names: Vec<String> = peft_model::trainable(model).into_iter().map(|(n, _)| n).collect();
         for ((g, gc), name) in grads.iter().zip(&grads_c).zip(&names) {
             let scale = max_abs(g);
             assert!(scale > 0.0, "{name}: zero gradient");
@@ -222,7 +223,7 @@ mod tests {
     #[test]
     fn checkpointing_gives_the_same_lora_gradients_with_dropout() {
         let mut m = tiny("tiny-llama", DType::F32, BaseQuant::None);
-        adapter::attach(&mut m, &lora(0.1, None), 3).unwrap();
+        peft_model::attach(&mut m, &lora(0.1, None), 3).unwrap();
         check(&m, 1e-6);
     }
 
@@ -231,8 +232,8 @@ mod tests {
         // DoRA on Qwen2 (biases): A, B and the magnitudes all reach the checkpointed layer's parameter vector.
         let mut m = tiny("tiny-qwen2", DType::F32, BaseQuant::None);
         let AdapterConfig::Lora(l) = lora(0.1, None) else { unreachable!() };
-        adapter::attach(&mut m, &AdapterConfig::Lora(LoraConfig { use_dora: true, ..l }), 3).unwrap();
-        assert_eq!(adapter::trainable(&m).len(), 3 * 14);
+        peft_model::attach(&mut m, &AdapterConfig::Lora(LoraConfig { use_dora: true, ..l }), 3).unwrap();
+        assert_eq!(peft_model::trainable(&m).len(), 3 * 14);
         check(&m, 1e-6);
     }
 
@@ -241,7 +242,7 @@ mod tests {
         // Qwen2: q/k/v biases; random IA3 vectors (not the identity) on every projection, down_proj input-scaled.
         let mut m = tiny("tiny-qwen2", DType::F32, BaseQuant::None);
         let cfg = Ia3Config { target_modules: TargetModules::AllLinear, init_ia3_weights: false, ..Default::default() };
-        adapter::attach(&mut m, &AdapterConfig::Ia3(cfg), 5).unwrap();
+        peft_model::attach(&mut m, &AdapterConfig::Ia3(cfg), 5).unwrap();
         check(&m, 1e-6);
     }
 
@@ -251,7 +252,7 @@ mod tests {
         // layer 1 has no variables but must pass the gradient on to layer 0.
         for layers in [vec![1], vec![0]] {
             let mut m = tiny("tiny-llama", DType::F32, BaseQuant::None);
-            adapter::attach(&mut m, &lora(0.1, Some(layers)), 3).unwrap();
+            peft_model::attach(&mut m, &lora(0.1, Some(layers)), 3).unwrap();
             check(&m, 1e-6);
         }
     }
@@ -259,11 +260,11 @@ mod tests {
     #[test]
     fn checkpointing_with_an_nf4_base_and_in_bf16() {
         let mut m = tiny("tiny-llama", DType::F32, BaseQuant::Nf4 { double_quant: true });
-        adapter::attach(&mut m, &lora(0.1, None), 3).unwrap();
+        peft_model::attach(&mut m, &lora(0.1, None), 3).unwrap();
         check(&m, 1e-6);
         // Mixed precision: bf16 activations, f32 residual stream and adapters.
         let mut m = tiny("tiny-llama", DType::BF16, BaseQuant::None);
-        adapter::attach(&mut m, &lora(0.1, None), 3).unwrap();
+        peft_model::attach(&mut m, &lora(0.1, None), 3).unwrap();
         check(&m, 1e-3);
     }
 
@@ -273,7 +274,7 @@ mod tests {
         let Some(gpu) = crate::compute::test_gpu("checkpointing_on_the_gpu") else { return };
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
             let mut m = tiny_on("tiny-llama", dtype, BaseQuant::None, &gpu);
-            adapter::attach(&mut m, &lora(0.1, None), 3).unwrap();
+            peft_model::attach(&mut m, &lora(0.1, None), 3).unwrap();
             check(&m, tol);
         }
     }
@@ -281,7 +282,7 @@ mod tests {
     #[test]
     fn inference_forwards_ignore_checkpointing() {
         let mut m = tiny("tiny-llama", DType::F32, BaseQuant::None);
-        adapter::attach(&mut m, &lora(0.0, None), 3).unwrap();
+        peft_model::attach(&mut m, &lora(0.0, None), 3).unwrap();
         let ids = Tensor::new(&[[5u32, 9, 13, 200]], &Device::Cpu).unwrap();
         let plain = m.forward(&ids).unwrap();
         m.gradient_checkpointing = true;

@@ -270,7 +270,7 @@ pub fn clean_output(out: &Path) -> Result<Vec<String>, TrainError> {
 }
 
 /// PiSSA/OLoRA's starting A₀, B₀ as the newest checkpoint under `out` stores them (every checkpoint of a run holds
-/// the same), for [`crate::adapter::attach_with_initial`] when resuming; `None` when there is no such file.
+/// the same), for [`crate::peft_model::attach_with_initial`] when resuming; `None` when there is no such file.
 pub fn resume_initial(out: &Path) -> Result<Option<std::collections::HashMap<String, Tensor>>, TrainError> {
     let Some(path) = checkpoints(out).into_iter().map(|c| c.join(INITIAL_FILE)).find(|p| p.exists()) else {
         return Ok(None);
@@ -300,8 +300,8 @@ pub(super) fn save_checkpoint(
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     let written = (|| {
         // As trained (for the residual base of PiSSA/OLoRA), with their starting A₀, B₀ beside it for --resume.
-        peft_format::save_adapter_residual(model, adapter, base, None, &tmp)?;
-        let initial = crate::adapter::initial_tensors(model);
+        crate::peft_model::save_adapter_residual(model, adapter, base, None, &tmp)?;
+        let initial = crate::peft_model::initial_tensors(model);
         if !initial.is_empty() {
             peft_format::save_safetensors(&tmp.join(INITIAL_FILE), &initial)?;
         }

@@ -23,11 +23,12 @@ pub mod optim;
 pub mod schedule;
 pub mod step;
 
-use crate::adapter::{self, peft_format, AdapterConfig, AdapterError};
+use crate::adapter::{peft_format, AdapterConfig, AdapterError};
 use crate::data::{epoch_order, group_by_length, make_batch, make_packed_batch, pack, Example};
 use crate::linear::ForwardCtx;
 use crate::model::Llama;
 use crate::ops::{self, Segments};
+use crate::peft_model;
 use crate::recipe::LrScheduler;
 use candle_core::Tensor;
 pub use checkpoint::{checkpoints, clean_output, latest_checkpoint, resume_initial, Progress, TrainerState};
@@ -113,7 +114,7 @@ impl LoraPlus {
     pub const DEFAULT_LR_EMBEDDING: f64 = 1e-6;
 
     /// The factor on the scheduled learning rate for the trainable tensor `name` (a PEFT tensor name, as
-    /// [`adapter::trainable`] gives it), with peak learning rate `lr`. PEFT's grouping: an embedding parameter →
+    /// [`peft_model::trainable`] gives it), with peak learning rate `lr`. PEFT's grouping: an embedding parameter →
     /// `lr_embedding`; `lora_B`, or any 1-D tensor (DoRA's `lora_magnitude_vector`, IA3 vectors) → `lr_ratio`;
     /// the rest (`lora_A`, the head copy or rows) → 1.
     pub fn scale(&self, name: &str, shape: &[usize], lr: f64) -> f64 {
@@ -366,7 +367,7 @@ pub fn train(
     let fp = fingerprint(cfg, adapter, &model.vocab.config(), train_set);
 
     // The trainable variables, in a fixed order, with their PEFT names.
-    let (names, vars): (Vec<String>, Vec<_>) = adapter::trainable(model).into_iter().unzip();
+    let (names, vars): (Vec<String>, Vec<_>) = peft_model::trainable(model).into_iter().unzip();
     let mut opt = AdamW::new(vars.clone(), cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.weight_decay)?;
     if let Some(plus) = &cfg.loraplus {
         opt.lr_scale = names.iter().zip(&vars).map(|(n, v)| plus.scale(n, v.dims(), cfg.learning_rate)).collect();

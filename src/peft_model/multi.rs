@@ -1,16 +1,17 @@
 //! Several adapters on one base: each is loaded and checked once, then one at a time is made active without
 //! reloading the base (PEFT's `load_adapter(dir, adapter_name=…)` + `set_adapter(name)`).
 //!
-//! Every adapter is loaded onto the model with [`super::peft_format::load_adapter`] (all its checks: shapes against
+//! Every adapter is loaded onto the model with [`super::load_adapter`] (all its checks: shapes against
 //! the projections, tensors naming no projection, vocabulary modules), prepared for inference, and its per-projection
 //! layers and vocabulary parts are kept aside. Activating one puts its layers back on the projections; tensors are
 //! reference-counted, so switching copies no weight. The active model is then exactly the model with that one
 //! adapter loaded: decoding runs the same code, at the same speed, as with a single adapter.
 //! A name is PEFT's adapter name: `[A-Za-z0-9_.-]+`; an unnamed adapter is `default`, as in PEFT.
 
-use super::peft_format::{load_adapter, PeftConfig};
-use super::vocab::VocabAdapters;
-use super::{AdapterError, LayerAdapter};
+use super::load_adapter;
+use crate::adapter::peft_format::PeftConfig;
+use crate::adapter::vocab::VocabAdapters;
+use crate::adapter::{AdapterError, LayerAdapter};
 use crate::model::Llama;
 use std::path::{Path, PathBuf};
 
