@@ -10,7 +10,7 @@
 //!   pre-tokenizer named by `tokenizer.ggml.pre`, or SentencePiece-style BPE with byte fallback);
 //! - the chat template is `tokenizer.chat_template`.
 
-use crate::model::{self, Llama, ModelConfig, ModelError, TensorSource};
+use crate::model::{self, LayerProjection, Llama, ModelConfig, ModelError, TensorSource};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -303,8 +303,8 @@ impl GgufFile {
     }
 }
 
-/// The GGUF name of a transformers tensor name, and whether its rows are in llama.cpp's rotary order (with the
-/// number of heads to undo it).
+/// The GGUF name of a transformers tensor name (a projection's from [`crate::model::LAYER_PROJECTIONS`]). Whose rows
+/// are in llama.cpp's rotary order, and with how many heads, is [`LayerProjection::rotary`].
 pub fn gguf_name(hf: &str) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
@@ -321,14 +321,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     let g = match module {
         "input_layernorm" => "attn_norm",
         "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
+        _ => LayerProjection::named(module)?.gguf,
     };
     Some(format!("blk.{layer}.{g}.{kind}"))
 }
@@ -418,10 +411,8 @@ impl TensorSource for GgufTensors<'_> {
         }
         // llama.cpp permutes Q and K (weights and biases) of Llama-architecture models only.
         if self.config.model_type == "llama" {
-            if name.contains(".self_attn.q_proj.") {
-                t = unpermute_rotary_rows(&t, self.config.num_attention_heads).map_err(tensor_err)?;
-            } else if name.contains(".self_attn.k_proj.") {
-                t = unpermute_rotary_rows(&t, self.config.num_key_value_heads).map_err(tensor_err)?;
+            if let Some(heads) = LayerProjection::of_tensor(name).and_then(|p| self.config.rotary_heads(p)) {
+                t = unpermute_rotary_rows(&t, heads).map_err(tensor_err)?;
             }
         }
         Ok(t.to_dtype(dtype)?.to_device(device)?)
@@ -460,9 +451,8 @@ impl TensorSource for GgufTensors<'_> {
             q
         };
         // llama.cpp permutes Q and K of Llama-architecture models: move whole rows (each row is whole blocks).
-        let heads = match (self.config.model_type.as_str(), name) {
-            ("llama", n) if n.contains(".self_attn.q_proj.") => Some(self.config.num_attention_heads),
-            ("llama", n) if n.contains(".self_attn.k_proj.") => Some(self.config.num_key_value_heads),
+        let heads = match self.config.model_type.as_str() {
+            "llama" => LayerProjection::of_tensor(name).and_then(|p| self.config.rotary_heads(p)),
             _ => None,
         };
         let Some(heads) = heads else { return Ok(Some(q)) };

@@ -29,7 +29,7 @@ use crate::adapter::peft_format::{self, LoadedAdapter};
 use crate::adapter::{AdapterConfig, AdapterError, LayerAdapter};
 use crate::gguf::{self, GgufError, GgufFile};
 use crate::hub::{self, HubError, HubOptions};
-use crate::model::{ConfigError, ModelConfig};
+use crate::model::{ConfigError, LayerProjection, ModelConfig};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
@@ -311,10 +311,9 @@ pub fn build(dir: &Path, base: &BaseFacts, out: OutType) -> Result<GgufAdapter, 
             folded.push(path.clone());
         }
         if permute {
-            if path.ends_with(".self_attn.q_proj") {
-                b = gguf::permute_rotary_rows(&b, base.num_attention_heads).map_err(terr)?;
-            } else if path.ends_with(".self_attn.k_proj") {
-                b = gguf::permute_rotary_rows(&b, base.num_key_value_heads).map_err(terr)?;
+            let rotary = LayerProjection::of_module(&path).and_then(|p| p.rotary);
+            if let Some(heads) = rotary.map(|r| r.count(base.num_attention_heads, base.num_key_value_heads)) {
+                b = gguf::permute_rotary_rows(&b, heads).map_err(terr)?;
             }
         }
         let (na, nb) = (format!("{gname}.lora_a"), format!("{gname}.lora_b"));

@@ -5,7 +5,7 @@ use super::options::{MergeError, MergeOptions, OutFormat};
 use super::st_reader::SafetensorsFiles;
 use crate::gguf::GgufFile;
 use crate::hub::{self, HubError, ModelSource};
-use crate::model::{ConfigError, ModelConfig, ModelError, WeightSource};
+use crate::model::{ConfigError, ModelConfig, ModelError, WeightSource, LAYER_PROJECTIONS};
 use candle_core::DType;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -220,25 +220,16 @@ impl Base {
 /// The tensors of a Llama-family model of `cfg`, in transformers' names and model order (what
 /// [`crate::model::assemble_llama`] reads).
 fn llama_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        // (module, out, in, has a bias)
-        for (m, o, n, bias) in [
-            ("self_attn.q_proj", q, h, cfg.qkv_bias),
-            ("self_attn.k_proj", kv, h, cfg.qkv_bias),
-            ("self_attn.v_proj", kv, h, cfg.qkv_bias),
-            ("self_attn.o_proj", h, q, cfg.o_bias),
-            ("mlp.gate_proj", i, h, cfg.mlp_bias),
-            ("mlp.up_proj", i, h, cfg.mlp_bias),
-            ("mlp.down_proj", h, i, cfg.mlp_bias),
-        ] {
-            out.push((format!("{p}.{m}.weight"), vec![o, n]));
-            if bias {
-                out.push((format!("{p}.{m}.bias"), vec![o]));
+        for proj in &LAYER_PROJECTIONS {
+            let (m, (o, n)) = (proj.name, cfg.projection_shape(proj));
+            out.push((format!("{p}.{m}.weight"), vec![o, n])); // (out, in)
+            if cfg.projection_bias(proj) {
+                out.push((format!("{p}.{m}.bias"), vec![o])); // (out,)
             }
         }
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));

@@ -31,7 +31,7 @@ use super::shard::{write_tensor, Progress, WriteError};
 use crate::adapter::peft_format::{self, LoadedAdapter};
 use crate::gguf::{gguf_name, permute_rotary_rows, GgufTensors};
 use crate::hub;
-use crate::model::{ModelConfig, TensorSource};
+use crate::model::{LayerProjection, ModelConfig, TensorSource};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::DType;
@@ -156,11 +156,7 @@ pub(super) fn write_gguf(
         };
         let raw = p.merge.is_none() && stored == Some(ty);
         let rotary = arch == "llama" && !raw;
-        let permute = match () {
-            _ if rotary && p.name.contains(".self_attn.q_proj.") => Some(cfg.num_attention_heads),
-            _ if rotary && p.name.contains(".self_attn.k_proj.") => Some(cfg.num_key_value_heads),
-            _ => None,
-        };
+        let permute = LayerProjection::of_tensor(&p.name).filter(|_| rotary).and_then(|proj| cfg.rotary_heads(proj));
         let elements: usize = p.shape.iter().product();
         let bytes = type_bytes(ty, elements);
         tensors.push(OutTensor { p: Some(p), fixed: None, shape: p.shape.clone(), name, ty, raw, permute, bytes });

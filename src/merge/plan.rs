@@ -50,7 +50,7 @@ fn is_projection(name: &str) -> bool {
     name.starts_with("model.layers.")
         && crate::model::LAYER_PROJECTIONS
             .iter()
-            .any(|p| name.strip_suffix(".weight").is_some_and(|m| m.ends_with(&format!(".{p}"))))
+            .any(|p| name.strip_suffix(".weight").is_some_and(|m| m.ends_with(&format!(".{}", p.name))))
 }
 
 /// Every output tensor, with the adapter of its module; checks that every adapter module is in the base with a

@@ -3,6 +3,10 @@
 //! Reads both the transformers ≤ 4 spelling (`rope_theta`, `rope_scaling` at the top level) and the transformers 5
 //! one (`rope_parameters: {rope_theta, rope_type, …}`). Unknown keys are ignored: configs carry many that do not
 //! change the forward pass.
+//!
+//! Also the one table of a decoder layer's seven linear projections ([`LAYER_PROJECTIONS`]): their transformers and
+//! llama.cpp names, the (out, in) shape of their weight, which config flag gives them a bias, and which of them
+//! llama.cpp stores in its rotary row order (`convert_hf_to_gguf.py`'s `LlamaModel.permute`: q and k).
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -63,6 +67,110 @@ pub struct ModelConfig {
     pub prequantized_nf4: bool,
     /// The raw JSON, kept to write a merged model's config and the model card.
     pub raw: serde_json::Value,
+}
+
+/// A size of the model, as one axis of a projection's weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dim {
+    /// `hidden_size`.
+    Hidden,
+    /// `intermediate_size`.
+    Intermediate,
+    /// `num_attention_heads × head_dim`: the width of the queries.
+    Query,
+    /// `num_key_value_heads × head_dim`: the width of the keys and of the values.
+    KeyValue,
+}
+
+/// The config flag that gives a projection its bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BiasFlag {
+    /// [`ModelConfig::qkv_bias`].
+    Qkv,
+    /// [`ModelConfig::o_bias`].
+    O,
+    /// [`ModelConfig::mlp_bias`].
+    Mlp,
+}
+
+/// Which head count llama.cpp's rotary permutation of a projection's rows uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotaryHeads {
+    /// `num_attention_heads` (q).
+    Query,
+    /// `num_key_value_heads` (k).
+    KeyValue,
+}
+
+impl RotaryHeads {
+    /// The head count, of a model with these query and key/value head counts.
+    pub fn count(self, num_attention_heads: usize, num_key_value_heads: usize) -> usize {
+        match self {
+            RotaryHeads::Query => num_attention_heads,
+            RotaryHeads::KeyValue => num_key_value_heads,
+        }
+    }
+}
+
+/// One linear projection of a decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerProjection {
+    /// The transformers module name under `model.layers.N.` (`self_attn.q_proj`).
+    pub name: &'static str,
+    /// The llama.cpp tensor name under `blk.N.` (`attn_q`).
+    pub gguf: &'static str,
+    /// The weight's rows: (out, in) = ([`Self::out`], [`Self::input`]).
+    pub out: Dim,
+    /// The weight's columns.
+    pub input: Dim,
+    /// The flag that gives it a bias (of shape (out,)).
+    pub bias: BiasFlag,
+    /// Whether llama.cpp stores its rows (weight and bias) in rotary order, and with which head count.
+    pub rotary: Option<RotaryHeads>,
+}
+
+/// The linear projections of a decoder layer (`model.layers.N.<name>`), in the order the loader builds them and
+/// PEFT lists them ([`crate::model::Block::linears`]): the modules adapters attach to and QLoRA holds in NF4.
+pub const LAYER_PROJECTIONS: [LayerProjection; 7] = {
+    use BiasFlag as B;
+    use Dim::*;
+    const fn p(
+        name: &'static str,
+        gguf: &'static str,
+        out: Dim,
+        input: Dim,
+        bias: BiasFlag,
+        rotary: Option<RotaryHeads>,
+    ) -> LayerProjection {
+        LayerProjection { name, gguf, out, input, bias, rotary }
+    }
+    [
+        p("self_attn.q_proj", "attn_q", Query, Hidden, B::Qkv, Some(RotaryHeads::Query)),
+        p("self_attn.k_proj", "attn_k", KeyValue, Hidden, B::Qkv, Some(RotaryHeads::KeyValue)),
+        p("self_attn.v_proj", "attn_v", KeyValue, Hidden, B::Qkv, None),
+        p("self_attn.o_proj", "attn_output", Hidden, Query, B::O, None),
+        p("mlp.gate_proj", "ffn_gate", Intermediate, Hidden, B::Mlp, None),
+        p("mlp.up_proj", "ffn_up", Intermediate, Hidden, B::Mlp, None),
+        p("mlp.down_proj", "ffn_down", Hidden, Intermediate, B::Mlp, None),
+    ]
+};
+
+impl LayerProjection {
+    /// The projection named `module` (`self_attn.q_proj`, the name under `model.layers.N.`).
+    pub fn named(module: &str) -> Option<&'static LayerProjection> {
+        LAYER_PROJECTIONS.iter().find(|p| p.name == module)
+    }
+
+    /// The projection of a module path `model.layers.N.<name>` (`model.layers.0.self_attn.q_proj`).
+    pub fn of_module(path: &str) -> Option<&'static LayerProjection> {
+        let (_layer, module) = path.strip_prefix("model.layers.")?.split_once('.')?;
+        Self::named(module)
+    }
+
+    /// The projection of a tensor name `model.layers.N.<name>.<weight|bias>`.
+    pub fn of_tensor(name: &str) -> Option<&'static LayerProjection> {
+        Self::of_module(name.rsplit_once('.')?.0)
+    }
 }
 
 #[derive(Deserialize)]
@@ -248,6 +356,37 @@ impl ModelConfig {
         })
     }
 
+    /// The size `d` stands for in this model.
+    pub fn dim(&self, d: Dim) -> usize {
+        match d {
+            Dim::Hidden => self.hidden_size,
+            Dim::Intermediate => self.intermediate_size,
+            Dim::Query => self.num_attention_heads * self.head_dim,
+            Dim::KeyValue => self.num_key_value_heads * self.head_dim,
+        }
+    }
+
+    /// The shape (out, in) of `p`'s weight in this model.
+    pub fn projection_shape(&self, p: &LayerProjection) -> (usize, usize) {
+        (self.dim(p.out), self.dim(p.input))
+    }
+
+    /// Whether `p` has a bias in this model.
+    pub fn projection_bias(&self, p: &LayerProjection) -> bool {
+        match p.bias {
+            BiasFlag::Qkv => self.qkv_bias,
+            BiasFlag::O => self.o_bias,
+            BiasFlag::Mlp => self.mlp_bias,
+        }
+    }
+
+    /// The head count of llama.cpp's rotary permutation of `p`'s rows (q: `num_attention_heads`, k:
+    /// `num_key_value_heads`), or `None` when its rows are stored as transformers stores them. Whether the
+    /// architecture is permuted at all (llama.cpp permutes `llama` only) is the caller's question.
+    pub fn rotary_heads(&self, p: &LayerProjection) -> Option<usize> {
+        p.rotary.map(|r| r.count(self.num_attention_heads, self.num_key_value_heads))
+    }
+
     /// The inverse frequencies of the rotary embedding (head_dim / 2 values), scaling applied.
     pub fn rope_inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim;
@@ -381,5 +520,60 @@ mod tests {
         assert!(e.contains("yarn"), "{e}");
         let e = parse("{ \"vocab_size\": 1,\n \"hidden_size\": \"x\" }").unwrap_err().to_string();
         assert!(e.contains("config.json:2"), "{e}");
+    }
+
+    #[test]
+    fn projection_table_gives_what_the_checkpoint_and_the_model_hold() {
+        use crate::model::{load_llama, WeightSource};
+        use candle_core::{DType, Device};
+        // tiny-qwen2: hidden 64, intermediate 160, 4 query heads and 2 key/value heads of 16; biases on q/k/v only.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2");
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        assert_eq!((cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), (4, 2, 16));
+        // Closed form: (name, llama.cpp name, (out, in), bias, rotary heads).
+        let expected = [
+            ("self_attn.q_proj", "attn_q", (64, 64), true, Some(4)),
+            ("self_attn.k_proj", "attn_k", (32, 64), true, Some(2)),
+            ("self_attn.v_proj", "attn_v", (32, 64), true, None),
+            ("self_attn.o_proj", "attn_output", (64, 64), false, None),
+            ("mlp.gate_proj", "ffn_gate", (160, 64), false, None),
+            ("mlp.up_proj", "ffn_up", (160, 64), false, None),
+            ("mlp.down_proj", "ffn_down", (64, 160), false, None),
+        ];
+        for (p, (name, gguf, shape, bias, heads)) in LAYER_PROJECTIONS.iter().zip(expected) {
+            assert_eq!((p.name, p.gguf), (name, gguf));
+            assert_eq!(cfg.projection_shape(p), shape, "{name}");
+            assert_eq!(cfg.projection_bias(p), bias, "{name}");
+            assert_eq!(cfg.rotary_heads(p), heads, "{name}");
+        }
+        // The checkpoint transformers wrote: each weight has the table's shape, and a bias where the table says.
+        let src = WeightSource::open(&[dir.join("model.safetensors")]).unwrap();
+        for l in 0..cfg.num_hidden_layers {
+            for p in &LAYER_PROJECTIONS {
+                let (o, i) = cfg.projection_shape(p);
+                let m = format!("model.layers.{l}.{}", p.name);
+                src.get(&format!("{m}.weight"), &[o, i], DType::F32, &Device::Cpu).unwrap();
+                assert_eq!(src.contains(&format!("{m}.bias")), cfg.projection_bias(p), "{m}");
+            }
+        }
+        // The loaded model's projections, in `Block::linears` order, are the table's rows.
+        let model =
+            load_llama(&dir.join("config.json"), &[dir.join("model.safetensors")], &Device::Cpu, DType::F32).unwrap();
+        for (l, block) in model.layers.iter().enumerate() {
+            for (lin, p) in block.linears().into_iter().zip(&LAYER_PROJECTIONS) {
+                assert_eq!(lin.path, format!("model.layers.{l}.{}", p.name));
+                assert_eq!((lin.out_features, lin.in_features), cfg.projection_shape(p), "{}", lin.path);
+                assert_eq!(lin.bias.is_some(), cfg.projection_bias(p), "{}", lin.path);
+            }
+        }
+        // Llama's attention_bias covers o_proj too; mlp_bias the three MLP projections.
+        let llama = parse(&format!(r#"{{ {BASE}, "attention_bias": true, "mlp_bias": true }}"#)).unwrap();
+        assert!(LAYER_PROJECTIONS.iter().all(|p| llama.projection_bias(p)));
+        // Lookups by module path and tensor name.
+        let k = LayerProjection::of_tensor("model.layers.3.self_attn.k_proj.bias").map(|p| p.gguf);
+        assert_eq!(k, Some("attn_k"));
+        assert_eq!(LayerProjection::of_module("model.layers.12.mlp.down_proj").map(|p| p.gguf), Some("ffn_down"));
+        assert_eq!(LayerProjection::of_tensor("model.layers.0.input_layernorm.weight"), None);
+        assert_eq!(LayerProjection::of_module("model.layers.0.self_attn.qq_proj"), None);
     }
 }

@@ -7,7 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod llama;
 
-pub use config::{ConfigError, ModelConfig, RopeScaling};
+pub use config::{ConfigError, LayerProjection, ModelConfig, RopeScaling, LAYER_PROJECTIONS};
 pub use llama::{Block, KvCache, LayerEnv, Llama};
 
 use crate::linear::{AdaptedLinear, FrozenWeight};
@@ -283,17 +283,14 @@ pub fn load_llama_quant(
     assemble_llama(cfg, &src, device, dtype, quant)
 }
 
-/// The linear projections of a decoder layer (`model.layers.N.<name>`), in the order [`assemble_llama`] builds
-/// them: the modules adapters attach to and QLoRA holds in NF4.
-pub const LAYER_PROJECTIONS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
+/// The seven projections of a layer, built by `build` one at a time in [`LAYER_PROJECTIONS`]' order (the order
+/// [`Block::linears`] returns them in); the first error stops it.
+fn build_projections(
+    mut build: impl FnMut(&'static LayerProjection) -> Result<AdaptedLinear, ModelError>,
+) -> Result<[AdaptedLinear; 7], ModelError> {
+    let [q, k, v, o, gate, up, down] = &LAYER_PROJECTIONS;
+    Ok([build(q)?, build(k)?, build(v)?, build(o)?, build(gate)?, build(up)?, build(down)?])
+}
 
 /// Builds the model of `cfg` from the tensors of `src`, named as transformers names them. Projections stored
 /// pre-quantized load as NF4 whatever `quant` says; `BaseQuant::Nf4` quantizes the others as they are read.
@@ -304,8 +301,7 @@ pub fn assemble_llama(
     dtype: DType,
     quant: BaseQuant,
 ) -> Result<Llama, ModelError> {
-    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (q_out, kv_out) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let embed = src.get("model.embed_tokens.weight", &[v, h], dtype, device)?;
     let mut id = 0u64;
     let mut linear = |path: String, out: usize, inp: usize, bias: bool| -> Result<AdaptedLinear, ModelError> {
@@ -346,15 +342,18 @@ pub fn assemble_llama(
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        let (a, m) = (format!("{p}.self_attn"), format!("{p}.mlp"));
+        let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] = build_projections(|proj| {
+            let (out, inp) = cfg.projection_shape(proj); // weight (out, in)
+            linear(format!("{p}.{}", proj.name), out, inp, cfg.projection_bias(proj))
+        })?;
         layers.push(Block {
-            q_proj: linear(format!("{a}.q_proj"), q_out, h, cfg.qkv_bias)?,
-            k_proj: linear(format!("{a}.k_proj"), kv_out, h, cfg.qkv_bias)?,
-            v_proj: linear(format!("{a}.v_proj"), kv_out, h, cfg.qkv_bias)?,
-            o_proj: linear(format!("{a}.o_proj"), h, q_out, cfg.o_bias)?,
-            gate_proj: linear(format!("{m}.gate_proj"), i, h, cfg.mlp_bias)?,
-            up_proj: linear(format!("{m}.up_proj"), i, h, cfg.mlp_bias)?,
-            down_proj: linear(format!("{m}.down_proj"), h, i, cfg.mlp_bias)?,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            gate_proj,
+            up_proj,
+            down_proj,
             input_layernorm: src.get(&format!("{p}.input_layernorm.weight"), &[h], dtype, device)?,
             post_attention_layernorm: src.get(&format!("{p}.post_attention_layernorm.weight"), &[h], dtype, device)?,
         });
@@ -398,26 +397,26 @@ pub fn random_llama(config: ModelConfig, seed: u64, device: &Device, dtype: DTyp
         let v: Vec<f32> = (0..n).map(|_| (crate::adapter::lora::normal(&mut rng) * 0.02) as f32).collect();
         Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
     };
-    let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
-    let (q_out, kv_out) = (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
+    let (h, v) = (config.hidden_size, config.vocab_size);
     let ones = |n: usize| Tensor::ones(n, dtype, device);
     let embed = next(&[v, h])?;
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
     let mut lid = 0u64;
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        let mut lin = |name: &str, out: usize, inp: usize| -> Result<AdaptedLinear, ModelError> {
+        let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] = build_projections(|proj| {
+            let (out, inp) = config.projection_shape(proj); // weight (out, in)
             lid += 1;
-            Ok(AdaptedLinear::new(format!("{p}.{name}"), next(&[out, inp])?, None, lid)?)
-        };
+            Ok(AdaptedLinear::new(format!("{p}.{}", proj.name), next(&[out, inp])?, None, lid)?)
+        })?;
         layers.push(Block {
-            q_proj: lin(LAYER_PROJECTIONS[0], q_out, h)?,
-            k_proj: lin(LAYER_PROJECTIONS[1], kv_out, h)?,
-            v_proj: lin(LAYER_PROJECTIONS[2], kv_out, h)?,
-            o_proj: lin(LAYER_PROJECTIONS[3], h, q_out)?,
-            gate_proj: lin(LAYER_PROJECTIONS[4], i, h)?,
-            up_proj: lin(LAYER_PROJECTIONS[5], i, h)?,
-            down_proj: lin(LAYER_PROJECTIONS[6], h, i)?,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            gate_proj,
+            up_proj,
+            down_proj,
             input_layernorm: ones(h)?,
             post_attention_layernorm: ones(h)?,
         });
