@@ -496,7 +496,7 @@ fn eval_compares_several_adapters() {
     std::fs::create_dir_all(&d).unwrap();
     let data = d.join("eval.jsonl");
     std::fs::write(&data, "{\"text\": \"hello there, how are you\"}\n{\"text\": \"the quick brown fox\"}\n").unwrap();
-    let eval = |adapters: &[String], json: bool| {
+    let eval_with = |adapters: &[String], json: bool, extra: &[&str]| {
         let mut c = bin();
         c.args(["eval", "--base", dir.to_str().unwrap(), "--data"]).arg(&data);
         if json {
@@ -505,10 +505,11 @@ fn eval_compares_several_adapters() {
         for s in adapters {
             c.arg("--adapter").arg(s);
         }
-        let o = c.output().unwrap();
+        let o = c.args(extra).output().unwrap();
         assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
         text(&o.stdout)
     };
+    let eval = |adapters: &[String], json: bool| eval_with(adapters, json, &[]);
     let loss = |line: &str| serde_json::from_str::<serde_json::Value>(line).unwrap()["loss"].as_f64().unwrap();
     let alone_a = loss(eval(&[a.display().to_string()], true).trim());
     let alone_b = loss(eval(&[b.display().to_string()], true).trim());
@@ -522,4 +523,11 @@ fn eval_compares_several_adapters() {
     let table = eval(&both, false);
     assert!(table.contains("adapter") && table.contains("perplexity"), "{table}");
     assert!(table.lines().any(|l| l.starts_with("a ")) && table.lines().any(|l| l.starts_with("b ")), "{table}");
+    // --active scores that one only (it was ignored before), `none` the base alone.
+    let only_b = eval_with(&both, true, &["--active", "b"]);
+    assert_eq!(only_b.lines().count(), 1, "{only_b}");
+    assert!((loss(only_b.trim()) - alone_b).abs() < 1e-9, "{only_b}");
+    let base = loss(eval(&[], true).trim());
+    let none = eval_with(&both, true, &["--active", "none"]);
+    assert!((loss(none.trim()) - base).abs() < 1e-9, "{none}");
 }

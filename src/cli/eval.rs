@@ -86,8 +86,9 @@ pub fn run(a: Args) -> Result<()> {
     if questions.is_some() && base.template.is_none() {
         return Err(user(anyhow::anyhow!("--questions: {} has no chat template to ask the questions with", base.name)));
     }
-    // One adapter (or none): its scores. Several: each scored in turn on the one base, then a comparison table.
-    let names: Vec<Option<String>> = if adapters.len() > 1 {
+    // One adapter (or none), or the one --active names: its scores. Several: each scored in turn on the one base,
+    // then a comparison table.
+    let names: Vec<Option<String>> = if adapters.len() > 1 && a.model.active.is_none() {
         adapters.names().map(|n| Some(n.to_string())).collect()
     } else {
         vec![adapters.active().map(str::to_string)]

@@ -93,11 +93,12 @@ pub struct ModelArgs {
     pub compute: ComputeArgs,
     /// A PEFT adapter folder to apply (unmerged), as `DIR` or `NAME=DIR`; repeat it to load several adapters on
     /// the one base (names: letters, digits, `_`, `.`, `-`; an unnamed one is `default`, as in PEFT). One is
-    /// active at a time: the first, or --active's. `chat` switches with /adapter NAME; `eval` scores each.
+    /// active at a time: the first, or --active's. `chat` switches with /adapter NAME; `eval` scores each (or
+    /// only --active's, when given).
     #[arg(long, value_name = "[NAME=]DIR")]
     pub adapter: Vec<String>,
-    /// The adapter active at the start (generate, chat), by its --adapter name; `none` for the base alone
-    /// [default: the first --adapter].
+    /// The adapter active at the start (generate, chat) or the one scored (eval), by its --adapter name; `none`
+    /// for the base alone [default: the first --adapter; eval: each in turn].
     #[arg(long, value_name = "NAME")]
     pub active: Option<String>,
     /// Hold the base's projections in NF4 with double quantization (transformers' load_in_4bit), as a QLoRA
