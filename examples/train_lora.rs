@@ -9,7 +9,7 @@
 
 use anyhow::Result;
 use candle_core::Device;
-use peftkit::adapter::{AdapterConfig, LoraConfig, LoraInit, TargetModules};
+use peftkit::adapter::{AdapterConfig, LoraConfig, TargetModules};
 use peftkit::data::{self, EncodeOptions};
 use peftkit::hub::HubOptions;
 use peftkit::peft_model;
@@ -49,14 +49,7 @@ fn main() -> Result<()> {
         lora_alpha: 16.0,
         lora_dropout: 0.05,
         target_modules: TargetModules::AllLinear,
-        use_rslora: false,
-        init: LoraInit::Kaiming,
-        layers_to_transform: None,
-        exclude_modules: None,
-        layers_pattern: None,
-        rank_pattern: Vec::new(),
-        alpha_pattern: Vec::new(),
-        use_dora: false,
+        ..Default::default()
     });
     let n = peft_model::attach(&mut base.model, &lora, 42)?;
     let params: usize = peft_model::trainable(&base.model).iter().map(|(_, v)| v.elem_count()).sum();

@@ -139,6 +139,23 @@ pub fn check(estimate: &Estimate, available: Option<f64>, what: &str) -> Result<
     Ok(())
 }
 
+/// [`training`]'s estimate for a run on `device`, [`check`]ed against [`available`]: the one gate `train` and
+/// `bench` pass before allocating. Only host memory is estimated; a CUDA run is bounded by the device's allocator,
+/// which reports its own out-of-memory error.
+pub fn check_training(
+    config: &ModelConfig,
+    trainable_params: usize,
+    shape: StepShape,
+    weight_bytes: f64,
+    device: &candle_core::Device,
+    what: &str,
+) -> Result<(), String> {
+    if !device.is_cpu() {
+        return Ok(());
+    }
+    check(&training(config, trainable_params, shape, weight_bytes), available(), what)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::fixture;
-use peftkit::adapter::{AdapterConfig, LoraConfig, LoraInit, TargetModules};
+use peftkit::adapter::{AdapterConfig, LoraConfig, TargetModules};
 use peftkit::data::Batch;
 use peftkit::model::{self, BaseQuant, Llama};
 use peftkit::peft_model;
@@ -36,14 +36,7 @@ fn tiny(device: &Device, dtype: DType, quant: BaseQuant) -> Llama {
         lora_alpha: 8.0,
         lora_dropout: 0.1,
         target_modules: TargetModules::AllLinear,
-        use_rslora: false,
-        init: LoraInit::Kaiming,
-        layers_to_transform: None,
-        exclude_modules: None,
-        layers_pattern: None,
-        rank_pattern: Default::default(),
-        alpha_pattern: Default::default(),
-        use_dora: false,
+        ..Default::default()
     });
     peft_model::attach(&mut m, &cfg, 7).unwrap();
     // B starts at zero, which would make every dA zero: give all adapter weights the same random values on

@@ -50,16 +50,9 @@ fn lora_model(seed: u64) -> Llama {
     let cfg = AdapterConfig::Lora(LoraConfig {
         r: 4,
         lora_alpha: 8.0,
-        lora_dropout: 0.0,
         target_modules: TargetModules::AllLinear,
-        use_rslora: false,
         init: LoraInit::Random,
-        layers_to_transform: None,
-        exclude_modules: None,
-        layers_pattern: None,
-        rank_pattern: Default::default(),
-        alpha_pattern: Default::default(),
-        use_dora: false,
+        ..Default::default()
     });
     peft_model::attach(&mut model, &cfg, seed).unwrap();
     model
@@ -198,16 +191,9 @@ fn training_with_packing_and_length_grouping_runs_and_reports_padding() {
         let cfg_a = AdapterConfig::Lora(LoraConfig {
             r: 4,
             lora_alpha: 8.0,
-            lora_dropout: 0.0,
             target_modules: TargetModules::AllLinear,
-            use_rslora: false,
             init: LoraInit::Random,
-            layers_to_transform: None,
-            exclude_modules: None,
-            layers_pattern: None,
-            rank_pattern: Default::default(),
-            alpha_pattern: Default::default(),
-            use_dora: false,
+            ..Default::default()
         });
         let opts = peftkit::train::TrainOptions::default();
         let summary = peftkit::train::train(&mut model, &cfg_a, &exs, None, &c, "tiny", &out, &opts).unwrap();

@@ -26,16 +26,9 @@ fn lora(init: LoraInit) -> AdapterConfig {
     AdapterConfig::Lora(LoraConfig {
         r: 4,
         lora_alpha: 8.0,
-        lora_dropout: 0.0,
         target_modules: TargetModules::AllLinear,
-        use_rslora: false,
         init,
-        layers_to_transform: None,
-        exclude_modules: None,
-        layers_pattern: None,
-        rank_pattern: Default::default(),
-        alpha_pattern: Default::default(),
-        use_dora: false,
+        ..Default::default()
     })
 }
 

@@ -33,14 +33,7 @@ fn lora(dropout: f64) -> AdapterConfig {
         lora_alpha: 8.0,
         lora_dropout: dropout,
         target_modules: TargetModules::AllLinear,
-        use_rslora: false,
-        init: LoraInit::Kaiming,
-        layers_to_transform: None,
-        exclude_modules: None,
-        layers_pattern: None,
-        rank_pattern: Default::default(),
-        alpha_pattern: Default::default(),
-        use_dora: false,
+        ..Default::default()
     })
 }
 

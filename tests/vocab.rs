@@ -477,22 +477,14 @@ fn merge_to_gguf_carries_the_trained_embedding_and_head() {
 #[test]
 fn fresh_copies_and_rows_are_the_identity_and_resume_restores_them() {
     use adapter::vocab::{VocabConfig, VocabModule};
-    use adapter::{AdapterConfig, LoraConfig, LoraInit, TargetModules};
+    use adapter::{AdapterConfig, LoraConfig, TargetModules};
     // Closed form: a copy of the base matrices, or rows equal to the base's, change nothing (B = 0 for LoRA too).
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu).unwrap();
     let lora = AdapterConfig::Lora(LoraConfig {
         r: 4,
         lora_alpha: 8.0,
-        lora_dropout: 0.0,
         target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
-        use_rslora: false,
-        init: LoraInit::Kaiming,
-        layers_to_transform: None,
-        exclude_modules: None,
-        layers_pattern: None,
-        rank_pattern: Default::default(),
-        alpha_pattern: Default::default(),
-        use_dora: false,
+        ..Default::default()
     });
     let base = load_dir(&fixture("tiny-llama")).forward(&ids).unwrap();
     let configs = [

@@ -51,6 +51,28 @@ pub struct LoraConfig {
     pub use_dora: bool,
 }
 
+impl Default for LoraConfig {
+    /// PEFT's `LoraConfig()` for a Llama-family model: r 8, lora_alpha 8, no dropout, `q_proj` and `v_proj` (PEFT's
+    /// default targets for `llama`/`qwen2`), Kaiming-uniform A and zero B, every layer, no patterns, no DoRA. (A
+    /// recipe's defaults are [`crate::recipe::LoraSpec`]'s.)
+    fn default() -> Self {
+        LoraConfig {
+            r: 8,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
+            use_rslora: false,
+            init: LoraInit::Kaiming,
+            layers_to_transform: None,
+            exclude_modules: None,
+            layers_pattern: None,
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+            use_dora: false,
+        }
+    }
+}
+
 impl LoraConfig {
     /// The rank and alpha that apply to `path`, honouring `rank_pattern` / `alpha_pattern` as PEFT does:
     /// the first key for which `(.*\.)?(key)$` matches the path (an invalid regex matches nothing).
@@ -207,16 +229,10 @@ mod tests {
         let cfg = LoraConfig {
             r: 8,
             lora_alpha: 16.0,
-            lora_dropout: 0.0,
             target_modules: TargetModules::AllLinear,
-            use_rslora: false,
-            init: LoraInit::Kaiming,
-            layers_to_transform: None,
-            exclude_modules: None,
-            layers_pattern: None,
             rank_pattern: vec![(r"layers\.[0-1]\.self_attn\.q_proj".into(), 4), ("q_proj".into(), 2)],
             alpha_pattern: vec![("q_proj|v_proj".into(), 3.0)],
-            use_dora: false,
+            ..Default::default()
         };
         assert_eq!(cfg.rank_alpha("model.layers.1.self_attn.q_proj"), (4, 3.0));
         assert_eq!(cfg.rank_alpha("model.layers.5.self_attn.q_proj"), (2, 3.0));

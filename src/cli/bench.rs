@@ -8,7 +8,7 @@
 use super::user;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use peftkit::adapter::{AdapterConfig, Ia3Config, LoraConfig, LoraInit, TargetModules};
+use peftkit::adapter::{AdapterConfig, Ia3Config, LoraConfig, TargetModules};
 use peftkit::linear::ForwardCtx;
 use peftkit::model::{self, ModelConfig};
 use peftkit::peft_model;
@@ -254,16 +254,8 @@ pub fn run(a: Args) -> Result<()> {
         AdapterConfig::Lora(LoraConfig {
             r: a.rank,
             lora_alpha: 2.0 * a.rank as f64,
-            lora_dropout: 0.0,
             target_modules: targets,
-            use_rslora: false,
-            init: LoraInit::Kaiming,
-            layers_to_transform: None,
-            exclude_modules: None,
-            layers_pattern: None,
-            rank_pattern: Default::default(),
-            alpha_pattern: Default::default(),
-            use_dora: false,
+            ..Default::default()
         })
     };
     peft_model::attach(&mut m, &cfg, 0).map_err(user)?;
@@ -433,9 +425,6 @@ fn bench_generate(m: &peftkit::model::Llama, source: &str, a: &Args) -> Result<(
 /// Refuses a benchmark whose memory estimate ([`peftkit::memory`]) exceeds what this machine has (CPU only):
 /// `--seq 1000000000` would otherwise abort in an allocation.
 fn check_bench_memory(a: &Args, c: &ModelConfig, compute: &peftkit::compute::Compute, weight_bytes: f64) -> Result<()> {
-    if !compute.device.is_cpu() {
-        return Ok(());
-    }
     let (batch, seq) = if a.generate { (1, a.seq.saturating_add(a.new_tokens)) } else { (a.batch, a.seq) };
     let shape = peftkit::memory::StepShape {
         batch,
@@ -444,7 +433,7 @@ fn check_bench_memory(a: &Args, c: &ModelConfig, compute: &peftkit::compute::Com
         gradient_checkpointing: a.gradient_checkpointing,
     };
     let trainable = if a.ia3 { 0 } else { peftkit::memory::lora_params(c, a.rank.min(c.hidden_size)) as usize };
-    let estimate = peftkit::memory::training(c, trainable, shape, weight_bytes);
     let what = format!("--batch {batch} × --seq {seq}");
-    peftkit::memory::check(&estimate, peftkit::memory::available(), &what).map_err(|m| user(anyhow::anyhow!("{m}")))
+    peftkit::memory::check_training(c, trainable, shape, weight_bytes, &compute.device, &what)
+        .map_err(|m| user(anyhow::anyhow!("{m}")))
 }

@@ -484,9 +484,6 @@ fn check_memory(
     trainable: usize,
     examples: &[data::Example],
 ) -> Result<()> {
-    if !compute.device.is_cpu() {
-        return Ok(());
-    }
     let longest = examples.iter().map(|e| e.len()).max().unwrap_or(0);
     let seq = if recipe.data.packing { recipe.data.sequence_len } else { longest.min(recipe.data.sequence_len) };
     let shape = memory::StepShape {
@@ -495,13 +492,13 @@ fn check_memory(
         activation_bytes: compute.dtype.size_in_bytes(),
         gradient_checkpointing: recipe.training.gradient_checkpointing,
     };
-    let estimate = memory::training(config, trainable, shape, 0.0);
     let what = format!(
         "training.micro_batch_size {} × {seq} tokens ({})",
         shape.batch,
         if recipe.data.packing { "data.sequence_len" } else { "the longest example" }
     );
-    memory::check(&estimate, memory::available(), &what).map_err(|m| user(anyhow::anyhow!("{}: {m}", path.display())))
+    memory::check_training(config, trainable, shape, 0.0, &compute.device, &what)
+        .map_err(|m| user(anyhow::anyhow!("{}: {m}", path.display())))
 }
 
 /// The command that continues an interrupted run: the same recipe, `--set` overrides and compute flags, with

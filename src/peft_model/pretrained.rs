@@ -281,16 +281,11 @@ mod tests {
         LoraConfig {
             r: 2,
             lora_alpha: 4.0,
-            lora_dropout: 0.0,
             target_modules: TargetModules::AllLinear,
-            use_rslora: false,
-            init: LoraInit::Kaiming,
             layers_to_transform: layers,
             exclude_modules: exclude,
             layers_pattern: pattern,
-            rank_pattern: Default::default(),
-            alpha_pattern: Default::default(),
-            use_dora: false,
+            ..Default::default()
         }
     }
 
