@@ -218,6 +218,33 @@ fn leftovers_of_killed_runs_go_at_the_next_run_and_an_incomplete_checkpoint_is_n
 }
 
 #[test]
+fn overwrite_takes_the_old_checkpoints_away_at_once_and_names_what_it_cannot_remove() {
+    let d = tempfile::tempdir().unwrap();
+    let (recipe, out) = setup(d.path(), 4, 2);
+    let o = bin().arg("train").arg(&recipe).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // An --overwrite killed while deleting the old checkpoints: they were moved aside whole first.
+    let ck = out.join("checkpoints");
+    let aside = out.join(format!(".checkpoints.tmp-{}", dead_pid()));
+    std::fs::rename(&ck, &aside).unwrap();
+    assert_eq!(peftkit::train::latest_checkpoint(&out), None, "no old checkpoint is visible once moved aside");
+    let o = bin().arg("train").arg(&recipe).arg("--overwrite").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!aside.exists() && temporaries(&out).is_empty(), "{:?}", temporaries(&out));
+    assert!(peftkit::train::latest_checkpoint(&out).is_some());
+    // A file of the earlier run that cannot be removed (here a folder under its name) stops the run at once, named,
+    // instead of failing at the final save after all the training.
+    std::fs::remove_file(out.join("adapter_model.safetensors")).unwrap();
+    std::fs::create_dir_all(out.join("adapter_model.safetensors/x")).unwrap();
+    let started = Instant::now();
+    let o = bin().arg("train").arg(&recipe).arg("--overwrite").output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&out.join("adapter_model.safetensors").display().to_string()), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("step 1/"), "it trained first: {}", stderr(&o));
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
 fn a_save_killed_after_it_was_complete_is_finished_by_the_next_command() {
     // The final save was complete (marker written) and had moved the weights, not yet the config: the next
     // command finishes it, so the adapter's files appear together.

@@ -115,11 +115,7 @@ pub fn run(args: Args) -> Result<()> {
         )));
     }
     if args.overwrite {
-        // The adapter config last (RUN_FILES lists it first): a run killed here leaves no weights without it.
-        for f in RUN_FILES.iter().rev() {
-            let _ = std::fs::remove_file(out.join(f));
-        }
-        let _ = std::fs::remove_dir_all(out.join("checkpoints"));
+        train::clear_earlier_run(&out, &RUN_FILES).map_err(user)?;
     }
 
     let compute = args.compute.resolve((recipe.training.device, recipe.training.dtype))?;

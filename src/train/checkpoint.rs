@@ -220,8 +220,10 @@ fn retire(dir: &Path) -> Result<(), TrainError> {
 
 /// The files a run writes into its output folder through a temporary name (`.NAME.tmp-PID`), and its staging
 /// folder for the final save (`save`); earlier versions wrote the final files directly.
-const OUTPUT_NAMES: [&str; 10] = [
+const OUTPUT_NAMES: [&str; 11] = [
     "save",
+    // The checkpoints folder of a run being replaced (`--overwrite`), on its way out.
+    CHECKPOINTS,
     "adapter_model.safetensors",
     "adapter_config.json",
     "README.md",
@@ -267,6 +269,28 @@ pub fn clean_output(out: &Path) -> Result<Vec<String>, TrainError> {
         }
     }
     Ok(done)
+}
+
+/// Removes an earlier run from `out` (`train --overwrite`): its checkpoints leave at once (the folder renamed to a
+/// temporary name, then deleted: a run killed in between leaves only that name, which the next start removes,
+/// never a half-deleted checkpoint), then the files `run_files`, in reverse order (the caller lists the adapter
+/// config first, so that it goes last and no adapter weights are left without it). A file that cannot be removed
+/// is an error naming it.
+pub fn clear_earlier_run(out: &Path, run_files: &[&str]) -> Result<(), TrainError> {
+    let root = out.join(CHECKPOINTS);
+    if root.exists() {
+        let gone = crate::fsutil::tmp_name(&root);
+        std::fs::rename(&root, &gone).map_err(io_err(&root))?;
+        std::fs::remove_dir_all(&gone).map_err(io_err(&gone))?;
+    }
+    for f in run_files.iter().rev() {
+        let path = out.join(f);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&path)(e)),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// PiSSA/OLoRA's starting A₀, B₀ as the newest checkpoint under `out` stores them (every checkpoint of a run holds

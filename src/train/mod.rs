@@ -31,7 +31,9 @@ use crate::ops::{self, Segments};
 use crate::peft_model;
 use crate::recipe::LrScheduler;
 use candle_core::Tensor;
-pub use checkpoint::{checkpoints, clean_output, latest_checkpoint, resume_initial, Progress, TrainerState};
+pub use checkpoint::{
+    checkpoints, clean_output, clear_earlier_run, latest_checkpoint, resume_initial, Progress, TrainerState,
+};
 use checkpoint::{fingerprint, load_checkpoint, save_checkpoint, CHECKPOINTS};
 use optim::AdamW;
 use serde_json::json;
