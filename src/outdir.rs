@@ -231,7 +231,8 @@ pub fn remove_any(path: &Path) -> Result<(), OutDirError> {
     }
 }
 
-/// What a crashed `merge --out OUT` leaves beside OUT: its temporary output `.OUT.tmp-PID` (removed) and, when it
+/// What a crashed `merge --out OUT` leaves beside OUT: its temporary output `.OUT.tmp-PID` and combined adapter
+/// `.OUT.combined-PID` (removed) and, when it
 /// died while swapping an old OUT for the new one, the old one moved aside as `.OUT.old-PID` (put back when OUT is
 /// missing, else removed). Only for PIDs that are gone. Returns what was done, one line each.
 pub fn clean_replaced_output(out: &Path) -> Result<Vec<String>, OutDirError> {
@@ -246,10 +247,11 @@ pub fn clean_replaced_output(out: &Path) -> Result<Vec<String>, OutDirError> {
     for e in entries.flatten() {
         let entry = e.file_name().to_string_lossy().to_string();
         let path = e.path();
-        if let Some(pid) = pid_of(&entry, "tmp").filter(|&p| !pid_alive(p) || p == std::process::id()) {
+        let gone = |p: &u32| !pid_alive(*p) || *p == std::process::id();
+        if let Some(pid) = pid_of(&entry, "tmp").or_else(|| pid_of(&entry, "combined")).filter(gone) {
             remove_any(&path)?;
             done.push(format!("removed {} (left by pid {pid}, which is no longer running)", path.display()));
-        } else if let Some(pid) = pid_of(&entry, "old").filter(|&p| !pid_alive(p) || p == std::process::id()) {
+        } else if let Some(pid) = pid_of(&entry, "old").filter(gone) {
             if std::fs::symlink_metadata(out).is_err() {
                 std::fs::rename(&path, out).map_err(io_err(out))?;
                 done.push(format!(
@@ -264,6 +266,70 @@ pub fn clean_replaced_output(out: &Path) -> Result<Vec<String>, OutDirError> {
         }
     }
     Ok(done)
+}
+
+/// A folder that replaces `out` whole: written as the hidden sibling `.OUT.tmp-PID`, then renamed into place by
+/// [`ReplacementFolder::persist`] (an existing `out` moved aside as `.OUT.old-PID` first and deleted once the new
+/// one is in place). Dropped before that, the folder is removed; a killed process's leftovers are
+/// [`clean_replaced_output`]'s. Used by `merge` for the merged model and by `merge --to adapter`.
+#[derive(Debug)]
+pub struct ReplacementFolder {
+    path: PathBuf,
+    persisted: bool,
+}
+
+impl ReplacementFolder {
+    /// A fresh, empty `.OUT.tmp-PID` beside `out` (its parent created if needed).
+    pub fn create(out: &Path) -> Result<Self, OutDirError> {
+        let path = crate::fsutil::tmp_name(out);
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        // A leftover of an earlier process with the same id.
+        remove_any(&path)?;
+        std::fs::create_dir(&path).map_err(io_err(&path))?;
+        Ok(Self { path, persisted: false })
+    }
+
+    /// Where to write the new folder's files.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the folder to `out`. An existing `out` (the caller decided it may be replaced) is moved aside first
+    /// and deleted once the new folder is in place; if the rename fails it is put back.
+    pub fn persist(mut self, out: &Path) -> Result<(), OutDirError> {
+        let mut old = None;
+        if out.is_dir() {
+            let name = out.file_name().unwrap_or_default().to_string_lossy().to_string();
+            let aside = out.with_file_name(format!(".{name}.old-{}", std::process::id()));
+            remove_any(&aside)?;
+            std::fs::rename(out, &aside).map_err(io_err(out))?;
+            old = Some(aside);
+        }
+        if let Err(e) = std::fs::rename(&self.path, out) {
+            if let Some(aside) = &old {
+                let _ = std::fs::rename(aside, out);
+            }
+            return Err(OutDirError::Io { path: out.to_path_buf(), source: e });
+        }
+        self.persisted = true;
+        crate::fsutil::sync_dir(parent_of(out));
+        if let Some(aside) = old {
+            if let Err(e) = std::fs::remove_dir_all(&aside) {
+                tracing::warn!("could not remove the replaced folder {}: {e}", aside.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ReplacementFolder {
+    fn drop(&mut self) {
+        if !self.persisted {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 /// Files that must appear together in `parent`: written into a hidden folder `parent/.NAME.tmp-PID`, then moved

@@ -193,6 +193,29 @@ fn merge_command_combines_adapters_and_merges_the_combination() {
     // No leftover combined folder beside --out.
     let left: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left.len(), 2, "{left:?}");
+    // What a killed combination left beside --out (its temporary adapter, the combined folder of a killed merge
+    // into a model) goes at the next one; --overwrite swaps the old adapter for the new one whole.
+    let dead = {
+        let mut c = Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    for left in [format!(".cat.tmp-{dead}"), format!(".cat.combined-{dead}")] {
+        std::fs::create_dir_all(out.join(&left).join("x")).unwrap();
+    }
+    let o = bin()
+        .args(["merge", "--adapter", &spec("a"), "--adapter", &spec("b"), "--weights", "0.5,0.5"])
+        .args(["--combination", "cat", "--to", "adapter", "--overwrite", "--out"])
+        .arg(out.join("cat"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let mut left: Vec<_> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    left.sort();
+    assert_eq!(left, ["cat", "merged"]);
+    assert_eq!(config(&out.join("cat"))["r"], 8, "the new adapter (a + b, cat) replaced the old one");
 }
 
 #[test]

@@ -73,11 +73,29 @@ pub struct Args {
     pub overwrite: bool,
 }
 
-pub fn run(mut args: Args) -> Result<()> {
+pub fn run(args: Args) -> Result<()> {
+    // Interrupted: the lock and the temporary folders are gone (their guards dropped) before the exit code 130.
+    if !run_locked(args)? {
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+/// The merge, holding --out's lock; `false` when it was interrupted (nothing written).
+fn run_locked(mut args: Args) -> Result<bool> {
     let to_adapter = args.to.as_deref() == Some("adapter");
     let several = args.adapter.len() > 1 || !args.weights.is_empty() || args.combination.is_some() || to_adapter;
     if !to_adapter && args.base.is_none() {
         return Err(user(anyhow::anyhow!("--base is needed to merge into a model (or write --to adapter)")));
+    }
+    if let Some(problem) = args.out.parent().and_then(peftkit::fsutil::output_dir_problem) {
+        return Err(user(anyhow::anyhow!("--out {}: {problem}", args.out.display())));
+    }
+    // One merge per output: a second one stops here, naming the first's pid. Then what a killed merge left beside
+    // --out goes (its temporary output and combined adapter; an old output it was replacing is put back).
+    let _lock = peftkit::outdir::OutputLock::sibling(&args.out, &command_line()).map_err(user)?;
+    for line in peftkit::outdir::clean_replaced_output(&args.out).map_err(user)? {
+        tracing::info!("{line}");
     }
     // The combination first: a combined adapter is written (to --out, or to a folder beside it that is merged).
     if several {
@@ -89,7 +107,7 @@ pub fn run(mut args: Args) -> Result<()> {
         };
         if to_adapter {
             combine_adapters(&args, &dir, true)?;
-            return Ok(());
+            return Ok(true);
         }
         // Removed when done, whatever happens (but for a second Ctrl-C, which exits at once).
         let combined = TempFolder(dir);
@@ -151,14 +169,11 @@ fn combine_adapters(args: &Args, dir: &std::path::Path, to_adapter: bool) -> Res
         return bad("--svd-rank applies to --combination svd".into());
     }
     if to_adapter {
-        // Written beside --out, then renamed into place: an interrupted run leaves no half adapter.
-        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let tmp = TempFolder(dir.with_file_name(format!(".{name}.tmp-{}", std::process::id())));
-        combine::save(&c, &tmp.0)?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| anyhow::anyhow!("removing {}: {e}", dir.display()))?;
-        }
-        std::fs::rename(&tmp.0, dir).map_err(|e| anyhow::anyhow!("renaming into {}: {e}", dir.display()))?;
+        // Written beside --out, then swapped in whole: an interrupted run leaves no half adapter, and an old --out
+        // (with --overwrite) is only deleted once the new one is in place.
+        let tmp = peftkit::outdir::ReplacementFolder::create(dir)?;
+        combine::save(&c, tmp.path())?;
+        tmp.persist(dir)?;
     } else {
         combine::save(&c, dir)?;
     }
@@ -177,7 +192,7 @@ fn same_path(a: &std::path::Path, b: &std::path::Path) -> bool {
 }
 
 /// The existing merge of one adapter folder; `label` names a combined adapter in the summary line.
-fn merge_one(args: Args, label: Option<String>) -> Result<()> {
+fn merge_one(args: Args, label: Option<String>) -> Result<bool> {
     let interrupt = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupt.clone();
@@ -198,15 +213,6 @@ fn merge_one(args: Args, label: Option<String>) -> Result<()> {
     }
     if args.quant.is_some() && args.format != OutFormat::Gguf {
         return Err(user(anyhow::anyhow!("--quant applies to --format gguf only (a model folder takes --dtype)")));
-    }
-    if let Some(problem) = args.out.parent().and_then(peftkit::fsutil::output_dir_problem) {
-        return Err(user(anyhow::anyhow!("--out {}: {problem}", args.out.display())));
-    }
-    // One merge per output: a second one stops here, naming the first's pid. Then what a killed merge left beside
-    // --out goes (its temporary output; an old output it was replacing is put back).
-    let lock = peftkit::outdir::OutputLock::sibling(&args.out, &command_line()).map_err(user)?;
-    for line in peftkit::outdir::clean_replaced_output(&args.out).map_err(user)? {
-        tracing::info!("{line}");
     }
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let Some(base) = args.base else {
@@ -239,8 +245,7 @@ fn merge_one(args: Args, label: Option<String>) -> Result<()> {
         Ok(r) => r,
         Err(MergeError::Interrupted) => {
             eprintln!("interrupted: nothing was written to {}", opts.out.display());
-            drop(lock);
-            std::process::exit(130);
+            return Ok(false);
         }
         Err(e) if e.is_user_error() => return Err(user(e)),
         Err(e) => return Err(e.into()),
@@ -259,7 +264,7 @@ fn merge_one(args: Args, label: Option<String>) -> Result<()> {
             report.total_bytes as f64 / 1e6,
             started.elapsed().as_secs_f64(),
         );
-        return Ok(());
+        return Ok(true);
     }
     println!(
         "merged {} projections of {} ({}) into {}: {} ({} tensors, {} file{}, {:.1} MB, {}) in {:.1} s; peak RSS {rss}",
@@ -275,5 +280,5 @@ fn merge_one(args: Args, label: Option<String>) -> Result<()> {
         report.dtype.hf_name(),
         started.elapsed().as_secs_f64(),
     );
-    Ok(())
+    Ok(true)
 }

@@ -60,9 +60,7 @@ use crate::model::TensorSource;
 use base::{describe_weights, Base, Reader};
 use candle_core::Device;
 use options::io_err;
-use output::{
-    check_not_an_input, check_out_folder, merged_config, write_file, write_gguf_tokenizer, write_json, TempDir,
-};
+use output::{check_not_an_input, check_out_folder, merged_config, write_file, write_gguf_tokenizer, write_json};
 use plan::{assign_shards, plan_tensors, Part, Planned};
 use serde_json::json;
 use shard::{write_shard, Progress};
@@ -195,10 +193,10 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
     }
 
     // 5. Everything into a temporary folder beside `out`.
-    let tmp = TempDir::create(&opts.out)?;
+    let tmp = crate::outdir::ReplacementFolder::create(&opts.out)?;
     let progress = Progress::new(opts.progress, plan.len());
     for (range, name) in shards.iter().zip(&shard_names) {
-        write_shard(&tmp.path.join(name), &plan[range.clone()], src, &adapters, &progress, opts)?;
+        write_shard(&tmp.path().join(name), &plan[range.clone()], src, &adapters, &progress, opts)?;
         let bytes: u64 = sizes[range.clone()].iter().sum();
         progress.log(format!("wrote {name}: {} tensors, {:.1} MB", range.len(), bytes as f64 / 1e6));
     }
@@ -211,15 +209,15 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
             }
         }
         let index = json!({"metadata": {"total_size": total_bytes}, "weight_map": weight_map});
-        write_json(&tmp.path.join(hub::WEIGHTS_INDEX_FILE), &index)?;
+        write_json(&tmp.path().join(hub::WEIGHTS_INDEX_FILE), &index)?;
     }
     let mut config = merged_config(&base.config, dtype);
     vocab::patch_config(&mut config, &vocab_plan);
-    write_json(&tmp.path.join(hub::CONFIG_FILE), &config)?;
+    write_json(&tmp.path().join(hub::CONFIG_FILE), &config)?;
     let has_tokenizer = match &base.reader {
         Reader::Safetensors(_) => {
             for f in &base.copied_files {
-                let to = tmp.path.join(f.file_name().unwrap_or_default());
+                let to = tmp.path().join(f.file_name().unwrap_or_default());
                 std::fs::copy(f, &to).map_err(io_err(f))?;
             }
             // An adapter trained with added tokens carries its tokenizer: it replaces the base's.
@@ -227,14 +225,14 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
                 for f in [hub::TOKENIZER_FILE, "tokenizer_config.json", "chat_template.jinja"] {
                     let from = opts.adapter.join(f);
                     if from.is_file() {
-                        std::fs::copy(&from, tmp.path.join(f)).map_err(io_err(&from))?;
+                        std::fs::copy(&from, tmp.path().join(f)).map_err(io_err(&from))?;
                     }
                 }
             }
             base.copied_files.iter().any(|f| f.ends_with(hub::TOKENIZER_FILE))
         }
         Reader::Gguf { file, .. } => {
-            write_gguf_tokenizer(file, &tmp.path)?;
+            write_gguf_tokenizer(file, tmp.path())?;
             true
         }
     };
@@ -242,7 +240,7 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
         tracing::warn!("{} has no tokenizer files: the merged folder has none either", base.name);
     }
     if let Some(yaml) = &trained.recipe_yaml {
-        write_file(&tmp.path.join(RECIPE_FILE), yaml.as_bytes())?;
+        write_file(&tmp.path().join(RECIPE_FILE), yaml.as_bytes())?;
     }
     let facts = MergedFacts {
         base_model: base.name.clone(),
@@ -266,7 +264,7 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport, MergeError> {
         vocab: vocab::describe(&loaded_vocab, &vocab_plan, base_vocab),
     };
     let card_text = card::merged_card(&facts, trained.record.as_ref(), trained.recipe_yaml.as_deref());
-    write_file(&tmp.path.join("README.md"), card_text.as_bytes())?;
+    write_file(&tmp.path().join("README.md"), card_text.as_bytes())?;
 
     // 6. Into place.
     tmp.persist(&opts.out)?;

@@ -236,6 +236,16 @@ impl MergeError {
     }
 }
 
+impl From<crate::outdir::OutDirError> for MergeError {
+    fn from(e: crate::outdir::OutDirError) -> Self {
+        use crate::outdir::OutDirError;
+        match e {
+            OutDirError::Io { path, source } => MergeError::Io { path, source },
+            OutDirError::Locked { ref target, .. } => MergeError::Out { out: target.clone(), msg: e.to_string() },
+        }
+    }
+}
+
 pub(super) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> MergeError + '_ {
     move |source| MergeError::Io { path: path.to_path_buf(), source }
 }

@@ -2,7 +2,6 @@
 //! writes; the checks on `--out`, and the hidden temporary folder renamed into place at the end.
 
 use super::options::{io_err, MergeError, OutDtype};
-use crate::adapter::peft_format;
 use crate::gguf::{self, GgufFile};
 use crate::hub;
 use serde_json::{json, Value};
@@ -138,63 +137,6 @@ pub(super) fn check_not_an_input(out: &Path, inputs: &[PathBuf]) -> Result<(), M
         }
     }
     Ok(())
-}
-
-/// The hidden sibling folder the output is written into; removed when dropped unless moved into place.
-pub(super) struct TempDir {
-    pub(super) path: PathBuf,
-    persisted: bool,
-}
-
-impl TempDir {
-    pub(super) fn create(out: &Path) -> Result<Self, MergeError> {
-        let path = peft_format::tmp_name(out);
-        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-        }
-        // A leftover of an earlier run with the same process id.
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir(&path).map_err(io_err(&path))?;
-        Ok(Self { path, persisted: false })
-    }
-
-    /// Renames the folder to `out`. An existing `out` (empty, or non-empty when the caller allowed overwriting) is
-    /// moved aside first and deleted once the new folder is in place.
-    pub(super) fn persist(mut self, out: &Path) -> Result<(), MergeError> {
-        let mut old = None;
-        if out.is_dir() {
-            let aside = out.with_file_name(format!(
-                ".{}.old-{}",
-                out.file_name().unwrap_or_default().to_string_lossy(),
-                std::process::id()
-            ));
-            let _ = std::fs::remove_dir_all(&aside);
-            std::fs::rename(out, &aside).map_err(io_err(out))?;
-            old = Some(aside);
-        }
-        if let Err(e) = std::fs::rename(&self.path, out) {
-            if let Some(aside) = &old {
-                let _ = std::fs::rename(aside, out);
-            }
-            return Err(MergeError::Io { path: out.to_path_buf(), source: e });
-        }
-        self.persisted = true;
-        peft_format::sync_dir(out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")));
-        if let Some(aside) = old {
-            if let Err(e) = std::fs::remove_dir_all(&aside) {
-                tracing::warn!("could not remove the replaced folder {}: {e}", aside.display());
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.persisted {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
 }
 
 #[cfg(test)]
