@@ -285,7 +285,8 @@ fn svd(parts: &[(&Input, f64)], module: &str, rank: usize) -> Result<(Tensor, Te
     }
     let pv: Vec<f64> = p.flatten_all()?.to_vec1()?;
     let qv: Vec<f64> = q.flatten_all()?.to_vec1()?;
-    let (us, vt, _) = super::lowrank_svd::truncated_svd(&pv, &qv, m, k, n, rank);
+    let (us, vt, _) = super::lowrank_svd::truncated_svd(&pv, &qv, m, k, n, rank)
+        .map_err(|source| AdapterError::LowRankSvd { module: module.to_string(), source })?;
     let b = Tensor::from_vec(us, (m, rank), &Device::Cpu)?.to_dtype(DType::F32)?;
     let a = Tensor::from_vec(vt, (rank, n), &Device::Cpu)?.to_dtype(DType::F32)?;
     Ok((a, b))

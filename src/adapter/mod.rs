@@ -47,6 +47,8 @@ pub enum AdapterError {
     Io { path: std::path::PathBuf, source: std::io::Error },
     #[error(transparent)]
     Init(#[from] pissa::InitError),
+    #[error("{module}: the `svd` combination failed: {source}")]
+    LowRankSvd { module: String, source: lowrank_svd::LowRankSvdError },
     #[error(
         "adapter.init_lora_weights: {init} rewrites the base weights, and {module} is held in NF4: initialise from \
          a 16/32-bit base (type: lora)"
