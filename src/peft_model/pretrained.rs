@@ -58,7 +58,7 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<PeftConfig, Adapter
 /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` for the adapters attached to `model`.
 /// Each file is written to a temporary name and renamed into place. A PiSSA/OLoRA adapter is saved converted, as
 /// PEFT's `save_pretrained(path_initial_model_for_weight_conversion=…)` saves it: a plain LoRA adapter of rank 2r for
-/// the original (unmodified) base model ([`super::pissa`]).
+/// the original (unmodified) base model ([`crate::adapter::pissa`]).
 pub fn save_adapter(
     model: &Llama,
     config: &AdapterConfig,
