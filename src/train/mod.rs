@@ -135,12 +135,20 @@ impl Default for TrainConfig {
     /// one-example rows), padding with id 0: tests and library callers override what they need with
     /// `..Default::default()`.
     fn default() -> Self {
-        let t = crate::recipe::TrainingSpec::default();
+        TrainConfig::from_training(&crate::recipe::TrainingSpec::default(), 2e-4)
+    }
+}
+
+impl TrainConfig {
+    /// The settings a `training` section gives alone, at peak learning rate `learning_rate`: shuffled
+    /// one-example rows, pad id 0, no packing, LoRA+ as the section says.
+    fn from_training(t: &crate::recipe::TrainingSpec, learning_rate: f64) -> Self {
         TrainConfig {
-            micro_batch_size: t.micro_batch_size,
-            gradient_accumulation_steps: t.gradient_accumulation_steps,
+            micro_batch_size: t.micro_batch_size.max(1),
+            gradient_accumulation_steps: t.gradient_accumulation_steps.max(1),
             max_steps: t.max_steps,
             epochs: t.epochs.unwrap_or(1),
+            learning_rate,
             lr_scheduler: t.lr_scheduler,
             warmup_steps: t.warmup_steps,
             weight_decay: t.weight_decay,
@@ -149,51 +157,32 @@ impl Default for TrainConfig {
             adam_epsilon: t.adam_epsilon,
             max_grad_norm: t.max_grad_norm,
             seed: t.seed,
+            shuffle: true,
             eval_every: t.eval_every,
             save_every: t.save_every,
-            logging_every: t.logging_every,
-            learning_rate: 2e-4,
-            shuffle: true,
+            logging_every: t.logging_every.max(1),
             pad_id: 0,
             packing: None,
             group_by_length: false,
             init_from: None,
-            loraplus: None,
+            loraplus: t.loraplus_lr_ratio.map(|lr_ratio| LoraPlus {
+                lr_ratio,
+                lr_embedding: t.loraplus_lr_embedding.unwrap_or(LoraPlus::DEFAULT_LR_EMBEDDING),
+            }),
         }
     }
-}
 
-impl TrainConfig {
     /// The settings of a recipe's `training` section (and of `data.packing`, `data.group_by_length`) for the
     /// training set `train`.
     pub fn from_recipe(recipe: &crate::recipe::Recipe, pad_id: u32, train: &[Example]) -> Self {
         let t = &recipe.training;
         let mut cfg = TrainConfig {
-            micro_batch_size: t.micro_batch_size.max(1),
-            gradient_accumulation_steps: t.gradient_accumulation_steps.max(1),
-            max_steps: t.max_steps,
-            epochs: t.epochs.unwrap_or(1),
-            learning_rate: t.learning_rate(&recipe.adapter),
-            lr_scheduler: t.lr_scheduler,
-            warmup_steps: t.warmup_steps,
-            weight_decay: t.weight_decay,
-            adam_beta1: t.adam_beta1,
-            adam_beta2: t.adam_beta2,
-            adam_epsilon: t.adam_epsilon,
-            max_grad_norm: t.max_grad_norm,
-            seed: t.seed,
             shuffle: recipe.data.shuffle,
-            eval_every: t.eval_every,
-            save_every: t.save_every,
-            logging_every: t.logging_every.max(1),
             pad_id,
             packing: recipe.data.packing.then_some(recipe.data.sequence_len),
             group_by_length: recipe.data.group_by_length,
             init_from: recipe.adapter.lora().and_then(|l| l.init_from.clone()),
-            loraplus: t.loraplus_lr_ratio.map(|lr_ratio| LoraPlus {
-                lr_ratio,
-                lr_embedding: t.loraplus_lr_embedding.unwrap_or(LoraPlus::DEFAULT_LR_EMBEDDING),
-            }),
+            ..TrainConfig::from_training(t, t.learning_rate(&recipe.adapter))
         };
         // `warmup_ratio` (exclusive with `warmup_steps`, validated): a fraction of the run, rounded up as
         // transformers' `get_warmup_steps` does.
